@@ -1,0 +1,397 @@
+//! Command-line arguments, and the commands that need no network (`info`, `create`, `verify`).
+
+use std::fs;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use argh::FromArgs;
+
+use crate::error::Error;
+use crate::json;
+use crate::metainfo::{self, Metainfo};
+use crate::path_safety::escape;
+use crate::storage::{Layout, Storage};
+use crate::{create, session};
+
+#[derive(FromArgs, Debug)]
+/// bitfetch: a one-shot BitTorrent downloader and seeder.
+#[argh(
+    note = "Exit codes: 0 success, 1 incomplete, 2 bad arguments, 3 bad torrent, 4 I/O error, \
+5 disk full, 6 tracker error or no peers, 7 timeout, 8 stalled, 130 interrupted."
+)]
+pub struct Args {
+    #[argh(subcommand)]
+    pub command: Command,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Info(InfoArgs),
+    Create(CreateArgs),
+    Verify(VerifyArgs),
+    Download(DownloadArgs),
+    Seed(SeedArgs),
+}
+
+#[derive(FromArgs, Debug)]
+/// Show what a .torrent file holds.
+#[argh(subcommand, name = "info")]
+pub struct InfoArgs {
+    /// the .torrent file
+    #[argh(positional)]
+    pub torrent: PathBuf,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs, Debug)]
+/// Make a .torrent from a file or a directory.
+#[argh(subcommand, name = "create")]
+pub struct CreateArgs {
+    /// the file or directory to share
+    #[argh(positional)]
+    pub path: PathBuf,
+    /// tracker announce URL (repeat for backup trackers, each its own tier)
+    #[argh(option, short = 'a')]
+    pub announce: Vec<String>,
+    /// piece length in bytes: a power of two of at least 16384 (default: automatic)
+    #[argh(option)]
+    pub piece_length: Option<u32>,
+    /// where to write the torrent (default: NAME.torrent in the current directory)
+    #[argh(option, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// mark the torrent private (BEP 27: trackers only, no DHT or PEX)
+    #[argh(switch)]
+    pub private: bool,
+    /// a comment to store in the torrent
+    #[argh(option)]
+    pub comment: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+/// Check data on disk against a torrent; exit 0 only when complete and correct.
+#[argh(subcommand, name = "verify")]
+pub struct VerifyArgs {
+    /// the .torrent file
+    #[argh(positional)]
+    pub torrent: PathBuf,
+    /// the directory holding the content, or the file itself for a single-file torrent
+    /// (default: .)
+    #[argh(positional, default = "PathBuf::from(\".\")")]
+    pub data: PathBuf,
+}
+
+#[derive(FromArgs, Debug)]
+/// Download a torrent, then exit (or keep seeding with --seed).
+#[argh(subcommand, name = "download")]
+pub struct DownloadArgs {
+    /// the .torrent file
+    #[argh(positional)]
+    pub torrent: PathBuf,
+    /// directory to download into (default: .)
+    #[argh(option, short = 'o', default = "PathBuf::from(\".\")")]
+    pub output: PathBuf,
+    /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
+    #[argh(option)]
+    pub peer: Vec<String>,
+    /// port to listen on for incoming peers (default 6881; 0 picks any free port)
+    #[argh(option, default = "6881")]
+    pub port: u16,
+    /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
+    #[argh(option)]
+    pub bind: Option<IpAddr>,
+    /// keep seeding after the download completes, until interrupted
+    #[argh(switch)]
+    pub seed: bool,
+    /// no progress output; errors only
+    #[argh(switch, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(FromArgs, Debug)]
+/// Seed existing data (verified first) until interrupted.
+#[argh(subcommand, name = "seed")]
+pub struct SeedArgs {
+    /// the .torrent file
+    #[argh(positional)]
+    pub torrent: PathBuf,
+    /// the directory holding the content, or the file itself for a single-file torrent
+    #[argh(positional)]
+    pub data: PathBuf,
+    /// a peer to connect to, HOST:PORT (repeatable)
+    #[argh(option)]
+    pub peer: Vec<String>,
+    /// port to listen on for incoming peers (default 6881; 0 picks any free port)
+    #[argh(option, default = "6881")]
+    pub port: u16,
+    /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
+    #[argh(option)]
+    pub bind: Option<IpAddr>,
+    /// no progress output; errors only
+    #[argh(switch, short = 'q')]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args) -> Result<(), Error> {
+    match args.command {
+        Command::Info(a) => info(&a),
+        Command::Create(a) => create_cmd(&a),
+        Command::Verify(a) => verify(&a),
+        Command::Download(a) => session::download(&a),
+        Command::Seed(a) => session::seed(&a),
+    }
+}
+
+pub fn load_torrent(path: &Path) -> Result<Metainfo, Error> {
+    let limit = crate::bencode::Limits::METAINFO.max_size as u64;
+    let meta = fs::metadata(path).map_err(|source| Error::ReadTorrent {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.len() > limit {
+        return Err(Error::Torrent {
+            path: path.to_path_buf(),
+            source: metainfo::Error::Bencode(crate::bencode::Error::TooLarge {
+                size: usize::try_from(meta.len()).unwrap_or(usize::MAX),
+                max: limit as usize,
+            }),
+        });
+    }
+    let bytes = fs::read(path).map_err(|source| Error::ReadTorrent {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Metainfo::from_bytes(&bytes).map_err(|source| Error::Torrent {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Resolves `HOST:PORT` arguments; a bad one is a usage error.
+pub fn parse_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Error> {
+    peers
+        .iter()
+        .map(|p| {
+            p.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| Error::Usage(format!("--peer {p}: expected HOST:PORT")))
+        })
+        .collect()
+}
+
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+fn info(a: &InfoArgs) -> Result<(), Error> {
+    let m = load_torrent(&a.torrent)?;
+    let out = if a.json { info_json(&m) } else { info_text(&m) };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{out}").map_err(|e| Error::io("writing to stdout", e))
+}
+
+fn info_text(m: &Metainfo) -> String {
+    let g = &m.geometry;
+    let mut s = format!(
+        "name:          {}\ninfo hash:     {}\nsize:          {} ({} bytes)\npiece length:  {}\npieces:        {}\nprivate:       {}\n",
+        escape(&m.name),
+        m.info_hash_hex(),
+        human_bytes(g.total_len()),
+        g.total_len(),
+        human_bytes(u64::from(g.nominal_piece_len())),
+        g.piece_count(),
+        if m.private { "yes" } else { "no" },
+    );
+    if let Some(c) = &m.comment {
+        s += &format!("comment:       {}\n", escape(c));
+    }
+    if let Some(c) = &m.created_by {
+        s += &format!("created by:    {}\n", escape(c));
+    }
+    if let Some(d) = m.creation_date {
+        s += &format!("creation date: {d} (unix time)\n");
+    }
+    s += &format!("files ({}):\n", m.files.len());
+    for f in &m.files {
+        s += &format!("  {:>14}  {}\n", f.len, escape(&f.path.to_string_lossy()));
+    }
+    s += "trackers:\n";
+    for (i, tier) in m.trackers.iter().enumerate() {
+        for url in tier {
+            s += &format!("  tier {}: {}\n", i + 1, escape(url));
+        }
+    }
+    if m.trackers.is_empty() {
+        s += "  (none)\n";
+    }
+    s.pop();
+    s
+}
+
+fn info_json(m: &Metainfo) -> String {
+    let g = &m.geometry;
+    let files = json::array(m.files.iter().map(|f| {
+        format!(
+            "{{\"path\":{},\"size\":{}}}",
+            json::string(&f.path.to_string_lossy()),
+            f.len
+        )
+    }));
+    let trackers = json::array(
+        m.trackers
+            .iter()
+            .map(|t| json::array(t.iter().map(|u| json::string(u)))),
+    );
+    format!(
+        "{{\"name\":{},\"info_hash\":\"{}\",\"total_size\":{},\"piece_length\":{},\"pieces\":{},\"private\":{},\"files\":{files},\"trackers\":{trackers},\"comment\":{},\"created_by\":{},\"creation_date\":{}}}",
+        json::string(&m.name),
+        m.info_hash_hex(),
+        g.total_len(),
+        g.nominal_piece_len(),
+        g.piece_count(),
+        m.private,
+        json::opt_string(m.comment.as_deref()),
+        json::opt_string(m.created_by.as_deref()),
+        m.creation_date
+            .map_or("null".to_string(), |d| d.to_string()),
+    )
+}
+
+fn create_cmd(a: &CreateArgs) -> Result<(), Error> {
+    if let Some(pl) = a.piece_length
+        && (pl < 16 * 1024 || !pl.is_power_of_two() || u64::from(pl) > metainfo::MAX_PIECE_LEN)
+    {
+        return Err(Error::Usage(format!(
+            "--piece-length {pl}: must be a power of two between 16384 and {}",
+            metainfo::MAX_PIECE_LEN
+        )));
+    }
+    for url in &a.announce {
+        if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("udp://"))
+        {
+            return Err(Error::Usage(format!(
+                "-a {url}: tracker URLs start with http://, https:// or udp://"
+            )));
+        }
+    }
+    let opts = create::Options {
+        trackers: a.announce.clone(),
+        piece_len: a.piece_length,
+        private: a.private,
+        comment: a.comment.clone(),
+        threads: threads(),
+    };
+    let bytes = create::create(&a.path, &opts)?;
+    // Re-parse what we made: the same strict checks every reader applies.
+    let meta = Metainfo::from_bytes(&bytes).map_err(|source| Error::Torrent {
+        path: a.path.clone(),
+        source,
+    })?;
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.torrent", meta.name)));
+    fs::write(&out, &bytes).map_err(|e| Error::io(format!("writing {}", out.display()), e))?;
+    eprintln!(
+        "bitfetch: created {} ({} in {} pieces, info hash {})",
+        out.display(),
+        human_bytes(meta.total_len()),
+        meta.geometry.piece_count(),
+        meta.info_hash_hex()
+    );
+    Ok(())
+}
+
+fn verify(a: &VerifyArgs) -> Result<(), Error> {
+    let m = load_torrent(&a.torrent)?;
+    let layout = Layout::for_data_path(&a.data, &m);
+    let storage = Storage::open_existing(&layout, &m.geometry)?;
+    let results = storage.verify_all(&m, threads());
+    let bad: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, ok)| !**ok)
+        .map(|(i, _)| i)
+        .collect();
+    let total = results.len() as u32;
+    let mut out = std::io::stdout().lock();
+    let report = |out: &mut std::io::StdoutLock| -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{}: {} of {} pieces good",
+            escape(&m.name),
+            total as usize - bad.len(),
+            total
+        )?;
+        if !bad.is_empty() {
+            writeln!(out, "bad pieces: {}", ranges(&bad))?;
+        }
+        Ok(())
+    };
+    report(&mut out).map_err(|e| Error::io("writing to stdout", e))?;
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Incomplete {
+            bad: bad.len() as u32,
+            total,
+        })
+    }
+}
+
+/// `[1,2,3,7]` → `1-3,7`.
+fn ranges(sorted: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_ranges_are_compact() {
+        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), "1-3,7,9-10");
+        assert_eq!(ranges(&[]), "");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(1 << 30), "1.00 GiB");
+    }
+}

@@ -1,0 +1,17 @@
+//! bitfetch: a one-shot BitTorrent downloader and seeder.
+//!
+//! No async runtime: one OS thread per peer connection does blocking I/O, one session thread
+//! owns all torrent state, and blocks go straight into memory-mapped files. The README's
+//! "Architecture" section describes the threads and the messages between them.
+
+pub mod bencode;
+pub mod cli;
+pub mod create;
+pub mod error;
+pub mod exit;
+pub mod geometry;
+pub mod json;
+pub mod metainfo;
+pub mod path_safety;
+pub mod session;
+pub mod storage;

@@ -1,0 +1,450 @@
+//! `.torrent` files (BEP 3, with BEP 12 announce lists and BEP 27 private flags).
+//!
+//! Parsing is strict: everything a later stage relies on (lengths, piece count, paths) is
+//! checked here once, and the result carries a validated [`Geometry`]. The info hash is the
+//! SHA-1 of the raw `info` bytes as they stand in the file.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::PathBuf;
+
+use bt_bencode::Value;
+use sha1::{Digest, Sha1};
+
+use crate::bencode::{self, Dict, Limits};
+use crate::geometry::{self, Geometry};
+use crate::path_safety;
+
+/// Largest piece length accepted; real torrents stay far below.
+pub const MAX_PIECE_LEN: u64 = 256 << 20;
+pub const MAX_FILES: usize = 100_000;
+pub const MAX_PATH_DEPTH: usize = 64;
+pub const MAX_PIECES: u64 = 4 << 20;
+
+#[derive(Debug)]
+pub enum Error {
+    Bencode(bencode::Error),
+    NotADict,
+    Missing(&'static str),
+    WrongType(&'static str),
+    PieceLength(i64),
+    PiecesLength(usize),
+    TooManyPieces(u64),
+    NegativeLength {
+        file: usize,
+    },
+    LengthAndFiles,
+    NoFiles,
+    EmptyName,
+    TooManyFiles(usize),
+    PathTooDeep {
+        file: usize,
+        depth: usize,
+    },
+    EmptyPath {
+        file: usize,
+    },
+    UnsafePath {
+        file: usize,
+        source: path_safety::Error,
+    },
+    DuplicatePath(String),
+    FileDirClash(String),
+    Geometry(geometry::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use path_safety::escape;
+        match self {
+            Error::Bencode(e) => write!(f, "not a valid torrent file: {e}"),
+            Error::NotADict => write!(f, "not a valid torrent file: top level is not a dictionary"),
+            Error::Missing(k) => write!(f, "torrent has no `{k}`"),
+            Error::WrongType(k) => write!(f, "torrent field `{k}` has the wrong type"),
+            Error::PieceLength(n) => write!(
+                f,
+                "invalid piece length {n} (must be between 1 and {MAX_PIECE_LEN} bytes)"
+            ),
+            Error::PiecesLength(n) => {
+                write!(f, "`pieces` is {n} bytes long, not a multiple of 20")
+            }
+            Error::TooManyPieces(n) => write!(f, "torrent has {n} pieces, over {MAX_PIECES}"),
+            Error::NegativeLength { file } => write!(f, "file {file} has a negative length"),
+            Error::LengthAndFiles => write!(f, "torrent has both `length` and `files`"),
+            Error::NoFiles => write!(f, "torrent `files` list is empty"),
+            Error::EmptyName => write!(f, "torrent name is empty"),
+            Error::TooManyFiles(n) => write!(f, "torrent has {n} files, over {MAX_FILES}"),
+            Error::PathTooDeep { file, depth } => write!(
+                f,
+                "file {file} has a path {depth} elements deep, over {MAX_PATH_DEPTH}"
+            ),
+            Error::EmptyPath { file } => write!(f, "file {file} has an empty path"),
+            Error::UnsafePath { file, source } => {
+                write!(f, "unsafe path in file {file}: {source}")
+            }
+            Error::DuplicatePath(p) => write!(f, "duplicate file path {}", escape(p)),
+            Error::FileDirClash(p) => {
+                write!(f, "path {} is both a file and a directory", escape(p))
+            }
+            Error::Geometry(e) => write!(f, "inconsistent torrent: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<bencode::Error> for Error {
+    fn from(e: bencode::Error) -> Error {
+        Error::Bencode(e)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Relative to the output directory, sanitised: `NAME` for a single-file torrent,
+    /// `NAME/dir/file` for a multi-file one.
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metainfo {
+    pub info_hash: [u8; 20],
+    /// Sanitised top-level name.
+    pub name: String,
+    pub multi_file: bool,
+    pub files: Vec<FileEntry>,
+    pub geometry: Geometry,
+    piece_hashes: Vec<u8>,
+    pub private: bool,
+    /// Announce tiers (BEP 12); a lone `announce` makes one tier of one.
+    pub trackers: Vec<Vec<String>>,
+    pub url_list: Vec<String>,
+    pub comment: Option<String>,
+    pub created_by: Option<String>,
+    pub creation_date: Option<i64>,
+}
+
+impl Metainfo {
+    pub fn from_bytes(buf: &[u8]) -> Result<Metainfo, Error> {
+        let limits = Limits::METAINFO;
+        let Value::Dict(top) = bencode::decode(buf, limits)? else {
+            return Err(Error::NotADict);
+        };
+        let raw_info =
+            bencode::dict_value_span(buf, b"info", limits).ok_or(Error::Missing("info"))?;
+        let info = bencode::get_dict(&top, "info").ok_or(Error::WrongType("info"))?;
+        let info_hash: [u8; 20] = Sha1::digest(raw_info).into();
+
+        let name_raw = bencode::get_bytes(info, "name").ok_or(Error::Missing("name"))?;
+        if name_raw.is_empty() {
+            return Err(Error::EmptyName);
+        }
+        let name = path_safety::sanitize_element(name_raw)
+            .map_err(|source| Error::UnsafePath { file: 0, source })?;
+
+        let piece_len = parse_piece_len(info)?;
+        let hashes = bencode::get_bytes(info, "pieces").ok_or(Error::Missing("pieces"))?;
+        if hashes.len() % 20 != 0 {
+            return Err(Error::PiecesLength(hashes.len()));
+        }
+        let piece_count = (hashes.len() / 20) as u64;
+        if piece_count > MAX_PIECES {
+            return Err(Error::TooManyPieces(piece_count));
+        }
+
+        let (multi_file, files) = parse_files(info, &name)?;
+        let lens: Vec<u64> = files.iter().map(|f| f.len).collect();
+        let geometry = Geometry::new(piece_len, &lens, piece_count).map_err(Error::Geometry)?;
+
+        Ok(Metainfo {
+            info_hash,
+            name,
+            multi_file,
+            files,
+            geometry,
+            piece_hashes: hashes.to_vec(),
+            private: bencode::get_int(info, "private") == Some(1),
+            trackers: parse_trackers(&top),
+            url_list: parse_url_list(&top),
+            comment: bencode::get_str(&top, "comment"),
+            created_by: bencode::get_str(&top, "created by"),
+            creation_date: bencode::get_int(&top, "creation date"),
+        })
+    }
+
+    pub fn piece_hash(&self, piece: geometry::PieceIndex) -> &[u8; 20] {
+        let start = piece.usize() * 20;
+        // Geometry guarantees piece < piece_count == hashes.len() / 20.
+        self.piece_hashes[start..start + 20]
+            .try_into()
+            .expect("20-byte slice")
+    }
+
+    pub fn total_len(&self) -> u64 {
+        self.geometry.total_len()
+    }
+
+    pub fn info_hash_hex(&self) -> String {
+        hex(&self.info_hash)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_piece_len(info: &Dict) -> Result<u32, Error> {
+    let Some(v) = bencode::get(info, "piece length") else {
+        return Err(Error::Missing("piece length"));
+    };
+    let Value::Int(n) = v else {
+        return Err(Error::WrongType("piece length"));
+    };
+    let n = bencode::number_to_i64(n).unwrap_or(i64::MAX);
+    if n <= 0 || n as u64 > MAX_PIECE_LEN {
+        return Err(Error::PieceLength(n));
+    }
+    Ok(n as u32)
+}
+
+fn parse_len(dict: &Dict, file: usize) -> Result<u64, Error> {
+    match bencode::get(dict, "length") {
+        None => Err(Error::Missing("length")),
+        Some(Value::Int(n)) => {
+            let n = bencode::number_to_i64(n).ok_or(Error::WrongType("length"))?;
+            u64::try_from(n).map_err(|_| Error::NegativeLength { file })
+        }
+        Some(_) => Err(Error::WrongType("length")),
+    }
+}
+
+fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error> {
+    let has_length = bencode::get(info, "length").is_some();
+    let files = match bencode::get(info, "files") {
+        None if has_length => {
+            let len = parse_len(info, 0)?;
+            return Ok((
+                false,
+                vec![FileEntry {
+                    path: PathBuf::from(name),
+                    len,
+                }],
+            ));
+        }
+        None => return Err(Error::Missing("length or files")),
+        Some(_) if has_length => return Err(Error::LengthAndFiles),
+        Some(Value::List(l)) => l,
+        Some(_) => return Err(Error::WrongType("files")),
+    };
+    if files.is_empty() {
+        return Err(Error::NoFiles);
+    }
+    if files.len() > MAX_FILES {
+        return Err(Error::TooManyFiles(files.len()));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    let mut seen = HashSet::with_capacity(files.len());
+    let mut dirs = HashSet::new();
+    for (i, f) in files.iter().enumerate() {
+        let Value::Dict(f) = f else {
+            return Err(Error::WrongType("files"));
+        };
+        let len = parse_len(f, i)?;
+        let elements = bencode::get_list(f, "path").ok_or(Error::Missing("path"))?;
+        if elements.is_empty() {
+            return Err(Error::EmptyPath { file: i });
+        }
+        if elements.len() > MAX_PATH_DEPTH {
+            return Err(Error::PathTooDeep {
+                file: i,
+                depth: elements.len(),
+            });
+        }
+        let mut clean = Vec::with_capacity(elements.len() + 1);
+        clean.push(name.to_string());
+        for e in elements {
+            let Value::ByteStr(e) = e else {
+                return Err(Error::WrongType("path"));
+            };
+            clean.push(
+                path_safety::sanitize_element(e)
+                    .map_err(|source| Error::UnsafePath { file: i, source })?,
+            );
+        }
+        let path = path_safety::join_elements(&clean).ok_or(Error::UnsafePath {
+            file: i,
+            source: path_safety::Error::Empty,
+        })?;
+        let key = path.to_string_lossy().into_owned();
+        for depth in 1..clean.len() {
+            dirs.insert(clean[..depth].join("/"));
+        }
+        if !seen.insert(key.clone()) {
+            return Err(Error::DuplicatePath(key));
+        }
+        out.push(FileEntry { path, len });
+    }
+    if let Some(clash) = seen.iter().find(|p| dirs.contains(*p)) {
+        return Err(Error::FileDirClash(clash.clone()));
+    }
+    Ok((true, out))
+}
+
+fn parse_trackers(top: &Dict) -> Vec<Vec<String>> {
+    let valid = |b: &[u8]| {
+        let s = String::from_utf8_lossy(b).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    };
+    let mut tiers: Vec<Vec<String>> = Vec::new();
+    if let Some(list) = bencode::get_list(top, "announce-list") {
+        for tier in list {
+            let Value::List(urls) = tier else { continue };
+            let urls: Vec<String> = urls
+                .iter()
+                .filter_map(|u| u.as_byte_str().and_then(|b| valid(b)))
+                .collect();
+            if !urls.is_empty() {
+                tiers.push(urls);
+            }
+        }
+    }
+    // BEP 12: when announce-list is present, announce is ignored.
+    if tiers.is_empty()
+        && let Some(url) = bencode::get_bytes(top, "announce").and_then(valid)
+    {
+        tiers.push(vec![url]);
+    }
+    tiers
+}
+
+fn parse_url_list(top: &Dict) -> Vec<String> {
+    match bencode::get(top, "url-list") {
+        Some(Value::ByteStr(b)) => vec![String::from_utf8_lossy(b).into_owned()],
+        Some(Value::List(l)) => l
+            .iter()
+            .filter_map(|v| v.as_byte_str())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn single(extra_info: &str) -> Vec<u8> {
+        let pieces = "x".repeat(60);
+        format!(
+            "d8:announce13:http://t/anno4:infod6:lengthi40000e4:name8:file.bin12:piece lengthi16384e6:pieces60:{pieces}{extra_info}ee"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn parses_a_single_file_torrent() {
+        let m = Metainfo::from_bytes(&single("")).unwrap();
+        assert_eq!(m.name, "file.bin");
+        assert!(!m.multi_file);
+        assert_eq!(m.total_len(), 40000);
+        assert_eq!(m.geometry.piece_count(), 3);
+        assert_eq!(m.trackers, vec![vec!["http://t/anno".to_string()]]);
+        assert!(!m.private);
+    }
+
+    #[test]
+    fn info_hash_is_over_the_raw_bytes() {
+        // Unsorted keys, an unknown key and a non-canonical integer.
+        let pieces = "x".repeat(20);
+        let info = format!(
+            "d4:name1:a6:lengthi5e7:unknowni007e12:piece lengthi16384e6:pieces20:{pieces}e"
+        );
+        let doc = format!("d4:info{info}e");
+        let m = Metainfo::from_bytes(doc.as_bytes()).unwrap();
+        let want: [u8; 20] = Sha1::digest(info.as_bytes()).into();
+        assert_eq!(m.info_hash, want);
+    }
+
+    #[test]
+    fn multi_file_paths_are_prefixed_and_checked() {
+        let pieces = "x".repeat(20);
+        let doc = format!(
+            "d4:infod5:filesld6:lengthi3e4:pathl3:sub1:aeed6:lengthi0e4:pathl1:beee4:name3:top12:piece lengthi16384e6:pieces20:{pieces}ee"
+        );
+        let m = Metainfo::from_bytes(doc.as_bytes()).unwrap();
+        assert!(m.multi_file);
+        assert_eq!(m.files[0].path, PathBuf::from("top/sub/a"));
+        assert_eq!(m.files[1].path, PathBuf::from("top/b"));
+        assert_eq!(m.files[1].len, 0);
+    }
+
+    #[test]
+    fn rejects_inconsistent_torrents() {
+        let pieces = "x".repeat(20);
+        let cases = [
+            (
+                format!("d4:infod4:name1:a6:lengthi5e12:piece lengthi0e6:pieces20:{pieces}ee"),
+                "piece length",
+            ),
+            (
+                format!("d4:infod4:name1:a6:lengthi-5e12:piece lengthi16384e6:pieces20:{pieces}ee"),
+                "negative",
+            ),
+            (
+                format!("d4:infod4:name0:6:lengthi5e12:piece lengthi16384e6:pieces20:{pieces}ee"),
+                "name",
+            ),
+            (
+                format!(
+                    "d4:infod4:name1:a6:lengthi99999e12:piece lengthi16384e6:pieces20:{pieces}ee"
+                ),
+                "pieces",
+            ),
+            (
+                "d4:infod4:name1:a6:lengthi5e12:piece lengthi16384e6:pieces3:abcee".to_string(),
+                "multiple of 20",
+            ),
+            (
+                format!("d4:infod5:filesle4:name1:a12:piece lengthi16384e6:pieces20:{pieces}ee"),
+                "empty",
+            ),
+            (
+                format!(
+                    "d4:infod5:filesld6:lengthi1e4:pathl2:..eee4:name1:a12:piece lengthi16384e6:pieces20:{pieces}ee"
+                ),
+                "climbs",
+            ),
+            (
+                format!(
+                    "d4:infod5:filesld6:lengthi1e4:pathl1:beed6:lengthi1e4:pathl1:beee4:name1:a12:piece lengthi16384e6:pieces20:{pieces}ee"
+                ),
+                "duplicate",
+            ),
+            (
+                format!(
+                    "d4:infod5:filesld6:lengthi1e4:pathl1:beed6:lengthi1e4:pathl1:b1:ceee4:name1:a12:piece lengthi16384e6:pieces20:{pieces}ee"
+                ),
+                "both a file and a directory",
+            ),
+            ("d4:infoi1ee".to_string(), "wrong type"),
+            ("le".to_string(), "dictionary"),
+        ];
+        for (doc, want) in cases {
+            let err = Metainfo::from_bytes(doc.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{doc}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn announce_list_takes_precedence() {
+        let pieces = "x".repeat(20);
+        let doc = format!(
+            "d8:announce5:http:13:announce-listll3:a:/3:b:/el3:c:/ee4:infod4:name1:a6:lengthi5e12:piece lengthi16384e6:pieces20:{pieces}e7:privatei1ee"
+        );
+        let m = Metainfo::from_bytes(doc.as_bytes()).unwrap();
+        assert_eq!(m.trackers, vec![vec!["a:/", "b:/"], vec!["c:/"]]);
+    }
+}

@@ -1,0 +1,589 @@
+//! The torrent's files on disk: creation, memory-mapped block writes, reads and piece hashing.
+//!
+//! All `unsafe` in bitfetch lives here.
+//!
+//! # Who touches what
+//! - Writes go through the shared memory maps, and only through [`Writer`], which is not
+//!   `Clone` and is owned by the session thread: there is exactly one writer, so no two writes
+//!   can race.
+//! - Reads (serving peers, hashing, verifying) use `pread` on the file descriptors, never the
+//!   maps. The page cache is shared, so a read sees what the map wrote.
+//!
+//! # SIGBUS
+//! Touching a mapped page beyond the end of a file that another process truncated raises SIGBUS.
+//! Reads cannot hit it: `pread` past the end returns a short read, which we report as an error.
+//! Space for every file is reserved with `posix_fallocate` before any write, so a full disk is
+//! an error at start-up instead of a SIGBUS mid-download. What remains is a write racing an
+//! outside truncation; [`install_sigbus_guard`] turns that into a clear message and exit code
+//! instead of a bare crash.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use memmap2::MmapRaw;
+use sha1::{Digest, Sha1};
+
+use crate::geometry::{BlockRef, Geometry, PieceIndex};
+use crate::metainfo::Metainfo;
+
+#[derive(Debug)]
+pub enum Error {
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+    },
+    Symlink(PathBuf),
+    NotADirectory(PathBuf),
+    LargerThanTorrent {
+        path: PathBuf,
+        len: u64,
+        expected: u64,
+    },
+}
+
+impl Error {
+    fn io(path: &Path, source: io::Error) -> Error {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return Error::NoSpace {
+                path: path.to_path_buf(),
+                needed: 0,
+            };
+        }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::NoSpace { path, needed } if *needed > 0 => write!(
+                f,
+                "no space left on device for {} ({needed} bytes needed)",
+                path.display()
+            ),
+            Error::NoSpace { path, .. } => {
+                write!(f, "no space left on device for {}", path.display())
+            }
+            Error::Symlink(p) => write!(
+                f,
+                "refusing to follow the symbolic link {} inside the data directory",
+                p.display()
+            ),
+            Error::NotADirectory(p) => write!(f, "{} is in the way of a directory", p.display()),
+            Error::LargerThanTorrent {
+                path,
+                len,
+                expected,
+            } => write!(
+                f,
+                "{} is {len} bytes, larger than the {expected} bytes the torrent says; not touching it",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Where a torrent's files live: a root directory and each file's path below it.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+    pub files: Vec<PathBuf>,
+}
+
+impl Layout {
+    /// The layout `download -o DIR` writes: `DIR/NAME` or `DIR/NAME/...`.
+    pub fn in_dir(dir: &Path, meta: &Metainfo) -> Layout {
+        Layout {
+            root: dir.to_path_buf(),
+            files: meta.files.iter().map(|f| f.path.clone()).collect(),
+        }
+    }
+
+    /// A data path as commands take it: the directory holding the content, or (single-file
+    /// torrents) the file itself.
+    pub fn for_data_path(data: &Path, meta: &Metainfo) -> Layout {
+        if !meta.multi_file
+            && let Ok(m) = fs::metadata(data)
+            && m.is_file()
+        {
+            let parent = data.parent().filter(|p| !p.as_os_str().is_empty());
+            return Layout {
+                root: parent.unwrap_or(Path::new(".")).to_path_buf(),
+                files: vec![PathBuf::from(data.file_name().unwrap_or_default())],
+            };
+        }
+        Layout::in_dir(data, meta)
+    }
+
+    pub fn full_path(&self, file: usize) -> PathBuf {
+        self.root.join(&self.files[file])
+    }
+}
+
+struct FileSlot {
+    path: PathBuf,
+    file: Option<File>,
+    map: Option<MmapRaw>,
+}
+
+/// The open files of one torrent.
+pub struct Storage {
+    geometry: Geometry,
+    slots: Vec<FileSlot>,
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage")
+            .field("files", &self.slots.len())
+            .finish()
+    }
+}
+
+/// Checks every directory between `root` and `rel`'s parent, creating missing ones when
+/// `create` is set, and refusing symlinks so a link planted in the output directory cannot
+/// lead writes out of it.
+fn check_dirs(root: &Path, rel: &Path, create: bool) -> Result<(), Error> {
+    let mut cur = root.to_path_buf();
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
+    for comp in parent.components() {
+        cur.push(comp);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => return Err(Error::Symlink(cur)),
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(Error::NotADirectory(cur)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => match fs::create_dir(&cur) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(&cur, e)),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&cur, e)),
+        }
+    }
+    Ok(())
+}
+
+fn open_no_follow(path: &Path, write: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .create(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+fn symlink_error(path: &Path, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        Error::Symlink(path.to_path_buf())
+    } else {
+        Error::io(path, e)
+    }
+}
+
+/// Reserves real blocks for `[0, len)`. A sparse file would let the map fault on a full disk.
+fn allocate(file: &File, path: &Path, len: u64) -> Result<(), Error> {
+    let Ok(len_off) = libc::off_t::try_from(len) else {
+        return Err(Error::NoSpace {
+            path: path.to_path_buf(),
+            needed: len,
+        });
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain FFI call on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) };
+    match rc {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => Err(Error::NoSpace {
+            path: path.to_path_buf(),
+            needed: len,
+        }),
+        rc => Err(Error::io(path, io::Error::from_raw_os_error(rc))),
+    }
+}
+
+impl Storage {
+    /// Opens (creating as needed) every file for download: directories made, space reserved,
+    /// files mapped. Existing data is kept; a file larger than the torrent says is refused.
+    pub fn create(layout: &Layout, geometry: &Geometry) -> Result<(Arc<Storage>, Writer), Error> {
+        let mut slots = Vec::with_capacity(layout.files.len());
+        for (i, rel) in layout.files.iter().enumerate() {
+            check_dirs(&layout.root, rel, true)?;
+            let path = layout.full_path(i);
+            let file = open_no_follow(&path, true).map_err(|e| symlink_error(&path, e))?;
+            let expected = geometry.file_len(i);
+            let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+            if len > expected {
+                return Err(Error::LargerThanTorrent {
+                    path,
+                    len,
+                    expected,
+                });
+            }
+            allocate(&file, &path, expected)?;
+            let map = if expected > 0 {
+                Some(MmapRaw::map_raw(&file).map_err(|e| Error::io(&path, e))?)
+            } else {
+                None
+            };
+            slots.push(FileSlot {
+                path,
+                file: Some(file),
+                map,
+            });
+        }
+        let storage = Arc::new(Storage {
+            geometry: geometry.clone(),
+            slots,
+        });
+        let writer = Writer {
+            storage: Arc::clone(&storage),
+        };
+        Ok((storage, writer))
+    }
+
+    /// Opens existing files read-only (verify, seed). Missing files are allowed: their pieces
+    /// simply fail to verify.
+    pub fn open_existing(layout: &Layout, geometry: &Geometry) -> Result<Storage, Error> {
+        let mut slots = Vec::with_capacity(layout.files.len());
+        for (i, rel) in layout.files.iter().enumerate() {
+            check_dirs(&layout.root, rel, false)?;
+            let path = layout.full_path(i);
+            let file = match open_no_follow(&path, false) {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(symlink_error(&path, e)),
+            };
+            slots.push(FileSlot {
+                path,
+                file,
+                map: None,
+            });
+        }
+        Ok(Storage {
+            geometry: geometry.clone(),
+            slots,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Reads torrent bytes `[offset, offset + buf.len())` with `pread`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        for span in self.geometry.spans(offset, buf.len() as u64) {
+            let slot = &self.slots[span.file];
+            let start = span.range_offset as usize;
+            let dst = &mut buf[start..start + span.len as usize];
+            let Some(file) = &slot.file else {
+                return Err(Error::io(
+                    &slot.path,
+                    io::Error::from(io::ErrorKind::NotFound),
+                ));
+            };
+            file.read_exact_at(dst, span.file_offset)
+                .map_err(|e| Error::io(&slot.path, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_block(&self, block: BlockRef, buf: &mut [u8]) -> Result<(), Error> {
+        let offset = self.geometry.piece_offset(block.piece) + u64::from(block.offset);
+        self.read(offset, &mut buf[..block.len as usize])
+    }
+
+    /// Reads a piece into `scratch` and compares its SHA-1. Unreadable data is a bad piece.
+    pub fn piece_matches(
+        &self,
+        piece: PieceIndex,
+        expected: &[u8; 20],
+        scratch: &mut Vec<u8>,
+    ) -> bool {
+        let len = self.geometry.piece_len(piece) as usize;
+        scratch.resize(len, 0);
+        if self
+            .read(self.geometry.piece_offset(piece), &mut scratch[..len])
+            .is_err()
+        {
+            return false;
+        }
+        let got: [u8; 20] = Sha1::digest(&scratch[..len]).into();
+        &got == expected
+    }
+
+    /// Runs `f` on every piece, spread over `threads` threads; results in piece order.
+    fn par_pieces<T: Send>(
+        &self,
+        threads: usize,
+        f: impl Fn(PieceIndex, &mut Vec<u8>) -> T + Sync,
+    ) -> Vec<T> {
+        let count = self.geometry.piece_count();
+        let next = AtomicU32::new(0);
+        let mut parts: Vec<Vec<(u32, T)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut scratch = Vec::new();
+                        let mut done = Vec::new();
+                        while let Some(piece) =
+                            self.geometry.piece(next.fetch_add(1, Ordering::Relaxed))
+                        {
+                            done.push((piece.get(), f(piece, &mut scratch)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("hashing thread panicked"))
+                .collect()
+        });
+        let mut all: Vec<(u32, T)> = parts.iter_mut().flat_map(std::mem::take).collect();
+        all.sort_unstable_by_key(|(i, _)| *i);
+        debug_assert_eq!(all.len(), count as usize);
+        all.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Checks every piece against the torrent's hashes; one flag per piece.
+    pub fn verify_all(&self, meta: &Metainfo, threads: usize) -> Vec<bool> {
+        self.par_pieces(threads, |piece, scratch| {
+            self.piece_matches(piece, meta.piece_hash(piece), scratch)
+        })
+    }
+
+    /// Hashes every piece (torrent creation). Fails on the first unreadable range.
+    pub fn hash_all(&self, threads: usize) -> Result<Vec<[u8; 20]>, Error> {
+        let results = self.par_pieces(threads, |piece, scratch| {
+            let len = self.geometry.piece_len(piece) as usize;
+            scratch.resize(len, 0);
+            self.read(self.geometry.piece_offset(piece), &mut scratch[..len])
+                .map(|()| <[u8; 20]>::from(Sha1::digest(&scratch[..len])))
+        });
+        results.into_iter().collect()
+    }
+
+    /// True when every file exists with the length the torrent says.
+    pub fn sizes_match(&self) -> bool {
+        self.slots.iter().enumerate().all(|(i, s)| {
+            s.file
+                .as_ref()
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| m.len() == self.geometry.file_len(i))
+        })
+    }
+
+    pub fn file_path(&self, file: usize) -> &Path {
+        &self.slots[file].path
+    }
+}
+
+/// The one handle that writes into the maps. Not `Clone`: whoever owns it is the only writer.
+#[derive(Debug)]
+pub struct Writer {
+    storage: Arc<Storage>,
+}
+
+impl Writer {
+    /// Copies `data` into the map at `block`. `data.len()` must equal `block.len`.
+    pub fn write_block(&mut self, block: BlockRef, data: &[u8]) {
+        assert_eq!(data.len(), block.len as usize, "block length mismatch");
+        let g = &self.storage.geometry;
+        let offset = g.piece_offset(block.piece) + u64::from(block.offset);
+        for span in g.spans(offset, data.len() as u64) {
+            let map = self.storage.slots[span.file]
+                .map
+                .as_ref()
+                .expect("non-empty files are mapped");
+            let src = &data[span.range_offset as usize..(span.range_offset + span.len) as usize];
+            // Spans lie within the file, and the map covers the whole file (its length was
+            // fixed by posix_fallocate before mapping).
+            debug_assert!(span.file_offset + span.len <= map.len() as u64);
+            // SAFETY: the destination range is inside the mapping (checked above by geometry:
+            // spans never exceed the file length, which equals the map length). This Writer is
+            // the only code that writes through the maps and it takes `&mut self`, so no other
+            // write can overlap; readers use pread, not references into the map, so no Rust
+            // reference aliases these bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr(),
+                    map.as_mut_ptr().add(span.file_offset as usize),
+                    src.len(),
+                );
+            }
+        }
+    }
+
+    /// Drops the pages of a verified piece from our address space. The page cache keeps the
+    /// data (dirty pages of a shared file mapping are written back, not discarded), so resident
+    /// memory stays flat however large the torrent.
+    pub fn release_piece(&mut self, piece: PieceIndex) {
+        let g = &self.storage.geometry;
+        let page = page_size();
+        for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
+            let Some(map) = self.storage.slots[span.file].map.as_ref() else {
+                continue;
+            };
+            let start = span.file_offset.div_ceil(page) * page;
+            let end = (span.file_offset + span.len) / page * page;
+            if end > start {
+                // Only whole pages of this piece are dropped, so a neighbouring piece's
+                // in-flight page is untouched (and would be faulted back in anyway).
+                // SAFETY: MADV_DONTNEED on a shared file mapping only drops our page-table
+                // entries; the data stays in the page cache. No Rust reference into the map
+                // exists (writes use raw copies, reads use pread), so nothing observes the
+                // pages going away.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start as usize,
+                        (end - start) as usize,
+                    )
+                };
+            }
+        }
+    }
+
+    /// Writes dirty pages back to disk (msync).
+    pub fn flush(&mut self) -> Result<(), Error> {
+        for slot in &self.storage.slots {
+            if let Some(map) = &slot.map {
+                map.flush().map_err(|e| Error::io(&slot.path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).unwrap_or(4096).max(1)
+}
+
+/// Replaces the default SIGBUS crash with a one-line explanation and exit code 4 (I/O error).
+/// Only async-signal-safe calls (`write`, `_exit`) run in the handler.
+pub fn install_sigbus_guard() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] =
+            b"bitfetch: error: a data file shrank or vanished while mapped (SIGBUS); \
+            was it truncated by another program?\n";
+        // SAFETY: write and _exit are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(4);
+        }
+    }
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "bitfetch-storage-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn layout(root: &Path, names: &[&str]) -> Layout {
+        Layout {
+            root: root.to_path_buf(),
+            files: names.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    #[test]
+    fn writes_across_file_boundaries_and_reads_back() {
+        let dir = tmpdir("span");
+        let g = Geometry::new(16384, &[10_000, 0, 10_000], 2).unwrap();
+        let (storage, mut w) =
+            Storage::create(&layout(&dir, &["t/a", "t/empty", "t/b"]), &g).unwrap();
+        let p0 = g.piece(0).unwrap();
+        let block = g.block(p0, 0).unwrap();
+        let data: Vec<u8> = (0..block.len).map(|i| (i % 251) as u8).collect();
+        w.write_block(block, &data);
+        let mut back = vec![0; block.len as usize];
+        storage.read_block(block, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(fs::metadata(dir.join("t/empty")).unwrap().len(), 0);
+        let a = fs::read(dir.join("t/a")).unwrap();
+        assert_eq!(&a[..], &data[..10_000]);
+        let b = fs::read(dir.join("t/b")).unwrap();
+        assert_eq!(&b[..6384], &data[10_000..]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_symlinked_directory() {
+        let dir = tmpdir("symlink");
+        let outside = dir.join("outside");
+        fs::create_dir(&outside).unwrap();
+        let out = dir.join("out");
+        fs::create_dir(&out).unwrap();
+        std::os::unix::fs::symlink(&outside, out.join("t")).unwrap();
+        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let err = Storage::create(&layout(&out, &["t/a"]), &g).unwrap_err();
+        assert!(matches!(err, Error::Symlink(_)), "{err}");
+        std::os::unix::fs::symlink(outside.join("f"), out.join("f")).unwrap();
+        let err = Storage::create(&layout(&out, &["f"]), &g).unwrap_err();
+        assert!(matches!(err, Error::Symlink(_)), "{err}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_to_shrink_a_larger_file() {
+        let dir = tmpdir("larger");
+        fs::write(dir.join("a"), vec![7u8; 100]).unwrap();
+        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let err = Storage::create(&layout(&dir, &["a"]), &g).unwrap_err();
+        assert!(matches!(err, Error::LargerThanTorrent { .. }));
+        assert_eq!(fs::read(dir.join("a")).unwrap(), vec![7u8; 100]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn existing_data_is_kept() {
+        let dir = tmpdir("keep");
+        fs::write(dir.join("a"), b"hello").unwrap();
+        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let (_s, _w) = Storage::create(&layout(&dir, &["a"]), &g).unwrap();
+        assert_eq!(fs::read(dir.join("a")).unwrap(), b"hello\0\0\0\0\0");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
