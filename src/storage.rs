@@ -505,6 +505,29 @@ pub fn install_sigbus_guard() {
     }
 }
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns SIGINT and SIGTERM into a flag the session polls, so a stop is orderly: files flushed,
+/// `stopped` announced. A second signal exits at once. (Process-wide signal code sits here so
+/// that all of bitfetch's `unsafe` stays in this module.)
+pub fn install_stop_handler() {
+    extern "C" fn on_stop(_: libc::c_int) {
+        if STOP.swap(true, Ordering::SeqCst) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
+    }
+    // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+    }
+}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

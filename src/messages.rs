@@ -1,0 +1,68 @@
+//! The messages threads exchange. Every arrow in the README's architecture diagram is one of
+//! these types.
+
+use std::net::{SocketAddr, TcpStream};
+
+use crossbeam_channel::Sender;
+
+use crate::geometry::{BlockRef, PieceIndex};
+use crate::picker::PeerKey;
+
+/// Everything the session thread receives, from all other threads, on one bounded channel.
+#[derive(Debug)]
+pub enum Input {
+    /// From a peer connection's reader (or writer, for `Uploaded`).
+    Peer { key: PeerKey, event: PeerEvent },
+    /// From the listener: an inbound connection, not yet handshaken.
+    Accepted { stream: TcpStream, addr: SocketAddr },
+    /// From the tracker thread: candidate peers.
+    Peers(Vec<SocketAddr>),
+    /// From the tracker thread: an announce failed or warned (already formatted for people).
+    TrackerNotice(String),
+    /// From a hasher thread: the result of checking a complete piece.
+    Hashed { piece: PieceIndex, ok: bool },
+}
+
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// Handshake done; `commands` reaches this connection's writer.
+    Connected {
+        addr: SocketAddr,
+        peer_id: [u8; 20],
+        reserved: [u8; 8],
+        commands: Sender<Command>,
+    },
+    Bitfield(Vec<u8>),
+    Have(PieceIndex),
+    HaveAll,
+    HaveNone,
+    Choke,
+    Unchoke,
+    Interested,
+    NotInterested,
+    Block {
+        block: BlockRef,
+        data: Vec<u8>,
+    },
+    Uploaded(u32),
+    /// The connection ended; its threads are finishing and can be joined.
+    Gone {
+        reason: String,
+    },
+}
+
+/// What a connection's writer thread is told to do: by the session, or (`Serve`,
+/// `CancelServe`, `Shutdown`) by its own reader.
+#[derive(Debug)]
+pub enum Command {
+    Request(Vec<BlockRef>),
+    Cancel(BlockRef),
+    Interested(bool),
+    /// true = choke, false = unchoke.
+    Choke(bool),
+    Have(PieceIndex),
+    Bitfield(Vec<u8>),
+    Serve(BlockRef),
+    CancelServe(BlockRef),
+    Shutdown,
+}

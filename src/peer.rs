@@ -1,0 +1,515 @@
+//! One peer connection: a reader thread and a writer thread over one TCP socket.
+//!
+//! The reader owns the receiving half: it does the handshake, then decodes frames (checking
+//! each length before reading its payload) and turns them into [`PeerEvent`]s for the session.
+//! Requests from the peer go straight to the writer as [`Command::Serve`], so uploads never
+//! wait on the session. The writer owns the sending half: it blocks on its command channel
+//! (so an idle connection costs no CPU), batches what it has into one write, and sends a
+//! keep-alive when it has been quiet for a while.
+//!
+//! Per-peer faults end this connection only, as a [`PeerError`] that the session logs.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::geometry::{BlockRef, Geometry};
+use crate::messages::{Command, Input, PeerEvent};
+use crate::picker::PeerKey;
+use crate::storage::Storage;
+use crate::wire::{self, Handshake, Message};
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A peer that sends nothing, not even a keep-alive, for this long is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(90);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests from one peer that we queue before calling it a flood.
+pub const MAX_QUEUED_SERVES: usize = 512;
+const THREAD_STACK: usize = 256 * 1024;
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum PeerError {
+    Connect(io::Error),
+    Io(io::Error),
+    Timeout(&'static str),
+    Protocol(wire::Error),
+    WrongTorrent,
+    SelfConnection,
+    BadIndex(&'static str),
+    RequestFlood,
+    NotNegotiated(&'static str),
+    SessionGone,
+}
+
+impl fmt::Display for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerError::Connect(e) => write!(f, "connect failed: {e}"),
+            PeerError::Io(e) => write!(f, "{e}"),
+            PeerError::Timeout(what) => write!(f, "timed out {what}"),
+            PeerError::Protocol(e) => write!(f, "protocol error: {e}"),
+            PeerError::WrongTorrent => write!(f, "peer is on another torrent"),
+            PeerError::SelfConnection => write!(f, "connected to ourselves"),
+            PeerError::BadIndex(what) => write!(f, "out-of-range {what}"),
+            PeerError::RequestFlood => write!(f, "too many queued requests"),
+            PeerError::NotNegotiated(what) => write!(f, "sent {what} without negotiating it"),
+            PeerError::SessionGone => write!(f, "shutting down"),
+        }
+    }
+}
+
+impl From<wire::Error> for PeerError {
+    fn from(e: wire::Error) -> PeerError {
+        PeerError::Protocol(e)
+    }
+}
+
+/// Maps an I/O error during `what` to a typed error that says which timeout fired.
+fn io_err(what: &'static str) -> impl Fn(io::Error) -> PeerError {
+    move |e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => PeerError::Timeout(what),
+        _ => PeerError::Io(e),
+    }
+}
+
+/// What every connection of one torrent shares (read-only).
+#[derive(Debug)]
+pub struct Context {
+    pub info_hash: [u8; 20],
+    pub our_id: [u8; 20],
+    pub geometry: Geometry,
+    pub storage: Arc<Storage>,
+    pub bind: Option<IpAddr>,
+}
+
+pub enum Dial {
+    Outbound(SocketAddr),
+    Inbound(TcpStream, SocketAddr),
+}
+
+/// Starts a connection's reader thread (which starts the writer after the handshake).
+pub fn spawn(
+    key: PeerKey,
+    dial: Dial,
+    ctx: Arc<Context>,
+    events: Sender<Input>,
+) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(format!("peer-{}", key.0))
+        .stack_size(THREAD_STACK)
+        .spawn(move || {
+            let reason = match run(key, dial, &ctx, &events) {
+                Ok(()) => "closed".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = events.send(Input::Peer {
+                key,
+                event: PeerEvent::Gone { reason },
+            });
+        })
+}
+
+fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if let Some(ip) = bind.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    }
+    socket.connect_timeout(&SockAddr::from(addr), CONNECT_TIMEOUT)?;
+    Ok(socket.into())
+}
+
+fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
+    Handshake {
+        reserved: [0; 8],
+        info_hash: ctx.info_hash,
+        peer_id: ctx.our_id,
+    }
+    .encode()
+}
+
+fn read_handshake(stream: &mut TcpStream, ctx: &Context) -> Result<Handshake, PeerError> {
+    let mut buf = [0u8; wire::HANDSHAKE_LEN];
+    stream
+        .read_exact(&mut buf)
+        .map_err(io_err("waiting for the handshake"))?;
+    let h = Handshake::decode(&buf)?;
+    if h.info_hash != ctx.info_hash {
+        return Err(PeerError::WrongTorrent);
+    }
+    if h.peer_id == ctx.our_id {
+        return Err(PeerError::SelfConnection);
+    }
+    Ok(h)
+}
+
+fn run(
+    key: PeerKey,
+    dial: Dial,
+    ctx: &Arc<Context>,
+    events: &Sender<Input>,
+) -> Result<(), PeerError> {
+    let (mut stream, addr, outbound) = match dial {
+        Dial::Outbound(addr) => (
+            connect(addr, ctx.bind).map_err(PeerError::Connect)?,
+            addr,
+            true,
+        ),
+        Dial::Inbound(s, addr) => (s, addr, false),
+    };
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(PeerError::Io)?;
+    stream
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .map_err(PeerError::Io)?;
+    // The dialler speaks first; the answerer checks the info hash before revealing anything.
+    let theirs = if outbound {
+        stream
+            .write_all(&our_handshake(ctx))
+            .map_err(io_err("sending the handshake"))?;
+        read_handshake(&mut stream, ctx)?
+    } else {
+        let h = read_handshake(&mut stream, ctx)?;
+        stream
+            .write_all(&our_handshake(ctx))
+            .map_err(io_err("sending the handshake"))?;
+        h
+    };
+    stream.set_nodelay(true).map_err(PeerError::Io)?;
+    stream
+        .set_read_timeout(Some(IDLE_TIMEOUT))
+        .map_err(PeerError::Io)?;
+
+    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let stream = stream.try_clone().map_err(PeerError::Io)?;
+        let ctx = Arc::clone(ctx);
+        let events = events.clone();
+        let queued = Arc::clone(&queued);
+        thread::Builder::new()
+            .name(format!("peer-{}-w", key.0))
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                let mut w = WriterState::new(&ctx, stream, key, events, queued);
+                let _ = w.run(&cmd_rx);
+                // Told to stop, or the socket broke: either way wake the reader so the
+                // connection ends and its Gone event reaches the session.
+                let _ = w.stream.shutdown(Shutdown::Both);
+            })
+            .map_err(PeerError::Io)?
+    };
+    let connected = Input::Peer {
+        key,
+        event: PeerEvent::Connected {
+            addr,
+            peer_id: theirs.peer_id,
+            reserved: theirs.reserved,
+            commands: cmd_tx.clone(),
+        },
+    };
+    let result = if events.send(connected).is_err() {
+        Err(PeerError::SessionGone)
+    } else {
+        let mut reader = Reader {
+            stream: BufReader::with_capacity(64 * 1024, &stream),
+            ctx,
+            key,
+            events,
+            writer: &cmd_tx,
+            queued: &queued,
+            bitfield_len: ctx.geometry.piece_count().div_ceil(8) as usize,
+            payload: Vec::new(),
+        };
+        reader.run()
+    };
+    let _ = stream.shutdown(Shutdown::Both);
+    let _ = cmd_tx.send(Command::Shutdown);
+    let _ = writer.join();
+    result
+}
+
+struct Reader<'a> {
+    stream: BufReader<&'a TcpStream>,
+    ctx: &'a Context,
+    key: PeerKey,
+    events: &'a Sender<Input>,
+    writer: &'a Sender<Command>,
+    queued: &'a AtomicUsize,
+    bitfield_len: usize,
+    payload: Vec<u8>,
+}
+
+impl Reader<'_> {
+    fn emit(&self, event: PeerEvent) -> Result<(), PeerError> {
+        self.events
+            .send(Input::Peer {
+                key: self.key,
+                event,
+            })
+            .map_err(|_| PeerError::SessionGone)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<(), PeerError> {
+        self.stream
+            .read_exact(buf)
+            .map_err(io_err("waiting for the peer (silent too long)"))
+    }
+
+    fn run(&mut self) -> Result<(), PeerError> {
+        loop {
+            let mut len = [0u8; 4];
+            self.read(&mut len)?;
+            let len = u32::from_be_bytes(len);
+            if len == 0 {
+                continue;
+            }
+            if len > wire::MAX_FRAME {
+                return Err(wire::Error::FrameTooLong { len }.into());
+            }
+            let mut id = [0u8; 1];
+            self.read(&mut id)?;
+            let id = id[0];
+            wire::check_len(id, len, self.bitfield_len)?;
+            if id == wire::ID_PIECE {
+                self.read_piece(len)?;
+            } else {
+                self.payload.resize(len as usize - 1, 0);
+                let mut payload = std::mem::take(&mut self.payload);
+                self.read(&mut payload)?;
+                let msg = wire::decode(id, &payload, self.ctx.geometry.piece_count());
+                self.payload = payload;
+                self.handle(msg?)?;
+            }
+        }
+    }
+
+    fn read_piece(&mut self, len: u32) -> Result<(), PeerError> {
+        let mut header = [0u8; 8];
+        self.read(&mut header)?;
+        let (index, begin) = wire::piece_header(&header);
+        let data_len = len - 9;
+        let block = self
+            .ctx
+            .geometry
+            .aligned_block(index, begin, data_len)
+            .ok_or(PeerError::BadIndex("block"))?;
+        let mut data = vec![0u8; data_len as usize];
+        self.read(&mut data)?;
+        self.emit(PeerEvent::Block { block, data })
+    }
+
+    fn handle(&mut self, msg: Message) -> Result<(), PeerError> {
+        let g = &self.ctx.geometry;
+        match msg {
+            Message::KeepAlive | Message::Port(_) | Message::Unknown(_) => Ok(()),
+            // We do not advertise BEP 10 yet, but some clients send its handshake anyway.
+            Message::Extended { .. } => Ok(()),
+            Message::Choke => self.emit(PeerEvent::Choke),
+            Message::Unchoke => self.emit(PeerEvent::Unchoke),
+            Message::Interested => self.emit(PeerEvent::Interested),
+            Message::NotInterested => self.emit(PeerEvent::NotInterested),
+            Message::Have(i) => {
+                let piece = g.piece(i).ok_or(PeerError::BadIndex("have"))?;
+                self.emit(PeerEvent::Have(piece))
+            }
+            // A bitfield may come late or twice (aria2 sends one after haves); the session
+            // merges it.
+            Message::Bitfield(bits) => self.emit(PeerEvent::Bitfield(bits)),
+            Message::Request { index, begin, len } => {
+                let block = g
+                    .request(index, begin, len)
+                    .ok_or(PeerError::BadIndex("request"))?;
+                if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_SERVES {
+                    return Err(PeerError::RequestFlood);
+                }
+                self.writer
+                    .send(Command::Serve(block))
+                    .map_err(|_| PeerError::SessionGone)
+            }
+            Message::Cancel { index, begin, len } => {
+                if let Some(block) = g.request(index, begin, len) {
+                    let _ = self.writer.send(Command::CancelServe(block));
+                }
+                Ok(())
+            }
+            Message::HaveAll
+            | Message::HaveNone
+            | Message::Reject { .. }
+            | Message::Suggest(_)
+            | Message::AllowedFast(_) => Err(PeerError::NotNegotiated("a Fast extension message")),
+        }
+    }
+}
+
+struct WriterState {
+    stream: TcpStream,
+    key: PeerKey,
+    events: Sender<Input>,
+    queued: Arc<AtomicUsize>,
+    storage: Arc<Storage>,
+    choking: bool,
+    /// Pieces we have told this peer about; we serve only those.
+    have: Vec<bool>,
+    serves: VecDeque<BlockRef>,
+    out: Vec<u8>,
+}
+
+impl WriterState {
+    fn new(
+        ctx: &Context,
+        stream: TcpStream,
+        key: PeerKey,
+        events: Sender<Input>,
+        queued: Arc<AtomicUsize>,
+    ) -> WriterState {
+        WriterState {
+            stream,
+            key,
+            events,
+            queued,
+            storage: Arc::clone(&ctx.storage),
+            choking: true,
+            have: vec![false; ctx.geometry.piece_count() as usize],
+            serves: VecDeque::new(),
+            out: Vec::with_capacity(64 * 1024),
+        }
+    }
+
+    fn run(&mut self, commands: &Receiver<Command>) -> io::Result<()> {
+        loop {
+            if self.serves.is_empty() {
+                match commands.recv_timeout(KEEPALIVE_INTERVAL) {
+                    Ok(cmd) => {
+                        if !self.apply(cmd) {
+                            return self.flush();
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        wire::encode(&Message::KeepAlive, &mut self.out)
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return self.flush(),
+                }
+            }
+            while let Ok(cmd) = commands.try_recv() {
+                if !self.apply(cmd) {
+                    return self.flush();
+                }
+            }
+            // Serve a few blocks per round so new commands (cancel, choke) are seen promptly.
+            for _ in 0..4 {
+                let Some(block) = self.serves.pop_front() else {
+                    break;
+                };
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                self.serve(block)?;
+            }
+            self.flush()?;
+        }
+    }
+
+    /// Applies one command; false means stop.
+    fn apply(&mut self, cmd: Command) -> bool {
+        let out = &mut self.out;
+        match cmd {
+            Command::Request(blocks) => {
+                for b in blocks {
+                    wire::encode(&request_msg(b, false), out);
+                }
+            }
+            Command::Cancel(b) => wire::encode(&request_msg(b, true), out),
+            Command::Interested(yes) => wire::encode(
+                if yes {
+                    &Message::Interested
+                } else {
+                    &Message::NotInterested
+                },
+                out,
+            ),
+            Command::Choke(choke) => {
+                self.choking = choke;
+                if choke {
+                    // BEP 3: a choke discards the peer's pending requests.
+                    self.queued.fetch_sub(self.serves.len(), Ordering::Relaxed);
+                    self.serves.clear();
+                }
+                wire::encode(
+                    if choke {
+                        &Message::Choke
+                    } else {
+                        &Message::Unchoke
+                    },
+                    out,
+                );
+            }
+            Command::Have(p) => {
+                self.have[p.usize()] = true;
+                wire::encode(&Message::Have(p.get()), out);
+            }
+            Command::Bitfield(bits) => {
+                for (i, h) in self.have.iter_mut().enumerate() {
+                    *h = bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0);
+                }
+                wire::encode(&Message::Bitfield(bits), out);
+            }
+            Command::Serve(b) => {
+                if !self.choking && self.have[b.piece.usize()] {
+                    self.serves.push_back(b);
+                } else {
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            Command::CancelServe(b) => {
+                let before = self.serves.len();
+                self.serves.retain(|s| *s != b);
+                self.queued
+                    .fetch_sub(before - self.serves.len(), Ordering::Relaxed);
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn serve(&mut self, block: BlockRef) -> io::Result<()> {
+        wire::encode_piece_header(block.piece.get(), block.offset, block.len, &mut self.out);
+        let start = self.out.len();
+        self.out.resize(start + block.len as usize, 0);
+        if let Err(e) = self.storage.read_block(block, &mut self.out[start..]) {
+            // Never send what we cannot read back.
+            return Err(io::Error::other(e.to_string()));
+        }
+        let _ = self.events.send(Input::Peer {
+            key: self.key,
+            event: PeerEvent::Uploaded(block.len),
+        });
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
+fn request_msg(b: BlockRef, cancel: bool) -> Message {
+    let (index, begin, len) = (b.piece.get(), b.offset, b.len);
+    if cancel {
+        Message::Cancel { index, begin, len }
+    } else {
+        Message::Request { index, begin, len }
+    }
+}

@@ -1,0 +1,655 @@
+//! Which block to ask which peer for: the piece picker. Pure state, no I/O, no channels; the
+//! session thread owns the one instance and feeds it events.
+//!
+//! # Invariants
+//! - A piece is in exactly one of: *had* (`have[p]`, hash verified), *active* (in `active`,
+//!   some blocks requested or received), or *untouched* (neither). `untouched` counts the
+//!   last group.
+//! - In an active piece each block is `Missing`, `Requested` by one or more peers (more than
+//!   one only in endgame), or `Received` (written to storage, with the peer that sent it).
+//! - A block is in a peer's `outstanding` set iff that block is `Requested` and lists the peer.
+//! - An active piece whose blocks are all `Received` is `hashing`: none of its blocks is
+//!   handed out until the hash result comes back ([`Picker::piece_verified`] /
+//!   [`Picker::piece_failed`]).
+//! - `availability[p]` is the number of connected peers that have piece `p`.
+//!
+//! # Policy
+//! Rarest first, ties broken at random, except the first few pieces, which are picked at random
+//! so a new peer soon has something to trade. Started pieces are finished before new ones.
+//! Endgame starts once no block is left unrequested: a peer may then ask for blocks already
+//! requested from others, and the first copy to arrive wins (the caller cancels the rest).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::geometry::{BlockRef, Geometry, PieceIndex};
+
+/// Identifies one connection for the session's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey(pub u64);
+
+/// How many pieces to pick at random before switching to rarest first.
+const RANDOM_FIRST: u32 = 4;
+/// In endgame, how many peers may be asked for the same block.
+const ENDGAME_REQUESTERS: usize = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BlockState {
+    Missing,
+    Requested(Vec<PeerKey>),
+    Received(PeerKey),
+}
+
+#[derive(Debug)]
+struct Active {
+    blocks: Vec<BlockState>,
+    received: u32,
+    hashing: bool,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    has: Vec<bool>,
+    has_count: u32,
+    /// Pieces this peer has that we want and lack: the peer is interesting iff non-zero.
+    wanted: u32,
+    outstanding: HashSet<BlockRef>,
+}
+
+/// What happened to a block a peer sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BlockOutcome {
+    /// New data: write it. If `piece_complete`, hash the piece next. `cancel` lists the other
+    /// peers that were asked for the same block (endgame).
+    Accepted {
+        piece_complete: bool,
+        cancel: Vec<PeerKey>,
+    },
+    /// We already have this block (a late endgame duplicate): drop it.
+    Duplicate,
+    /// Nobody asked this peer for it, or its piece is not being downloaded.
+    Unrequested,
+}
+
+pub struct Picker {
+    geometry: Geometry,
+    have: Vec<bool>,
+    have_count: u32,
+    /// Pieces we do not want (file selection); never picked.
+    wanted: Vec<bool>,
+    availability: Vec<u32>,
+    active: BTreeMap<PieceIndex, Active>,
+    untouched: u32,
+    peers: HashMap<PeerKey, PeerState>,
+    rng: crate::rng::Rng,
+}
+
+impl Picker {
+    pub fn new(geometry: Geometry, have: Vec<bool>, seed: u64) -> Picker {
+        let n = geometry.piece_count() as usize;
+        assert_eq!(have.len(), n, "one have flag per piece");
+        let have_count = have.iter().filter(|h| **h).count() as u32;
+        Picker {
+            have_count,
+            untouched: n as u32 - have_count,
+            wanted: vec![true; n],
+            availability: vec![0; n],
+            active: BTreeMap::new(),
+            peers: HashMap::new(),
+            rng: crate::rng::Rng::new(seed),
+            have,
+            geometry,
+        }
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+    pub fn have(&self, piece: PieceIndex) -> bool {
+        self.have[piece.usize()]
+    }
+    pub fn have_count(&self) -> u32 {
+        self.have_count
+    }
+    pub fn is_complete(&self) -> bool {
+        self.have_count == self.geometry.piece_count()
+    }
+    pub fn have_flags(&self) -> &[bool] {
+        &self.have
+    }
+
+    /// Bytes still missing (not verified).
+    pub fn bytes_left(&self) -> u64 {
+        self.geometry
+            .pieces()
+            .filter(|p| !self.have[p.usize()])
+            .map(|p| u64::from(self.geometry.piece_len(p)))
+            .sum()
+    }
+
+    pub fn add_peer(&mut self, peer: PeerKey) {
+        let n = self.geometry.piece_count() as usize;
+        self.peers.insert(
+            peer,
+            PeerState {
+                has: vec![false; n],
+                ..PeerState::default()
+            },
+        );
+    }
+
+    /// Records that `peer` has `piece`. Returns true if that makes the peer newly interesting.
+    pub fn peer_has(&mut self, peer: PeerKey, piece: PieceIndex) -> bool {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        if p.has[piece.usize()] {
+            return false;
+        }
+        p.has[piece.usize()] = true;
+        p.has_count += 1;
+        self.availability[piece.usize()] += 1;
+        let wanted = !self.have[piece.usize()] && self.wanted[piece.usize()];
+        if wanted {
+            p.wanted += 1;
+        }
+        wanted
+    }
+
+    /// Records a whole bitfield (or have-all). Bits must already be validated.
+    pub fn peer_has_bits(&mut self, peer: PeerKey, bits: &[u8]) {
+        for p in self.geometry.pieces() {
+            let i = p.usize();
+            if bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0) {
+                self.peer_has(peer, p);
+            }
+        }
+    }
+
+    pub fn peer_has_all(&mut self, peer: PeerKey) {
+        for p in self.geometry.pieces() {
+            self.peer_has(peer, p);
+        }
+    }
+
+    pub fn peer_is_seed(&self, peer: PeerKey) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.has_count == self.geometry.piece_count())
+    }
+
+    /// Whether `peer` has any piece we still want.
+    pub fn is_interesting(&self, peer: PeerKey) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.wanted > 0)
+    }
+
+    pub fn outstanding(&self, peer: PeerKey) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.outstanding.len())
+    }
+
+    /// Hands `peer` up to `max` blocks to request.
+    pub fn assign(&mut self, peer: PeerKey, max: usize) -> Vec<BlockRef> {
+        let mut out = Vec::new();
+        if !self.peers.contains_key(&peer) || max == 0 {
+            return out;
+        }
+        // 1. Finish what is started.
+        let started: Vec<PieceIndex> = self
+            .active
+            .iter()
+            .filter(|(p, a)| !a.hashing && self.peers[&peer].has[p.usize()])
+            .map(|(p, _)| *p)
+            .collect();
+        for piece in started {
+            self.take_missing(peer, piece, max, &mut out);
+            if out.len() >= max {
+                return out;
+            }
+        }
+        // 2. Start new pieces.
+        while out.len() < max {
+            let Some(piece) = self.choose_new_piece(peer) else {
+                break;
+            };
+            self.start(piece);
+            self.take_missing(peer, piece, max, &mut out);
+        }
+        // 3. Endgame: nothing left unrequested anywhere.
+        if out.len() < max && self.untouched_wanted() == 0 && !self.any_missing() {
+            self.take_endgame(peer, max, &mut out);
+        }
+        out
+    }
+
+    fn untouched_wanted(&self) -> u32 {
+        self.untouched
+    }
+
+    fn any_missing(&self) -> bool {
+        self.active
+            .values()
+            .any(|a| a.blocks.iter().any(|b| *b == BlockState::Missing))
+    }
+
+    fn start(&mut self, piece: PieceIndex) {
+        let n = self.geometry.blocks_in(piece) as usize;
+        self.active.insert(
+            piece,
+            Active {
+                blocks: vec![BlockState::Missing; n],
+                received: 0,
+                hashing: false,
+            },
+        );
+        self.untouched -= 1;
+    }
+
+    fn take_missing(
+        &mut self,
+        peer: PeerKey,
+        piece: PieceIndex,
+        max: usize,
+        out: &mut Vec<BlockRef>,
+    ) {
+        let Some(active) = self.active.get_mut(&piece) else {
+            return;
+        };
+        let state = self.peers.get_mut(&peer).expect("checked by caller");
+        for (i, b) in active.blocks.iter_mut().enumerate() {
+            if out.len() >= max {
+                break;
+            }
+            if *b == BlockState::Missing {
+                let block = self
+                    .geometry
+                    .block(piece, i as u32)
+                    .expect("block index within piece");
+                *b = BlockState::Requested(vec![peer]);
+                state.outstanding.insert(block);
+                out.push(block);
+            }
+        }
+    }
+
+    fn take_endgame(&mut self, peer: PeerKey, max: usize, out: &mut Vec<BlockRef>) {
+        let state = self.peers.get_mut(&peer).expect("checked by caller");
+        for (piece, active) in self.active.iter_mut() {
+            if active.hashing || !state.has[piece.usize()] {
+                continue;
+            }
+            for (i, b) in active.blocks.iter_mut().enumerate() {
+                if out.len() >= max {
+                    return;
+                }
+                if let BlockState::Requested(who) = b
+                    && !who.contains(&peer)
+                    && who.len() < ENDGAME_REQUESTERS
+                {
+                    who.push(peer);
+                    let block = self
+                        .geometry
+                        .block(*piece, i as u32)
+                        .expect("block index within piece");
+                    state.outstanding.insert(block);
+                    out.push(block);
+                }
+            }
+        }
+    }
+
+    /// Rarest untouched piece the peer has; random among equals (and entirely random for the
+    /// first few pieces).
+    fn choose_new_piece(&mut self, peer: PeerKey) -> Option<PieceIndex> {
+        if self.untouched == 0 {
+            return None;
+        }
+        let has = &self.peers[&peer].has;
+        let n = self.geometry.piece_count() as usize;
+        let random_phase = self.have_count + (self.active.len() as u32) < RANDOM_FIRST;
+        let start = self.rng.below(n as u64) as usize;
+        let mut best: Option<(u32, usize)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if self.have[i] || !self.wanted[i] || !has[i] {
+                continue;
+            }
+            let piece = self
+                .geometry
+                .piece(i as u32)
+                .expect("index below piece count");
+            if self.active.contains_key(&piece) {
+                continue;
+            }
+            if random_phase {
+                return Some(piece);
+            }
+            let avail = self.availability[i];
+            if best.is_none_or(|(a, _)| avail < a) {
+                best = Some((avail, i));
+                if avail <= 1 {
+                    break;
+                }
+            }
+        }
+        best.and_then(|(_, i)| self.geometry.piece(i as u32))
+    }
+
+    /// A block arrived from `peer`. Any block of an active piece that we still miss is taken,
+    /// even one that was cancelled or whose request a choke voided: the bytes are as good as
+    /// any (the piece hash decides), and refusing them would only waste the transfer.
+    pub fn block_received(&mut self, peer: PeerKey, block: BlockRef) -> BlockOutcome {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return BlockOutcome::Unrequested;
+        };
+        state.outstanding.remove(&block);
+        if self.have[block.piece.usize()] {
+            return BlockOutcome::Duplicate;
+        }
+        let Some(active) = self.active.get_mut(&block.piece) else {
+            return BlockOutcome::Unrequested;
+        };
+        let slot = &mut active.blocks[block.index_in_piece() as usize];
+        if matches!(slot, BlockState::Received(_)) {
+            return BlockOutcome::Duplicate;
+        }
+        let cancel: Vec<PeerKey> = match std::mem::replace(slot, BlockState::Received(peer)) {
+            BlockState::Requested(who) => who.into_iter().filter(|p| *p != peer).collect(),
+            _ => Vec::new(),
+        };
+        for other in &cancel {
+            if let Some(s) = self.peers.get_mut(other) {
+                s.outstanding.remove(&block);
+            }
+        }
+        active.received += 1;
+        let piece_complete = active.received as usize == active.blocks.len();
+        active.hashing |= piece_complete;
+        BlockOutcome::Accepted {
+            piece_complete,
+            cancel,
+        }
+    }
+
+    /// The piece's hash matched. Returns the peers that this made uninteresting (they have
+    /// nothing more we want).
+    pub fn piece_verified(&mut self, piece: PieceIndex) -> Vec<PeerKey> {
+        if self.active.remove(&piece).is_none() {
+            return Vec::new();
+        }
+        self.have[piece.usize()] = true;
+        self.have_count += 1;
+        let mut done = Vec::new();
+        for (key, p) in &mut self.peers {
+            if p.has[piece.usize()] && self.wanted[piece.usize()] {
+                p.wanted -= 1;
+                if p.wanted == 0 {
+                    done.push(*key);
+                }
+            }
+        }
+        done
+    }
+
+    /// The piece's hash failed: its blocks are forgotten and it is untouched again. Returns the
+    /// peers that sent its blocks, each with how many.
+    pub fn piece_failed(&mut self, piece: PieceIndex) -> Vec<(PeerKey, u32)> {
+        let Some(active) = self.active.remove(&piece) else {
+            return Vec::new();
+        };
+        self.untouched += 1;
+        let mut senders: BTreeMap<PeerKey, u32> = BTreeMap::new();
+        for b in active.blocks {
+            if let BlockState::Received(p) = b {
+                *senders.entry(p).or_default() += 1;
+            }
+        }
+        senders.into_iter().collect()
+    }
+
+    /// The peer choked us: everything it was asked for goes back to the pool.
+    pub fn peer_choked(&mut self, peer: PeerKey) -> Vec<BlockRef> {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Vec::new();
+        };
+        let blocks: Vec<BlockRef> = state.outstanding.drain().collect();
+        for b in &blocks {
+            self.release(peer, *b);
+        }
+        blocks
+    }
+
+    /// The peer rejected one request (BEP 6) or we cancelled it.
+    pub fn request_dropped(&mut self, peer: PeerKey, block: BlockRef) {
+        if self
+            .peers
+            .get_mut(&peer)
+            .is_some_and(|s| s.outstanding.remove(&block))
+        {
+            self.release(peer, block);
+        }
+    }
+
+    pub fn remove_peer(&mut self, peer: PeerKey) {
+        self.peer_choked(peer);
+        if let Some(state) = self.peers.remove(&peer) {
+            for (i, h) in state.has.iter().enumerate() {
+                if *h {
+                    self.availability[i] -= 1;
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, peer: PeerKey, block: BlockRef) {
+        let Some(active) = self.active.get_mut(&block.piece) else {
+            return;
+        };
+        let slot = &mut active.blocks[block.index_in_piece() as usize];
+        if let BlockState::Requested(who) = slot {
+            who.retain(|p| *p != peer);
+            if who.is_empty() {
+                *slot = BlockState::Missing;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        let untouched = (0..self.have.len())
+            .filter(|&i| {
+                !self.have[i]
+                    && !self
+                        .active
+                        .contains_key(&self.geometry.piece(i as u32).unwrap())
+            })
+            .count() as u32;
+        assert_eq!(untouched, self.untouched);
+        for (key, state) in &self.peers {
+            for b in &state.outstanding {
+                let a = &self.active[&b.piece];
+                match &a.blocks[b.index_in_piece() as usize] {
+                    BlockState::Requested(who) => assert!(who.contains(key)),
+                    other => panic!("outstanding block {b:?} is {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: PeerKey = PeerKey(1);
+    const B: PeerKey = PeerKey(2);
+
+    fn picker(pieces: u64) -> Picker {
+        // Pieces of two blocks each.
+        let g = Geometry::new(32 * 1024, &[pieces * 32 * 1024], pieces).unwrap();
+        Picker::new(g, vec![false; pieces as usize], 7)
+    }
+
+    fn receive_all(p: &mut Picker, peer: PeerKey, blocks: &[BlockRef]) -> Vec<PieceIndex> {
+        let mut complete = Vec::new();
+        for b in blocks {
+            if let BlockOutcome::Accepted {
+                piece_complete: true,
+                ..
+            } = p.block_received(peer, *b)
+            {
+                complete.push(b.piece);
+            }
+        }
+        complete
+    }
+
+    #[test]
+    fn assigns_only_pieces_the_peer_has() {
+        let mut p = picker(8);
+        p.add_peer(A);
+        assert!(p.assign(A, 10).is_empty());
+        let piece = p.geometry().piece(5).unwrap();
+        assert!(p.peer_has(A, piece));
+        let got = p.assign(A, 10);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|b| b.piece == piece));
+        p.check_invariants();
+    }
+
+    #[test]
+    fn rarest_first_after_the_random_start() {
+        let mut p = picker(12);
+        let peers: Vec<PeerKey> = (1..=4).map(PeerKey).collect();
+        for &k in &peers {
+            p.add_peer(k);
+        }
+        // Piece 9 is held by one peer, everything else by all four.
+        for &k in &peers {
+            for i in 0..12 {
+                if i != 9 || k == A {
+                    p.peer_has(k, p.geometry().piece(i).unwrap());
+                }
+            }
+        }
+        // Use up the random phase: four pieces fetched and verified.
+        for _ in 0..4 {
+            let blocks = p.assign(B, 2);
+            for piece in receive_all(&mut p, B, &blocks) {
+                p.piece_verified(piece);
+            }
+            assert!(p.is_interesting(A));
+        }
+        let next = p.assign(A, 2);
+        if !p.have(p.geometry().piece(9).unwrap()) {
+            assert_eq!(next[0].piece.get(), 9, "rarest piece first");
+        }
+        p.check_invariants();
+    }
+
+    #[test]
+    fn finishes_started_pieces_before_new_ones() {
+        let mut p = picker(4);
+        p.add_peer(A);
+        p.add_peer(B);
+        p.peer_has_all(A);
+        p.peer_has_all(B);
+        let first = p.assign(A, 1);
+        let second = p.assign(B, 1);
+        assert_eq!(first[0].piece, second[0].piece);
+        assert_ne!(first[0], second[0]);
+    }
+
+    #[test]
+    fn block_in_piece_ok_and_piece_bad() {
+        let mut p = picker(2);
+        p.add_peer(A);
+        p.peer_has_all(A);
+        let blocks = p.assign(A, 2);
+        let piece = blocks[0].piece;
+        assert_eq!(
+            p.block_received(A, blocks[0]),
+            BlockOutcome::Accepted {
+                piece_complete: false,
+                cancel: vec![]
+            }
+        );
+        assert_eq!(p.block_received(A, blocks[0]), BlockOutcome::Duplicate);
+        assert_eq!(
+            p.block_received(A, blocks[1]),
+            BlockOutcome::Accepted {
+                piece_complete: true,
+                cancel: vec![]
+            }
+        );
+        // While hashing, nothing of that piece is handed out again.
+        assert!(p.assign(A, 10).iter().all(|b| b.piece != piece));
+        assert_eq!(p.piece_failed(piece), vec![(A, 2)]);
+        p.check_invariants();
+        let again: Vec<_> = p.assign(A, 10);
+        assert!(
+            again.iter().any(|b| b.piece == piece),
+            "refetched after failure"
+        );
+        let mut bored = Vec::new();
+        for c in receive_all(&mut p, A, &again) {
+            bored.extend(p.piece_verified(c));
+        }
+        assert!(p.is_complete());
+        assert_eq!(bored, vec![A], "A has nothing more to give");
+        assert!(!p.is_interesting(A));
+        assert_eq!(p.bytes_left(), 0);
+    }
+
+    #[test]
+    fn choke_and_gone_return_blocks() {
+        let mut p = picker(2);
+        p.add_peer(A);
+        p.add_peer(B);
+        p.peer_has_all(A);
+        p.peer_has_all(B);
+        let a = p.assign(A, 4);
+        assert_eq!(a.len(), 4);
+        assert!(p.assign(B, 4).len() <= 4);
+        assert_eq!(p.peer_choked(A).len(), 4);
+        assert_eq!(p.outstanding(A), 0);
+        p.check_invariants();
+        let b = p.assign(B, 4);
+        assert!(!b.is_empty(), "A's blocks went back to the pool");
+        p.remove_peer(B);
+        p.check_invariants();
+        assert_eq!(p.assign(A, 4).len(), 4);
+        // A late block from a removed peer is not accepted.
+        assert_eq!(p.block_received(B, b[0]), BlockOutcome::Unrequested);
+    }
+
+    #[test]
+    fn endgame_duplicates_and_cancels() {
+        let mut p = picker(1);
+        p.add_peer(A);
+        p.add_peer(B);
+        p.peer_has_all(A);
+        p.peer_has_all(B);
+        let a = p.assign(A, 10);
+        assert_eq!(a.len(), 2);
+        // Everything is requested: B gets the same blocks (endgame).
+        let b = p.assign(B, 10);
+        assert_eq!(b, a);
+        assert_eq!(
+            p.block_received(B, b[0]),
+            BlockOutcome::Accepted {
+                piece_complete: false,
+                cancel: vec![A]
+            }
+        );
+        assert_eq!(p.outstanding(A), 1);
+        // A's copy arrives late after the cancel: dropped.
+        assert_eq!(p.block_received(A, a[0]), BlockOutcome::Duplicate);
+        assert_eq!(
+            p.block_received(A, a[1]),
+            BlockOutcome::Accepted {
+                piece_complete: true,
+                cancel: vec![B]
+            }
+        );
+        p.check_invariants();
+    }
+}
