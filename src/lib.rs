@@ -10,6 +10,7 @@ pub mod create;
 pub mod error;
 pub mod exit;
 pub mod geometry;
+pub mod http;
 pub mod json;
 pub mod messages;
 pub mod metainfo;

@@ -229,6 +229,7 @@ fn run(
             .ok()
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs),
+        bind: cfg.bind,
     };
     let (tracker_done_tx, tracker_done) = crossbeam_channel::bounded::<()>(1);
     {

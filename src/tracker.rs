@@ -242,17 +242,6 @@ pub fn announce_http(agent: &ureq::Agent, url: &str) -> Result<Reply, Error> {
     parse_reply(&body)
 }
 
-pub fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .timeout_connect(Some(Duration::from_secs(10)))
-        .http_status_as_error(false)
-        .max_redirects(3)
-        .user_agent(concat!("bitfetch/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
-}
-
 /// Messages from the session to the tracker thread.
 #[derive(Debug)]
 pub enum TrackerCommand {
@@ -268,6 +257,7 @@ pub struct Tracker {
     pub port: u16,
     pub stats: Arc<Stats>,
     pub interval_override: Option<Duration>,
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Tracker {
@@ -284,7 +274,7 @@ impl Tracker {
         if urls.is_empty() {
             return;
         }
-        let agent = agent(REQUEST_TIMEOUT);
+        let agent = crate::http::agent(REQUEST_TIMEOUT, self.bind);
         let key = crate::rng::Rng::from_os().next_u64() as u32;
         let mut tracker_id: Option<Vec<u8>> = None;
         let mut event = AnnounceEvent::Started;
@@ -332,7 +322,7 @@ impl Tracker {
                 Err(RecvTimeoutError::Timeout) => {}
             }
         }
-        let stop_agent = self::agent(STOP_TIMEOUT);
+        let stop_agent = crate::http::agent(STOP_TIMEOUT, self.bind);
         if let Some(url) = urls.first() {
             let _ = self.announce(
                 &stop_agent,
