@@ -82,6 +82,7 @@ impl fmt::Display for Error {
             Error::UnsafePath { file, source } => {
                 write!(f, "unsafe path in file {file}: {source}")
             }
+            Error::UnsafeName(source) => write!(f, "unsafe torrent name: {source}"),
             Error::DuplicatePath(p) => write!(f, "duplicate file path {}", escape(p)),
             Error::FileDirClash(p) => {
                 write!(f, "path {} is both a file and a directory", escape(p))
@@ -140,8 +141,7 @@ impl Metainfo {
         if name_raw.is_empty() {
             return Err(Error::EmptyName);
         }
-        let name = path_safety::sanitize_element(name_raw)
-            .map_err(|source| Error::UnsafePath { file: 0, source })?;
+        let name = path_safety::sanitize_element(name_raw).map_err(Error::UnsafeName)?;
 
         let piece_len = parse_piece_len(info)?;
         let hashes = bencode::get_bytes(info, "pieces").ok_or(Error::Missing("pieces"))?;

@@ -274,11 +274,14 @@ impl Storage {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => return Err(symlink_error(&path, e)),
             };
-            slots.push(FileSlot {
-                path,
-                file,
-                map: None,
-            });
+            // Map only a file of exactly the expected length, so every span of the
+            // geometry lies inside its map. Others are read with pread (and fail cleanly).
+            let expected = geometry.file_len(i);
+            let map = file
+                .as_ref()
+                .filter(|f| expected > 0 && f.metadata().is_ok_and(|m| m.len() == expected))
+                .and_then(|f| memmap2::MmapOptions::new().map_raw_read_only(f).ok());
+            slots.push(FileSlot { path, file, map });
         }
         Ok(Storage {
             geometry: geometry.clone(),
@@ -313,23 +316,44 @@ impl Storage {
         self.read(offset, &mut buf[..block.len as usize])
     }
 
-    /// Reads a piece into `scratch` and compares its SHA-1. Unreadable data is a bad piece.
+    /// SHA-1 of a piece, or `None` if it cannot be read. A piece that lies in one mapped file
+    /// is hashed in place (no copy); one that spans files is gathered into `scratch` first.
+    pub fn hash_piece(&self, piece: PieceIndex, scratch: &mut Vec<u8>) -> Option<[u8; 20]> {
+        let offset = self.geometry.piece_offset(piece);
+        let len = self.geometry.piece_len(piece) as usize;
+        let mut spans = self.geometry.spans(offset, len as u64);
+        if let (Some(span), None) = (spans.next(), spans.next())
+            && let Some(map) = &self.slots[span.file].map
+            && span.file_offset + span.len <= map.len() as u64
+        {
+            // SAFETY: the range is inside the mapping (checked just above). Nothing in this
+            // process writes it while the slice lives: in a download the only writer
+            // (`Writer`) never writes a piece once all its blocks are in, which is when it is
+            // hashed (the picker turns later copies into duplicates); verify, create and seed
+            // have no writer at all. Another process changing the file changes what we hash,
+            // which the hash check is there to catch; one truncating it raises SIGBUS, which
+            // install_sigbus_guard turns into a clear error.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    map.as_ptr().add(span.file_offset as usize),
+                    span.len as usize,
+                )
+            };
+            return Some(Sha1::digest(bytes).into());
+        }
+        scratch.resize(len, 0);
+        self.read(offset, &mut scratch[..len]).ok()?;
+        Some(Sha1::digest(&scratch[..len]).into())
+    }
+
+    /// Whether a piece's data matches `expected`. Unreadable data is a bad piece.
     pub fn piece_matches(
         &self,
         piece: PieceIndex,
         expected: &[u8; 20],
         scratch: &mut Vec<u8>,
     ) -> bool {
-        let len = self.geometry.piece_len(piece) as usize;
-        scratch.resize(len, 0);
-        if self
-            .read(self.geometry.piece_offset(piece), &mut scratch[..len])
-            .is_err()
-        {
-            return false;
-        }
-        let got: [u8; 20] = Sha1::digest(&scratch[..len]).into();
-        &got == expected
+        self.hash_piece(piece, scratch).as_ref() == Some(expected)
     }
 
     /// Runs `f` on every piece, spread over `threads` threads; results in piece order.
@@ -376,12 +400,21 @@ impl Storage {
     /// Hashes every piece (torrent creation). Fails on the first unreadable range.
     pub fn hash_all(&self, threads: usize) -> Result<Vec<[u8; 20]>, Error> {
         let results = self.par_pieces(threads, |piece, scratch| {
-            let len = self.geometry.piece_len(piece) as usize;
-            scratch.resize(len, 0);
-            self.read(self.geometry.piece_offset(piece), &mut scratch[..len])
-                .map(|()| <[u8; 20]>::from(Sha1::digest(&scratch[..len])))
+            self.hash_piece(piece, scratch).ok_or(piece)
         });
-        results.into_iter().collect()
+        results
+            .into_iter()
+            .map(|r| {
+                r.map_err(|piece| {
+                    let offset = self.geometry.piece_offset(piece);
+                    let file = self.geometry.spans(offset, 1).next().map_or(0, |s| s.file);
+                    Error::io(
+                        &self.slots[file].path,
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "file changed while hashing"),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// True when every file exists with the length the torrent says.

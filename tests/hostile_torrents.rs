@@ -18,6 +18,10 @@ const NAME: &str = "file.bin";
 const PIECE_LEN: i64 = 16384;
 const LEN: i64 = 40000;
 const SENTINEL: &[u8] = b"sentinel: must not change\n";
+/// A refused torrent ends `download` at once; a client that wrongly accepts one waits for
+/// peers that never come, and is killed after this long (the hang guard) so that what it
+/// left on disk can still be checked.
+const DOWNLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
 // Building torrents
@@ -146,10 +150,6 @@ impl Harness {
         ]
     }
 
-    fn download(&self) -> Run {
-        bitfetch(&self.cwd, self.download_args())
-    }
-
     fn download_cmd(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(BIN);
         cmd.args(self.download_args()).current_dir(&self.cwd);
@@ -246,9 +246,49 @@ fn rejection_problems(run: &Run, h: &Harness, keywords: &[&str]) -> Vec<String> 
     p
 }
 
+thread_local! {
+    /// Failures of the cases run so far by this test; `None` outside a [`Cases`] scope.
+    static FAILURES: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Collects the failures of every case a test runs, so one broken case does not hide the
+/// others, and fails the test with all of them when dropped.
+struct Cases;
+
+impl Cases {
+    fn begin() -> Cases {
+        FAILURES.with(|f| *f.borrow_mut() = Some(Vec::new()));
+        Cases
+    }
+}
+
+impl Drop for Cases {
+    fn drop(&mut self) {
+        let failures = FAILURES.with(|f| f.borrow_mut().take()).unwrap_or_default();
+        if !failures.is_empty() && !std::thread::panicking() {
+            panic!(
+                "{} case(s) failed:\n\n{}",
+                failures.len(),
+                failures.join("\n\n----\n\n")
+            );
+        }
+    }
+}
+
 fn fail_if_any(case: &str, problems: Vec<String>) {
-    if !problems.is_empty() {
-        panic!("case `{case}`:\n{}", problems.join("\n\n"));
+    if problems.is_empty() {
+        return;
+    }
+    let msg = format!("case `{case}`:\n{}", problems.join("\n\n"));
+    let pending = FAILURES.with(|f| match f.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push(msg);
+            None
+        }
+        None => Some(msg),
+    });
+    if let Some(msg) = pending {
+        panic!("{msg}");
     }
 }
 
@@ -279,12 +319,27 @@ fn reject_built(case: &str, keywords: &[&str], build: impl Fn(&Harness) -> Vec<u
         rejection_problems(&info, &h, keywords),
     ));
 
-    let dl = h.download();
-    problems.extend(describe(
-        "download",
-        &dl,
-        rejection_problems(&dl, &h, keywords),
-    ));
+    let dl = match run_with_deadline(
+        h.download_cmd(),
+        "bitfetch download".into(),
+        DOWNLOAD_DEADLINE,
+    ) {
+        Ok(run) => {
+            problems.extend(describe(
+                "download",
+                &run,
+                rejection_problems(&run, &h, keywords),
+            ));
+            run
+        }
+        Err(killed) => {
+            problems.push(format!(
+                "[download] did not refuse the torrent: still running after {DOWNLOAD_DEADLINE:?}, killed\n  {}",
+                killed.dump()
+            ));
+            killed
+        }
+    };
     problems.extend(
         h.containment_problems(&torrent, None)
             .into_iter()
@@ -349,13 +404,21 @@ fn reject_or_neutralise(case: &str, torrent: &[u8], keywords: &[&str]) {
 
     // An accepted torrent has no peer to come from; the client may wait for one, so a run cut
     // short by the deadline is fine here. What matters is what it left on disk.
-    let deadline = std::time::Duration::from_secs(10);
-    let (dl, cut_short) =
-        match run_with_deadline(h.download_cmd(), "bitfetch download".into(), deadline) {
-            Ok(run) => (run, false),
-            Err(killed) if accepted_name.is_some() => (killed, true),
-            Err(killed) => panic!("case `{case}`: download hung: {}", killed.dump()),
-        };
+    let (dl, cut_short) = match run_with_deadline(
+        h.download_cmd(),
+        "bitfetch download".into(),
+        DOWNLOAD_DEADLINE,
+    ) {
+        Ok(run) => (run, false),
+        Err(killed) if accepted_name.is_some() => (killed, true),
+        Err(killed) => {
+            problems.push(format!(
+                "[download] did not refuse the torrent: still running after {DOWNLOAD_DEADLINE:?}, killed\n  {}",
+                killed.dump()
+            ));
+            (killed, true)
+        }
+    };
     match &accepted_name {
         None => {
             problems.extend(describe(
@@ -463,6 +526,7 @@ fn control_valid_multi_file_torrent_is_accepted() {
 
 #[test]
 fn not_bencode() {
+    let _cases = Cases::begin();
     reject(
         "not bencode",
         b"This is not a torrent, just some text.\n",
@@ -472,6 +536,7 @@ fn not_bencode() {
 
 #[test]
 fn empty_file() {
+    let _cases = Cases::begin();
     reject(
         "empty file",
         b"",
@@ -481,6 +546,7 @@ fn empty_file() {
 
 #[test]
 fn truncated_file() {
+    let _cases = Cases::begin();
     let t = base_torrent();
     reject("truncated file", &t[..t.len() / 2], KW_TRUNCATED);
     reject("truncated by one byte", &t[..t.len() - 1], KW_TRUNCATED);
@@ -488,6 +554,7 @@ fn truncated_file() {
 
 #[test]
 fn trailing_garbage() {
+    let _cases = Cases::begin();
     let mut t = base_torrent();
     t.extend_from_slice(b"garbage");
     reject(
@@ -499,6 +566,7 @@ fn trailing_garbage() {
 
 #[test]
 fn top_level_not_a_dict() {
+    let _cases = Cases::begin();
     let kw = &["dictionary", "dict", "top level", "top-level"];
     let info = dict(base_info()).encode();
     let mut as_list = b"l".to_vec();
@@ -511,12 +579,14 @@ fn top_level_not_a_dict() {
 
 #[test]
 fn no_info() {
+    let _cases = Cases::begin();
     let t = dict([("announce", bytes(DEAD_TRACKER))]).encode();
     reject("no info", &t, &["info"]);
 }
 
 #[test]
 fn info_not_a_dict() {
+    let _cases = Cases::begin();
     reject("info is an integer", &torrent_with_info(int(1)), &["info"]);
     reject(
         "info is a list",
@@ -574,11 +644,13 @@ const KW_DEPTH: &[&str] = &["nest", "deep", "depth"];
 
 #[test]
 fn depth_bomb_unterminated_lists() {
+    let _cases = Cases::begin();
     reject("100 000 nested `l`", &nested_lists(false), KW_DEPTH);
 }
 
 #[test]
 fn depth_bomb_terminated_lists() {
+    let _cases = Cases::begin();
     reject(
         "100 000 nested lists, closed",
         &nested_lists(true),
@@ -588,11 +660,13 @@ fn depth_bomb_terminated_lists() {
 
 #[test]
 fn depth_bomb_nested_dicts() {
+    let _cases = Cases::begin();
     reject("100 000 nested dicts", &nested_dicts(), KW_DEPTH);
 }
 
 #[test]
 fn depth_bomb_inside_torrent() {
+    let _cases = Cases::begin();
     reject("depth bomb inside info", &bomb_in_info(), KW_DEPTH);
     reject("depth bomb beside info", &bomb_at_top(), KW_DEPTH);
 }
@@ -649,6 +723,7 @@ fn depth_bomb_library_has_no_stack_overflow() {
 
 #[test]
 fn huge_declared_string_length() {
+    let _cases = Cases::begin();
     // A top-level key's value claims 99 999 999 999 bytes; three are there.
     let mut t = b"d8:announce".to_vec();
     put_bytes(&mut t, DEAD_TRACKER.as_bytes());
@@ -678,6 +753,7 @@ fn huge_declared_string_length() {
 
 #[test]
 fn integer_with_200_digits() {
+    let _cases = Cases::begin();
     let digits = "9".repeat(200);
     let t = single(|m| {
         m.insert("length".into(), raw(format!("i{digits}e")));
@@ -704,6 +780,7 @@ fn integer_with_200_digits() {
 
 #[test]
 fn piece_length_missing() {
+    let _cases = Cases::begin();
     reject(
         "piece length missing",
         &single(|m| {
@@ -715,6 +792,7 @@ fn piece_length_missing() {
 
 #[test]
 fn piece_length_zero() {
+    let _cases = Cases::begin();
     reject(
         "piece length 0",
         &single(|m| {
@@ -726,6 +804,7 @@ fn piece_length_zero() {
 
 #[test]
 fn piece_length_negative() {
+    let _cases = Cases::begin();
     reject(
         "piece length -16384",
         &single(|m| {
@@ -737,6 +816,7 @@ fn piece_length_negative() {
 
 #[test]
 fn piece_length_absurd() {
+    let _cases = Cases::begin();
     // 2^40: one piece would be a terabyte. The hashes still match the length.
     reject(
         "piece length 2^40",
@@ -758,6 +838,7 @@ fn piece_length_absurd() {
 
 #[test]
 fn piece_length_not_an_integer() {
+    let _cases = Cases::begin();
     reject(
         "piece length is a string",
         &single(|m| {
@@ -776,6 +857,7 @@ fn piece_length_not_an_integer() {
 
 #[test]
 fn pieces_not_a_multiple_of_20() {
+    let _cases = Cases::begin();
     reject(
         "pieces is 59 bytes",
         &single(|m| {
@@ -794,6 +876,7 @@ fn pieces_not_a_multiple_of_20() {
 
 #[test]
 fn pieces_missing_or_not_a_string() {
+    let _cases = Cases::begin();
     reject(
         "pieces missing",
         &single(|m| {
@@ -812,6 +895,7 @@ fn pieces_missing_or_not_a_string() {
 
 #[test]
 fn pieces_too_few_for_length() {
+    let _cases = Cases::begin();
     reject(
         "2 hashes for 3 pieces",
         &single(|m| {
@@ -830,6 +914,7 @@ fn pieces_too_few_for_length() {
 
 #[test]
 fn pieces_too_many_for_length() {
+    let _cases = Cases::begin();
     reject(
         "4 hashes for 3 pieces",
         &single(|m| {
@@ -845,6 +930,7 @@ fn pieces_too_many_for_length() {
 
 #[test]
 fn length_negative() {
+    let _cases = Cases::begin();
     let kw = &["negative", "length"];
     reject(
         "single-file length -1",
@@ -862,6 +948,7 @@ fn length_negative() {
 
 #[test]
 fn length_not_an_integer() {
+    let _cases = Cases::begin();
     reject(
         "length is a string",
         &single(|m| {
@@ -873,6 +960,7 @@ fn length_not_an_integer() {
 
 #[test]
 fn lengths_overflow_when_summed() {
+    let _cases = Cases::begin();
     let big = 1i64 << 62;
     reject(
         "two files of 2^62 bytes (sum overflows i64)",
@@ -910,6 +998,7 @@ fn lengths_overflow_when_summed() {
 
 #[test]
 fn length_absurd() {
+    let _cases = Cases::begin();
     reject(
         "single file of 2^60 bytes",
         &single(|m| {
@@ -928,6 +1017,7 @@ fn length_absurd() {
 
 #[test]
 fn both_length_and_files() {
+    let _cases = Cases::begin();
     let t = single(|m| {
         m.insert("files".into(), list([file(LEN, &["a"])]));
     });
@@ -936,6 +1026,7 @@ fn both_length_and_files() {
 
 #[test]
 fn neither_length_nor_files() {
+    let _cases = Cases::begin();
     let t = single(|m| {
         m.remove("length");
     });
@@ -948,6 +1039,7 @@ fn neither_length_nor_files() {
 
 #[test]
 fn empty_files_list() {
+    let _cases = Cases::begin();
     reject(
         "files is an empty list",
         &multi_named("dir", vec![], 0),
@@ -957,6 +1049,7 @@ fn empty_files_list() {
 
 #[test]
 fn files_not_a_list_of_dicts() {
+    let _cases = Cases::begin();
     reject(
         "files is a string",
         &torrent_with_info(dict([
@@ -995,6 +1088,7 @@ fn files_not_a_list_of_dicts() {
 
 #[test]
 fn empty_path_list() {
+    let _cases = Cases::begin();
     reject(
         "a file with path []",
         &multi(vec![file(10, &["a"]), file(10, &[])], 20),
@@ -1004,6 +1098,7 @@ fn empty_path_list() {
 
 #[test]
 fn empty_path_element() {
+    let _cases = Cases::begin();
     reject(
         "a path element that is empty",
         &multi(vec![file(10, &["a", "", "b"])], 10),
@@ -1018,6 +1113,7 @@ fn empty_path_element() {
 
 #[test]
 fn empty_name() {
+    let _cases = Cases::begin();
     reject(
         "empty name (single file)",
         &single(|m| {
@@ -1034,6 +1130,7 @@ fn empty_name() {
 
 #[test]
 fn name_missing() {
+    let _cases = Cases::begin();
     reject(
         "no name",
         &single(|m| {
@@ -1049,6 +1146,7 @@ fn name_missing() {
 
 #[test]
 fn traversal_dotdot_element() {
+    let _cases = Cases::begin();
     // dir/../evil would land in OUT itself, outside OUT/dir.
     reject(
         "path [.., evil]",
@@ -1075,6 +1173,7 @@ fn traversal_dotdot_element() {
 
 #[test]
 fn traversal_name_dotdot() {
+    let _cases = Cases::begin();
     let kw = &[KW_TRAVERSAL, &["name"][..]].concat();
     reject(
         "name .. (single file)",
@@ -1098,6 +1197,7 @@ fn traversal_name_dotdot() {
 
 #[test]
 fn traversal_absolute_element() {
+    let _cases = Cases::begin();
     let kw = KW_ABSOLUTE;
     // Never handed to `download`: a broken client would write to the real /etc/passwd.
     reject_info_only(
@@ -1144,6 +1244,7 @@ fn traversal_absolute_element() {
 
 #[test]
 fn traversal_windows_drive_element() {
+    let _cases = Cases::begin();
     reject(
         r"path element C:\evil",
         &multi(vec![file(10, &[r"C:\evil"])], 10),
@@ -1165,6 +1266,7 @@ fn traversal_windows_drive_element() {
 
 #[test]
 fn traversal_inside_one_element() {
+    let _cases = Cases::begin();
     // dir/a/../../b would be OUT/b.
     reject_or_neutralise(
         "path element a/../../b",
@@ -1185,6 +1287,7 @@ fn traversal_inside_one_element() {
 
 #[test]
 fn traversal_backslash() {
+    let _cases = Cases::begin();
     reject_or_neutralise(
         r"path element ..\..\evil",
         &multi(vec![file(10, &[r"..\..\evil"])], 10),
@@ -1203,6 +1306,7 @@ fn traversal_backslash() {
 
 #[test]
 fn duplicate_paths() {
+    let _cases = Cases::begin();
     let kw = &["duplicate", "twice", "same path", "more than once"];
     reject(
         "two files at a/b",
@@ -1225,6 +1329,7 @@ fn duplicate_paths() {
 
 #[test]
 fn file_versus_directory() {
+    let _cases = Cases::begin();
     let kw = &[
         "both a file and a directory",
         "directory",
@@ -1255,6 +1360,7 @@ fn file_versus_directory() {
 
 #[test]
 fn over_deep_path() {
+    let _cases = Cases::begin();
     let elements: Vec<String> = (0..300).map(|i| format!("d{i}")).collect();
     let refs: Vec<&str> = elements.iter().map(String::as_str).collect();
     reject(
@@ -1266,6 +1372,7 @@ fn over_deep_path() {
 
 #[test]
 fn too_many_files() {
+    let _cases = Cases::begin();
     // 100 001 one-byte files. Written straight to bytes: it is 3 MB of bencode.
     const COUNT: usize = 100_001;
     let mut files = b"l".to_vec();
