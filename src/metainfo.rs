@@ -48,6 +48,7 @@ pub enum Error {
         file: usize,
         source: path_safety::Error,
     },
+    UnsafeName(path_safety::Error),
     DuplicatePath(String),
     FileDirClash(String),
     Geometry(geometry::Error),
