@@ -12,7 +12,9 @@ use crate::json;
 use crate::metainfo::{self, Metainfo};
 use crate::path_safety::escape;
 use crate::storage::{Layout, Storage};
+use crate::tracker::{self, NetConfig};
 use crate::{create, session};
+use std::time::Duration;
 
 #[derive(FromArgs, Debug)]
 /// bitfetch: a one-shot BitTorrent downloader and seeder.
@@ -33,6 +35,7 @@ pub enum Command {
     Verify(VerifyArgs),
     Download(DownloadArgs),
     Seed(SeedArgs),
+    Scrape(ScrapeArgs),
 }
 
 #[derive(FromArgs, Debug)]
@@ -103,6 +106,13 @@ pub struct DownloadArgs {
     /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
     #[argh(option)]
     pub bind: Option<IpAddr>,
+    /// PEM file of certificate authorities to trust for HTTPS trackers (default: built-in
+    /// roots, or $SSL_CERT_FILE)
+    #[argh(option)]
+    pub ca_file: Option<PathBuf>,
+    /// seconds between announces, overriding the tracker's interval
+    #[argh(option)]
+    pub announce_interval: Option<u64>,
     /// keep seeding after the download completes, until interrupted
     #[argh(switch)]
     pub seed: bool,
@@ -130,9 +140,34 @@ pub struct SeedArgs {
     /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
     #[argh(option)]
     pub bind: Option<IpAddr>,
+    /// PEM file of certificate authorities to trust for HTTPS trackers (default: built-in
+    /// roots, or $SSL_CERT_FILE)
+    #[argh(option)]
+    pub ca_file: Option<PathBuf>,
+    /// seconds between announces, overriding the tracker's interval
+    #[argh(option)]
+    pub announce_interval: Option<u64>,
     /// no progress output; errors only
     #[argh(switch, short = 'q')]
     pub quiet: bool,
+}
+
+#[derive(FromArgs, Debug)]
+/// Ask the torrent's trackers how many seeders and leechers they know.
+#[argh(subcommand, name = "scrape")]
+pub struct ScrapeArgs {
+    /// the .torrent file
+    #[argh(positional)]
+    pub torrent: PathBuf,
+    /// print one JSON object instead of text
+    #[argh(switch)]
+    pub json: bool,
+    /// local address for outgoing connections
+    #[argh(option)]
+    pub bind: Option<IpAddr>,
+    /// PEM file of certificate authorities to trust for HTTPS trackers
+    #[argh(option)]
+    pub ca_file: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<(), Error> {
@@ -142,6 +177,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         Command::Verify(a) => verify(&a),
         Command::Download(a) => session::download(&a),
         Command::Seed(a) => session::seed(&a),
+        Command::Scrape(a) => scrape(&a),
     }
 }
 
@@ -181,6 +217,69 @@ pub fn parse_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Error> {
                 .ok_or_else(|| Error::Usage(format!("--peer {p}: expected HOST:PORT")))
         })
         .collect()
+}
+
+/// Tracker network settings from the command line, with `SSL_CERT_FILE` as the CA fallback.
+pub fn net_config(bind: Option<IpAddr>, ca_file: Option<&Path>) -> NetConfig {
+    NetConfig {
+        bind,
+        ca_file: ca_file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from)),
+    }
+}
+
+fn scrape(a: &ScrapeArgs) -> Result<(), Error> {
+    let m = load_torrent(&a.torrent)?;
+    let net = net_config(a.bind, a.ca_file.as_deref());
+    let mut client = tracker::Client::new(&net, Duration::from_secs(15))
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let urls: Vec<&String> = m.trackers.iter().flatten().collect();
+    if urls.is_empty() {
+        return Err(Error::NoPeers("the torrent names no tracker".into()));
+    }
+    let results: Vec<(&String, Result<tracker::ScrapeInfo, tracker::Error>)> = urls
+        .into_iter()
+        .map(|u| (u, client.scrape(u, &m.info_hash)))
+        .collect();
+    let out = if a.json {
+        let items = results.iter().map(|(u, r)| match r {
+            Ok(s) => format!(
+                "{{\"url\":{},\"seeders\":{},\"leechers\":{},\"completed\":{}}}",
+                json::string(u),
+                s.seeders,
+                s.leechers,
+                s.completed
+            ),
+            Err(e) => format!(
+                "{{\"url\":{},\"error\":{}}}",
+                json::string(u),
+                json::string(&e.to_string())
+            ),
+        });
+        format!("{{\"trackers\":{}}}", json::array(items))
+    } else {
+        results
+            .iter()
+            .map(|(u, r)| match r {
+                Ok(s) => format!(
+                    "{}: {} seeders, {} leechers, {} completed",
+                    escape(u),
+                    s.seeders,
+                    s.leechers,
+                    s.completed
+                ),
+                Err(e) => format!("{}: {e}", escape(u)),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    writeln!(std::io::stdout().lock(), "{out}").map_err(|e| Error::io("writing to stdout", e))?;
+    if results.iter().any(|(_, r)| r.is_ok()) {
+        Ok(())
+    } else {
+        Err(Error::NoPeers("no tracker answered the scrape".into()))
+    }
 }
 
 pub fn threads() -> usize {

@@ -6,9 +6,13 @@
 //! unreachable. ureq has no option for a local address, so a small connector makes the TCP
 //! connection (socket2: bind, then connect with a timeout) and TLS is chained on top.
 
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use ureq::tls::{Certificate, RootCerts};
 
 use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{
@@ -113,20 +117,74 @@ impl Connector<()> for BoundTcpConnector {
     }
 }
 
-/// An agent whose whole request (connect, redirects, body) is bounded by `timeout`.
-pub fn agent(timeout: Duration, bind: Option<IpAddr>) -> ureq::Agent {
+#[derive(Debug)]
+pub enum Error {
+    CaFile { path: PathBuf, source: io::Error },
+    NoCertificates(PathBuf),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::CaFile { path, source } => {
+                write!(f, "cannot read CA file {}: {source}", path.display())
+            }
+            Error::NoCertificates(p) => {
+                write!(f, "{} holds no PEM certificate", p.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Reads the PEM certificates of a CA bundle.
+pub fn load_ca_file(path: &Path) -> Result<Vec<Certificate<'static>>, Error> {
+    let pem = std::fs::read(path).map_err(|source| Error::CaFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(Error::NoCertificates(path.to_path_buf()));
+    }
+    Ok(certs)
+}
+
+/// An agent whose whole request (connect, redirects, body) is bounded by `timeout`. HTTPS
+/// always verifies certificates: against `ca_file` when given (like curl's `--cacert`), else
+/// against the built-in Mozilla roots.
+pub fn agent(
+    timeout: Duration,
+    bind: Option<IpAddr>,
+    ca_file: Option<&Path>,
+) -> Result<ureq::Agent, Error> {
+    let mut tls = ureq::tls::TlsConfig::builder();
+    if let Some(path) = ca_file {
+        tls = tls.root_certs(RootCerts::new_with_certs(&load_ca_file(path)?));
+    }
     let config = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
         .max_redirects(3)
         .user_agent(concat!("bitfetch/", env!("CARGO_PKG_VERSION")))
+        .tls_config(tls.build())
         .build();
     let connector = BoundTcpConnector {
         bind,
         connect_timeout: Duration::from_secs(10).min(timeout),
     }
     .chain(RustlsConnector::default());
-    ureq::Agent::with_parts(config, connector, DefaultResolver::default())
+    Ok(ureq::Agent::with_parts(
+        config,
+        connector,
+        DefaultResolver::default(),
+    ))
 }
 
 #[cfg(test)]
@@ -140,7 +198,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/announce", listener.local_addr().unwrap());
         let client = std::thread::spawn(move || {
-            let agent = agent(Duration::from_secs(10), Some("127.0.0.9".parse().unwrap()));
+            let agent = agent(
+                Duration::from_secs(10),
+                Some("127.0.0.9".parse().unwrap()),
+                None,
+            )
+            .unwrap();
             let mut resp = agent.get(&url).call().unwrap();
             resp.body_mut().read_to_vec().unwrap()
         });

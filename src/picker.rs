@@ -227,7 +227,7 @@ impl Picker {
     fn any_missing(&self) -> bool {
         self.active
             .values()
-            .any(|a| a.blocks.iter().any(|b| *b == BlockState::Missing))
+            .any(|a| a.blocks.contains(&BlockState::Missing))
     }
 
     fn start(&mut self, piece: PieceIndex) {

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
@@ -26,7 +26,7 @@ use crate::picker::{BlockOutcome, PeerKey, Picker};
 use crate::progress::Progress;
 use crate::rng::{self, Rng};
 use crate::storage::{self, Layout, Storage, Writer};
-use crate::tracker::{Stats, Tracker, TrackerCommand};
+use crate::tracker::{NetConfig, Stats, Tracker, TrackerCommand};
 
 /// Blocks kept requested from one peer. 64 × 16 KiB = 1 MiB in flight, enough for a fast
 /// link, and well within what Transmission, libtorrent and aria2 accept.
@@ -38,11 +38,14 @@ const MAX_PEERS: usize = 50;
 const INPUT_CAPACITY: usize = 1024;
 const TICK: Duration = Duration::from_millis(500);
 const MAX_DIAL_FAILURES: u32 = 5;
+/// Below this many connections the tracker is asked for more peers early.
+const WANT_PEERS: usize = 10;
 
 pub struct Config {
     pub peers: Vec<SocketAddr>,
     pub port: u16,
-    pub bind: Option<IpAddr>,
+    pub net: NetConfig,
+    pub announce_interval: Option<Duration>,
     pub seed_after: bool,
     pub quiet: bool,
 }
@@ -67,7 +70,8 @@ pub fn download(a: &DownloadArgs) -> Result<(), Error> {
     let config = Config {
         peers,
         port: a.port,
-        bind: a.bind,
+        net: cli::net_config(a.bind, a.ca_file.as_deref()),
+        announce_interval: a.announce_interval.map(Duration::from_secs),
         seed_after: a.seed,
         quiet: a.quiet,
     };
@@ -91,7 +95,8 @@ pub fn seed(a: &SeedArgs) -> Result<(), Error> {
     let config = Config {
         peers,
         port: a.port,
-        bind: a.bind,
+        net: cli::net_config(a.bind, a.ca_file.as_deref()),
+        announce_interval: a.announce_interval.map(Duration::from_secs),
         seed_after: true,
         quiet: a.quiet,
     };
@@ -139,12 +144,29 @@ struct Session {
     seed_after: bool,
     downloaded: u64,
     was_complete: bool,
+    last_need_peers: Instant,
 }
 
+/// Listens on the `--bind` address, or on both IPv4 and IPv6 (one dual-stack socket) when
+/// none is given, falling back to IPv4 where IPv6 is unavailable.
 fn bind_listener(cfg: &Config) -> Result<TcpListener, Error> {
-    let ip = cfg.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    TcpListener::bind((ip, cfg.port))
-        .map_err(|e| Error::io(format!("listening on {ip}:{}", cfg.port), e))
+    use socket2::{Domain, Socket, Type};
+    let fail = |ip: IpAddr, e| Error::io(format!("listening on {ip} port {}", cfg.port), e);
+    if let Some(ip) = cfg.net.bind {
+        return TcpListener::bind((ip, cfg.port)).map_err(|e| fail(ip, e));
+    }
+    let dual = (|| -> std::io::Result<TcpListener> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), cfg.port).into())?;
+        s.listen(128)?;
+        Ok(s.into())
+    })();
+    dual.or_else(|_| {
+        let ip = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        TcpListener::bind((ip, cfg.port)).map_err(|e| fail(ip, e))
+    })
 }
 
 fn spawn_listener(listener: TcpListener, tx: Sender<Input>) {
@@ -225,11 +247,8 @@ fn run(
         peer_id: our_id,
         port: local.port(),
         stats: Arc::clone(&stats),
-        interval_override: std::env::var("BITFETCH_ANNOUNCE_INTERVAL")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(Duration::from_secs),
-        bind: cfg.bind,
+        interval_override: cfg.announce_interval,
+        net: cfg.net.clone(),
     };
     let (tracker_done_tx, tracker_done) = crossbeam_channel::bounded::<()>(1);
     {
@@ -261,7 +280,7 @@ fn run(
             our_id,
             geometry,
             storage,
-            bind: cfg.bind,
+            bind: cfg.net.bind,
         }),
         writer,
         was_complete: picker.is_complete(),
@@ -279,6 +298,7 @@ fn run(
         progress: Progress::new(total, done, cfg.quiet || cfg.seed_after && done == total),
         seed_after: cfg.seed_after,
         downloaded: 0,
+        last_need_peers: Instant::now(),
     };
     let result = s.main_loop(&input_rx);
     s.shutdown(&tracker_done, &input_rx);
@@ -314,6 +334,15 @@ impl Session {
 
     fn tick(&mut self) {
         self.dial();
+        let connected = self.peers.len();
+        if connected < WANT_PEERS
+            && !self.picker.is_complete()
+            && self.last_need_peers.elapsed() >= Duration::from_secs(30)
+            && let Some(t) = &self.tracker_tx
+        {
+            self.last_need_peers = Instant::now();
+            let _ = t.send(TrackerCommand::NeedPeers);
+        }
         self.unchoke_interested();
         let peers = self.peers.values().filter(|p| p.commands.is_some()).count();
         let seeds = self
