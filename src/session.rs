@@ -690,7 +690,7 @@ impl Session {
         }
         // The `stopped` announce has its own short timeout; an announce already in flight
         // is not waited for past this bound, so Ctrl-C stays quick.
-        let _ = tracker_done.recv_timeout(Duration::from_secs(3));
+        let _ = tracker_done.recv_timeout(Duration::from_millis(1500));
     }
 }
 
