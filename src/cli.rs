@@ -97,6 +97,12 @@ pub struct DownloadArgs {
     /// directory to download into (default: .)
     #[argh(option, short = 'o', default = "PathBuf::from(\".\")")]
     pub output: PathBuf,
+    /// keep seeding after the download completes, until a seeding limit or Ctrl-C
+    #[argh(switch)]
+    pub seed: bool,
+    /// exit as soon as the download is complete (the default)
+    #[argh(switch)]
+    pub no_seed: bool,
     /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
     #[argh(option)]
     pub peer: Vec<String>,
@@ -113,9 +119,24 @@ pub struct DownloadArgs {
     /// seconds between announces, overriding the tracker's interval
     #[argh(option)]
     pub announce_interval: Option<u64>,
-    /// keep seeding after the download completes, until interrupted
-    #[argh(switch)]
-    pub seed: bool,
+    /// most peers to be connected to at once (default 50)
+    #[argh(option, default = "50")]
+    pub max_peers: usize,
+    /// regular upload slots; one optimistic slot comes on top (default 4)
+    #[argh(option, default = "4")]
+    pub upload_slots: usize,
+    /// upload limit in bytes per second, e.g. 500K or 2M (default: none)
+    #[argh(option)]
+    pub max_upload_rate: Option<String>,
+    /// download limit in bytes per second, e.g. 500K or 2M (default: none)
+    #[argh(option)]
+    pub max_download_rate: Option<String>,
+    /// stop seeding once uploaded bytes reach this multiple of the torrent size, e.g. 1.5
+    #[argh(option)]
+    pub seed_ratio: Option<String>,
+    /// stop seeding after this long, e.g. 90s, 30m, 2h
+    #[argh(option)]
+    pub seed_time: Option<String>,
     /// no progress output; errors only
     #[argh(switch, short = 'q')]
     pub quiet: bool,
@@ -131,7 +152,7 @@ pub struct SeedArgs {
     /// the directory holding the content, or the file itself for a single-file torrent
     #[argh(positional)]
     pub data: PathBuf,
-    /// a peer to connect to, HOST:PORT (repeatable)
+    /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
     #[argh(option)]
     pub peer: Vec<String>,
     /// port to listen on for incoming peers (default 6881; 0 picks any free port)
@@ -147,6 +168,24 @@ pub struct SeedArgs {
     /// seconds between announces, overriding the tracker's interval
     #[argh(option)]
     pub announce_interval: Option<u64>,
+    /// most peers to be connected to at once (default 50)
+    #[argh(option, default = "50")]
+    pub max_peers: usize,
+    /// regular upload slots; one optimistic slot comes on top (default 4)
+    #[argh(option, default = "4")]
+    pub upload_slots: usize,
+    /// upload limit in bytes per second, e.g. 500K or 2M (default: none)
+    #[argh(option)]
+    pub max_upload_rate: Option<String>,
+    /// download limit in bytes per second, e.g. 500K or 2M (default: none)
+    #[argh(option)]
+    pub max_download_rate: Option<String>,
+    /// stop seeding once uploaded bytes reach this multiple of the torrent size, e.g. 1.5
+    #[argh(option)]
+    pub seed_ratio: Option<String>,
+    /// stop seeding after this long, e.g. 90s, 30m, 2h
+    #[argh(option)]
+    pub seed_time: Option<String>,
     /// no progress output; errors only
     #[argh(switch, short = 'q')]
     pub quiet: bool,
@@ -217,6 +256,134 @@ pub fn parse_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Error> {
                 .ok_or_else(|| Error::Usage(format!("--peer {p}: expected HOST:PORT")))
         })
         .collect()
+}
+
+/// The options `download` and `seed` share, borrowed from either.
+pub struct SessionOptions<'a> {
+    pub peer: &'a [String],
+    pub port: u16,
+    pub bind: Option<IpAddr>,
+    pub ca_file: Option<&'a Path>,
+    pub announce_interval: Option<u64>,
+    pub max_peers: usize,
+    pub upload_slots: usize,
+    pub max_upload_rate: Option<&'a str>,
+    pub max_download_rate: Option<&'a str>,
+    pub seed_ratio: Option<&'a str>,
+    pub seed_time: Option<&'a str>,
+    pub quiet: bool,
+}
+
+macro_rules! session_options {
+    ($a:expr) => {
+        SessionOptions {
+            peer: &$a.peer,
+            port: $a.port,
+            bind: $a.bind,
+            ca_file: $a.ca_file.as_deref(),
+            announce_interval: $a.announce_interval,
+            max_peers: $a.max_peers,
+            upload_slots: $a.upload_slots,
+            max_upload_rate: $a.max_upload_rate.as_deref(),
+            max_download_rate: $a.max_download_rate.as_deref(),
+            seed_ratio: $a.seed_ratio.as_deref(),
+            seed_time: $a.seed_time.as_deref(),
+            quiet: $a.quiet,
+        }
+    };
+}
+
+impl DownloadArgs {
+    pub fn options(&self) -> SessionOptions<'_> {
+        session_options!(self)
+    }
+    /// Whether to keep running after completion: `--seed` or any seeding limit.
+    pub fn seeding(&self) -> bool {
+        !self.no_seed && (self.seed || self.seed_ratio.is_some() || self.seed_time.is_some())
+    }
+}
+
+impl SeedArgs {
+    pub fn options(&self) -> SessionOptions<'_> {
+        session_options!(self)
+    }
+}
+
+/// Parses `1.5` into 15/10: exact, so a ratio stops at exactly the byte it names.
+pub fn parse_ratio(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("--seed-ratio {s}: expected a number like 1 or 1.5");
+    let (int, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    if int.is_empty() && frac.is_empty() || frac.len() > 6 || int.len() > 9 {
+        return Err(bad());
+    }
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) {
+        return Err(bad());
+    }
+    let den = 10u64.pow(frac.len() as u32);
+    let int: u64 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let frac: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
+    Ok((int * den + frac, den))
+}
+
+/// Parses `90`, `90s`, `30m`, `2h` or `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('h') => (&t[..t.len() - 1], 3600),
+        Some('d') => (&t[..t.len() - 1], 86400),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s}: expected a duration like 90s, 30m or 2h"))?;
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s}: duration too long"))
+}
+
+pub fn session_config(o: &SessionOptions, seed_after: bool) -> Result<session::Config, Error> {
+    let rate = |r: Option<&str>| -> Result<Option<u64>, Error> {
+        r.map(|r| crate::ratelimit::parse_rate(r).map_err(Error::Usage))
+            .transpose()
+    };
+    if o.max_peers == 0 {
+        return Err(Error::Usage("--max-peers must be at least 1".into()));
+    }
+    Ok(session::Config {
+        peers: parse_peers(o.peer)?,
+        port: o.port,
+        net: net_config(o.bind, o.ca_file),
+        announce_interval: o.announce_interval.map(|s| Duration::from_secs(s.max(1))),
+        seed_after,
+        seed_limits: session::SeedLimits {
+            ratio: o
+                .seed_ratio
+                .map(parse_ratio)
+                .transpose()
+                .map_err(Error::Usage)?,
+            time: o
+                .seed_time
+                .map(parse_duration)
+                .transpose()
+                .map_err(Error::Usage)?,
+        },
+        max_peers: o.max_peers,
+        upload_slots: o.upload_slots,
+        max_upload_rate: rate(o.max_upload_rate)?,
+        max_download_rate: rate(o.max_download_rate)?,
+        quiet: o.quiet,
+    })
 }
 
 /// Tracker network settings from the command line, with `SSL_CERT_FILE` as the CA fallback.
@@ -486,6 +653,22 @@ mod tests {
     fn piece_ranges_are_compact() {
         assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), "1-3,7,9-10");
         assert_eq!(ranges(&[]), "");
+    }
+
+    #[test]
+    fn ratios_and_durations_parse_exactly() {
+        assert_eq!(parse_ratio("1.5").unwrap(), (15, 10));
+        assert_eq!(parse_ratio("2").unwrap(), (2, 1));
+        assert_eq!(parse_ratio("0.25").unwrap(), (25, 100));
+        assert_eq!(parse_ratio(".5").unwrap(), (5, 10));
+        for bad in ["", ".", "-1", "1e3", "x", "1.2345678"] {
+            assert!(parse_ratio(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 
     #[test]

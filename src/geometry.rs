@@ -185,7 +185,7 @@ impl Geometry {
     /// Validates a block a peer sent: it must be exactly one of our aligned blocks.
     pub fn aligned_block(&self, index: u32, offset: u32, len: u32) -> Option<BlockRef> {
         let piece = self.piece(index)?;
-        if offset % BLOCK_LEN != 0 {
+        if !offset.is_multiple_of(BLOCK_LEN) {
             return None;
         }
         self.block(piece, offset / BLOCK_LEN)

@@ -5,10 +5,12 @@
 //! "Architecture" section describes the threads and the messages between them.
 
 pub mod bencode;
+pub mod choker;
 pub mod cli;
 pub mod create;
 pub mod error;
 pub mod exit;
+pub mod extension;
 pub mod geometry;
 pub mod http;
 pub mod json;
@@ -18,6 +20,7 @@ pub mod path_safety;
 pub mod peer;
 pub mod picker;
 pub mod progress;
+pub mod ratelimit;
 pub mod rng;
 pub mod session;
 pub mod storage;

@@ -25,13 +25,21 @@ pub enum Input {
 
 #[derive(Debug)]
 pub enum PeerEvent {
-    /// Handshake done; `commands` reaches this connection's writer.
+    /// Handshake done; `commands` reaches this connection's writer. `fast` and `extended`
+    /// say whether both sides support BEP 6 and BEP 10.
     Connected {
         addr: SocketAddr,
         peer_id: [u8; 20],
-        reserved: [u8; 8],
+        fast: bool,
+        extended: bool,
         commands: Sender<Command>,
     },
+    /// The peer's BEP 10 handshake.
+    Extended(crate::extension::Info),
+    /// BEP 6: the peer will not serve this request.
+    Rejected(BlockRef),
+    /// BEP 6: we may request this piece even while choked.
+    AllowedFast(PieceIndex),
     Bitfield(Vec<u8>),
     Have(PieceIndex),
     HaveAll,
@@ -61,8 +69,18 @@ pub enum Command {
     /// true = choke, false = unchoke.
     Choke(bool),
     Have(PieceIndex),
-    Bitfield(Vec<u8>),
+    /// The first message after the handshake: what we have.
+    Intro(HaveSummary),
     Serve(BlockRef),
     CancelServe(BlockRef),
     Shutdown,
+}
+
+/// What we have, as the first message tells it: BEP 6 peers get `have all`/`have none` where
+/// they fit; others get a bitfield, or nothing when we have nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HaveSummary {
+    All(Vec<u8>),
+    None,
+    Some(Vec<u8>),
 }

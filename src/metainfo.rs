@@ -146,7 +146,7 @@ impl Metainfo {
 
         let piece_len = parse_piece_len(info)?;
         let hashes = bencode::get_bytes(info, "pieces").ok_or(Error::Missing("pieces"))?;
-        if hashes.len() % 20 != 0 {
+        if !hashes.len().is_multiple_of(20) {
             return Err(Error::PiecesLength(hashes.len()));
         }
         let piece_count = (hashes.len() / 20) as u64;

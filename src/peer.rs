@@ -20,11 +20,13 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::extension;
 use crate::geometry::{BlockRef, Geometry};
-use crate::messages::{Command, Input, PeerEvent};
+use crate::messages::{Command, HaveSummary, Input, PeerEvent};
 use crate::picker::PeerKey;
+use crate::ratelimit::TokenBucket;
 use crate::storage::Storage;
-use crate::wire::{self, Handshake, Message};
+use crate::wire::{self, Handshake, Message, reserved};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -34,6 +36,9 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(90);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests from one peer that we queue before calling it a flood.
 pub const MAX_QUEUED_SERVES: usize = 512;
+/// Requests a peer may send while we choke it before we call it abuse (a few are normal:
+/// they were in flight when we choked).
+pub const MAX_REQUESTS_WHILE_CHOKED: u32 = 1024;
 const THREAD_STACK: usize = 256 * 1024;
 
 /// Why a connection ended.
@@ -90,6 +95,10 @@ pub struct Context {
     pub geometry: Geometry,
     pub storage: Arc<Storage>,
     pub bind: Option<IpAddr>,
+    /// Our listening port, told to peers in the extended handshake.
+    pub listen_port: u16,
+    pub upload_limit: Option<Arc<TokenBucket>>,
+    pub download_limit: Option<Arc<TokenBucket>>,
 }
 
 pub enum Dial {
@@ -129,9 +138,18 @@ fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
     Ok(socket.into())
 }
 
+/// The reserved bits we set: BEP 10 extension protocol and BEP 6 Fast extension.
+fn our_reserved() -> [u8; 8] {
+    let mut r = [0u8; 8];
+    for (byte, bit) in [reserved::EXTENSION, reserved::FAST] {
+        r[byte] |= bit;
+    }
+    r
+}
+
 fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
     Handshake {
-        reserved: [0; 8],
+        reserved: our_reserved(),
         info_hash: ctx.info_hash,
         peer_id: ctx.our_id,
     }
@@ -190,6 +208,9 @@ fn run(
     stream
         .set_read_timeout(Some(IDLE_TIMEOUT))
         .map_err(PeerError::Io)?;
+    // A feature is on only when both sides set its bit (we always set ours).
+    let fast = reserved::has(&theirs.reserved, reserved::FAST);
+    let extended = reserved::has(&theirs.reserved, reserved::EXTENSION);
 
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -202,7 +223,7 @@ fn run(
             .name(format!("peer-{}-w", key.0))
             .stack_size(THREAD_STACK)
             .spawn(move || {
-                let mut w = WriterState::new(&ctx, stream, key, events, queued);
+                let mut w = WriterState::new(&ctx, stream, key, events, queued, fast, extended);
                 let _ = w.run(&cmd_rx);
                 // Told to stop, or the socket broke: either way wake the reader so the
                 // connection ends and its Gone event reaches the session.
@@ -215,7 +236,8 @@ fn run(
         event: PeerEvent::Connected {
             addr,
             peer_id: theirs.peer_id,
-            reserved: theirs.reserved,
+            fast,
+            extended,
             commands: cmd_tx.clone(),
         },
     };
@@ -231,6 +253,7 @@ fn run(
             queued: &queued,
             bitfield_len: ctx.geometry.piece_count().div_ceil(8) as usize,
             payload: Vec::new(),
+            fast,
         };
         reader.run()
     };
@@ -249,6 +272,7 @@ struct Reader<'a> {
     queued: &'a AtomicUsize,
     bitfield_len: usize,
     payload: Vec<u8>,
+    fast: bool,
 }
 
 impl Reader<'_> {
@@ -305,6 +329,9 @@ impl Reader<'_> {
             .geometry
             .aligned_block(index, begin, data_len)
             .ok_or(PeerError::BadIndex("block"))?;
+        if let Some(limit) = &self.ctx.download_limit {
+            limit.acquire(u64::from(data_len));
+        }
         let mut data = vec![0u8; data_len as usize];
         self.read(&mut data)?;
         self.emit(PeerEvent::Block { block, data })
@@ -314,8 +341,15 @@ impl Reader<'_> {
         let g = &self.ctx.geometry;
         match msg {
             Message::KeepAlive | Message::Port(_) | Message::Unknown(_) => Ok(()),
-            // We do not advertise BEP 10 yet, but some clients send its handshake anyway.
-            Message::Extended { .. } => Ok(()),
+            Message::Extended { id, payload } => {
+                // Only the handshake is ours to read; a malformed one is ignored, not fatal.
+                if id == extension::HANDSHAKE_ID
+                    && let Ok(info) = extension::parse_handshake(&payload)
+                {
+                    return self.emit(PeerEvent::Extended(info));
+                }
+                Ok(())
+            }
             Message::Choke => self.emit(PeerEvent::Choke),
             Message::Unchoke => self.emit(PeerEvent::Unchoke),
             Message::Interested => self.emit(PeerEvent::Interested),
@@ -344,13 +378,36 @@ impl Reader<'_> {
                 }
                 Ok(())
             }
-            Message::HaveAll
+            fast if !self.fast && is_fast_message(&fast) => {
+                Err(PeerError::NotNegotiated("a Fast extension message"))
+            }
+            Message::HaveAll => self.emit(PeerEvent::HaveAll),
+            Message::HaveNone => self.emit(PeerEvent::HaveNone),
+            Message::Reject { index, begin, len } => {
+                let block = g
+                    .aligned_block(index, begin, len)
+                    .ok_or(PeerError::BadIndex("reject"))?;
+                self.emit(PeerEvent::Rejected(block))
+            }
+            Message::AllowedFast(i) => {
+                let piece = g.piece(i).ok_or(PeerError::BadIndex("allowed fast"))?;
+                self.emit(PeerEvent::AllowedFast(piece))
+            }
+            // A hint we may ignore; still checked.
+            Message::Suggest(i) => g.piece(i).map(|_| ()).ok_or(PeerError::BadIndex("suggest")),
+        }
+    }
+}
+
+fn is_fast_message(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::HaveAll
             | Message::HaveNone
             | Message::Reject { .. }
             | Message::Suggest(_)
-            | Message::AllowedFast(_) => Err(PeerError::NotNegotiated("a Fast extension message")),
-        }
-    }
+            | Message::AllowedFast(_)
+    )
 }
 
 struct WriterState {
@@ -359,6 +416,12 @@ struct WriterState {
     events: Sender<Input>,
     queued: Arc<AtomicUsize>,
     storage: Arc<Storage>,
+    upload_limit: Option<Arc<TokenBucket>>,
+    /// BEP 6: every request gets exactly one answer (a piece or a reject).
+    fast: bool,
+    /// BEP 10 handshake to send after the first message, if negotiated.
+    ext_handshake: Option<Vec<u8>>,
+    requests_while_choked: u32,
     choking: bool,
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
@@ -373,13 +436,25 @@ impl WriterState {
         key: PeerKey,
         events: Sender<Input>,
         queued: Arc<AtomicUsize>,
+        fast: bool,
+        extended: bool,
     ) -> WriterState {
+        let ext_handshake = extended.then(|| {
+            let ip = stream
+                .peer_addr()
+                .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            extension::our_handshake(ctx.listen_port, ip)
+        });
         WriterState {
             stream,
             key,
             events,
             queued,
             storage: Arc::clone(&ctx.storage),
+            upload_limit: ctx.upload_limit.clone(),
+            fast,
+            ext_handshake,
+            requests_while_choked: 0,
             choking: true,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
@@ -406,6 +481,9 @@ impl WriterState {
                 if !self.apply(cmd) {
                     return self.flush();
                 }
+            }
+            if self.requests_while_choked > MAX_REQUESTS_WHILE_CHOKED {
+                return Err(io::Error::other("peer keeps requesting while choked"));
             }
             // Serve a few blocks per round so new commands (cancel, choke) are seen promptly.
             for _ in 0..4 {
@@ -439,11 +517,6 @@ impl WriterState {
             ),
             Command::Choke(choke) => {
                 self.choking = choke;
-                if choke {
-                    // BEP 3: a choke discards the peer's pending requests.
-                    self.queued.fetch_sub(self.serves.len(), Ordering::Relaxed);
-                    self.serves.clear();
-                }
                 wire::encode(
                     if choke {
                         &Message::Choke
@@ -452,29 +525,78 @@ impl WriterState {
                     },
                     out,
                 );
+                if choke {
+                    // BEP 3: a choke discards the peer's pending requests; BEP 6 peers are
+                    // told so, one reject each.
+                    self.requests_while_choked = 0;
+                    self.queued.fetch_sub(self.serves.len(), Ordering::Relaxed);
+                    for b in std::mem::take(&mut self.serves) {
+                        if self.fast {
+                            wire::encode(&reject_msg(b), out);
+                        }
+                    }
+                }
             }
             Command::Have(p) => {
                 self.have[p.usize()] = true;
                 wire::encode(&Message::Have(p.get()), out);
             }
-            Command::Bitfield(bits) => {
-                for (i, h) in self.have.iter_mut().enumerate() {
-                    *h = bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0);
+            Command::Intro(summary) => {
+                let bits = match summary {
+                    HaveSummary::All(bits) => {
+                        self.have.fill(true);
+                        if self.fast {
+                            wire::encode(&Message::HaveAll, out);
+                            None
+                        } else {
+                            Some(bits)
+                        }
+                    }
+                    HaveSummary::None => {
+                        if self.fast {
+                            wire::encode(&Message::HaveNone, out);
+                        }
+                        None
+                    }
+                    HaveSummary::Some(bits) => Some(bits),
+                };
+                if let Some(bits) = bits {
+                    for (i, h) in self.have.iter_mut().enumerate() {
+                        *h = bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0);
+                    }
+                    wire::encode(&Message::Bitfield(bits), out);
                 }
-                wire::encode(&Message::Bitfield(bits), out);
+                if let Some(payload) = self.ext_handshake.take() {
+                    wire::encode(
+                        &Message::Extended {
+                            id: extension::HANDSHAKE_ID,
+                            payload,
+                        },
+                        out,
+                    );
+                }
             }
             Command::Serve(b) => {
                 if !self.choking && self.have[b.piece.usize()] {
                     self.serves.push_back(b);
                 } else {
                     self.queued.fetch_sub(1, Ordering::Relaxed);
+                    if self.choking {
+                        self.requests_while_choked += 1;
+                    }
+                    if self.fast {
+                        wire::encode(&reject_msg(b), out);
+                    }
                 }
             }
             Command::CancelServe(b) => {
                 let before = self.serves.len();
                 self.serves.retain(|s| *s != b);
-                self.queued
-                    .fetch_sub(before - self.serves.len(), Ordering::Relaxed);
+                let removed = before - self.serves.len();
+                self.queued.fetch_sub(removed, Ordering::Relaxed);
+                if self.fast && removed > 0 {
+                    wire::encode(&reject_msg(b), out);
+                }
             }
             Command::Shutdown => return false,
         }
@@ -482,6 +604,11 @@ impl WriterState {
     }
 
     fn serve(&mut self, block: BlockRef) -> io::Result<()> {
+        if let Some(limit) = self.upload_limit.clone() {
+            // Send what is pending first, so the wait does not hold back other messages.
+            self.flush()?;
+            limit.acquire(u64::from(block.len));
+        }
         wire::encode_piece_header(block.piece.get(), block.offset, block.len, &mut self.out);
         let start = self.out.len();
         self.out.resize(start + block.len as usize, 0);
@@ -502,6 +629,14 @@ impl WriterState {
             self.out.clear();
         }
         Ok(())
+    }
+}
+
+fn reject_msg(b: BlockRef) -> Message {
+    Message::Reject {
+        index: b.piece.get(),
+        begin: b.offset,
+        len: b.len,
     }
 }
 

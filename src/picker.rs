@@ -188,6 +188,17 @@ impl Picker {
 
     /// Hands `peer` up to `max` blocks to request.
     pub fn assign(&mut self, peer: PeerKey, max: usize) -> Vec<BlockRef> {
+        self.assign_filtered(peer, max, &|_| true)
+    }
+
+    /// Like [`Picker::assign`], limited to pieces `allow` accepts (BEP 6 allowed-fast pieces
+    /// while choked).
+    pub fn assign_filtered(
+        &mut self,
+        peer: PeerKey,
+        max: usize,
+        allow: &dyn Fn(PieceIndex) -> bool,
+    ) -> Vec<BlockRef> {
         let mut out = Vec::new();
         if !self.peers.contains_key(&peer) || max == 0 {
             return out;
@@ -196,7 +207,7 @@ impl Picker {
         let started: Vec<PieceIndex> = self
             .active
             .iter()
-            .filter(|(p, a)| !a.hashing && self.peers[&peer].has[p.usize()])
+            .filter(|(p, a)| !a.hashing && self.peers[&peer].has[p.usize()] && allow(**p))
             .map(|(p, _)| *p)
             .collect();
         for piece in started {
@@ -207,7 +218,7 @@ impl Picker {
         }
         // 2. Start new pieces.
         while out.len() < max {
-            let Some(piece) = self.choose_new_piece(peer) else {
+            let Some(piece) = self.choose_new_piece(peer, allow) else {
                 break;
             };
             self.start(piece);
@@ -215,7 +226,7 @@ impl Picker {
         }
         // 3. Endgame: nothing left unrequested anywhere.
         if out.len() < max && self.untouched_wanted() == 0 && !self.any_missing() {
-            self.take_endgame(peer, max, &mut out);
+            self.take_endgame(peer, max, allow, &mut out);
         }
         out
     }
@@ -270,10 +281,16 @@ impl Picker {
         }
     }
 
-    fn take_endgame(&mut self, peer: PeerKey, max: usize, out: &mut Vec<BlockRef>) {
+    fn take_endgame(
+        &mut self,
+        peer: PeerKey,
+        max: usize,
+        allow: &dyn Fn(PieceIndex) -> bool,
+        out: &mut Vec<BlockRef>,
+    ) {
         let state = self.peers.get_mut(&peer).expect("checked by caller");
         for (piece, active) in self.active.iter_mut() {
-            if active.hashing || !state.has[piece.usize()] {
+            if active.hashing || !state.has[piece.usize()] || !allow(*piece) {
                 continue;
             }
             for (i, b) in active.blocks.iter_mut().enumerate() {
@@ -298,7 +315,11 @@ impl Picker {
 
     /// Rarest untouched piece the peer has; random among equals (and entirely random for the
     /// first few pieces).
-    fn choose_new_piece(&mut self, peer: PeerKey) -> Option<PieceIndex> {
+    fn choose_new_piece(
+        &mut self,
+        peer: PeerKey,
+        allow: &dyn Fn(PieceIndex) -> bool,
+    ) -> Option<PieceIndex> {
         if self.untouched == 0 {
             return None;
         }
@@ -316,7 +337,7 @@ impl Picker {
                 .geometry
                 .piece(i as u32)
                 .expect("index below piece count");
-            if self.active.contains_key(&piece) {
+            if self.active.contains_key(&piece) || !allow(piece) {
                 continue;
             }
             if random_phase {
@@ -542,6 +563,18 @@ mod tests {
         if !p.have(p.geometry().piece(9).unwrap()) {
             assert_eq!(next[0].piece.get(), 9, "rarest piece first");
         }
+        p.check_invariants();
+    }
+
+    #[test]
+    fn filtered_assignment_stays_inside_the_filter() {
+        let mut p = picker(6);
+        p.add_peer(A);
+        p.peer_has_all(A);
+        let only = p.geometry().piece(4).unwrap();
+        let got = p.assign_filtered(A, 10, &|piece| piece == only);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|b| b.piece == only));
         p.check_invariants();
     }
 

@@ -89,7 +89,7 @@ fn decode_dict(body: &[u8]) -> Result<bencode::Dict, Error> {
 
 /// Compact IPv4 peers: 6 bytes each.
 pub fn compact_v4(b: &[u8]) -> Result<Vec<SocketAddr>, Error> {
-    if b.len() % 6 != 0 {
+    if !b.len().is_multiple_of(6) {
         return Err(Error::BadReply(format!(
             "compact peers of {} bytes, not a multiple of 6",
             b.len()
@@ -107,7 +107,7 @@ pub fn compact_v4(b: &[u8]) -> Result<Vec<SocketAddr>, Error> {
 
 /// Compact IPv6 peers: 18 bytes each.
 pub fn compact_v6(b: &[u8]) -> Result<Vec<SocketAddr>, Error> {
-    if b.len() % 18 != 0 {
+    if !b.len().is_multiple_of(18) {
         return Err(Error::BadReply(format!(
             "compact IPv6 peers of {} bytes, not a multiple of 18",
             b.len()

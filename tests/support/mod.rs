@@ -54,10 +54,11 @@ pub fn require_tool(name: &str) -> PathBuf {
     }
     for dir in dirs {
         let candidate = dir.join(name);
-        if let Ok(meta) = fs::metadata(&candidate) {
-            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
-                return candidate;
-            }
+        if let Ok(meta) = fs::metadata(&candidate)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o111 != 0
+        {
+            return candidate;
         }
     }
     panic!("{name} not found: run scripts/test which installs it");
@@ -618,7 +619,7 @@ pub fn info_hash_hex(torrent: &Path) -> String {
 }
 
 fn hex_to_bytes(hex: &str) -> Vec<u8> {
-    assert!(hex.len() % 2 == 0, "odd-length hex {hex:?}");
+    assert!(hex.len().is_multiple_of(2), "odd-length hex {hex:?}");
     (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))

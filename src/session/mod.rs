@@ -1,0 +1,454 @@
+//! The session thread: the one owner of the picker, the storage writer, the peer table and the
+//! choker.
+//!
+//! Every other thread talks to it through [`Input`] on one bounded channel, and it answers
+//! peers through each connection's [`Command`] channel. It never blocks on a peer: command
+//! channels are unbounded (their volume is bounded by the pipeline depth), while the input
+//! channel is bounded so that fast peers feel back-pressure through TCP instead of growing our
+//! memory.
+//!
+//! `mod.rs` holds start-up, the main loop, seeding limits and shutdown; `peers.rs` the peer
+//! table (dialling, duplicates, bans, pruning); `transfer.rs` what flows over connections
+//! (interest, requests, blocks, hashes, choking).
+
+mod peers;
+mod transfer;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::choker::Choker;
+use crate::cli::{self, DownloadArgs, SeedArgs};
+use crate::error::Error;
+use crate::geometry::PieceIndex;
+use crate::messages::{Command, Input, PeerEvent};
+use crate::metainfo::Metainfo;
+use crate::peer;
+use crate::picker::{PeerKey, Picker};
+use crate::progress::Progress;
+use crate::ratelimit::TokenBucket;
+use crate::rng::{self, Rng};
+use crate::storage::{self, Layout, Storage, Writer};
+use crate::tracker::{NetConfig, Stats, Tracker, TrackerCommand};
+
+use peers::Peer;
+
+const INPUT_CAPACITY: usize = 1024;
+const TICK: Duration = Duration::from_millis(500);
+const RECHOKE_EVERY: Duration = Duration::from_secs(10);
+/// Below this many connections the tracker is asked for more peers early.
+const WANT_PEERS: usize = 10;
+
+/// When to stop seeding: whichever limit comes first. No limit means until interrupted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeedLimits {
+    /// Upload at least `num / den` times the torrent's size.
+    pub ratio: Option<(u64, u64)>,
+    pub time: Option<Duration>,
+}
+
+pub struct Config {
+    pub peers: Vec<SocketAddr>,
+    pub port: u16,
+    pub net: NetConfig,
+    pub announce_interval: Option<Duration>,
+    /// Keep running after the download completes (until a limit or a signal).
+    pub seed_after: bool,
+    pub seed_limits: SeedLimits,
+    pub max_peers: usize,
+    pub upload_slots: usize,
+    pub max_upload_rate: Option<u64>,
+    pub max_download_rate: Option<u64>,
+    pub quiet: bool,
+}
+
+pub fn download(a: &DownloadArgs) -> Result<(), Error> {
+    let meta = cli::load_torrent(&a.torrent)?;
+    let config = cli::session_config(&a.options(), a.seeding())?;
+    storage::install_stop_handler();
+    fs::create_dir_all(&a.output)
+        .map_err(|e| Error::io(format!("creating {}", a.output.display()), e))?;
+    let layout = Layout::in_dir(&a.output, &meta);
+    // Only data that was there before us needs checking; fresh files are all zeros.
+    let resuming = (0..layout.files.len()).any(|i| {
+        fs::symlink_metadata(layout.full_path(i)).is_ok_and(|m| m.is_file() && m.len() > 0)
+    });
+    let (storage, writer) = Storage::create(&layout, &meta.geometry)?;
+    let have = if resuming {
+        storage.verify_all(&meta, cli::threads())
+    } else {
+        vec![false; meta.geometry.piece_count() as usize]
+    };
+    run(meta, storage, Some(writer), have, config)
+}
+
+pub fn seed(a: &SeedArgs) -> Result<(), Error> {
+    let meta = cli::load_torrent(&a.torrent)?;
+    let config = cli::session_config(&a.options(), true)?;
+    storage::install_stop_handler();
+    let layout = Layout::for_data_path(&a.data, &meta);
+    let storage = Storage::open_existing(&layout, &meta.geometry)?;
+    let have = storage.verify_all(&meta, cli::threads());
+    let bad = have.iter().filter(|h| !**h).count() as u32;
+    if bad > 0 {
+        return Err(Error::Incomplete {
+            bad,
+            total: have.len() as u32,
+        });
+    }
+    run(meta, Arc::new(storage), None, have, config)
+}
+
+struct Session {
+    ctx: Arc<peer::Context>,
+    writer: Option<Writer>,
+    picker: Picker,
+    choker: Choker,
+    peers: HashMap<PeerKey, Peer>,
+    next_key: u64,
+    candidates: VecDeque<SocketAddr>,
+    /// Addresses connected or being dialled.
+    known: HashSet<SocketAddr>,
+    /// Past dial failures: count and when to try again.
+    failures: HashMap<SocketAddr, (u32, Instant)>,
+    banned_ids: HashSet<[u8; 20]>,
+    banned_addrs: HashSet<SocketAddr>,
+    own_addrs: Vec<SocketAddr>,
+    input_tx: Sender<Input>,
+    hash_tx: Option<Sender<PieceIndex>>,
+    tracker_tx: Option<Sender<TrackerCommand>>,
+    stats: Arc<Stats>,
+    progress: Progress,
+    cfg: Config,
+    downloaded: u64,
+    /// Bytes uploaded since the torrent was complete in this run (for the seed ratio).
+    uploaded: u64,
+    was_complete: bool,
+    seeding_since: Option<Instant>,
+    last_need_peers: Instant,
+    last_rechoke: Instant,
+}
+
+/// Listens on the `--bind` address, or on both IPv4 and IPv6 (one dual-stack socket) when
+/// none is given, falling back to IPv4 where IPv6 is unavailable.
+fn bind_listener(cfg: &Config) -> Result<TcpListener, Error> {
+    use socket2::{Domain, Socket, Type};
+    let fail = |ip: IpAddr, e| Error::io(format!("listening on {ip} port {}", cfg.port), e);
+    if let Some(ip) = cfg.net.bind {
+        return TcpListener::bind((ip, cfg.port)).map_err(|e| fail(ip, e));
+    }
+    let dual = (|| -> std::io::Result<TcpListener> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), cfg.port).into())?;
+        s.listen(128)?;
+        Ok(s.into())
+    })();
+    dual.or_else(|_| {
+        let ip = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        TcpListener::bind((ip, cfg.port)).map_err(|e| fail(ip, e))
+    })
+}
+
+fn spawn_listener(listener: TcpListener, tx: Sender<Input>) {
+    let _ = thread::Builder::new()
+        .name("listener".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(stream) = conn else { continue };
+                let Ok(addr) = stream.peer_addr() else {
+                    continue;
+                };
+                if tx.send(Input::Accepted { stream, addr }).is_err() {
+                    break;
+                }
+            }
+        });
+}
+
+/// Hasher threads: check complete pieces off the session thread.
+fn spawn_hashers(
+    meta: &Arc<Metainfo>,
+    storage: &Arc<Storage>,
+    out: &Sender<Input>,
+) -> Sender<PieceIndex> {
+    let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
+    for i in 0..cli::threads() {
+        let (rx, out, meta, storage) = (
+            rx.clone(),
+            out.clone(),
+            Arc::clone(meta),
+            Arc::clone(storage),
+        );
+        let _ = thread::Builder::new()
+            .name(format!("hasher-{i}"))
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let mut scratch = Vec::new();
+                for piece in rx {
+                    let ok = storage.piece_matches(piece, meta.piece_hash(piece), &mut scratch);
+                    if out.send(Input::Hashed { piece, ok }).is_err() {
+                        break;
+                    }
+                }
+            });
+    }
+    tx
+}
+
+fn run(
+    meta: Metainfo,
+    storage: Arc<Storage>,
+    writer: Option<Writer>,
+    have: Vec<bool>,
+    cfg: Config,
+) -> Result<(), Error> {
+    let meta = Arc::new(meta);
+    let mut rng = Rng::from_os();
+    let our_id = rng::peer_id(&mut rng);
+    let listener = bind_listener(&cfg)?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the listening address", e))?;
+    eprintln!("bitfetch: listening on {local}");
+
+    let (input_tx, input_rx) = crossbeam_channel::bounded(INPUT_CAPACITY);
+    spawn_listener(listener, input_tx.clone());
+
+    let geometry = meta.geometry.clone();
+    let picker = Picker::new(geometry.clone(), have, rng.next_u64());
+    let stats = Arc::new(Stats::default());
+    stats.left.store(picker.bytes_left(), Ordering::Relaxed);
+
+    let (tracker_tx, tracker_rx) = crossbeam_channel::unbounded();
+    let tracker = Tracker {
+        tiers: meta.trackers.clone(),
+        info_hash: meta.info_hash,
+        peer_id: our_id,
+        port: local.port(),
+        stats: Arc::clone(&stats),
+        interval_override: cfg.announce_interval,
+        net: cfg.net.clone(),
+    };
+    let (tracker_done_tx, tracker_done) = crossbeam_channel::bounded::<()>(1);
+    {
+        let out = input_tx.clone();
+        thread::Builder::new()
+            .name("tracker".into())
+            .spawn(move || {
+                tracker.run(tracker_rx, out);
+                let _ = tracker_done_tx.send(());
+            })
+            .map_err(|e| Error::io("starting the tracker thread", e))?;
+    }
+
+    let hash_tx = writer
+        .as_ref()
+        .map(|_| spawn_hashers(&meta, &storage, &input_tx));
+    let total = geometry.total_len();
+    let done = total - picker.bytes_left();
+    let mut own_addrs = vec![local];
+    if local.ip().is_unspecified() {
+        own_addrs.push(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            local.port(),
+        ));
+        own_addrs.push(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            local.port(),
+        ));
+    }
+    let complete = picker.is_complete();
+    let mut s = Session {
+        ctx: Arc::new(peer::Context {
+            info_hash: meta.info_hash,
+            our_id,
+            geometry,
+            storage,
+            bind: cfg.net.bind,
+            listen_port: local.port(),
+            upload_limit: cfg
+                .max_upload_rate
+                .map(|r| Arc::new(TokenBucket::per_second(r))),
+            download_limit: cfg
+                .max_download_rate
+                .map(|r| Arc::new(TokenBucket::per_second(r))),
+        }),
+        writer,
+        was_complete: complete,
+        seeding_since: complete.then(Instant::now),
+        picker,
+        choker: Choker::new(cfg.upload_slots, rng.next_u64()),
+        peers: HashMap::new(),
+        next_key: 0,
+        candidates: cfg.peers.iter().copied().collect(),
+        known: HashSet::new(),
+        failures: HashMap::new(),
+        banned_ids: HashSet::new(),
+        banned_addrs: HashSet::new(),
+        own_addrs,
+        input_tx,
+        hash_tx,
+        tracker_tx: Some(tracker_tx),
+        stats,
+        progress: Progress::new(total, done, cfg.quiet || complete),
+        downloaded: 0,
+        uploaded: 0,
+        last_need_peers: Instant::now(),
+        last_rechoke: Instant::now(),
+        cfg,
+    };
+    let result = s.main_loop(&input_rx);
+    s.shutdown(&tracker_done, &input_rx);
+    result
+}
+
+impl Session {
+    fn main_loop(&mut self, input: &Receiver<Input>) -> Result<(), Error> {
+        let mut next_tick = Instant::now();
+        self.dial();
+        loop {
+            match input.recv_timeout(TICK) {
+                Ok(msg) => self.handle(msg)?,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the session holds a sender"),
+            }
+            if storage::stop_requested() {
+                return if self.picker.is_complete() {
+                    Ok(())
+                } else {
+                    Err(Error::Interrupted)
+                };
+            }
+            if self.picker.is_complete() && self.done_seeding() {
+                return Ok(());
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                self.tick();
+            }
+        }
+    }
+
+    /// Whether a complete torrent should stop now: at once without `--seed`, else at the first
+    /// seeding limit reached. The ratio is checked in exact integers.
+    fn done_seeding(&self) -> bool {
+        if !self.cfg.seed_after {
+            return true;
+        }
+        let limits = self.cfg.seed_limits;
+        let total = self.picker.geometry().total_len();
+        let ratio_met = limits.ratio.is_some_and(|(num, den)| {
+            u128::from(self.uploaded) * u128::from(den) >= u128::from(total) * u128::from(num)
+        });
+        let time_met = limits
+            .time
+            .zip(self.seeding_since)
+            .is_some_and(|(t, since)| since.elapsed() >= t);
+        ratio_met || time_met
+    }
+
+    fn tick(&mut self) {
+        self.dial();
+        let per_sec = 1000 / TICK.as_millis().max(1) as u64;
+        for p in self.peers.values_mut() {
+            p.recent_rate = (p.down_total - p.tick_mark) * per_sec;
+            p.tick_mark = p.down_total;
+        }
+        if self.peers.len() < WANT_PEERS
+            && !self.picker.is_complete()
+            && self.last_need_peers.elapsed() >= Duration::from_secs(30)
+            && let Some(t) = &self.tracker_tx
+        {
+            self.last_need_peers = Instant::now();
+            let _ = t.send(TrackerCommand::NeedPeers);
+        }
+        if self.last_rechoke.elapsed() >= RECHOKE_EVERY {
+            self.last_rechoke = Instant::now();
+            self.rechoke();
+        }
+        let peers = self.peers.values().filter(|p| p.is_connected()).count();
+        let seeds = self
+            .peers
+            .keys()
+            .filter(|k| self.picker.peer_is_seed(**k))
+            .count();
+        let total = self.picker.geometry().total_len();
+        self.progress.update(
+            total - self.stats.left.load(Ordering::Relaxed),
+            peers,
+            seeds,
+        );
+    }
+
+    fn handle(&mut self, msg: Input) -> Result<(), Error> {
+        match msg {
+            Input::Peer { key, event } => self.on_peer_event(key, event)?,
+            Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
+            Input::Peers(list) => self.add_candidates(list),
+            Input::TrackerNotice(m) => self.progress.note(&m),
+            Input::Hashed { piece, ok } => self.on_hashed(piece, ok)?,
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self, tracker_done: &Receiver<()>, input: &Receiver<Input>) {
+        if let Some(t) = self.tracker_tx.take() {
+            let _ = t.send(TrackerCommand::Stop);
+        }
+        self.hash_tx = None;
+        for p in self.peers.values() {
+            p.send(Command::Shutdown);
+        }
+        // Peer threads end once their sockets close; drain their events so none blocks on a
+        // full channel, and join them. Bounded: a stuck thread is left to process exit.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.peers.is_empty() && Instant::now() < deadline {
+            if let Ok(Input::Peer {
+                key,
+                event: PeerEvent::Gone { .. },
+            }) = input.recv_deadline(deadline)
+                && let Some(mut p) = self.peers.remove(&key)
+                && let Some(t) = p.thread.take()
+            {
+                let _ = t.join();
+            }
+        }
+        if let Some(w) = &mut self.writer {
+            let _ = w.flush();
+        }
+        // The `stopped` announce has its own short timeout; an announce already in flight
+        // is not waited for past this bound, so Ctrl-C stays quick.
+        let _ = tracker_done.recv_timeout(Duration::from_millis(1500));
+    }
+}
+
+/// Packs have-flags into a BEP 3 bitfield (high bit first).
+pub fn bitfield(have: &[bool]) -> Vec<u8> {
+    let mut bits = vec![0u8; have.len().div_ceil(8)];
+    for (i, _) in have.iter().enumerate().filter(|(_, h)| **h) {
+        bits[i / 8] |= 0x80 >> (i % 8);
+    }
+    bits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitfield_packs_high_bit_first() {
+        assert_eq!(bitfield(&[true, false, true]), vec![0b1010_0000]);
+        assert_eq!(bitfield(&[false; 9]), vec![0, 0]);
+        assert_eq!(bitfield(&[true; 9]), vec![0xff, 0x80]);
+    }
+}

@@ -1,0 +1,297 @@
+//! The session's peer table: dialling candidates with back-off, accepting within the cap,
+//! pruning idle connections, resolving duplicate connections, and bans.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use super::{Session, bitfield};
+use crate::geometry::PieceIndex;
+use crate::messages::{Command, HaveSummary};
+use crate::peer::{self, Dial};
+use crate::picker::PeerKey;
+
+const MAX_DIAL_FAILURES: u32 = 5;
+/// A connection younger than this is not pruned to make room.
+const PRUNE_GRACE: Duration = Duration::from_secs(60);
+/// Blocks nobody asked for before a peer is dropped.
+pub const MAX_UNREQUESTED: u32 = 32;
+/// Failed pieces a peer may take part in before it is banned.
+pub const MAX_HASH_FAILS: u32 = 3;
+
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub outbound: bool,
+    pub thread: Option<JoinHandle<()>>,
+    /// Set once the handshake is done.
+    pub commands: Option<Sender<Command>>,
+    pub peer_id: Option<[u8; 20]>,
+    pub fast: bool,
+    pub reqq: Option<usize>,
+    pub connected_at: Instant,
+    pub am_choking: bool,
+    pub am_interested: bool,
+    pub peer_choking: bool,
+    pub peer_interested: bool,
+    /// Totals over the connection, and the rates the last rechoke measured.
+    pub down_total: u64,
+    pub up_total: u64,
+    pub down_rate: u64,
+    pub up_rate: u64,
+    pub down_mark: u64,
+    pub up_mark: u64,
+    /// Download rate over the last tick, so a fast peer's pipeline deepens within a second.
+    pub recent_rate: u64,
+    pub tick_mark: u64,
+    pub last_block_at: Instant,
+    pub unchoked_rounds: u32,
+    pub allowed_fast: HashSet<PieceIndex>,
+    pub hash_fails: u32,
+    pub unrequested: u32,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr, outbound: bool, thread: JoinHandle<()>) -> Peer {
+        Peer {
+            addr,
+            outbound,
+            thread: Some(thread),
+            commands: None,
+            peer_id: None,
+            fast: false,
+            reqq: None,
+            connected_at: Instant::now(),
+            am_choking: true,
+            am_interested: false,
+            peer_choking: true,
+            peer_interested: false,
+            down_total: 0,
+            up_total: 0,
+            down_rate: 0,
+            up_rate: 0,
+            down_mark: 0,
+            up_mark: 0,
+            recent_rate: 0,
+            tick_mark: 0,
+            last_block_at: Instant::now(),
+            unchoked_rounds: 0,
+            allowed_fast: HashSet::new(),
+            hash_fails: 0,
+            unrequested: 0,
+        }
+    }
+
+    pub fn send(&self, cmd: Command) {
+        if let Some(c) = &self.commands {
+            // A closed channel means the connection is ending; its Gone event will follow.
+            let _ = c.send(cmd);
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.commands.is_some()
+    }
+}
+
+/// Of two connections between the same pair of peers, both ends keep the one opened by the
+/// side with the larger peer id, so they agree without talking about it.
+pub fn keep_outbound(our_id: &[u8; 20], their_id: &[u8; 20]) -> bool {
+    our_id > their_id
+}
+
+impl Session {
+    pub(super) fn start_peer(&mut self, dial: Dial, addr: SocketAddr, outbound: bool) {
+        let key = PeerKey(self.next_key);
+        self.next_key += 1;
+        match peer::spawn(key, dial, Arc::clone(&self.ctx), self.input_tx.clone()) {
+            Ok(thread) => {
+                self.known.insert(addr);
+                self.peers.insert(key, Peer::new(addr, outbound, thread));
+            }
+            Err(e) => self
+                .progress
+                .note(&format!("cannot start a peer thread: {e}")),
+        }
+    }
+
+    pub(super) fn add_candidates(&mut self, list: Vec<SocketAddr>) {
+        for addr in list {
+            if !self.own_addrs.contains(&addr)
+                && !self.known.contains(&addr)
+                && !self.banned_addrs.contains(&addr)
+                && !self.candidates.contains(&addr)
+            {
+                self.candidates.push_back(addr);
+            }
+        }
+        self.dial();
+    }
+
+    /// Dials candidates while there is room, skipping those in back-off or banned.
+    pub(super) fn dial(&mut self) {
+        let now = Instant::now();
+        let mut deferred = Vec::new();
+        while self.peers.len() < self.cfg.max_peers {
+            let Some(addr) = self.candidates.pop_front() else {
+                break;
+            };
+            if self.known.contains(&addr) || self.banned_addrs.contains(&addr) {
+                continue;
+            }
+            match self.failures.get(&addr) {
+                Some((n, _)) if *n >= MAX_DIAL_FAILURES => continue,
+                Some((_, retry_at)) if *retry_at > now => deferred.push(addr),
+                _ => self.start_peer(Dial::Outbound(addr), addr, true),
+            }
+        }
+        self.candidates.extend(deferred);
+    }
+
+    pub(super) fn on_accepted(&mut self, stream: TcpStream, addr: SocketAddr) {
+        if self.banned_addrs.contains(&addr) {
+            return;
+        }
+        if self.peers.len() >= self.cfg.max_peers && !self.prune_one() {
+            return;
+        }
+        self.start_peer(Dial::Inbound(stream, addr), addr, false);
+    }
+
+    /// At the cap, drops one connection that is useless both ways (not interested in us, not
+    /// interesting to us) and old enough to have shown it. Returns whether one was dropped.
+    fn prune_one(&mut self) -> bool {
+        let victim = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.is_connected()
+                    && !p.peer_interested
+                    && !p.am_interested
+                    && p.connected_at.elapsed() >= PRUNE_GRACE
+            })
+            .min_by_key(|(_, p)| p.down_total + p.up_total)
+            .map(|(k, _)| *k);
+        match victim {
+            Some(k) => {
+                self.drop_peer(k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks a connection to close; its Gone event does the bookkeeping.
+    pub(super) fn drop_peer(&mut self, key: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.send(Command::Shutdown);
+            // Free its slot for the picker and the choker at once.
+            p.peer_interested = false;
+            p.am_interested = false;
+            p.peer_choking = true;
+        }
+        self.picker.remove_peer(key);
+    }
+
+    pub(super) fn ban(&mut self, key: PeerKey, why: &str) {
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        if let Some(id) = p.peer_id {
+            self.banned_ids.insert(id);
+        }
+        self.banned_addrs.insert(p.addr);
+        self.progress
+            .note(&format!("banned peer {}: {why}", p.addr));
+        self.drop_peer(key);
+    }
+
+    pub(super) fn on_connected(
+        &mut self,
+        key: PeerKey,
+        addr: SocketAddr,
+        peer_id: [u8; 20],
+        fast: bool,
+        commands: Sender<Command>,
+    ) {
+        self.failures.remove(&addr);
+        {
+            let p = self.peer_mut(key);
+            p.commands = Some(commands);
+            p.peer_id = Some(peer_id);
+            p.fast = fast;
+        }
+        if self.banned_ids.contains(&peer_id) {
+            self.drop_peer(key);
+            return;
+        }
+        let twin = self
+            .peers
+            .iter()
+            .find(|(k, p)| **k != key && p.peer_id == Some(peer_id) && p.is_connected())
+            .map(|(k, p)| (*k, p.outbound));
+        if let Some((other, other_outbound)) = twin {
+            let this_outbound = self.peers[&key].outbound;
+            let keep_this = if this_outbound == other_outbound {
+                // Twice the same direction (e.g. two addresses of one peer): keep the older.
+                false
+            } else {
+                this_outbound == keep_outbound(&self.ctx.our_id, &peer_id)
+            };
+            let loser = if keep_this { other } else { key };
+            self.drop_peer(loser);
+            if !keep_this {
+                return;
+            }
+        }
+        self.picker.add_peer(key);
+        let summary = if self.picker.is_complete() {
+            HaveSummary::All(bitfield(self.picker.have_flags()))
+        } else if self.picker.have_count() == 0 {
+            HaveSummary::None
+        } else {
+            HaveSummary::Some(bitfield(self.picker.have_flags()))
+        };
+        self.peers[&key].send(Command::Intro(summary));
+    }
+
+    pub(super) fn on_gone(&mut self, key: PeerKey) {
+        let Some(mut p) = self.peers.remove(&key) else {
+            return;
+        };
+        self.picker.remove_peer(key);
+        self.known.remove(&p.addr);
+        if let Some(t) = p.thread.take() {
+            let _ = t.join();
+        }
+        if p.outbound && p.peer_id.is_none() && !self.banned_addrs.contains(&p.addr) {
+            // Never got through the handshake: retry later, a few times.
+            let entry = self.failures.entry(p.addr).or_insert((0, Instant::now()));
+            entry.0 += 1;
+            entry.1 = Instant::now() + Duration::from_secs(5 << entry.0.min(6));
+            self.candidates.push_back(p.addr);
+        }
+        if !p.am_choking {
+            self.unchoke_free_slots();
+        }
+        self.fill_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_tie_break_is_the_same_on_both_ends() {
+        let a = [1u8; 20];
+        let b = [2u8; 20];
+        // Each end keeps its outbound connection iff its id is larger: exactly one end's
+        // outbound (the same TCP connection) survives.
+        assert_ne!(keep_outbound(&a, &b), keep_outbound(&b, &a));
+        assert!(keep_outbound(&b, &a));
+    }
+}

@@ -1,0 +1,332 @@
+//! What flows over the connections: interest, request pipelines, blocks into storage, hash
+//! results, and choking.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::Session;
+use super::peers::{MAX_HASH_FAILS, MAX_UNREQUESTED, Peer};
+use crate::choker::PeerView;
+use crate::error::Error;
+use crate::geometry::{BLOCK_LEN, BlockRef, PieceIndex};
+use crate::messages::{Command, PeerEvent};
+use crate::picker::{BlockOutcome, PeerKey};
+use crate::tracker::TrackerCommand;
+
+/// Request pipeline bounds, in blocks. The depth follows the peer's measured rate (about one
+/// second of data in flight), within the peer's own `reqq` when it told us one.
+const MIN_DEPTH: usize = 64;
+const MAX_DEPTH: usize = 256;
+/// Top a pipeline up once this many slots are free, so requests go out in batches.
+const REFILL_BATCH: usize = 8;
+/// A peer that unchoked us and sent nothing for this long is snubbed.
+const SNUB_AFTER: Duration = Duration::from_secs(60);
+/// Peers connected this recently count as new for the optimistic unchoke.
+const NEW_PEER: Duration = Duration::from_secs(60);
+
+impl Session {
+    pub(super) fn peer_mut(&mut self, key: PeerKey) -> &mut Peer {
+        self.peers.get_mut(&key).expect("caller checked the key")
+    }
+
+    pub(super) fn on_peer_event(&mut self, key: PeerKey, event: PeerEvent) -> Result<(), Error> {
+        if !self.peers.contains_key(&key) {
+            return Ok(());
+        }
+        match event {
+            PeerEvent::Connected {
+                addr,
+                peer_id,
+                fast,
+                commands,
+                ..
+            } => self.on_connected(key, addr, peer_id, fast, commands),
+            PeerEvent::Extended(info) => {
+                self.peer_mut(key).reqq = info.reqq;
+            }
+            PeerEvent::Bitfield(bits) => {
+                self.picker.peer_has_bits(key, &bits);
+                self.update_interest(key);
+            }
+            PeerEvent::Have(piece) => {
+                if self.picker.peer_has(key, piece) {
+                    self.update_interest(key);
+                }
+            }
+            PeerEvent::HaveAll => {
+                self.picker.peer_has_all(key);
+                self.update_interest(key);
+            }
+            PeerEvent::HaveNone => {}
+            PeerEvent::Choke => {
+                self.peer_mut(key).peer_choking = true;
+                // Even under BEP 6 the outstanding requests are handed back: a peer that
+                // chokes and then forgets to reject must not strand blocks.
+                self.picker.peer_choked(key);
+                self.fill(key);
+                self.fill_all();
+            }
+            PeerEvent::Unchoke => {
+                let p = self.peer_mut(key);
+                p.peer_choking = false;
+                p.last_block_at = Instant::now();
+                self.fill(key);
+            }
+            PeerEvent::Rejected(block) => {
+                self.picker.request_dropped(key, block);
+                self.fill_all();
+            }
+            PeerEvent::AllowedFast(piece) => {
+                self.peer_mut(key).allowed_fast.insert(piece);
+                self.fill(key);
+            }
+            PeerEvent::Interested => {
+                self.peer_mut(key).peer_interested = true;
+                self.unchoke_free_slots();
+            }
+            PeerEvent::NotInterested => {
+                let p = self.peer_mut(key);
+                p.peer_interested = false;
+                if !p.am_choking {
+                    p.am_choking = true;
+                    p.unchoked_rounds = 0;
+                    p.send(Command::Choke(true));
+                    self.unchoke_free_slots();
+                }
+            }
+            PeerEvent::Block { block, data } => self.on_block(key, block, &data),
+            PeerEvent::Uploaded(n) => {
+                let n = u64::from(n);
+                self.stats.uploaded.fetch_add(n, Ordering::Relaxed);
+                self.peer_mut(key).up_total += n;
+                if self.picker.is_complete() {
+                    self.uploaded += n;
+                }
+            }
+            PeerEvent::Gone { .. } => self.on_gone(key),
+        }
+        Ok(())
+    }
+
+    fn update_interest(&mut self, key: PeerKey) {
+        let want = self.picker.is_interesting(key);
+        let p = self.peer_mut(key);
+        if p.am_interested != want {
+            p.am_interested = want;
+            p.send(Command::Interested(want));
+        }
+        if want {
+            self.fill(key);
+        }
+    }
+
+    fn depth(p: &Peer) -> usize {
+        let by_rate = (p.down_rate.max(p.recent_rate) / u64::from(BLOCK_LEN)) as usize;
+        let cap = p
+            .reqq
+            .map_or(MAX_DEPTH, |q| q.saturating_sub(2).clamp(1, MAX_DEPTH));
+        by_rate.clamp(MIN_DEPTH, MAX_DEPTH).min(cap)
+    }
+
+    /// Tops up `key`'s request pipeline. While choked, only its allowed-fast pieces (BEP 6).
+    pub(super) fn fill(&mut self, key: PeerKey) {
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        if !p.am_interested || !p.is_connected() || (p.peer_choking && p.allowed_fast.is_empty()) {
+            return;
+        }
+        let depth = Self::depth(p);
+        let outstanding = self.picker.outstanding(key);
+        let room = depth.saturating_sub(outstanding);
+        if room < REFILL_BATCH.min(depth) && outstanding > 0 {
+            return;
+        }
+        let blocks = if p.peer_choking {
+            let allowed = p.allowed_fast.clone();
+            self.picker
+                .assign_filtered(key, room, &|piece| allowed.contains(&piece))
+        } else {
+            self.picker.assign(key, room)
+        };
+        if !blocks.is_empty() {
+            self.peers[&key].send(Command::Request(blocks));
+        }
+    }
+
+    pub(super) fn fill_all(&mut self) {
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.fill(k);
+        }
+    }
+
+    fn on_block(&mut self, key: PeerKey, block: BlockRef, data: &[u8]) {
+        let len = u64::from(block.len);
+        self.stats.downloaded.fetch_add(len, Ordering::Relaxed);
+        self.downloaded += len;
+        {
+            let p = self.peer_mut(key);
+            p.down_total += len;
+            p.last_block_at = Instant::now();
+        }
+        match self.picker.block_received(key, block) {
+            BlockOutcome::Accepted {
+                piece_complete,
+                cancel,
+            } => {
+                if let Some(w) = &mut self.writer {
+                    w.write_block(block, data);
+                }
+                for other in cancel {
+                    if let Some(p) = self.peers.get(&other) {
+                        p.send(Command::Cancel(block));
+                    }
+                }
+                if piece_complete && let Some(tx) = &self.hash_tx {
+                    let _ = tx.send(block.piece);
+                }
+            }
+            BlockOutcome::Duplicate => {}
+            BlockOutcome::Unrequested => {
+                let p = self.peer_mut(key);
+                p.unrequested += 1;
+                if p.unrequested > MAX_UNREQUESTED {
+                    self.ban(key, "sends blocks nobody asked for");
+                    return;
+                }
+            }
+        }
+        self.fill(key);
+    }
+
+    pub(super) fn on_hashed(&mut self, piece: PieceIndex, ok: bool) -> Result<(), Error> {
+        if !ok {
+            self.on_bad_piece(piece);
+            return Ok(());
+        }
+        let bored = self.picker.piece_verified(piece);
+        if let Some(w) = &mut self.writer {
+            w.release_piece(piece);
+        }
+        let len = u64::from(self.picker.geometry().piece_len(piece));
+        self.stats.left.fetch_sub(len, Ordering::Relaxed);
+        for p in self.peers.values() {
+            p.send(Command::Have(piece));
+        }
+        for key in bored {
+            self.update_interest(key);
+        }
+        if self.picker.is_complete() && !self.was_complete {
+            self.was_complete = true;
+            self.on_complete()?;
+        }
+        Ok(())
+    }
+
+    /// A piece failed its hash: its senders lose trust; one that sent all of it, or keeps
+    /// failing, is banned.
+    fn on_bad_piece(&mut self, piece: PieceIndex) {
+        let blocks = self.picker.geometry().blocks_in(piece);
+        let senders = self.picker.piece_failed(piece);
+        self.progress.note(&format!(
+            "piece {piece} failed its hash check; fetching it again"
+        ));
+        for (key, count) in senders {
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            p.hash_fails += 1;
+            if count == blocks {
+                self.ban(
+                    key,
+                    &format!("sent piece {piece}, which failed its hash check"),
+                );
+            } else if p.hash_fails >= MAX_HASH_FAILS {
+                self.ban(
+                    key,
+                    "took part in too many pieces that failed their hash check",
+                );
+            }
+        }
+        self.fill_all();
+    }
+
+    fn on_complete(&mut self) -> Result<(), Error> {
+        if let Some(w) = &mut self.writer {
+            w.flush()?;
+        }
+        self.seeding_since = Some(Instant::now());
+        if let Some(t) = &self.tracker_tx {
+            let _ = t.send(TrackerCommand::Completed);
+        }
+        self.progress.finish(self.downloaded);
+        Ok(())
+    }
+
+    /// Between rechokes, gives free upload slots to interested peers at once, so a newcomer
+    /// need not wait up to ten seconds for its first unchoke.
+    pub(super) fn unchoke_free_slots(&mut self) {
+        let slots = self.cfg.upload_slots + 1;
+        let mut open = self.peers.values().filter(|p| !p.am_choking).count();
+        for p in self.peers.values_mut() {
+            if open >= slots {
+                break;
+            }
+            if p.am_choking && p.peer_interested && p.is_connected() {
+                p.am_choking = false;
+                p.send(Command::Choke(false));
+                open += 1;
+            }
+        }
+    }
+
+    /// The ten-second rechoke: measure rates, ask the choker, apply its answer.
+    pub(super) fn rechoke(&mut self) {
+        let window = super::RECHOKE_EVERY.as_secs().max(1);
+        let now = Instant::now();
+        for p in self.peers.values_mut() {
+            // Average of this window and the last: a rolling 20 s view.
+            let down = (p.down_total - p.down_mark) / window;
+            let up = (p.up_total - p.up_mark) / window;
+            p.down_rate = (p.down_rate + down) / 2;
+            p.up_rate = (p.up_rate + up) / 2;
+            p.down_mark = p.down_total;
+            p.up_mark = p.up_total;
+        }
+        let views: Vec<PeerView> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.is_connected())
+            .map(|(k, p)| PeerView {
+                key: *k,
+                interested: p.peer_interested,
+                download_rate: p.down_rate,
+                upload_rate: p.up_rate,
+                snubbed: !p.peer_choking
+                    && p.am_interested
+                    && now.duration_since(p.last_block_at) >= SNUB_AFTER,
+                is_new: now.duration_since(p.connected_at) < NEW_PEER,
+                unchoked_rounds: if p.am_choking { 0 } else { p.unchoked_rounds },
+            })
+            .collect();
+        let seeding = self.picker.is_complete();
+        let unchoke: HashSet<PeerKey> = self.choker.rechoke(&views, seeding);
+        for (k, p) in &mut self.peers {
+            if !p.is_connected() {
+                continue;
+            }
+            let should_unchoke = unchoke.contains(k);
+            if should_unchoke {
+                p.unchoked_rounds += 1;
+            } else {
+                p.unchoked_rounds = 0;
+            }
+            if should_unchoke == p.am_choking {
+                p.am_choking = !should_unchoke;
+                p.send(Command::Choke(!should_unchoke));
+            }
+        }
+    }
+}
