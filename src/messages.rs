@@ -19,6 +19,8 @@ pub enum Input {
     Peers(Vec<SocketAddr>),
     /// From the tracker thread: an announce failed or warned (already formatted for people).
     TrackerNotice(String),
+    /// From the tracker thread, last: it has sent `stopped` (or given up) and ended.
+    TrackerDone,
     /// From a hasher thread: the result of checking a complete piece.
     Hashed { piece: PieceIndex, ok: bool },
 }

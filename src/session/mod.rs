@@ -239,14 +239,13 @@ fn run(
         interval_override: cfg.announce_interval,
         net: cfg.net.clone(),
     };
-    let (tracker_done_tx, tracker_done) = crossbeam_channel::bounded::<()>(1);
     {
         let out = input_tx.clone();
         thread::Builder::new()
             .name("tracker".into())
             .spawn(move || {
-                tracker.run(tracker_rx, out);
-                let _ = tracker_done_tx.send(());
+                tracker.run(tracker_rx, &out);
+                let _ = out.send(Input::TrackerDone);
             })
             .map_err(|e| Error::io("starting the tracker thread", e))?;
     }
@@ -308,7 +307,7 @@ fn run(
         cfg,
     };
     let result = s.main_loop(&input_rx);
-    s.shutdown(&tracker_done, &input_rx);
+    s.shutdown(&input_rx);
     result
 }
 
@@ -396,12 +395,17 @@ impl Session {
             Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
             Input::Peers(list) => self.add_candidates(list),
             Input::TrackerNotice(m) => self.progress.note(&m),
+            Input::TrackerDone => {}
             Input::Hashed { piece, ok } => self.on_hashed(piece, ok)?,
         }
         Ok(())
     }
 
-    fn shutdown(&mut self, tracker_done: &Receiver<()>, input: &Receiver<Input>) {
+    /// Stops the tracker (which announces `stopped`) and every connection, and waits a
+    /// bounded time for them: tracker notices still arriving are printed, peer threads joined.
+    /// Whatever is still stuck at the deadline is left to process exit, so Ctrl-C stays quick.
+    fn shutdown(&mut self, input: &Receiver<Input>) {
+        let mut tracker_running = self.tracker_tx.is_some();
         if let Some(t) = self.tracker_tx.take() {
             let _ = t.send(TrackerCommand::Stop);
         }
@@ -409,26 +413,28 @@ impl Session {
         for p in self.peers.values() {
             p.send(Command::Shutdown);
         }
-        // Peer threads end once their sockets close; drain their events so none blocks on a
-        // full channel, and join them. Bounded: a stuck thread is left to process exit.
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !self.peers.is_empty() && Instant::now() < deadline {
-            if let Ok(Input::Peer {
-                key,
-                event: PeerEvent::Gone { .. },
-            }) = input.recv_deadline(deadline)
-                && let Some(mut p) = self.peers.remove(&key)
-                && let Some(t) = p.thread.take()
-            {
-                let _ = t.join();
-            }
-        }
         if let Some(w) = &mut self.writer {
             let _ = w.flush();
         }
-        // The `stopped` announce has its own short timeout; an announce already in flight
-        // is not waited for past this bound, so Ctrl-C stays quick.
-        let _ = tracker_done.recv_timeout(Duration::from_millis(1500));
+        let deadline = Instant::now() + Duration::from_millis(1800);
+        while (tracker_running || !self.peers.is_empty()) && Instant::now() < deadline {
+            match input.recv_deadline(deadline) {
+                Ok(Input::Peer {
+                    key,
+                    event: PeerEvent::Gone { .. },
+                }) => {
+                    if let Some(mut p) = self.peers.remove(&key)
+                        && let Some(t) = p.thread.take()
+                    {
+                        let _ = t.join();
+                    }
+                }
+                Ok(Input::TrackerNotice(m)) => self.progress.note(&m),
+                Ok(Input::TrackerDone) => tracker_running = false,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
     }
 }
 

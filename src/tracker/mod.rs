@@ -165,6 +165,9 @@ pub struct NetConfig {
 /// One announce or scrape on any supported URL.
 pub struct Client {
     agent: ureq::Agent,
+    /// Same settings with a short timeout, for the `stopped` announce at exit.
+    quick_agent: ureq::Agent,
+    quick: bool,
     udp: udp::UdpClient,
 }
 
@@ -172,13 +175,31 @@ impl Client {
     pub fn new(net: &NetConfig, timeout: Duration) -> Result<Client, crate::http::Error> {
         Ok(Client {
             agent: crate::http::agent(timeout, net.bind, net.ca_file.as_deref())?,
+            quick_agent: crate::http::agent(STOP_TIMEOUT, net.bind, net.ca_file.as_deref())?,
+            quick: false,
             udp: udp::UdpClient::new(net.bind, Duration::from_secs(15).min(timeout), 2),
         })
     }
 
+    /// Short timeouts and no retries from now on (the `stopped` announce at exit).
+    pub fn set_quick(&mut self, quick: bool) {
+        self.quick = quick;
+        if quick {
+            self.udp.set_timeouts(STOP_TIMEOUT, 0);
+        }
+    }
+
+    fn agent(&self) -> &ureq::Agent {
+        if self.quick {
+            &self.quick_agent
+        } else {
+            &self.agent
+        }
+    }
+
     pub fn announce(&mut self, url: &str, p: &Announce) -> Result<Reply, Error> {
         if url.starts_with("http://") || url.starts_with("https://") {
-            http::parse_reply(&http::get(&self.agent, &http::announce_url(url, p))?)
+            http::parse_reply(&http::get(self.agent(), &http::announce_url(url, p))?)
         } else if url.starts_with("udp://") {
             self.udp.announce(url, p)
         } else {
@@ -189,7 +210,7 @@ impl Client {
     pub fn scrape(&mut self, url: &str, info_hash: &[u8; 20]) -> Result<ScrapeInfo, Error> {
         if url.starts_with("http://") || url.starts_with("https://") {
             let scrape = http::scrape_url(url, info_hash).ok_or(Error::NoScrape)?;
-            http::parse_scrape(&http::get(&self.agent, &scrape)?, info_hash)
+            http::parse_scrape(&http::get(self.agent(), &scrape)?, info_hash)
         } else if url.starts_with("udp://") {
             self.udp.scrape(url, info_hash)
         } else {
@@ -284,7 +305,7 @@ struct Schedule {
 
 impl Tracker {
     /// The tracker thread's body.
-    pub fn run(self, commands: Receiver<TrackerCommand>, out: Sender<Input>) {
+    pub fn run(self, commands: Receiver<TrackerCommand>, out: &Sender<Input>) {
         let mut rng = Rng::from_os();
         let mut tiers = Tiers::new(&self.tiers, &mut rng);
         if tiers.is_empty() {
@@ -299,6 +320,8 @@ impl Tracker {
         };
         let key = rng.next_u64() as u32;
         let mut tracker_id: Option<Vec<u8>> = None;
+        // `stopped` goes to the tracker that last answered (none if none ever did).
+        let mut last_answered: Option<String> = None;
         let mut event = AnnounceEvent::Started;
         let mut backoff = Duration::from_secs(15);
         let mut sched = Schedule {
@@ -309,7 +332,8 @@ impl Tracker {
         loop {
             let mut wait = backoff;
             match self.announce_tiers(&mut client, &mut tiers, event, key, tracker_id.as_deref()) {
-                Ok(reply) => {
+                Ok((url, reply)) => {
+                    last_answered = Some(url);
                     if let Some(w) = &reply.warning {
                         let _ = out.send(Input::TrackerNotice(format!(
                             "tracker warning: {}",
@@ -321,7 +345,11 @@ impl Tracker {
                     }
                     sched = Schedule {
                         interval: self.interval_override.unwrap_or(reply.interval),
-                        min_interval: reply.min_interval.unwrap_or(Duration::ZERO),
+                        // An explicit --announce-interval is the user's call, as in aria2.
+                        min_interval: match self.interval_override {
+                            Some(_) => Duration::ZERO,
+                            None => reply.min_interval.unwrap_or(Duration::ZERO),
+                        },
                         last: Instant::now(),
                     };
                     wait = sched.interval.max(sched.min_interval);
@@ -349,7 +377,11 @@ impl Tracker {
                         deadline = deadline.min(soon);
                     }
                     Ok(TrackerCommand::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                        self.stop(&tiers, key, tracker_id.as_deref());
+                        if let Some(url) = &last_answered {
+                            client.set_quick(true);
+                            let p = self.params(AnnounceEvent::Stopped, key, tracker_id.as_deref());
+                            let _ = client.announce(url, &p);
+                        }
                         return;
                     }
                     Err(RecvTimeoutError::Timeout) => break,
@@ -386,29 +418,19 @@ impl Tracker {
         event: AnnounceEvent,
         key: u32,
         tracker_id: Option<&[u8]>,
-    ) -> Result<Reply, Vec<String>> {
+    ) -> Result<(String, Reply), Vec<String>> {
         let mut errors = Vec::new();
         for at in tiers.order() {
             let url = tiers.url(at).to_string();
             match client.announce(&url, &self.params(event, key, tracker_id)) {
                 Ok(reply) => {
                     tiers.promote(at);
-                    return Ok(reply);
+                    return Ok((url, reply));
                 }
                 Err(e) => errors.push(format!("tracker {}: {e}", escape(&url))),
             }
         }
         Err(errors)
-    }
-
-    /// `stopped` to the tracker we last used, with a short timeout so exit stays quick.
-    fn stop(&self, tiers: &Tiers, key: u32, tracker_id: Option<&[u8]>) {
-        let Ok(mut client) = Client::new(&self.net, STOP_TIMEOUT) else {
-            return;
-        };
-        if let Some(url) = tiers.first() {
-            let _ = client.announce(url, &self.params(AnnounceEvent::Stopped, key, tracker_id));
-        }
     }
 }
 

@@ -165,6 +165,11 @@ impl UdpClient {
         }
     }
 
+    pub fn set_timeouts(&mut self, base_timeout: Duration, retries: u32) {
+        self.base_timeout = base_timeout;
+        self.retries = retries;
+    }
+
     fn socket(&self, url: &str) -> Result<(UdpSocket, SocketAddr), Error> {
         let (host, port) = host_port(url)?;
         let addr = (host.as_str(), port)

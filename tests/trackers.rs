@@ -1,0 +1,1150 @@
+//! End-to-end tests of bitfetch's tracker support (issue 4), all on loopback:
+//!
+//! - opentracker (Debian package) over HTTP and UDP: announce, scrape, and downloads whose
+//!   only peer source is the tracker;
+//! - HTTPS: opentracker behind nginx terminating TLS with a certificate from a CA the test
+//!   makes with openssl; `--ca-file`, `SSL_CERT_FILE`, and the certificate error without them;
+//! - scripted HTTP and UDP trackers (in this file's helpers) for what opentracker will not do:
+//!   failure reasons, warnings, dictionary peers, `peers6`, redirects, a 500, a timeout,
+//!   announce-list tiers and promotion, re-announces, events and transfer counters, tracker
+//!   ids, UDP error replies and connection-id reuse, scrape replies.
+//!
+//! Every process is owned by a guard that kills it by PID; every wait is a poll with a
+//! deadline (a hang guard, not a speed expectation).
+
+mod support;
+mod tracker_support;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::{
+    ChildGuard, DEADLINE, Diagnose, Opentracker, assert_exit_code, files_equal, next_loopback,
+    poll_until, report, wait_for_listening, wait_for_stderr,
+};
+use tracker_support::{
+    B, Fixture, HttpAction, HttpRequest, HttpTracker, Nginx, TestCa, Trap, UdpAction, UdpTracker,
+    announce_reply, compact4, compact6, ip4, show_bytes, spawn_bitfetch_env, strings, to_hex, v4,
+};
+
+/// Payload size: several 32 KiB pieces and a short last one.
+const SIZE: u64 = 20 * 32 * 1024 + 1234;
+/// How long a short command (`scrape`) may take before it counts as hung.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+/// How long to wait for announces that a 1 s `--announce-interval` should produce quickly.
+const ANNOUNCE_DEADLINE: Duration = Duration::from_secs(30);
+
+fn fail(why: &str, parts: &[&dyn Diagnose]) -> ! {
+    panic!("{}", report(why, parts))
+}
+
+fn path_arg(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_owned()
+}
+
+// =============================================================================================
+// bitfetch processes
+// =============================================================================================
+
+/// `bitfetch seed` of the fixture's data on `bind`, port 0; returns once it listens (its data
+/// verified).
+fn start_seeder(fx: &Fixture, bind: IpAddr, extra: &[String]) -> (ChildGuard, SocketAddr) {
+    let mut args = strings(&["seed"]);
+    args.push(path_arg(&fx.torrent));
+    args.push(path_arg(&fx.data));
+    args.extend(strings(&["--port", "0", "--bind"]));
+    args.push(bind.to_string());
+    args.extend_from_slice(extra);
+    let guard = spawn_bitfetch_env(&format!("bitfetch seeder {bind}"), &args, &[]);
+    let addr = wait_for_listening(&guard);
+    (guard, addr)
+}
+
+/// A started `bitfetch download` of the fixture into a fresh directory.
+struct Leecher {
+    guard: ChildGuard,
+    out: PathBuf,
+    listen: SocketAddr,
+}
+
+impl Diagnose for Leecher {
+    fn diagnostics(&self) -> String {
+        self.guard.diagnostics()
+    }
+}
+
+/// `bitfetch download` on `bind` (or every address when `None`), port 0, plus `extra`.
+fn start_leecher(fx: &Fixture, label: &str, bind: Option<IpAddr>, extra: &[String]) -> Leecher {
+    start_leecher_env(fx, label, bind, extra, &[])
+}
+
+fn start_leecher_env(
+    fx: &Fixture,
+    label: &str,
+    bind: Option<IpAddr>,
+    extra: &[String],
+    env: &[(&str, &Path)],
+) -> Leecher {
+    let out = fx.out_dir(label);
+    let mut args = strings(&["download"]);
+    args.push(path_arg(&fx.torrent));
+    args.push("-o".into());
+    args.push(path_arg(&out));
+    args.extend(strings(&["--port", "0"]));
+    if let Some(ip) = bind {
+        args.push("--bind".into());
+        args.push(ip.to_string());
+    }
+    args.extend_from_slice(extra);
+    let guard = spawn_bitfetch_env(&format!("bitfetch leecher {label}"), &args, env);
+    let listen = wait_for_listening(&guard);
+    Leecher { guard, out, listen }
+}
+
+/// Waits for the leecher to exit 0 and checks the downloaded bytes.
+fn finish_leecher(fx: &Fixture, leecher: &Leecher, parts: &[&dyn Diagnose]) {
+    let context = || report("other parties:", parts);
+    leecher.guard.wait_with_deadline(DEADLINE, &context);
+    assert_exit_code(&leecher.guard, 0, parts);
+    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out)) {
+        let mut all: Vec<&dyn Diagnose> = vec![leecher];
+        all.extend_from_slice(parts);
+        fail(&format!("the download is wrong: {e}"), &all);
+    }
+}
+
+/// SIGINT to a seeding bitfetch; it must exit 0.
+fn interrupt(guard: &ChildGuard, parts: &[&dyn Diagnose]) {
+    guard.signal(libc::SIGINT);
+    let context = || report("other parties:", parts);
+    guard.wait_with_deadline(Duration::from_secs(30), &context);
+    assert_exit_code(guard, 0, parts);
+}
+
+/// For a `download --seed` leecher: waits until `completed(listen port)` says the tracker
+/// saw its `completed` announce, checks the data, and returns (the leecher keeps seeding).
+/// Used where a message must be read while bitfetch runs: a one-shot download on loopback
+/// can finish before the tracker's reply is handled, and notices that arrive after the
+/// download ended are not printed.
+fn wait_seeding_complete(
+    fx: &Fixture,
+    leecher: &Leecher,
+    completed: impl Fn(u16) -> bool,
+    parts: &[&dyn Diagnose],
+) {
+    let mut all: Vec<&dyn Diagnose> = vec![leecher];
+    all.extend_from_slice(parts);
+    let done = poll_until(DEADLINE, || {
+        if !leecher.guard.is_running() {
+            return Some(false);
+        }
+        completed(leecher.listen.port()).then_some(true)
+    });
+    if done != Some(true) {
+        fail(
+            "the leecher did not announce `completed` (or exited) while seeding",
+            &all,
+        );
+    }
+    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out)) {
+        fail(&format!("the download is wrong: {e}"), &all);
+    }
+}
+
+/// Runs `bitfetch scrape TORRENT ARGS…` to completion.
+fn scrape(fx: &Fixture, extra: &[String], env: &[(&str, &Path)]) -> ChildGuard {
+    let mut args = strings(&["scrape"]);
+    args.push(path_arg(&fx.torrent));
+    args.extend_from_slice(extra);
+    let guard = spawn_bitfetch_env("bitfetch scrape", &args, env);
+    guard.wait_with_deadline(COMMAND_DEADLINE, &String::new);
+    guard
+}
+
+fn parse_json(guard: &ChildGuard, parts: &[&dyn Diagnose]) -> serde_json::Value {
+    let stdout = guard.stdout_text();
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        let mut all: Vec<&dyn Diagnose> = vec![guard];
+        all.extend_from_slice(parts);
+        fail(&format!("scrape --json printed no JSON object ({e})"), &all)
+    })
+}
+
+/// The requests a client listening on `listen` made (its `port` parameter, and its source
+/// address when it is bound to one IPv4 address).
+fn from_client(requests: &[HttpRequest], listen: SocketAddr) -> Vec<HttpRequest> {
+    requests
+        .iter()
+        .filter(|r| r.port() == Some(listen.port()))
+        .filter(|r| match listen.ip() {
+            IpAddr::V4(ip) if !ip.is_unspecified() => r.from.ip() == IpAddr::V4(ip),
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+fn events(requests: &[HttpRequest]) -> Vec<String> {
+    requests.iter().map(HttpRequest::event).collect()
+}
+
+/// The keys every announce must carry (issue 4), checked on each of `requests`.
+fn check_announce_keys(
+    fx: &Fixture,
+    requests: &[HttpRequest],
+    listen: SocketAddr,
+    parts: &[&dyn Diagnose],
+) {
+    assert!(!requests.is_empty(), "no announces to check");
+    let first_peer_id = requests[0].param("peer_id").map(<[u8]>::to_vec);
+    let first_key = requests[0].text("key");
+    for r in requests {
+        let bad = |why: String| -> ! { fail(&format!("{why} in {}", r.describe()), parts) };
+        if r.path != "/announce" || r.method != "GET" {
+            bad(format!(
+                "expected GET /announce, got {} {}",
+                r.method, r.path
+            ));
+        }
+        if r.param("info_hash") != Some(fx.hash.as_slice()) {
+            bad(format!(
+                "info_hash is {:?}, expected the raw bytes of {}",
+                r.param("info_hash").map(to_hex),
+                fx.hash_hex
+            ));
+        }
+        let peer_id = r.param("peer_id").unwrap_or_default();
+        if peer_id.len() != 20 || !peer_id.starts_with(b"-BF0100-") {
+            bad(format!(
+                "peer_id {:?} is not 20 bytes starting with -BF0100-",
+                show_bytes(peer_id)
+            ));
+        }
+        if r.param("peer_id").map(<[u8]>::to_vec) != first_peer_id {
+            bad("the peer_id changed between announces".into());
+        }
+        if r.port() != Some(listen.port()) {
+            bad(format!("port is not the listening port {}", listen.port()));
+        }
+        if r.text("compact").as_deref() != Some("1") {
+            bad("compact=1 missing".into());
+        }
+        if r.text("key").is_none() || r.text("key") != first_key {
+            bad("key missing or changed between announces".into());
+        }
+        if r.num("numwant").is_none() {
+            bad("numwant missing".into());
+        }
+        for key in ["uploaded", "downloaded", "left"] {
+            if r.num(key).is_none() {
+                bad(format!("{key} missing or not a number"));
+            }
+        }
+        for key in ["info_hash", "peer_id", "port", "event"] {
+            if r.param_count(key) > 1 {
+                bad(format!("{key} appears more than once"));
+            }
+        }
+    }
+}
+
+// =============================================================================================
+// opentracker: HTTP and UDP
+// =============================================================================================
+
+/// Seeder first, then a leecher that learns the seeder from opentracker alone (no --peer);
+/// then `bitfetch scrape` over the same protocol.
+fn opentracker_swarm(label: &str, url_of: fn(&Opentracker) -> String, seed: u64) {
+    let tracker = Opentracker::start();
+    let url = url_of(&tracker);
+    let fx = Fixture::new(&format!("ot-{label}.bin"), SIZE, seed, &[vec![url.clone()]]);
+    tracker.allow(&fx.hash_hex);
+
+    let (seeder, _) = start_seeder(&fx, ip4(next_loopback()), &[]);
+    // The seeder's announce reached opentracker (checked with the harness's own HTTP scrape).
+    tracker.wait_for_swarm(&fx.hash_hex, 1, 1, DEADLINE, &[&seeder]);
+
+    let leecher = start_leecher(&fx, label, Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+
+    // The leecher's `completed` and `stopped` reach opentracker: one seeder left, one
+    // completed download.
+    let settled = poll_until(Duration::from_secs(15), || {
+        tracker.scrape(&fx.hash_hex).filter(|&s| s == (1, 0))
+    });
+    if settled.is_none() {
+        fail(
+            &format!(
+                "opentracker should know 1 seeder and 0 leechers after the leecher exited; \
+                 scrape says {:?}",
+                tracker.scrape(&fx.hash_hex)
+            ),
+            &[&tracker, &seeder, &leecher],
+        );
+    }
+
+    let text = scrape(&fx, &[], &[]);
+    assert_exit_code(&text, 0, &[&tracker]);
+    let expected = format!("{url}: 1 seeders, 0 leechers, 1 completed");
+    if text.stdout_text().trim() != expected {
+        fail(
+            &format!("scrape over {label}: expected {expected:?}"),
+            &[&text, &tracker],
+        );
+    }
+    let json = scrape(&fx, &strings(&["--json"]), &[]);
+    assert_exit_code(&json, 0, &[&tracker]);
+    let value = parse_json(&json, &[&tracker]);
+    let want = serde_json::json!({"trackers": [
+        {"url": url, "seeders": 1, "leechers": 0, "completed": 1}
+    ]});
+    if value != want {
+        fail(
+            &format!("scrape --json over {label}: expected {want}, got {value}"),
+            &[&json, &tracker],
+        );
+    }
+}
+
+#[test]
+fn opentracker_http_announce_download_and_scrape() {
+    opentracker_swarm("http", Opentracker::announce_url, 11);
+}
+
+#[test]
+fn opentracker_udp_announce_download_and_scrape() {
+    opentracker_swarm("udp", Opentracker::udp_url, 12);
+}
+
+// =============================================================================================
+// HTTPS: opentracker behind nginx
+// =============================================================================================
+
+#[test]
+fn https_tracker_needs_the_test_ca() {
+    let tracker = Opentracker::start();
+    let ca = TestCa::make();
+    let nginx = Nginx::start(&ca, tracker.addr());
+    let url = nginx.announce_url();
+    let fx = Fixture::new("https.bin", SIZE, 21, &[vec![url.clone()]]);
+    tracker.allow(&fx.hash_hex);
+    let ca_args = vec!["--ca-file".to_owned(), path_arg(&ca.ca_pem)];
+
+    // Without the CA: a certificate error, exit 6.
+    let bad_scrape = scrape(&fx, &[], &[]);
+    assert_exit_code(&bad_scrape, 6, &[&nginx]);
+    let line = bad_scrape.stdout_text();
+    let line = line.trim();
+    let lower = line.to_ascii_lowercase();
+    if !line.starts_with(&format!("{url}: "))
+        || !["certificate", "unknownissuer", "unknown issuer"]
+            .iter()
+            .any(|k| lower.contains(k))
+    {
+        fail(
+            "scrape without --ca-file should print `URL: <certificate error>`",
+            &[&bad_scrape, &nginx],
+        );
+    }
+    if !bad_scrape.stderr_text().contains("bitfetch: error: ") {
+        fail(
+            "scrape without an answering tracker should print an error line",
+            &[&bad_scrape],
+        );
+    }
+
+    // opentracker behind the proxy records nginx's address (127.0.0.1) for every peer, so the
+    // seeder listens there to be reachable at the address the tracker hands out.
+    let (seeder, _) = start_seeder(&fx, ip4(Ipv4Addr::LOCALHOST), &ca_args);
+    tracker.wait_for_swarm(&fx.hash_hex, 1, 1, DEADLINE, &[&seeder, &nginx]);
+
+    // A leecher without the CA: a clear certificate error on stderr, and no peers from the
+    // tracker (its announce never reached opentracker).
+    let blind = start_leecher(&fx, "no-ca", Some(ip4(next_loopback())), &[]);
+    let prefix = format!("bitfetch: tracker {url}: ");
+    let line = wait_for_stderr(&blind.guard, &prefix, DEADLINE);
+    eprintln!("the certificate error line: {line}");
+    let lower = line.to_ascii_lowercase();
+    if !["certificate", "unknownissuer", "unknown issuer"]
+        .iter()
+        .any(|k| lower.contains(k))
+    {
+        fail(
+            &format!("the HTTPS error line does not mention the certificate: {line:?}"),
+            &[&blind, &nginx],
+        );
+    }
+    if tracker.scrape(&fx.hash_hex) != Some((1, 0)) || !blind.guard.is_running() {
+        fail(
+            &format!(
+                "after a failed TLS handshake the leecher must keep running without having \
+                 reached the tracker (scrape: {:?})",
+                tracker.scrape(&fx.hash_hex)
+            ),
+            &[&blind, &tracker, &seeder, &nginx],
+        );
+    }
+    if files_equal(&fx.data, &fx.downloaded(&blind.out)).is_ok() {
+        fail(
+            "the leecher without a CA got the data: from where?",
+            &[&blind, &seeder],
+        );
+    }
+    drop(blind);
+
+    // With --ca-file: the download works through the tracker alone.
+    let leecher = start_leecher(&fx, "ca", Some(ip4(next_loopback())), &ca_args);
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder, &nginx]);
+    if leecher
+        .guard
+        .stderr_text()
+        .contains(&format!("tracker {url}"))
+    {
+        fail(
+            "a tracker error with --ca-file",
+            &[&leecher, &tracker, &nginx],
+        );
+    }
+
+    // Scrape with --ca-file, and with SSL_CERT_FILE.
+    let good = scrape(&fx, &ca_args, &[]);
+    assert_exit_code(&good, 0, &[&nginx, &tracker]);
+    if !good.stdout_text().starts_with(&format!("{url}: 1 seeders")) {
+        fail("scrape with --ca-file", &[&good, &nginx, &tracker]);
+    }
+    let env = scrape(&fx, &[], &[("SSL_CERT_FILE", &ca.ca_pem)]);
+    assert_exit_code(&env, 0, &[&nginx, &tracker]);
+    if !env.stdout_text().starts_with(&format!("{url}: 1 seeders")) {
+        fail("scrape with SSL_CERT_FILE", &[&env, &nginx, &tracker]);
+    }
+}
+
+// =============================================================================================
+// Scripted HTTP tracker: reply shapes
+// =============================================================================================
+
+/// A scripted tracker, a torrent announcing to it, and a bitfetch seeder on its own address.
+/// Until the test sets a script, every announce gets an empty peer list.
+fn scripted_swarm(name: &str, seed: u64) -> (HttpTracker, Fixture, ChildGuard, SocketAddr) {
+    let tracker = HttpTracker::start(name);
+    let fx = Fixture::new(
+        &format!("{name}.bin"),
+        SIZE,
+        seed,
+        &[vec![tracker.announce_url()]],
+    );
+    let (seeder, addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
+    (tracker, fx, seeder, addr)
+}
+
+#[test]
+fn failure_reason_is_shown_no_peers_taken_and_peer_still_works() {
+    let (tracker, fx, seeder, seeder_addr) = scripted_swarm("failure", 31);
+    // The failure reply also lists a peer: bitfetch must not take it.
+    let trap = Trap::start(Ipv4Addr::LOCALHOST);
+    let trap_addr = v4(trap.addr());
+    tracker.set_script(move |_, _| {
+        HttpAction::ok(
+            B::dict(vec![
+                (
+                    "failure reason",
+                    B::str("torrent not registered\x1b[31m here"),
+                ),
+                ("interval", B::Int(1800)),
+                ("peers", B::Bytes(compact4(&[trap_addr]))),
+            ])
+            .encode(),
+        )
+    });
+    let leecher = start_leecher(
+        &fx,
+        "failure",
+        Some(ip4(next_loopback())),
+        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+    );
+    let saw_completed = |port: u16| {
+        tracker
+            .requests()
+            .iter()
+            .any(|r| r.port() == Some(port) && r.event() == "completed")
+    };
+    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
+    let prefix = format!(
+        "bitfetch: tracker {}: tracker says: torrent not registered",
+        tracker.announce_url()
+    );
+    let line = wait_for_stderr(&leecher.guard, &prefix, Duration::from_secs(10));
+    eprintln!("tracker notice: {line}");
+    if !line.starts_with(&prefix) {
+        fail(&format!("{line:?} does not start {prefix:?}"), &[&leecher]);
+    }
+    interrupt(&leecher.guard, &[&tracker, &seeder]);
+    let stderr = leecher.guard.stderr_text();
+    if stderr.contains('\x1b') {
+        fail(
+            "the tracker's escape sequence reached the terminal unescaped",
+            &[&leecher],
+        );
+    }
+    if from_client(&tracker.requests(), leecher.listen).is_empty() {
+        fail("the leecher never announced", &[&leecher, &tracker]);
+    }
+    if !trap.hits().is_empty() {
+        fail(
+            &format!(
+                "bitfetch dialled the peer of a failure reply ({:?})",
+                trap.hits()
+            ),
+            &[&leecher, &tracker],
+        );
+    }
+}
+
+#[test]
+fn warning_message_is_shown_and_peers_used() {
+    let (tracker, fx, seeder, seeder_addr) = scripted_swarm("warning", 32);
+    let peer = v4(seeder_addr);
+    tracker.set_script(move |_, _| {
+        HttpAction::ok(
+            B::dict(vec![
+                ("warning message", B::str("be nice (test warning)")),
+                ("interval", B::Int(1800)),
+                ("peers", B::Bytes(compact4(&[peer]))),
+            ])
+            .encode(),
+        )
+    });
+    let leecher = start_leecher(&fx, "warning", Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+    if !leecher
+        .guard
+        .stderr_text()
+        .lines()
+        .any(|l| l == "bitfetch: tracker warning: be nice (test warning)")
+    {
+        fail(
+            "no `bitfetch: tracker warning: be nice (test warning)` line",
+            &[&leecher, &tracker],
+        );
+    }
+}
+
+#[test]
+fn dictionary_peers_are_dialled() {
+    let (tracker, fx, seeder, seeder_addr) = scripted_swarm("dictpeers", 33);
+    let ip = seeder_addr.ip().to_string();
+    let port = i64::from(seeder_addr.port());
+    tracker.set_script(move |_, _| {
+        HttpAction::ok(
+            B::dict(vec![
+                ("interval", B::Int(1800)),
+                (
+                    "peers",
+                    B::List(vec![B::dict(vec![
+                        ("peer id", B::str("-XX0000-dictpeer0000")),
+                        ("ip", B::str(&ip)),
+                        ("port", B::Int(port)),
+                    ])]),
+                ),
+            ])
+            .encode(),
+        )
+    });
+    let leecher = start_leecher(&fx, "dictpeers", Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+}
+
+#[test]
+fn peers6_on_ipv6_loopback() {
+    let tracker = HttpTracker::start("peers6");
+    let fx = Fixture::new("peers6.bin", SIZE, 34, &[vec![tracker.announce_url()]]);
+    let (seeder, seeder_addr) = start_seeder(&fx, IpAddr::V6(Ipv6Addr::LOCALHOST), &[]);
+    let six = SocketAddrV6::new(Ipv6Addr::LOCALHOST, seeder_addr.port(), 0, 0);
+    tracker.set_script(move |_, _| {
+        HttpAction::ok(
+            B::dict(vec![
+                ("interval", B::Int(1800)),
+                ("peers", B::str(b"")),
+                ("peers6", B::Bytes(compact6(&[six]))),
+            ])
+            .encode(),
+        )
+    });
+    // No --bind: the leecher may dial IPv6; its only peer source is the `peers6` entry.
+    let leecher = start_leecher(&fx, "peers6", None, &[]);
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+}
+
+#[test]
+fn redirect_to_the_real_announce_path_is_followed() {
+    let tracker = HttpTracker::start("redirect");
+    let fx = Fixture::new(
+        "redirect.bin",
+        SIZE,
+        35,
+        &[vec![tracker.url("/announce-old")]],
+    );
+    let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
+    let base = tracker.url("");
+    let peer = v4(seeder_addr);
+    tracker.set_script(move |r, _| {
+        if r.path == "/announce-old" {
+            let query = r.target.split_once('?').map_or("", |(_, q)| q);
+            HttpAction::redirect(format!("{base}/announce?{query}"))
+        } else if r.path == "/announce" {
+            HttpAction::ok(announce_reply(1800, &[peer]))
+        } else {
+            HttpAction::status(404, b"no such path")
+        }
+    });
+    let leecher = start_leecher(&fx, "redirect", Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+    let requests = from_client(&tracker.requests(), leecher.listen);
+    let old = requests.iter().any(|r| r.path == "/announce-old");
+    let new = requests
+        .iter()
+        .any(|r| r.path == "/announce" && r.param("info_hash") == Some(fx.hash.as_slice()));
+    if !(old && new) {
+        fail(
+            "expected the leecher at /announce-old and then, redirected, at /announce",
+            &[&tracker, &leecher],
+        );
+    }
+}
+
+#[test]
+fn http_500_is_reported_and_peer_still_works() {
+    let (tracker, fx, seeder, seeder_addr) = scripted_swarm("status500", 36);
+    tracker.set_script(|_, _| HttpAction::status(500, b"internal trouble"));
+    let leecher = start_leecher(
+        &fx,
+        "status500",
+        Some(ip4(next_loopback())),
+        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+    );
+    let saw_completed = |port: u16| {
+        tracker
+            .requests()
+            .iter()
+            .any(|r| r.port() == Some(port) && r.event() == "completed")
+    };
+    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
+    let prefix = format!("bitfetch: tracker {}: ", tracker.announce_url());
+    let line = wait_for_stderr(&leecher.guard, &prefix, Duration::from_secs(10));
+    eprintln!("tracker notice: {line}");
+    if !line.starts_with(&prefix) || !line.contains("500") {
+        fail(
+            &format!("{line:?} should start {prefix:?} and mention the status 500"),
+            &[&leecher, &tracker],
+        );
+    }
+    interrupt(&leecher.guard, &[&tracker, &seeder]);
+}
+
+#[test]
+fn scrape_replies_and_a_url_without_scrape() {
+    let tracker = HttpTracker::start("scrape");
+    let with = tracker.announce_url();
+    let without = tracker.url("/tracker");
+    let fx = Fixture::new(
+        "scrape.bin",
+        SIZE,
+        37,
+        &[vec![with.clone()], vec![without.clone()]],
+    );
+    let hash = fx.hash.clone();
+    tracker.set_script(move |r, _| {
+        if r.path == "/scrape" {
+            HttpAction::ok(
+                B::Dict(vec![(
+                    b"files".to_vec(),
+                    B::Dict(vec![(
+                        hash.clone(),
+                        B::dict(vec![
+                            ("complete", B::Int(3)),
+                            ("incomplete", B::Int(2)),
+                            ("downloaded", B::Int(7)),
+                        ]),
+                    )]),
+                )])
+                .encode(),
+            )
+        } else {
+            HttpAction::status(404, b"not here")
+        }
+    });
+    let text = scrape(&fx, &[], &[]);
+    assert_exit_code(&text, 0, &[&tracker]);
+    let stdout = text.stdout_text();
+    let lines: Vec<&str> = stdout.lines().collect();
+    let first = format!("{with}: 3 seeders, 2 leechers, 7 completed");
+    if lines.len() != 2
+        || lines[0] != first
+        || !lines[1].starts_with(&format!("{without}: "))
+        || !lines[1].contains("offers no scrape")
+    {
+        fail(
+            &format!("expected {first:?} and `{without}: ...offers no scrape`"),
+            &[&text, &tracker],
+        );
+    }
+    let scrapes: Vec<HttpRequest> = tracker
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/scrape")
+        .collect();
+    if scrapes.len() != 1 || scrapes[0].param("info_hash") != Some(fx.hash.as_slice()) {
+        fail(
+            "expected one GET /scrape?info_hash=<raw hash>",
+            &[&tracker, &text],
+        );
+    }
+    let json = scrape(&fx, &strings(&["--json"]), &[]);
+    assert_exit_code(&json, 0, &[&tracker]);
+    let value = parse_json(&json, &[&tracker]);
+    let entries = value["trackers"].as_array().cloned().unwrap_or_default();
+    let ok = entries.len() == 2
+        && entries[0]
+            == serde_json::json!({"url": with, "seeders": 3, "leechers": 2, "completed": 7})
+        && entries[1]["url"] == serde_json::json!(without)
+        && entries[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("offers no scrape"));
+    if !ok {
+        fail(&format!("scrape --json gave {value}"), &[&json]);
+    }
+
+    // Only a tracker without scrape: nobody answered, exit 6.
+    let lone = Fixture::new("scrape-none.bin", SIZE, 38, &[vec![without.clone()]]);
+    let none = scrape(&lone, &[], &[]);
+    assert_exit_code(&none, 6, &[&tracker]);
+    if !none.stdout_text().contains("offers no scrape")
+        || !none.stderr_text().contains("bitfetch: error: ")
+    {
+        fail("a torrent whose only tracker offers no scrape", &[&none]);
+    }
+}
+
+// =============================================================================================
+// Timeouts and tiers
+// =============================================================================================
+
+#[test]
+fn tracker_that_never_answers_times_out_and_next_tier_is_used() {
+    let hang = HttpTracker::start("hang");
+    hang.set_script(|_, _| HttpAction::Hang);
+    let good = HttpTracker::start("good");
+    let fx = Fixture::new(
+        "timeout.bin",
+        SIZE,
+        41,
+        &[vec![hang.announce_url()], vec![good.announce_url()]],
+    );
+    let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
+    let peer = v4(seeder_addr);
+    good.set_script(move |_, _| HttpAction::ok(announce_reply(1800, &[peer])));
+    let leecher = start_leecher(&fx, "timeout", Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[&hang, &good, &seeder]);
+    let hung = from_client(&hang.requests(), leecher.listen);
+    let answered = from_client(&good.requests(), leecher.listen);
+    let (Some(h), Some(g)) = (hung.first(), answered.first()) else {
+        fail(
+            "expected the leecher at the silent tracker first and then at the next tier",
+            &[&hang, &good, &leecher],
+        );
+    };
+    let waited = g.at.saturating_duration_since(h.at);
+    if h.event() != "started" || g.event() != "started" || waited < Duration::from_secs(10) {
+        fail(
+            &format!(
+                "expected `started` at the silent tracker, then after the request timeout \
+                 (15 s) `started` at the next tier; it moved on after {waited:?}"
+            ),
+            &[&hang, &good, &leecher],
+        );
+    }
+}
+
+/// A tracker that answers 500 to everything.
+fn dead_tracker(name: &str) -> HttpTracker {
+    let t = HttpTracker::start(name);
+    t.set_script(|_, _| HttpAction::status(500, b"dead"));
+    t
+}
+
+#[test]
+fn dead_trackers_in_the_same_tier_fall_through_and_the_live_one_is_promoted() {
+    let dead: Vec<HttpTracker> = (0..3).map(|i| dead_tracker(&format!("dead{i}"))).collect();
+    let good = HttpTracker::start("alive");
+    let mut tier: Vec<String> = dead.iter().map(HttpTracker::announce_url).collect();
+    tier.push(good.announce_url());
+    let fx = Fixture::new("sametier.bin", SIZE, 42, &[tier]);
+    let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
+    let peer = v4(seeder_addr);
+    good.set_script(move |_, _| HttpAction::ok(announce_reply(1800, &[peer])));
+
+    let leecher = start_leecher(
+        &fx,
+        "sametier",
+        Some(ip4(next_loopback())),
+        &strings(&["--seed", "--announce-interval", "1"]),
+    );
+    let mut parts: Vec<&dyn Diagnose> = vec![&leecher, &good, &seeder];
+    parts.extend(dead.iter().map(|d| d as &dyn Diagnose));
+    let listen = leecher.listen;
+    // The peers come from the live tracker (the dead ones give none): the download completes
+    // and `completed` is announced, then several periodic announces follow.
+    let enough = good.wait_for(DEADLINE, |all| {
+        let mine = from_client(all, listen);
+        mine.iter().any(|r| r.event() == "completed") && mine.len() >= 5
+    });
+    if enough.is_none() {
+        fail(
+            "the live tracker did not see `completed` and 5 announces from the leecher",
+            &parts,
+        );
+    }
+    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out)) {
+        fail(&format!("the download is wrong: {e}"), &parts);
+    }
+    for d in &dead {
+        let hits = from_client(&d.requests(), listen).len();
+        if hits > 1 {
+            fail(
+                &format!(
+                    "a dead tracker in the tier saw {hits} announces: the tracker that \
+                     answered was not moved to the front of its tier"
+                ),
+                &parts,
+            );
+        }
+    }
+    interrupt(&leecher.guard, &parts);
+    let stopped = good.wait_for(Duration::from_secs(10), |all| {
+        from_client(all, listen)
+            .iter()
+            .any(|r| r.event() == "stopped")
+    });
+    if stopped.is_none() {
+        fail("no `stopped` at the live tracker after SIGINT", &parts);
+    }
+}
+
+#[test]
+fn dead_first_tier_falls_through_to_the_second() {
+    let dead = dead_tracker("dead-tier1");
+    let good = HttpTracker::start("alive-tier2");
+    let fx = Fixture::new(
+        "tiers.bin",
+        SIZE,
+        43,
+        &[vec![dead.announce_url()], vec![good.announce_url()]],
+    );
+    let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
+    let peer = v4(seeder_addr);
+    good.set_script(move |_, _| HttpAction::ok(announce_reply(1800, &[peer])));
+    let leecher = start_leecher(&fx, "tiers", Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[&dead, &good, &seeder]);
+    let parts: [&dyn Diagnose; 4] = [&leecher, &dead, &good, &seeder];
+    let listen = leecher.listen;
+    let first_dead = from_client(&dead.requests(), listen);
+    if first_dead.first().map(HttpRequest::event).as_deref() != Some("started") {
+        fail("tier 1 was not asked first", &parts);
+    }
+    // `completed` and `stopped` are sent while exiting: wait for them to be recorded.
+    let seen = good.wait_for(Duration::from_secs(10), |all| {
+        let ev = events(&from_client(all, listen));
+        ev.first().map(String::as_str) == Some("started")
+            && ev.iter().any(|e| e == "completed")
+            && ev.iter().any(|e| e == "stopped")
+    });
+    if seen.is_none() {
+        fail(
+            &format!(
+                "the tier-2 tracker that answered should see started, completed and stopped \
+                 from the leecher; it saw {:?} (the dead tier-1 tracker saw {:?})",
+                events(&from_client(&good.requests(), listen)),
+                events(&from_client(&dead.requests(), listen)),
+            ),
+            &parts,
+        );
+    }
+}
+
+// =============================================================================================
+// Re-announces, events and transfer counters
+// =============================================================================================
+
+#[test]
+fn announces_carry_events_counters_keys_and_tracker_id() {
+    let (tracker, fx, seeder, seeder_addr) = scripted_swarm("events", 51);
+    let seeder_port = seeder_addr.port();
+    let peer = v4(seeder_addr);
+    let leecher_announces = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&leecher_announces);
+    // The leecher's first announce gets no peers (so a periodic announce happens while it is
+    // still empty), later ones get the seeder. The first reply sets a tracker id.
+    tracker.set_script(move |r, _| {
+        if r.port() == Some(seeder_port) {
+            return HttpAction::ok(announce_reply(1800, &[]));
+        }
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let mut reply = vec![("interval", B::Int(1800))];
+        if n == 0 {
+            reply.push(("tracker id", B::str("tid 7")));
+            reply.push(("peers", B::str(b"")));
+        } else {
+            reply.push(("peers", B::Bytes(compact4(&[peer]))));
+        }
+        HttpAction::ok(B::dict(reply).encode())
+    });
+    let leecher = start_leecher(
+        &fx,
+        "events",
+        Some(ip4(next_loopback())),
+        &strings(&["--announce-interval", "1"]),
+    );
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+    let parts: [&dyn Diagnose; 3] = [&leecher, &tracker, &seeder];
+    let listen = leecher.listen;
+    let Some(all) = tracker.wait_for(Duration::from_secs(10), |all| {
+        from_client(all, listen)
+            .iter()
+            .any(|r| r.event() == "stopped")
+    }) else {
+        fail("no `stopped` announce after the download exited", &parts);
+    };
+    let mine = from_client(&all, listen);
+    check_announce_keys(&fx, &mine, listen, &parts);
+
+    let ev = events(&mine);
+    let bad = |why: &str| -> ! { fail(&format!("{why}; events {ev:?}"), &parts) };
+    let first = &mine[0];
+    if first.event() != "started"
+        || first.num("left") != Some(fx.size)
+        || first.num("downloaded") != Some(0)
+        || first.num("uploaded") != Some(0)
+    {
+        bad("the first announce must be `started` with left = size, downloaded = uploaded = 0");
+    }
+    if first.param("trackerid").is_some() {
+        bad("the first announce has a trackerid nobody gave");
+    }
+    if mine.len() < 4 || mine[1].event() != "" || mine[1].num("left") != Some(fx.size) {
+        bad("the second announce must be a periodic one (no event) while nothing is downloaded");
+    }
+    for r in &mine[1..] {
+        if r.param("trackerid") != Some(b"tid 7".as_slice()) {
+            bad(&format!("the tracker id is not echoed in {}", r.describe()));
+        }
+    }
+    let completed: Vec<&HttpRequest> = mine.iter().filter(|r| r.event() == "completed").collect();
+    if completed.len() != 1 {
+        bad("`completed` must be sent exactly once");
+    }
+    let c = completed[0];
+    if c.num("left") != Some(0) || c.num("downloaded").is_none_or(|d| d < fx.size) {
+        bad(&format!(
+            "`completed` must carry left=0 and downloaded >= {}: {}",
+            fx.size,
+            c.describe()
+        ));
+    }
+    let last = mine.last().expect("non-empty");
+    if last.event() != "stopped" {
+        bad("`stopped` must be the last announce");
+    }
+    if last.num("left") != Some(0) || last.num("downloaded").is_none_or(|d| d < fx.size) {
+        bad(&format!(
+            "`stopped` must carry left=0 and downloaded >= {}: {}",
+            fx.size,
+            last.describe()
+        ));
+    }
+    let completed_at = ev.iter().position(|e| e == "completed").expect("one");
+    if ev[..completed_at].iter().skip(1).any(|e| !e.is_empty())
+        || ev[completed_at + 1..ev.len() - 1]
+            .iter()
+            .any(|e| !e.is_empty())
+    {
+        bad("expected started, periodic…, completed, periodic…, stopped");
+    }
+}
+
+#[test]
+fn seeder_reports_uploaded_bytes_and_stopped_on_sigint() {
+    let (tracker, fx, seeder, seeder_addr) = {
+        let tracker = HttpTracker::start("uploaded");
+        let fx = Fixture::new("uploaded.bin", SIZE, 52, &[vec![tracker.announce_url()]]);
+        let (seeder, addr) = start_seeder(
+            &fx,
+            ip4(next_loopback()),
+            &strings(&["--announce-interval", "1"]),
+        );
+        (tracker, fx, seeder, addr)
+    };
+    let leecher = start_leecher(
+        &fx,
+        "uploaded",
+        Some(ip4(next_loopback())),
+        &["--peer".into(), seeder_addr.to_string()],
+    );
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+    let parts: [&dyn Diagnose; 3] = [&seeder, &tracker, &leecher];
+    let size = fx.size;
+    let reported = tracker.wait_for(ANNOUNCE_DEADLINE, |all| {
+        from_client(all, seeder_addr)
+            .iter()
+            .any(|r| r.num("uploaded").is_some_and(|u| u >= size))
+    });
+    if reported.is_none() {
+        fail(
+            &format!("no periodic seeder announce with uploaded >= {size}"),
+            &parts,
+        );
+    }
+    interrupt(&seeder, &[&tracker, &leecher]);
+    let Some(all) = tracker.wait_for(Duration::from_secs(10), |all| {
+        from_client(all, seeder_addr)
+            .iter()
+            .any(|r| r.event() == "stopped")
+    }) else {
+        fail("no `stopped` from the seeder after SIGINT", &parts);
+    };
+    let mine = from_client(&all, seeder_addr);
+    check_announce_keys(&fx, &mine, seeder_addr, &parts);
+    let first = &mine[0];
+    if first.event() != "started"
+        || first.num("left") != Some(0)
+        || first.num("uploaded") != Some(0)
+    {
+        fail(
+            &format!(
+                "the seeder's first announce must be started, left=0, uploaded=0: {}",
+                first.describe()
+            ),
+            &parts,
+        );
+    }
+    if mine.iter().any(|r| r.event() == "completed") {
+        fail(
+            "a seeder that was complete at start must not announce `completed`",
+            &parts,
+        );
+    }
+    let stopped = mine.iter().find(|r| r.event() == "stopped").expect("seen");
+    if stopped.num("uploaded").is_none_or(|u| u < size) || stopped.num("left") != Some(0) {
+        fail(
+            &format!(
+                "the seeder's `stopped` must carry uploaded >= {size} and left=0: {}",
+                stopped.describe()
+            ),
+            &parts,
+        );
+    }
+}
+
+// =============================================================================================
+// Scripted UDP tracker
+// =============================================================================================
+
+#[test]
+fn udp_error_reply_is_shown_and_peer_still_works() {
+    let tracker = UdpTracker::start("udp-error");
+    tracker.set_script(|_, _| UdpAction::Error("udp tracker refuses (test)".into()));
+    let url = tracker.announce_url();
+    let fx = Fixture::new("udp-error.bin", SIZE, 61, &[vec![url.clone()]]);
+    let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
+    let leecher = start_leecher(
+        &fx,
+        "udp-error",
+        Some(ip4(next_loopback())),
+        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+    );
+    let saw_completed = |port: u16| {
+        tracker
+            .announces_from_port(port)
+            .iter()
+            .any(|a| a.event == 1)
+    };
+    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
+    let expected = format!("bitfetch: tracker {url}: tracker says: udp tracker refuses (test)");
+    let line = wait_for_stderr(&leecher.guard, &expected, Duration::from_secs(10));
+    if line != expected {
+        fail(
+            &format!("{line:?} is not {expected:?}"),
+            &[&leecher, &tracker],
+        );
+    }
+    interrupt(&leecher.guard, &[&tracker, &seeder]);
+    let mine = tracker.announces_from_port(leecher.listen.port());
+    if mine.is_empty() || mine[0].info_hash.as_slice() != fx.hash.as_slice() {
+        fail(
+            "the UDP tracker never saw the leecher's announce for this torrent",
+            &[&leecher, &tracker],
+        );
+    }
+}
+
+#[test]
+fn udp_connection_id_is_reused_within_a_minute() {
+    let tracker = UdpTracker::start("udp-reuse");
+    let fx = Fixture::new("udp-reuse.bin", SIZE, 62, &[vec![tracker.announce_url()]]);
+    let (seeder, seeder_addr) = start_seeder(
+        &fx,
+        ip4(next_loopback()),
+        &strings(&["--announce-interval", "1"]),
+    );
+    let port = seeder_addr.port();
+    let enough = poll_until(ANNOUNCE_DEADLINE, || {
+        (tracker.announces_from_port(port).len() >= 3).then_some(())
+    });
+    if enough.is_none() {
+        fail(
+            "the seeder did not announce 3 times over UDP with --announce-interval 1",
+            &[&seeder, &tracker],
+        );
+    }
+    let announces = tracker.announces_from_port(port);
+    let issued = tracker.issued_ids();
+    if tracker.connects() != 1 || announces.iter().any(|a| a.connection_id != issued[0]) {
+        fail(
+            "announces within a minute must reuse one connection id (one connect)",
+            &[&seeder, &tracker],
+        );
+    }
+    let first = &announces[0];
+    let keys_ok = announces.iter().all(|a| {
+        a.info_hash.as_slice() == fx.hash.as_slice()
+            && a.peer_id.starts_with(b"-BF0100-")
+            && a.peer_id == first.peer_id
+            && a.key == first.key
+            && a.left == 0
+            && a.from.ip() == seeder_addr.ip()
+    });
+    if first.event != 2
+        || first.uploaded != 0
+        || !keys_ok
+        || announces[1..].iter().any(|a| a.event != 0)
+    {
+        fail(
+            "UDP announces: started (2) first, then periodic (0); hash, peer id, key, port, \
+             left=0, source address as bound",
+            &[&seeder, &tracker],
+        );
+    }
+    interrupt(&seeder, &[&tracker]);
+    let stopped = poll_until(Duration::from_secs(10), || {
+        tracker
+            .announces_from_port(port)
+            .iter()
+            .any(|a| a.event == 3)
+            .then_some(())
+    });
+    if stopped.is_none() {
+        fail("no UDP `stopped` (3) after SIGINT", &[&seeder, &tracker]);
+    }
+}
