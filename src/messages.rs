@@ -55,6 +55,8 @@ pub enum PeerEvent {
         data: Vec<u8>,
     },
     Uploaded(u32),
+    /// A piece we had verified no longer matches its hash on disk; it was not sent.
+    CorruptOnDisk(PieceIndex),
     /// The connection ended; its threads are finishing and can be joined.
     Gone {
         reason: String,

@@ -21,7 +21,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::extension;
-use crate::geometry::{BlockRef, Geometry};
+use sha1::{Digest, Sha1};
+
+use crate::geometry::{BlockRef, Geometry, PieceIndex};
 use crate::messages::{Command, HaveSummary, Input, PeerEvent};
 use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
@@ -90,6 +92,8 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> PeerError {
 /// What every connection of one torrent shares (read-only).
 #[derive(Debug)]
 pub struct Context {
+    /// Piece hashes: uploads are checked against them before a byte goes out.
+    pub meta: Arc<crate::metainfo::Metainfo>,
     pub info_hash: [u8; 20],
     pub our_id: [u8; 20],
     pub geometry: Geometry,
@@ -422,6 +426,10 @@ struct WriterState {
     /// BEP 10 handshake to send after the first message, if negotiated.
     ext_handshake: Option<Vec<u8>>,
     requests_while_choked: u32,
+    meta: Arc<crate::metainfo::Metainfo>,
+    /// The piece uploads are served from: read whole, hash-checked (see `load_verified`).
+    cached_piece: Option<PieceIndex>,
+    cache: Vec<u8>,
     choking: bool,
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
@@ -455,6 +463,9 @@ impl WriterState {
             fast,
             ext_handshake,
             requests_while_choked: 0,
+            meta: Arc::clone(&ctx.meta),
+            cached_piece: None,
+            cache: Vec::new(),
             choking: true,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
@@ -526,6 +537,9 @@ impl WriterState {
                     out,
                 );
                 if choke {
+                    // A choked peer gets nothing more for a while: free the cache.
+                    self.cached_piece = None;
+                    self.cache = Vec::new();
                     // BEP 3: a choke discards the peer's pending requests; BEP 6 peers are
                     // told so, one reject each.
                     self.requests_while_choked = 0;
@@ -603,19 +617,48 @@ impl WriterState {
         true
     }
 
+    /// Loads `piece` into the serve cache and checks it against its hash. Data on disk can
+    /// change under a seeder (another program truncating or rewriting the file); a piece that
+    /// no longer matches is never sent.
+    fn load_verified(&mut self, piece: PieceIndex) -> bool {
+        if self.cached_piece == Some(piece) {
+            return true;
+        }
+        self.cached_piece = None;
+        let g = self.storage.geometry();
+        let len = g.piece_len(piece) as usize;
+        self.cache.resize(len, 0);
+        let ok = self
+            .storage
+            .read(g.piece_offset(piece), &mut self.cache[..len])
+            .is_ok()
+            && <[u8; 20]>::from(Sha1::digest(&self.cache[..len])) == *self.meta.piece_hash(piece);
+        if ok {
+            self.cached_piece = Some(piece);
+        }
+        ok
+    }
+
     fn serve(&mut self, block: BlockRef) -> io::Result<()> {
+        if !self.load_verified(block.piece) {
+            if self.fast {
+                wire::encode(&reject_msg(block), &mut self.out);
+            }
+            let _ = self.events.send(Input::Peer {
+                key: self.key,
+                event: PeerEvent::CorruptOnDisk(block.piece),
+            });
+            return Ok(());
+        }
         if let Some(limit) = self.upload_limit.clone() {
             // Send what is pending first, so the wait does not hold back other messages.
             self.flush()?;
             limit.acquire(u64::from(block.len));
         }
         wire::encode_piece_header(block.piece.get(), block.offset, block.len, &mut self.out);
-        let start = self.out.len();
-        self.out.resize(start + block.len as usize, 0);
-        if let Err(e) = self.storage.read_block(block, &mut self.out[start..]) {
-            // Never send what we cannot read back.
-            return Err(io::Error::other(e.to_string()));
-        }
+        let start = block.offset as usize;
+        self.out
+            .extend_from_slice(&self.cache[start..start + block.len as usize]);
         let _ = self.events.send(Input::Peer {
             key: self.key,
             event: PeerEvent::Uploaded(block.len),

@@ -120,6 +120,8 @@ struct Session {
     failures: HashMap<SocketAddr, (u32, Instant)>,
     banned_ids: HashSet<[u8; 20]>,
     banned_addrs: HashSet<SocketAddr>,
+    /// Pieces found changed on disk while serving (reported once each).
+    corrupt_on_disk: HashSet<PieceIndex>,
     own_addrs: Vec<SocketAddr>,
     input_tx: Sender<Input>,
     hash_tx: Option<Sender<PieceIndex>>,
@@ -269,6 +271,7 @@ fn run(
     let complete = picker.is_complete();
     let mut s = Session {
         ctx: Arc::new(peer::Context {
+            meta: Arc::clone(&meta),
             info_hash: meta.info_hash,
             our_id,
             geometry,
@@ -294,6 +297,7 @@ fn run(
         failures: HashMap::new(),
         banned_ids: HashSet::new(),
         banned_addrs: HashSet::new(),
+        corrupt_on_disk: HashSet::new(),
         own_addrs,
         input_tx,
         hash_tx,

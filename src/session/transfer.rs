@@ -104,6 +104,13 @@ impl Session {
                     self.uploaded += n;
                 }
             }
+            PeerEvent::CorruptOnDisk(piece) => {
+                if self.corrupt_on_disk.insert(piece) {
+                    self.progress.note(&format!(
+                        "piece {piece} no longer matches its hash on disk (was the file changed?); not serving it"
+                    ));
+                }
+            }
             PeerEvent::Gone { .. } => self.on_gone(key),
         }
         Ok(())
