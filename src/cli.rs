@@ -1,7 +1,7 @@
 //! Command-line arguments, and the commands that need no network (`info`, `create`, `verify`).
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::json;
 use crate::metainfo::{self, Metainfo};
 use crate::path_safety::escape;
+use crate::progress::Mode;
 use crate::storage::{Layout, Storage};
 use crate::tracker::{self, NetConfig};
 use crate::{create, session};
@@ -137,6 +138,15 @@ pub struct DownloadArgs {
     /// stop seeding after this long, e.g. 90s, 30m, 2h
     #[argh(option)]
     pub seed_time: Option<String>,
+    /// give up (exit 7) if the whole run takes longer than this, e.g. 10m
+    #[argh(option)]
+    pub timeout: Option<String>,
+    /// give up (exit 8) if no piece is verified for this long, e.g. 2m
+    #[argh(option)]
+    pub stall_timeout: Option<String>,
+    /// newline-delimited JSON events on stdout instead of text (see the README)
+    #[argh(switch)]
+    pub json: bool,
     /// no progress output; errors only
     #[argh(switch, short = 'q')]
     pub quiet: bool,
@@ -186,6 +196,15 @@ pub struct SeedArgs {
     /// stop seeding after this long, e.g. 90s, 30m, 2h
     #[argh(option)]
     pub seed_time: Option<String>,
+    /// give up (exit 7) if the whole run takes longer than this, e.g. 10m
+    #[argh(option)]
+    pub timeout: Option<String>,
+    /// give up (exit 8) if no piece is verified for this long, e.g. 2m
+    #[argh(option)]
+    pub stall_timeout: Option<String>,
+    /// newline-delimited JSON events on stdout instead of text (see the README)
+    #[argh(switch)]
+    pub json: bool,
     /// no progress output; errors only
     #[argh(switch, short = 'q')]
     pub quiet: bool,
@@ -210,6 +229,22 @@ pub struct ScrapeArgs {
 }
 
 pub fn run(args: Args) -> Result<(), Error> {
+    let json = match &args.command {
+        Command::Download(a) => a.json,
+        Command::Seed(a) => a.json,
+        _ => false,
+    };
+    let result = dispatch(args);
+    if json && let Err(e) = &result {
+        println!(
+            "{}",
+            crate::progress::json_error(e.exit_code().code(), &e.to_string())
+        );
+    }
+    result
+}
+
+fn dispatch(args: Args) -> Result<(), Error> {
     match args.command {
         Command::Info(a) => info(&a),
         Command::Create(a) => create_cmd(&a),
@@ -220,29 +255,87 @@ pub fn run(args: Args) -> Result<(), Error> {
     }
 }
 
+/// Loads a torrent from a path, from standard input (`-`), or from an `http(s)://` URL.
 pub fn load_torrent(path: &Path) -> Result<Metainfo, Error> {
-    let limit = crate::bencode::Limits::METAINFO.max_size as u64;
-    let meta = fs::metadata(path).map_err(|source| Error::ReadTorrent {
+    load_torrent_with(path, None)
+}
+
+/// As [`load_torrent`]; `ca_file` is trusted for an `https://` torrent URL.
+pub fn load_torrent_with(path: &Path, ca_file: Option<&Path>) -> Result<Metainfo, Error> {
+    let limit = crate::bencode::Limits::METAINFO.max_size;
+    let text = path.to_string_lossy();
+    let read_err = |source: std::io::Error| Error::ReadTorrent {
         path: path.to_path_buf(),
         source,
-    })?;
-    if meta.len() > limit {
-        return Err(Error::Torrent {
-            path: path.to_path_buf(),
-            source: metainfo::Error::Bencode(crate::bencode::Error::TooLarge {
-                size: usize::try_from(meta.len()).unwrap_or(usize::MAX),
-                max: limit as usize,
-            }),
-        });
+    };
+    let bytes = if text == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(read_err)?;
+        buf
+    } else if text.starts_with("http://") || text.starts_with("https://") {
+        fetch_torrent(&text, ca_file).map_err(|e| match e {
+            FetchError::TooLarge => too_large(path, limit as u64 + 1),
+            FetchError::Other(m) => read_err(std::io::Error::other(m)),
+        })?
+    } else {
+        let meta = fs::metadata(path).map_err(read_err)?;
+        if meta.len() > limit as u64 {
+            return Err(too_large(path, meta.len()));
+        }
+        fs::read(path).map_err(read_err)?
+    };
+    if bytes.len() > limit {
+        return Err(too_large(path, bytes.len() as u64));
     }
-    let bytes = fs::read(path).map_err(|source| Error::ReadTorrent {
-        path: path.to_path_buf(),
-        source,
-    })?;
     Metainfo::from_bytes(&bytes).map_err(|source| Error::Torrent {
         path: path.to_path_buf(),
         source,
     })
+}
+
+fn too_large(path: &Path, size: u64) -> Error {
+    Error::Torrent {
+        path: path.to_path_buf(),
+        source: metainfo::Error::Bencode(crate::bencode::Error::TooLarge {
+            size: usize::try_from(size).unwrap_or(usize::MAX),
+            max: crate::bencode::Limits::METAINFO.max_size,
+        }),
+    }
+}
+
+enum FetchError {
+    TooLarge,
+    Other(String),
+}
+
+/// GETs a .torrent: certificates verified, 60 s overall, body capped at the metainfo limit.
+fn fetch_torrent(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, FetchError> {
+    let ca = ca_file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from));
+    let agent = crate::http::agent(Duration::from_secs(60), None, ca.as_deref())
+        .map_err(|e| FetchError::Other(e.to_string()))?;
+    let mut resp = agent
+        .get(url)
+        .call()
+        .map_err(|e| FetchError::Other(e.to_string()))?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        return Err(FetchError::Other(format!("HTTP status {status}")));
+    }
+    let limit = crate::bencode::Limits::METAINFO.max_size as u64;
+    resp.body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => FetchError::TooLarge,
+            e => FetchError::Other(e.to_string()),
+        })
 }
 
 /// Resolves `HOST:PORT` arguments; a bad one is a usage error.
@@ -271,6 +364,9 @@ pub struct SessionOptions<'a> {
     pub max_download_rate: Option<&'a str>,
     pub seed_ratio: Option<&'a str>,
     pub seed_time: Option<&'a str>,
+    pub timeout: Option<&'a str>,
+    pub stall_timeout: Option<&'a str>,
+    pub json: bool,
     pub quiet: bool,
 }
 
@@ -288,6 +384,9 @@ macro_rules! session_options {
             max_download_rate: $a.max_download_rate.as_deref(),
             seed_ratio: $a.seed_ratio.as_deref(),
             seed_time: $a.seed_time.as_deref(),
+            timeout: $a.timeout.as_deref(),
+            stall_timeout: $a.stall_timeout.as_deref(),
+            json: $a.json,
             quiet: $a.quiet,
         }
     };
@@ -382,7 +481,23 @@ pub fn session_config(o: &SessionOptions, seed_after: bool) -> Result<session::C
         upload_slots: o.upload_slots,
         max_upload_rate: rate(o.max_upload_rate)?,
         max_download_rate: rate(o.max_download_rate)?,
-        quiet: o.quiet,
+        timeout: o
+            .timeout
+            .map(parse_duration)
+            .transpose()
+            .map_err(Error::Usage)?,
+        stall_timeout: o
+            .stall_timeout
+            .map(parse_duration)
+            .transpose()
+            .map_err(Error::Usage)?,
+        mode: if o.json {
+            Mode::Json
+        } else if o.quiet {
+            Mode::Quiet
+        } else {
+            Mode::Human
+        },
     })
 }
 

@@ -1,23 +1,45 @@
-//! The one owner of the terminal: a progress bar on stderr when it is a terminal, a summary
-//! line at the end otherwise. Only the session thread calls it.
+//! The one owner of the terminal and of stdout during a transfer. Only the session thread
+//! calls it.
+//!
+//! Three modes:
+//! - a person at a terminal: a progress bar on stderr, notes above it, a summary at the end;
+//! - a script (stderr not a terminal, or `--quiet`): no bar; notes and summary unless quiet;
+//! - `--json`: newline-delimited events on stdout (schema in the README), nothing else there.
+//!
+//! Without `--json`, stdout carries only the paths of the downloaded files, one per line, once
+//! the download is complete.
 
-use std::io::{IsTerminal, Stderr};
+use std::io::{IsTerminal, Stderr, Write};
 use std::time::{Duration, Instant};
 
 use pbr::{ProgressBar, Units};
 
 use crate::cli::human_bytes;
+use crate::json;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Human,
+    Quiet,
+    Json,
+}
 
 pub struct Progress {
     bar: Option<ProgressBar<Stderr>>,
-    quiet: bool,
+    mode: Mode,
     started: Instant,
     last_draw: Instant,
+    last_json: Instant,
+    /// (time, bytes) at the previous JSON progress event, for its rate.
+    last_sample: (Instant, u64),
 }
 
+/// Progress events in JSON mode come at this steady interval.
+const JSON_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Progress {
-    pub fn new(total: u64, done: u64, quiet: bool) -> Progress {
-        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+    pub fn new(total: u64, done: u64, mode: Mode, show_bar: bool) -> Progress {
+        let bar = (mode == Mode::Human && show_bar && std::io::stderr().is_terminal()).then(|| {
             let mut pb = ProgressBar::on(std::io::stderr(), total);
             pb.set_units(Units::Bytes);
             pb.set_max_refresh_rate(Some(Duration::from_millis(200)));
@@ -26,53 +48,140 @@ impl Progress {
             pb.set(done);
             pb
         });
+        let now = Instant::now();
         Progress {
             bar,
-            quiet,
-            started: Instant::now(),
-            last_draw: Instant::now(),
+            mode,
+            started: now,
+            last_draw: now,
+            last_json: now,
+            last_sample: (now, done),
         }
     }
 
-    pub fn update(&mut self, done: u64, peers: usize, seeds: usize) {
-        if self.last_draw.elapsed() < Duration::from_millis(200) {
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn emit(&self, line: &str) {
+        // A closed stdout is noticed by the caller's next write of data, not here.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    pub fn start(&self, name: &str, info_hash: &str, size: u64, pieces: u32, files: usize) {
+        if self.mode == Mode::Json {
+            self.emit(&format!(
+                "{{\"event\":\"start\",\"name\":{},\"info_hash\":\"{info_hash}\",\"size\":{size},\"pieces\":{pieces},\"files\":{files}}}",
+                json::string(name)
+            ));
+        }
+    }
+
+    /// The listening address: a JSON event, or a stderr line (kept even with `--quiet`
+    /// suppressed: scripts that seed need the port).
+    pub fn listening(&self, addr: std::net::SocketAddr) {
+        match self.mode {
+            Mode::Json => self.emit(&format!(
+                "{{\"event\":\"listening\",\"address\":\"{addr}\"}}"
+            )),
+            Mode::Human => eprintln!("bitfetch: listening on {addr}"),
+            Mode::Quiet => {}
+        }
+    }
+
+    pub fn update(&mut self, done: u64, total: u64, peers: usize, seeds: usize) {
+        let now = Instant::now();
+        if self.mode == Mode::Json && now.duration_since(self.last_json) >= JSON_INTERVAL {
+            let (t0, b0) = self.last_sample;
+            let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+            let rate = (done.saturating_sub(b0) as f64 / secs) as u64;
+            self.last_json = now;
+            self.last_sample = (now, done);
+            self.emit(&format!(
+                "{{\"event\":\"progress\",\"downloaded\":{done},\"total\":{total},\"rate\":{rate},\"peers\":{peers},\"seeders\":{seeds}}}"
+            ));
+        }
+        if now.duration_since(self.last_draw) < Duration::from_millis(200) {
             return;
         }
-        self.last_draw = Instant::now();
+        self.last_draw = now;
         if let Some(pb) = &mut self.bar {
             pb.message(&format!("{peers} peers ({seeds} seeds) "));
             pb.set(done);
         }
     }
 
-    /// A line for people (tracker trouble, notable events), kept clear of the bar.
-    pub fn note(&mut self, msg: &str) {
-        if self.quiet {
-            return;
+    /// Something people should know (tracker trouble, bans, hash failures). `kind` names the
+    /// JSON event.
+    pub fn note_kind(&mut self, kind: &str, msg: &str) {
+        match self.mode {
+            Mode::Json => self.emit(&format!(
+                "{{\"event\":\"{kind}\",\"message\":{}}}",
+                json::string(msg)
+            )),
+            Mode::Quiet => {}
+            Mode::Human => {
+                if self.bar.is_some() {
+                    eprint!("\r\x1b[2K");
+                }
+                eprintln!("bitfetch: {msg}");
+            }
         }
-        if self.bar.is_some() {
-            eprint!("\r\x1b[2K");
-        }
-        eprintln!("bitfetch: {msg}");
     }
 
-    pub fn finish(&mut self, downloaded: u64) {
+    pub fn note(&mut self, msg: &str) {
+        self.note_kind("notice", msg);
+    }
+
+    pub fn file_completed(&self, path: &str, size: u64) {
+        if self.mode == Mode::Json {
+            self.emit(&format!(
+                "{{\"event\":\"file_completed\",\"path\":{},\"size\":{size}}}",
+                json::string(path)
+            ));
+        }
+    }
+
+    /// The download is complete: the bar closes; a person gets a summary on stderr, a script
+    /// gets the file paths on stdout, JSON gets a `finished` event.
+    pub fn finish(&mut self, downloaded: u64, uploaded: u64, paths: &[String]) {
         if let Some(mut pb) = self.bar.take() {
             pb.finish_print("");
         }
-        if self.quiet {
-            return;
-        }
         let secs = self.started.elapsed().as_secs_f64();
-        let rate = if secs > 0.0 {
-            downloaded as f64 / secs
-        } else {
-            0.0
-        };
-        eprintln!(
-            "bitfetch: downloaded {} in {secs:.1} s ({}/s)",
-            human_bytes(downloaded),
-            human_bytes(rate as u64)
-        );
+        match self.mode {
+            Mode::Json => self.emit(&format!(
+                "{{\"event\":\"finished\",\"downloaded\":{downloaded},\"uploaded\":{uploaded},\"elapsed\":{secs:.3}}}"
+            )),
+            Mode::Human | Mode::Quiet => {
+                if self.mode == Mode::Human {
+                    let rate = if secs > 0.0 {
+                        downloaded as f64 / secs
+                    } else {
+                        0.0
+                    };
+                    eprintln!(
+                        "bitfetch: downloaded {} in {secs:.1} s ({}/s)",
+                        human_bytes(downloaded),
+                        human_bytes(rate as u64)
+                    );
+                }
+                let mut out = std::io::stdout().lock();
+                for p in paths {
+                    let _ = writeln!(out, "{p}");
+                }
+                let _ = out.flush();
+            }
+        }
     }
+}
+
+/// The `error` event for `--json` runs (main prints the human line on stderr either way).
+pub fn json_error(code: u8, msg: &str) -> String {
+    format!(
+        "{{\"event\":\"error\",\"code\":{code},\"message\":{}}}",
+        json::string(msg)
+    )
 }

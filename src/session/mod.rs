@@ -32,7 +32,7 @@ use crate::messages::{Command, Input, PeerEvent};
 use crate::metainfo::Metainfo;
 use crate::peer;
 use crate::picker::{PeerKey, Picker};
-use crate::progress::Progress;
+use crate::progress::{Mode, Progress};
 use crate::ratelimit::TokenBucket;
 use crate::rng::{self, Rng};
 use crate::storage::{self, Layout, Storage, Writer};
@@ -66,11 +66,13 @@ pub struct Config {
     pub upload_slots: usize,
     pub max_upload_rate: Option<u64>,
     pub max_download_rate: Option<u64>,
-    pub quiet: bool,
+    pub timeout: Option<Duration>,
+    pub stall_timeout: Option<Duration>,
+    pub mode: Mode,
 }
 
 pub fn download(a: &DownloadArgs) -> Result<(), Error> {
-    let meta = cli::load_torrent(&a.torrent)?;
+    let meta = cli::load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
     let config = cli::session_config(&a.options(), a.seeding())?;
     storage::install_stop_handler();
     fs::create_dir_all(&a.output)
@@ -86,11 +88,14 @@ pub fn download(a: &DownloadArgs) -> Result<(), Error> {
     } else {
         vec![false; meta.geometry.piece_count() as usize]
     };
-    run(meta, storage, Some(writer), have, config)
+    let paths = (0..layout.files.len())
+        .map(|i| layout.full_path(i).display().to_string())
+        .collect();
+    run(meta, storage, Some(writer), have, paths, config)
 }
 
 pub fn seed(a: &SeedArgs) -> Result<(), Error> {
-    let meta = cli::load_torrent(&a.torrent)?;
+    let meta = cli::load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
     let config = cli::session_config(&a.options(), true)?;
     storage::install_stop_handler();
     let layout = Layout::for_data_path(&a.data, &meta);
@@ -103,7 +108,7 @@ pub fn seed(a: &SeedArgs) -> Result<(), Error> {
             total: have.len() as u32,
         });
     }
-    run(meta, Arc::new(storage), None, have, config)
+    run(meta, Arc::new(storage), None, have, Vec::new(), config)
 }
 
 struct Session {
@@ -128,6 +133,13 @@ struct Session {
     tracker_tx: Option<Sender<TrackerCommand>>,
     stats: Arc<Stats>,
     progress: Progress,
+    /// Full paths of the torrent's files, printed when the download completes.
+    paths: Vec<String>,
+    /// Per file, pieces not yet verified (for `file_completed` events).
+    files_left: Vec<u32>,
+    started: Instant,
+    /// Last time a piece was verified (for `--stall-timeout`).
+    last_progress: Instant,
     cfg: Config,
     downloaded: u64,
     /// Bytes uploaded since the torrent was complete in this run (for the seed ratio).
@@ -212,6 +224,7 @@ fn run(
     storage: Arc<Storage>,
     writer: Option<Writer>,
     have: Vec<bool>,
+    paths: Vec<String>,
     cfg: Config,
 ) -> Result<(), Error> {
     let meta = Arc::new(meta);
@@ -221,7 +234,6 @@ fn run(
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("reading the listening address", e))?;
-    eprintln!("bitfetch: listening on {local}");
 
     let (input_tx, input_rx) = crossbeam_channel::bounded(INPUT_CAPACITY);
     spawn_listener(listener, input_tx.clone());
@@ -269,6 +281,23 @@ fn run(
         ));
     }
     let complete = picker.is_complete();
+    let progress = Progress::new(total, done, cfg.mode, !complete);
+    progress.start(
+        &meta.name,
+        &meta.info_hash_hex(),
+        total,
+        geometry.piece_count(),
+        meta.files.len(),
+    );
+    progress.listening(local);
+    let files_left = (0..geometry.file_count())
+        .map(|f| {
+            geometry
+                .pieces_of_file(f)
+                .filter(|&p| !picker.have_flags()[p as usize])
+                .count() as u32
+        })
+        .collect();
     let mut s = Session {
         ctx: Arc::new(peer::Context {
             meta: Arc::clone(&meta),
@@ -303,7 +332,11 @@ fn run(
         hash_tx,
         tracker_tx: Some(tracker_tx),
         stats,
-        progress: Progress::new(total, done, cfg.quiet || complete),
+        progress,
+        paths,
+        files_left,
+        started: Instant::now(),
+        last_progress: Instant::now(),
         downloaded: 0,
         uploaded: 0,
         last_need_peers: Instant::now(),
@@ -334,6 +367,21 @@ impl Session {
             }
             if self.picker.is_complete() && self.done_seeding() {
                 return Ok(());
+            }
+            if self
+                .cfg
+                .timeout
+                .is_some_and(|t| self.started.elapsed() >= t)
+            {
+                return Err(Error::Timeout);
+            }
+            if !self.picker.is_complete()
+                && self
+                    .cfg
+                    .stall_timeout
+                    .is_some_and(|t| self.last_progress.elapsed() >= t)
+            {
+                return Err(Error::Stalled);
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
@@ -386,11 +434,8 @@ impl Session {
             .filter(|k| self.picker.peer_is_seed(**k))
             .count();
         let total = self.picker.geometry().total_len();
-        self.progress.update(
-            total - self.stats.left.load(Ordering::Relaxed),
-            peers,
-            seeds,
-        );
+        let done = total - self.stats.left.load(Ordering::Relaxed);
+        self.progress.update(done, total, peers, seeds);
     }
 
     fn handle(&mut self, msg: Input) -> Result<(), Error> {
@@ -398,7 +443,7 @@ impl Session {
             Input::Peer { key, event } => self.on_peer_event(key, event)?,
             Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
             Input::Peers(list) => self.add_candidates(list),
-            Input::TrackerNotice(m) => self.progress.note(&m),
+            Input::TrackerNotice(m) => self.progress.note_kind("tracker_error", &m),
             Input::TrackerDone => {}
             Input::Hashed { piece, ok } => self.on_hashed(piece, ok)?,
         }
@@ -433,7 +478,7 @@ impl Session {
                         let _ = t.join();
                     }
                 }
-                Ok(Input::TrackerNotice(m)) => self.progress.note(&m),
+                Ok(Input::TrackerNotice(m)) => self.progress.note_kind("tracker_error", &m),
                 Ok(Input::TrackerDone) => tracker_running = false,
                 Ok(_) => {}
                 Err(_) => break,

@@ -205,7 +205,7 @@ impl Session {
         }
         self.banned_addrs.insert(p.addr);
         self.progress
-            .note(&format!("banned peer {}: {why}", p.addr));
+            .note_kind("peer_banned", &format!("banned peer {}: {why}", p.addr));
         self.drop_peer(key);
     }
 

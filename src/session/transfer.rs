@@ -106,7 +106,7 @@ impl Session {
             }
             PeerEvent::CorruptOnDisk(piece) => {
                 if self.corrupt_on_disk.insert(piece) {
-                    self.progress.note(&format!(
+                    self.progress.note_kind("disk_changed", &format!(
                         "piece {piece} no longer matches its hash on disk (was the file changed?); not serving it"
                     ));
                 }
@@ -219,6 +219,8 @@ impl Session {
         }
         let len = u64::from(self.picker.geometry().piece_len(piece));
         self.stats.left.fetch_sub(len, Ordering::Relaxed);
+        self.last_progress = Instant::now();
+        self.count_file_progress(piece);
         for p in self.peers.values() {
             p.send(Command::Have(piece));
         }
@@ -232,14 +234,33 @@ impl Session {
         Ok(())
     }
 
+    /// Counts a verified piece against the files it covers; a file whose last piece this was
+    /// is complete.
+    fn count_file_progress(&mut self, piece: PieceIndex) {
+        let g = self.picker.geometry().clone();
+        let files: Vec<usize> = g
+            .spans(g.piece_offset(piece), u64::from(g.piece_len(piece)))
+            .map(|s| s.file)
+            .collect();
+        for f in files {
+            self.files_left[f] -= 1;
+            if self.files_left[f] == 0
+                && let Some(path) = self.paths.get(f)
+            {
+                self.progress.file_completed(path, g.file_len(f));
+            }
+        }
+    }
+
     /// A piece failed its hash: its senders lose trust; one that sent all of it, or keeps
     /// failing, is banned.
     fn on_bad_piece(&mut self, piece: PieceIndex) {
         let blocks = self.picker.geometry().blocks_in(piece);
         let senders = self.picker.piece_failed(piece);
-        self.progress.note(&format!(
-            "piece {piece} failed its hash check; fetching it again"
-        ));
+        self.progress.note_kind(
+            "hash_failed",
+            &format!("piece {piece} failed its hash check; fetching it again"),
+        );
         for (key, count) in senders {
             let Some(p) = self.peers.get_mut(&key) else {
                 continue;
@@ -268,7 +289,8 @@ impl Session {
         if let Some(t) = &self.tracker_tx {
             let _ = t.send(TrackerCommand::Completed);
         }
-        self.progress.finish(self.downloaded);
+        let uploaded = self.stats.uploaded.load(Ordering::Relaxed);
+        self.progress.finish(self.downloaded, uploaded, &self.paths);
         Ok(())
     }
 
