@@ -95,9 +95,27 @@ pub struct DownloadArgs {
     /// the .torrent file
     #[argh(positional)]
     pub torrent: PathBuf,
-    /// directory to download into (default: .)
-    #[argh(option, short = 'o', default = "PathBuf::from(\".\")")]
-    pub output: PathBuf,
+    /// directory to download into (default: ., or a temporary directory with -O -)
+    #[argh(option, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// write the content to stdout ('-'), in order, as pieces verify (one file: see --file)
+    #[argh(option, short = 'O')]
+    pub output_document: Option<String>,
+    /// same as -O -
+    #[argh(switch)]
+    pub stdout: bool,
+    /// with -O -: the file of a multi-file torrent to stream, by its --list index
+    #[argh(option)]
+    pub file: Option<usize>,
+    /// list the torrent's files with their index and size, then exit
+    #[argh(switch)]
+    pub list: bool,
+    /// download only files whose path matches this glob (* and ?; repeatable)
+    #[argh(option)]
+    pub only: Vec<String>,
+    /// download only these files, by --list index: e.g. 1,3-5
+    #[argh(option)]
+    pub select: Option<String>,
     /// keep seeding after the download completes, until a seeding limit or Ctrl-C
     #[argh(switch)]
     pub seed: bool,
@@ -234,7 +252,11 @@ pub fn run(args: Args) -> Result<(), Error> {
         Command::Seed(a) => a.json,
         _ => false,
     };
-    let result = dispatch(args);
+    let result = match dispatch(args) {
+        // A closed `-O -` pipe means the reader has what it wanted.
+        Err(Error::OutputClosed) => Ok(()),
+        other => other,
+    };
     if json && let Err(e) = &result {
         println!(
             "{}",
@@ -400,6 +422,114 @@ impl DownloadArgs {
     pub fn seeding(&self) -> bool {
         !self.no_seed && (self.seed || self.seed_ratio.is_some() || self.seed_time.is_some())
     }
+
+    /// Whether the content goes to stdout (`-O -` or `--stdout`).
+    pub fn streaming(&self) -> Result<bool, Error> {
+        match self.output_document.as_deref() {
+            Some("-") => Ok(true),
+            Some(other) => Err(Error::Usage(format!(
+                "-O {other}: only '-' (standard output) is supported; use -o DIR for files"
+            ))),
+            None => Ok(self.stdout),
+        }
+    }
+
+    /// Which files to download: all, or those `--select` and `--only` name (1-based
+    /// indices as `--list` shows them).
+    pub fn selection(&self, meta: &Metainfo) -> Result<Option<Vec<bool>>, Error> {
+        if self.select.is_none() && self.only.is_empty() {
+            return Ok(None);
+        }
+        let n = meta.files.len();
+        let mut chosen = vec![false; n];
+        if let Some(spec) = &self.select {
+            for i in parse_index_list(spec, n).map_err(Error::Usage)? {
+                chosen[i] = true;
+            }
+        }
+        for (i, f) in meta.files.iter().enumerate() {
+            let rel = torrent_relative(meta, &f.path);
+            if self.only.iter().any(|g| glob_match(g, &rel)) {
+                chosen[i] = true;
+            }
+        }
+        if !chosen.iter().any(|c| *c) {
+            return Err(Error::Usage(
+                "--select/--only match no file of the torrent (see --list)".into(),
+            ));
+        }
+        Ok(Some(chosen))
+    }
+}
+
+/// A file's path inside the torrent, as `--list` shows it and `--only` matches it: without
+/// the top directory of a multi-file torrent.
+pub fn torrent_relative(meta: &Metainfo, path: &Path) -> String {
+    let rel = if meta.multi_file {
+        path.strip_prefix(&meta.name).unwrap_or(path)
+    } else {
+        path
+    };
+    rel.to_string_lossy().into_owned()
+}
+
+/// `*` matches any run of characters (including `/`), `?` any one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// `1,3-5` → zero-based indices, each checked against `n` files.
+pub fn parse_index_list(spec: &str, n: usize) -> Result<Vec<usize>, String> {
+    let bad = |part: &str| format!("--select {spec}: '{part}' is not an index or range of 1..={n}");
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let a: usize = a.trim().parse().map_err(|_| bad(part))?;
+        let b: usize = b.trim().parse().map_err(|_| bad(part))?;
+        if a == 0 || b < a || b > n {
+            return Err(bad(part));
+        }
+        out.extend(a - 1..b);
+    }
+    if out.is_empty() {
+        return Err(bad(spec));
+    }
+    Ok(out)
+}
+
+/// `--list`: index, size and path of every file.
+pub fn list_files(meta: &Metainfo) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    for (i, f) in meta.files.iter().enumerate() {
+        writeln!(
+            out,
+            "{:>4} {:>14} {}",
+            i + 1,
+            f.len,
+            escape(&torrent_relative(meta, &f.path))
+        )
+        .map_err(|e| Error::io("writing to stdout", e))?;
+    }
+    Ok(())
 }
 
 impl SeedArgs {
@@ -784,6 +914,21 @@ mod tests {
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn globs_and_index_lists() {
+        assert!(glob_match("*.iso", "dir/a.iso"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "abbc"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("*.iso", "a.img"));
+        assert!(glob_match("d*/*.txt", "dir/x/y.txt"));
+        assert_eq!(parse_index_list("1,3-5", 5).unwrap(), vec![0, 2, 3, 4]);
+        assert!(parse_index_list("0", 5).is_err());
+        assert!(parse_index_list("6", 5).is_err());
+        assert!(parse_index_list("3-1", 5).is_err());
+        assert!(parse_index_list("x", 5).is_err());
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Error {
     Timeout,
     Stalled,
     Interrupted,
+    /// The reader of `-O -` closed the pipe: not a failure (exit 0).
+    OutputClosed,
 }
 
 impl Error {
@@ -51,6 +53,7 @@ impl Error {
             Error::Timeout => ExitCode::Timeout,
             Error::Stalled => ExitCode::Stalled,
             Error::Interrupted => ExitCode::Interrupted,
+            Error::OutputClosed => ExitCode::Success,
         }
     }
 
@@ -79,6 +82,7 @@ impl fmt::Display for Error {
             Error::Timeout => write!(f, "timed out"),
             Error::Stalled => write!(f, "no progress for too long (stalled)"),
             Error::Interrupted => write!(f, "interrupted"),
+            Error::OutputClosed => write!(f, "standard output was closed"),
         }
     }
 }

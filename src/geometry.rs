@@ -218,6 +218,17 @@ impl Geometry {
             })
     }
 
+    /// One flag per piece: does it hold any byte of a file flagged in `files`?
+    pub fn pieces_touching(&self, files: &[bool]) -> Vec<bool> {
+        let mut out = vec![false; self.piece_count as usize];
+        for (f, _) in files.iter().enumerate().filter(|(_, sel)| **sel) {
+            for p in self.pieces_of_file(f) {
+                out[p as usize] = true;
+            }
+        }
+        out
+    }
+
     /// The pieces that hold any byte of `file` (none for a zero-length file).
     pub fn pieces_of_file(&self, file: usize) -> std::ops::Range<u32> {
         let start = self.file_starts[file];

@@ -4,7 +4,8 @@
 //! # Invariants
 //! - A piece is in exactly one of: *had* (`have[p]`, hash verified), *active* (in `active`,
 //!   some blocks requested or received), or *untouched* (neither). `untouched` counts the
-//!   last group.
+//!   untouched pieces that are *wanted* (file selection); unwanted pieces are never active.
+//! - The torrent is complete for us when every wanted piece is had (`missing == 0`).
 //! - In an active piece each block is `Missing`, `Requested` by one or more peers (more than
 //!   one only in endgame), or `Received` (written to storage, with the peer that sent it).
 //! - A block is in a peer's `outstanding` set iff that block is `Requested` and lists the peer.
@@ -74,8 +75,12 @@ pub struct Picker {
     geometry: Geometry,
     have: Vec<bool>,
     have_count: u32,
-    /// Pieces we do not want (file selection); never picked.
+    /// Pieces we want (file selection); the others are never picked.
     wanted: Vec<bool>,
+    /// Wanted pieces not yet had.
+    missing: u32,
+    /// Streaming: only pieces in `[start, start + len)` are started, lowest first.
+    window: Option<(u32, u32)>,
     availability: Vec<u32>,
     active: BTreeMap<PieceIndex, Active>,
     untouched: u32,
@@ -86,12 +91,27 @@ pub struct Picker {
 impl Picker {
     pub fn new(geometry: Geometry, have: Vec<bool>, seed: u64) -> Picker {
         let n = geometry.piece_count() as usize;
+        Picker::with_wanted(geometry, have, vec![true; n], seed)
+    }
+
+    /// A picker that fetches only the pieces flagged in `wanted`.
+    pub fn with_wanted(
+        geometry: Geometry,
+        have: Vec<bool>,
+        wanted: Vec<bool>,
+        seed: u64,
+    ) -> Picker {
+        let n = geometry.piece_count() as usize;
         assert_eq!(have.len(), n, "one have flag per piece");
+        assert_eq!(wanted.len(), n, "one wanted flag per piece");
         let have_count = have.iter().filter(|h| **h).count() as u32;
+        let missing = (0..n).filter(|&i| wanted[i] && !have[i]).count() as u32;
         Picker {
             have_count,
-            untouched: n as u32 - have_count,
-            wanted: vec![true; n],
+            untouched: missing,
+            missing,
+            window: None,
+            wanted,
             availability: vec![0; n],
             active: BTreeMap::new(),
             peers: HashMap::new(),
@@ -110,8 +130,19 @@ impl Picker {
     pub fn have_count(&self) -> u32 {
         self.have_count
     }
+    /// Every wanted piece is had.
     pub fn is_complete(&self) -> bool {
+        self.missing == 0
+    }
+
+    /// Every piece of the torrent is had (we are a seed).
+    pub fn is_seed(&self) -> bool {
         self.have_count == self.geometry.piece_count()
+    }
+
+    /// Streaming: start only pieces in `[start, start + len)`, lowest index first.
+    pub fn set_window(&mut self, start: u32, len: u32) {
+        self.window = Some((start, len));
     }
     pub fn have_flags(&self) -> &[bool] {
         &self.have
@@ -121,7 +152,7 @@ impl Picker {
     pub fn bytes_left(&self) -> u64 {
         self.geometry
             .pieces()
-            .filter(|p| !self.have[p.usize()])
+            .filter(|p| !self.have[p.usize()] && self.wanted[p.usize()])
             .map(|p| u64::from(self.geometry.piece_len(p)))
             .sum()
     }
@@ -225,14 +256,28 @@ impl Picker {
             self.take_missing(peer, piece, max, &mut out);
         }
         // 3. Endgame: nothing left unrequested anywhere.
-        if out.len() < max && self.untouched_wanted() == 0 && !self.any_missing() {
+        if out.len() < max && self.nothing_to_start() && !self.any_missing() {
             self.take_endgame(peer, max, allow, &mut out);
         }
         out
     }
 
-    fn untouched_wanted(&self) -> u32 {
-        self.untouched
+    /// No wanted piece is left to start (within the window, when streaming).
+    fn nothing_to_start(&self) -> bool {
+        match self.window {
+            None => self.untouched == 0,
+            Some((start, len)) => {
+                (start..start.saturating_add(len).min(self.geometry.piece_count())).all(|i| {
+                    let i = i as usize;
+                    self.have[i]
+                        || !self.wanted[i]
+                        || self
+                            .geometry
+                            .piece(i as u32)
+                            .is_some_and(|p| self.active.contains_key(&p))
+                })
+            }
+        }
     }
 
     fn any_missing(&self) -> bool {
@@ -325,6 +370,13 @@ impl Picker {
         }
         let has = &self.peers[&peer].has;
         let n = self.geometry.piece_count() as usize;
+        if let Some((start, len)) = self.window {
+            let end = (start as usize).saturating_add(len as usize).min(n);
+            return (start as usize..end)
+                .filter(|&i| !self.have[i] && self.wanted[i] && has[i])
+                .filter_map(|i| self.geometry.piece(i as u32))
+                .find(|p| !self.active.contains_key(p) && allow(*p));
+        }
         let random_phase = self.have_count + (self.active.len() as u32) < RANDOM_FIRST;
         let start = self.rng.below(n as u64) as usize;
         let mut best: Option<(u32, usize)> = None;
@@ -398,6 +450,9 @@ impl Picker {
         }
         self.have[piece.usize()] = true;
         self.have_count += 1;
+        if self.wanted[piece.usize()] {
+            self.missing -= 1;
+        }
         let mut done = Vec::new();
         for (key, p) in &mut self.peers {
             if p.has[piece.usize()] && self.wanted[piece.usize()] {
@@ -477,7 +532,8 @@ impl Picker {
     fn check_invariants(&self) {
         let untouched = (0..self.have.len())
             .filter(|&i| {
-                !self.have[i]
+                self.wanted[i]
+                    && !self.have[i]
                     && !self
                         .active
                         .contains_key(&self.geometry.piece(i as u32).unwrap())
@@ -575,6 +631,43 @@ mod tests {
         let got = p.assign_filtered(A, 10, &|piece| piece == only);
         assert_eq!(got.len(), 2);
         assert!(got.iter().all(|b| b.piece == only));
+        p.check_invariants();
+    }
+
+    #[test]
+    fn unwanted_pieces_are_never_picked_and_do_not_block_completion() {
+        let g = Geometry::new(32 * 1024, &[4 * 32 * 1024], 4).unwrap();
+        let mut p = Picker::with_wanted(g, vec![false; 4], vec![false, true, false, true], 1);
+        p.add_peer(A);
+        p.peer_has_all(A);
+        assert_eq!(p.bytes_left(), 2 * 32 * 1024);
+        let got = p.assign(A, 100);
+        assert!(got.iter().all(|b| b.piece.get() == 1 || b.piece.get() == 3));
+        for c in receive_all(&mut p, A, &got) {
+            p.piece_verified(c);
+        }
+        assert!(p.is_complete());
+        assert!(!p.is_seed());
+        p.check_invariants();
+    }
+
+    #[test]
+    fn streaming_window_fetches_in_order() {
+        let mut p = picker(10);
+        p.add_peer(A);
+        p.peer_has_all(A);
+        p.set_window(2, 3);
+        let got = p.assign(A, 100);
+        let pieces: Vec<u32> = got.iter().map(|b| b.piece.get()).collect();
+        assert_eq!(
+            pieces,
+            vec![2, 2, 3, 3, 4, 4],
+            "in order, inside the window only"
+        );
+        // The window is full of requested blocks: a second peer gets endgame copies.
+        p.add_peer(B);
+        p.peer_has_all(B);
+        assert!(!p.assign(B, 2).is_empty());
         p.check_invariants();
     }
 

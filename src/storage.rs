@@ -140,6 +140,23 @@ struct FileSlot {
     path: PathBuf,
     file: Option<File>,
     map: Option<MmapRaw>,
+    /// Where this torrent file's bytes start in `file` (non-zero only in the spill file that
+    /// holds unselected files' share of boundary pieces).
+    base: u64,
+    /// Where they start in `map` (the map begins at a page boundary at or before `base`).
+    map_delta: u64,
+}
+
+impl FileSlot {
+    fn plain(path: PathBuf, file: Option<File>, map: Option<MmapRaw>) -> FileSlot {
+        FileSlot {
+            path,
+            file,
+            map,
+            base: 0,
+            map_delta: 0,
+        }
+    }
 }
 
 /// The open files of one torrent.
@@ -201,17 +218,23 @@ fn symlink_error(path: &Path, e: io::Error) -> Error {
 
 /// Reserves real blocks for `[0, len)`. A sparse file would let the map fault on a full disk.
 fn allocate(file: &File, path: &Path, len: u64) -> Result<(), Error> {
+    allocate_range(file, path, 0, len)
+}
+
+fn allocate_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<(), Error> {
+    let too_big = || Error::NoSpace {
+        path: path.to_path_buf(),
+        needed: len,
+    };
+    let off = libc::off_t::try_from(offset).map_err(|_| too_big())?;
     let Ok(len_off) = libc::off_t::try_from(len) else {
-        return Err(Error::NoSpace {
-            path: path.to_path_buf(),
-            needed: len,
-        });
+        return Err(too_big());
     };
     if len == 0 {
         return Ok(());
     }
     // SAFETY: plain FFI call on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) };
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), off, len_off) };
     match rc {
         0 => Ok(()),
         libc::ENOSPC | libc::EFBIG => Err(Error::NoSpace {
@@ -222,12 +245,85 @@ fn allocate(file: &File, path: &Path, len: u64) -> Result<(), Error> {
     }
 }
 
+/// The slot of an unselected file: backed by the spill file where a wanted piece needs its
+/// bytes, by nothing otherwise.
+fn spill_slot(
+    g: &Geometry,
+    file: usize,
+    wanted: &[bool],
+    spill_path: &Path,
+    spill: &mut Option<File>,
+    layout: &Layout,
+) -> Result<FileSlot, Error> {
+    let start = g.file_start(file);
+    let len = g.file_len(file);
+    let ranges: Vec<(u64, u64)> = g
+        .pieces_of_file(file)
+        .filter(|&p| wanted[p as usize])
+        .filter_map(|p| g.piece(p))
+        .flat_map(|p| g.spans(g.piece_offset(p), u64::from(g.piece_len(p))))
+        .filter(|s| s.file == file)
+        .map(|s| (s.file_offset, s.len))
+        .collect();
+    if ranges.is_empty() {
+        return Ok(FileSlot::plain(layout.full_path(file), None, None));
+    }
+    if spill.is_none() {
+        let f = open_no_follow(spill_path, true).map_err(|e| symlink_error(spill_path, e))?;
+        let total = g.total_len();
+        if f.metadata().map_err(|e| Error::io(spill_path, e))?.len() < total {
+            f.set_len(total).map_err(|e| Error::io(spill_path, e))?;
+        }
+        *spill = Some(f);
+    }
+    let f = spill.as_ref().expect("opened above");
+    for (off, n) in ranges {
+        allocate_range(f, spill_path, start + off, n)?;
+    }
+    let page = page_size();
+    let map_start = start / page * page;
+    let map_delta = start - map_start;
+    let map = memmap2::MmapOptions::new()
+        .offset(map_start)
+        .len((map_delta + len) as usize)
+        .map_raw(f)
+        .map_err(|e| Error::io(spill_path, e))?;
+    Ok(FileSlot {
+        path: spill_path.to_path_buf(),
+        file: Some(f.try_clone().map_err(|e| Error::io(spill_path, e))?),
+        map: Some(map),
+        base: start,
+        map_delta,
+    })
+}
+
 impl Storage {
     /// Opens (creating as needed) every file for download: directories made, space reserved,
     /// files mapped. Existing data is kept; a file larger than the torrent says is refused.
     pub fn create(layout: &Layout, geometry: &Geometry) -> Result<(Arc<Storage>, Writer), Error> {
+        Storage::create_selected(layout, geometry, None)
+    }
+
+    /// Like [`Storage::create`] for a selection of files: unselected files are not created.
+    /// Their share of the pieces they split with selected files goes to the `spill` file
+    /// (sparse; only those ranges are allocated), so no unselected name appears on disk.
+    pub fn create_selected(
+        layout: &Layout,
+        geometry: &Geometry,
+        selection: Option<(&[bool], &Path)>,
+    ) -> Result<(Arc<Storage>, Writer), Error> {
         let mut slots = Vec::with_capacity(layout.files.len());
+        let wanted = selection.map(|(sel, _)| geometry.pieces_touching(sel));
+        let mut spill: Option<File> = None;
         for (i, rel) in layout.files.iter().enumerate() {
+            if let (Some((sel, spill_path)), Some(wanted)) = (selection, &wanted)
+                && !sel[i]
+            {
+                slots.push(spill_slot(
+                    geometry, i, wanted, spill_path, &mut spill, layout,
+                )?);
+                continue;
+            }
             check_dirs(&layout.root, rel, true)?;
             let path = layout.full_path(i);
             let file = open_no_follow(&path, true).map_err(|e| symlink_error(&path, e))?;
@@ -246,11 +342,7 @@ impl Storage {
             } else {
                 None
             };
-            slots.push(FileSlot {
-                path,
-                file: Some(file),
-                map,
-            });
+            slots.push(FileSlot::plain(path, Some(file), map));
         }
         let storage = Arc::new(Storage {
             geometry: geometry.clone(),
@@ -282,7 +374,7 @@ impl Storage {
                 .as_ref()
                 .filter(|f| expected > 0 && f.metadata().is_ok_and(|m| m.len() == expected))
                 .and_then(|f| memmap2::MmapOptions::new().map_raw_read_only(f).ok());
-            slots.push(FileSlot { path, file, map });
+            slots.push(FileSlot::plain(path, file, map));
         }
         Ok(Storage {
             geometry: geometry.clone(),
@@ -306,7 +398,7 @@ impl Storage {
                     io::Error::from(io::ErrorKind::NotFound),
                 ));
             };
-            file.read_exact_at(dst, span.file_offset)
+            file.read_exact_at(dst, slot.base + span.file_offset)
                 .map_err(|e| Error::io(&slot.path, e))?;
         }
         Ok(())
@@ -325,8 +417,9 @@ impl Storage {
         let mut spans = self.geometry.spans(offset, len as u64);
         if let (Some(span), None) = (spans.next(), spans.next())
             && let Some(map) = &self.slots[span.file].map
-            && span.file_offset + span.len <= map.len() as u64
+            && self.slots[span.file].map_delta + span.file_offset + span.len <= map.len() as u64
         {
+            let at = self.slots[span.file].map_delta + span.file_offset;
             // SAFETY: the range is inside the mapping (checked just above). Nothing in this
             // process writes it while the slice lives: in a download the only writer
             // (`Writer`) never writes a piece once all its blocks are in, which is when it is
@@ -335,10 +428,7 @@ impl Storage {
             // which the hash check is there to catch; one truncating it raises SIGBUS, which
             // install_sigbus_guard turns into a clear error.
             let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    map.as_ptr().add(span.file_offset as usize),
-                    span.len as usize,
-                )
+                std::slice::from_raw_parts(map.as_ptr().add(at as usize), span.len as usize)
             };
             return Some(Sha1::digest(bytes).into());
         }
@@ -452,11 +542,13 @@ impl Writer {
         let g = &self.storage.geometry;
         let page = page_size();
         for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
-            let Some(map) = self.storage.slots[span.file].map.as_ref() else {
+            let slot = &self.storage.slots[span.file];
+            let Some(map) = slot.map.as_ref() else {
                 continue;
             };
-            let start = span.file_offset / page * page;
-            let end = span.file_offset + span.len;
+            let at = slot.map_delta + span.file_offset;
+            let start = at / page * page;
+            let end = at + span.len;
             let _ = map.advise_range(
                 memmap2::Advice::PopulateWrite,
                 start as usize,
@@ -472,14 +564,16 @@ impl Writer {
         let g = &self.storage.geometry;
         let offset = g.piece_offset(block.piece) + u64::from(block.offset);
         for span in g.spans(offset, data.len() as u64) {
-            let map = self.storage.slots[span.file]
+            let slot = &self.storage.slots[span.file];
+            let map = slot
                 .map
                 .as_ref()
-                .expect("non-empty files are mapped");
+                .expect("files of wanted pieces are mapped");
+            let at = slot.map_delta + span.file_offset;
             let src = &data[span.range_offset as usize..(span.range_offset + span.len) as usize];
             // Spans lie within the file, and the map covers the whole file (its length was
             // fixed by posix_fallocate before mapping).
-            debug_assert!(span.file_offset + span.len <= map.len() as u64);
+            debug_assert!(at + span.len <= map.len() as u64);
             // SAFETY: the destination range is inside the mapping (checked above by geometry:
             // spans never exceed the file length, which equals the map length). This Writer is
             // the only code that writes through the maps and it takes `&mut self`, so no other
@@ -488,7 +582,7 @@ impl Writer {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     src.as_ptr(),
-                    map.as_mut_ptr().add(span.file_offset as usize),
+                    map.as_mut_ptr().add(at as usize),
                     src.len(),
                 );
             }
@@ -503,11 +597,13 @@ impl Writer {
         let g = &self.storage.geometry;
         let page = page_size();
         for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
-            let Some(map) = self.storage.slots[span.file].map.as_ref() else {
+            let slot = &self.storage.slots[span.file];
+            let Some(map) = slot.map.as_ref() else {
                 continue;
             };
-            let start = span.file_offset.div_ceil(page) * page;
-            let end = (span.file_offset + span.len) / page * page;
+            let at = slot.map_delta + span.file_offset;
+            let start = at.div_ceil(page) * page;
+            let end = (at + span.len) / page * page;
             if end > start {
                 // Only whole pages of this piece are dropped, so a neighbouring piece's
                 // in-flight page is untouched (and would be faulted back in anyway).
@@ -629,6 +725,28 @@ mod tests {
         assert_eq!(&a[..], &data[..10_000]);
         let b = fs::read(dir.join("t/b")).unwrap();
         assert_eq!(&b[..6384], &data[10_000..]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unselected_files_are_not_created_and_boundary_bytes_spill() {
+        let dir = tmpdir("select");
+        // Files of 10 000, 20 000 and 10 000 bytes; pieces of 16 KiB; only the middle wanted.
+        let g = Geometry::new(16384, &[10_000, 20_000, 10_000], 3).unwrap();
+        let l = layout(&dir, &["t/a", "t/b", "t/c"]);
+        let spill = dir.join(".spill");
+        let (storage, mut w) =
+            Storage::create_selected(&l, &g, Some((&[false, true, false], &spill))).unwrap();
+        assert!(!dir.join("t/a").exists() && !dir.join("t/c").exists());
+        assert_eq!(fs::metadata(dir.join("t/b")).unwrap().len(), 20_000);
+        // Piece 0 spans a (spilled) and b; write it and read it back whole.
+        let p0 = g.piece(0).unwrap();
+        let data: Vec<u8> = (0..16384u32).map(|i| (i % 253) as u8).collect();
+        w.write_block(g.block(p0, 0).unwrap(), &data);
+        let mut back = vec![0; 16384];
+        storage.read(0, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(&fs::read(dir.join("t/b")).unwrap()[..6384], &data[10_000..]);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -12,6 +12,7 @@
 //! (interest, requests, blocks, hashes, choking).
 
 mod peers;
+mod stream;
 mod transfer;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -71,27 +72,118 @@ pub struct Config {
     pub mode: Mode,
 }
 
+/// What a run fetches and where it reports it.
+pub struct Plan {
+    /// Full paths of the files fetched, printed when the download completes.
+    pub paths: Vec<String>,
+    /// Which files are fetched (all when `None`).
+    pub selected: Option<Vec<bool>>,
+    /// Stream this file to stdout, in order.
+    pub stream_file: Option<usize>,
+}
+
+/// Which file `-O -` streams: `--file N`, the only selected file, or the only file.
+fn stream_file(
+    a: &DownloadArgs,
+    meta: &Metainfo,
+    selection: Option<&[bool]>,
+) -> Result<usize, Error> {
+    let n = meta.files.len();
+    if a.json {
+        return Err(Error::Usage(
+            "--json and -O - both want standard output; choose one".into(),
+        ));
+    }
+    if let Some(i) = a.file {
+        return if (1..=n).contains(&i) {
+            Ok(i - 1)
+        } else {
+            Err(Error::Usage(format!(
+                "--file {i}: the torrent has files 1 to {n}"
+            )))
+        };
+    }
+    let candidates: Vec<usize> = (0..n).filter(|&i| selection.is_none_or(|s| s[i])).collect();
+    match candidates[..] {
+        [only] => Ok(only),
+        _ => Err(Error::Usage(
+            "-O - streams one file: pick it with --file N (see --list)".into(),
+        )),
+    }
+}
+
 pub fn download(a: &DownloadArgs) -> Result<(), Error> {
     let meta = cli::load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
+    if a.list {
+        return cli::list_files(&meta);
+    }
     let config = cli::session_config(&a.options(), a.seeding())?;
-    storage::install_stop_handler();
-    fs::create_dir_all(&a.output)
-        .map_err(|e| Error::io(format!("creating {}", a.output.display()), e))?;
-    let layout = Layout::in_dir(&a.output, &meta);
-    // Only data that was there before us needs checking; fresh files are all zeros.
-    let resuming = (0..layout.files.len()).any(|i| {
-        fs::symlink_metadata(layout.full_path(i)).is_ok_and(|m| m.is_file() && m.len() > 0)
-    });
-    let (storage, writer) = Storage::create(&layout, &meta.geometry)?;
-    let have = if resuming {
-        storage.verify_all(&meta, cli::threads())
+    let streaming = a.streaming()?;
+    let selection = a.selection(&meta)?;
+    let stream = if streaming {
+        Some(stream_file(a, &meta, selection.as_deref())?)
+    } else if a.file.is_some() {
+        return Err(Error::Usage("--file goes with -O - (streaming)".into()));
     } else {
-        vec![false; meta.geometry.piece_count() as usize]
+        None
     };
-    let paths = (0..layout.files.len())
-        .map(|i| layout.full_path(i).display().to_string())
-        .collect();
-    run(meta, storage, Some(writer), have, paths, config)
+    let selected = match stream {
+        Some(f) => Some((0..meta.files.len()).map(|i| i == f).collect::<Vec<_>>()),
+        None => selection,
+    };
+    // Streaming without -o keeps the data in a temporary directory, removed at the end.
+    let (dir, temporary) = match (&a.output, streaming) {
+        (Some(d), _) => (d.clone(), false),
+        (None, true) => (
+            std::env::temp_dir().join(format!(
+                "bitfetch-{}-{}",
+                std::process::id(),
+                &meta.info_hash_hex()[..16]
+            )),
+            true,
+        ),
+        (None, false) => (std::path::PathBuf::from("."), false),
+    };
+    storage::install_stop_handler();
+    fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let layout = Layout::in_dir(&dir, &meta);
+    let spill = dir.join(format!(".bitfetch-{}.parts", &meta.info_hash_hex()[..16]));
+    let is_selected = |i: usize| selected.as_ref().is_none_or(|s| s[i]);
+    // Only data that was there before us needs checking; fresh files are all zeros.
+    let resuming = spill.exists()
+        || (0..layout.files.len()).any(|i| {
+            is_selected(i)
+                && fs::symlink_metadata(layout.full_path(i))
+                    .is_ok_and(|m| m.is_file() && m.len() > 0)
+        });
+    let result = (|| {
+        let (storage, writer) = Storage::create_selected(
+            &layout,
+            &meta.geometry,
+            selected.as_deref().map(|s| (s, spill.as_path())),
+        )?;
+        let have = if resuming {
+            storage.verify_all(&meta, cli::threads())
+        } else {
+            vec![false; meta.geometry.piece_count() as usize]
+        };
+        let plan = Plan {
+            paths: (0..layout.files.len())
+                .filter(|&i| is_selected(i) && !streaming)
+                .map(|i| layout.full_path(i).display().to_string())
+                .collect(),
+            selected: selected.clone(),
+            stream_file: stream,
+        };
+        run(meta.clone(), storage, Some(writer), have, plan, config)
+    })();
+    if temporary {
+        let _ = fs::remove_dir_all(&dir);
+    } else if result.is_ok() && selected.is_some() {
+        // The boundary bytes of unselected files have served their purpose.
+        let _ = fs::remove_file(&spill);
+    }
+    result
 }
 
 pub fn seed(a: &SeedArgs) -> Result<(), Error> {
@@ -108,7 +200,12 @@ pub fn seed(a: &SeedArgs) -> Result<(), Error> {
             total: have.len() as u32,
         });
     }
-    run(meta, Arc::new(storage), None, have, Vec::new(), config)
+    let plan = Plan {
+        paths: Vec::new(),
+        selected: None,
+        stream_file: None,
+    };
+    run(meta, Arc::new(storage), None, have, plan, config)
 }
 
 struct Session {
@@ -135,6 +232,8 @@ struct Session {
     progress: Progress,
     /// Full paths of the torrent's files, printed when the download completes.
     paths: Vec<String>,
+    /// Streaming to stdout (`-O -`), while it lasts.
+    stream: Option<stream::Stream>,
     /// Per file, pieces not yet verified (for `file_completed` events).
     files_left: Vec<u32>,
     started: Instant,
@@ -224,7 +323,7 @@ fn run(
     storage: Arc<Storage>,
     writer: Option<Writer>,
     have: Vec<bool>,
-    paths: Vec<String>,
+    plan: Plan,
     cfg: Config,
 ) -> Result<(), Error> {
     let meta = Arc::new(meta);
@@ -239,7 +338,11 @@ fn run(
     spawn_listener(listener, input_tx.clone());
 
     let geometry = meta.geometry.clone();
-    let picker = Picker::new(geometry.clone(), have, rng.next_u64());
+    let wanted = match &plan.selected {
+        Some(sel) => geometry.pieces_touching(sel),
+        None => vec![true; geometry.piece_count() as usize],
+    };
+    let picker = Picker::with_wanted(geometry.clone(), have, wanted, rng.next_u64());
     let stats = Arc::new(Stats::default());
     stats.left.store(picker.bytes_left(), Ordering::Relaxed);
 
@@ -333,7 +436,8 @@ fn run(
         tracker_tx: Some(tracker_tx),
         stats,
         progress,
-        paths,
+        paths: plan.paths,
+        stream: None,
         files_left,
         started: Instant::now(),
         last_progress: Instant::now(),
@@ -343,6 +447,9 @@ fn run(
         last_rechoke: Instant::now(),
         cfg,
     };
+    if let Some(file) = plan.stream_file {
+        s.start_stream(file);
+    }
     let result = s.main_loop(&input_rx);
     s.shutdown(&input_rx);
     result
@@ -365,7 +472,7 @@ impl Session {
                     Err(Error::Interrupted)
                 };
             }
-            if self.picker.is_complete() && self.done_seeding() {
+            if self.picker.is_complete() && self.stream.is_none() && self.done_seeding() {
                 return Ok(());
             }
             if self
@@ -445,6 +552,10 @@ impl Session {
             Input::Peers(list) => self.add_candidates(list),
             Input::TrackerNotice(m) => self.progress.note_kind("tracker_error", &m),
             Input::TrackerDone => {}
+            Input::StreamDone => self.stream = None,
+            // The reader has all it wants: end cleanly.
+            Input::StreamClosed => return Err(Error::OutputClosed),
+            Input::StreamFailed(e) => return Err(Error::io("writing to standard output", e)),
             Input::Hashed { piece, ok } => self.on_hashed(piece, ok)?,
         }
         Ok(())

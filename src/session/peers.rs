@@ -248,7 +248,7 @@ impl Session {
             }
         }
         self.picker.add_peer(key);
-        let summary = if self.picker.is_complete() {
+        let summary = if self.picker.is_seed() {
             HaveSummary::All(bitfield(self.picker.have_flags()))
         } else if self.picker.have_count() == 0 {
             HaveSummary::None

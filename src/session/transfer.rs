@@ -221,6 +221,7 @@ impl Session {
         self.stats.left.fetch_sub(len, Ordering::Relaxed);
         self.last_progress = Instant::now();
         self.count_file_progress(piece);
+        self.advance_stream();
         for p in self.peers.values() {
             p.send(Command::Have(piece));
         }
