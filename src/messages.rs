@@ -19,6 +19,9 @@ pub enum Input {
     Peers(Vec<SocketAddr>),
     /// From the tracker thread: an announce failed or warned (already formatted for people).
     TrackerNotice(String),
+    /// From the tracker thread: a whole round of announces failed and no tracker has ever
+    /// answered (or the torrent names none we can use).
+    TrackersFailed,
     /// From the tracker thread, last: it has sent `stopped` (or given up) and ended.
     TrackerDone,
     /// From the stdout streamer: everything was written.

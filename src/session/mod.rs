@@ -552,6 +552,18 @@ impl Session {
             Input::Peers(list) => self.add_candidates(list),
             Input::TrackerNotice(m) => self.progress.note_kind("tracker_error", &m),
             Input::TrackerDone => {}
+            Input::TrackersFailed => {
+                // A one-shot download with no tracker and no peer has nothing to wait for.
+                if !self.picker.is_complete()
+                    && !self.cfg.seed_after
+                    && self.peers.is_empty()
+                    && self.candidates.is_empty()
+                {
+                    return Err(Error::NoPeers(
+                        "no tracker answered and no peer is known (add --peer HOST:PORT?)".into(),
+                    ));
+                }
+            }
             Input::StreamDone => self.stream = None,
             // The reader has all it wants: end cleanly.
             Input::StreamClosed => return Err(Error::OutputClosed),

@@ -309,12 +309,14 @@ impl Tracker {
         let mut rng = Rng::from_os();
         let mut tiers = Tiers::new(&self.tiers, &mut rng);
         if tiers.is_empty() {
+            let _ = out.send(Input::TrackersFailed);
             return;
         }
         let mut client = match Client::new(&self.net, REQUEST_TIMEOUT) {
             Ok(c) => c,
             Err(e) => {
                 let _ = out.send(Input::TrackerNotice(e.to_string()));
+                let _ = out.send(Input::TrackersFailed);
                 return;
             }
         };
@@ -360,6 +362,9 @@ impl Tracker {
                 Err(errors) => {
                     for e in errors {
                         let _ = out.send(Input::TrackerNotice(e));
+                    }
+                    if last_answered.is_none() {
+                        let _ = out.send(Input::TrackersFailed);
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
