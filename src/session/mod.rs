@@ -42,7 +42,7 @@ use crate::tracker::{NetConfig, Stats, Tracker, TrackerCommand};
 use peers::Peer;
 
 const INPUT_CAPACITY: usize = 1024;
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(250);
 const RECHOKE_EVERY: Duration = Duration::from_secs(10);
 /// Below this many connections the tracker is asked for more peers early.
 const WANT_PEERS: usize = 10;
@@ -530,6 +530,7 @@ impl Session {
             self.last_need_peers = Instant::now();
             let _ = t.send(TrackerCommand::NeedPeers);
         }
+        self.release_stalled_requests();
         if self.last_rechoke.elapsed() >= RECHOKE_EVERY {
             self.last_rechoke = Instant::now();
             self.rechoke();
@@ -588,7 +589,7 @@ impl Session {
         if let Some(w) = &mut self.writer {
             let _ = w.flush();
         }
-        let deadline = Instant::now() + Duration::from_millis(1800);
+        let deadline = Instant::now() + Duration::from_millis(1500);
         while (tracker_running || !self.peers.is_empty()) && Instant::now() < deadline {
             match input.recv_deadline(deadline) {
                 Ok(Input::Peer {

@@ -52,6 +52,8 @@ pub struct Peer {
     pub allowed_fast: HashSet<PieceIndex>,
     pub hash_fails: u32,
     pub unrequested: u32,
+    /// Sat on our requests too long: its blocks went to others and it gets one at a time.
+    pub snubbed: bool,
 }
 
 impl Peer {
@@ -82,6 +84,7 @@ impl Peer {
             allowed_fast: HashSet::new(),
             hash_fails: 0,
             unrequested: 0,
+            snubbed: false,
         }
     }
 

@@ -20,8 +20,10 @@ const MIN_DEPTH: usize = 64;
 const MAX_DEPTH: usize = 256;
 /// Top a pipeline up once this many slots are free, so requests go out in batches.
 const REFILL_BATCH: usize = 8;
-/// A peer that unchoked us and sent nothing for this long is snubbed.
+/// A peer that unchoked us and sent nothing for this long is snubbed (for choking).
 const SNUB_AFTER: Duration = Duration::from_secs(60);
+/// Requests a peer has not answered for this long are handed to others.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Peers connected this recently count as new for the optimistic unchoke.
 const NEW_PEER: Duration = Duration::from_secs(60);
 
@@ -129,6 +131,9 @@ impl Session {
     }
 
     fn depth(p: &Peer) -> usize {
+        if p.snubbed {
+            return 1;
+        }
         let by_rate = (p.down_rate.max(p.recent_rate) / u64::from(BLOCK_LEN)) as usize;
         let cap = p
             .reqq
@@ -158,7 +163,12 @@ impl Session {
             self.picker.assign(key, room)
         };
         if !blocks.is_empty() {
-            self.peers[&key].send(Command::Request(blocks));
+            let p = self.peer_mut(key);
+            if outstanding == 0 {
+                // The request clock starts now, not at the last block of long ago.
+                p.last_block_at = Instant::now();
+            }
+            p.send(Command::Request(blocks));
         }
     }
 
@@ -177,6 +187,7 @@ impl Session {
             let p = self.peer_mut(key);
             p.down_total += len;
             p.last_block_at = Instant::now();
+            p.snubbed = false;
         }
         match self.picker.block_received(key, block) {
             BlockOutcome::Accepted {
@@ -293,6 +304,32 @@ impl Session {
         let uploaded = self.stats.uploaded.load(Ordering::Relaxed);
         self.progress.finish(self.downloaded, uploaded, &self.paths);
         Ok(())
+    }
+
+    /// A peer that holds requests but has sent no block for [`REQUEST_TIMEOUT`] is snubbed:
+    /// its requests go back to the picker for others, and it is asked for one block at a time
+    /// until it delivers again.
+    pub(super) fn release_stalled_requests(&mut self) {
+        let now = Instant::now();
+        let stalled: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(k, p)| {
+                !p.snubbed
+                    && now.duration_since(p.last_block_at) >= REQUEST_TIMEOUT
+                    && self.picker.outstanding(**k) > 0
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &stalled {
+            self.peer_mut(*key).snubbed = true;
+            for block in self.picker.peer_choked(*key) {
+                self.peers[key].send(Command::Cancel(block));
+            }
+        }
+        if !stalled.is_empty() {
+            self.fill_all();
+        }
     }
 
     /// Between rechokes, gives free upload slots to interested peers at once, so a newcomer
