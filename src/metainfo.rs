@@ -245,6 +245,9 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
         return Err(Error::TooManyFiles(files.len()));
     }
     let mut out = Vec::with_capacity(files.len());
+    // Keys are case-folded: two paths that differ only in letter case are one file on
+    // case-insensitive file systems (and when the output is copied to one), so the second
+    // would silently overwrite the first.
     let mut seen = HashSet::with_capacity(files.len());
     let mut dirs = HashSet::new();
     for (i, f) in files.iter().enumerate() {
@@ -277,12 +280,12 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
             file: i,
             source: path_safety::Error::Empty,
         })?;
-        let key = path.to_string_lossy().into_owned();
+        let key = clean.join("/").to_lowercase();
         for depth in 1..clean.len() {
-            dirs.insert(clean[..depth].join("/"));
+            dirs.insert(clean[..depth].join("/").to_lowercase());
         }
-        if !seen.insert(key.clone()) {
-            return Err(Error::DuplicatePath(key));
+        if !seen.insert(key) {
+            return Err(Error::DuplicatePath(path.to_string_lossy().into_owned()));
         }
         out.push(FileEntry { path, len });
     }
@@ -421,6 +424,18 @@ mod tests {
                     "d4:infod5:filesld6:lengthi1e4:pathl1:beed6:lengthi1e4:pathl1:beee4:name1:a12:piece lengthi16384e6:pieces20:{pieces}ee"
                 ),
                 "duplicate",
+            ),
+            (
+                format!(
+                    "d4:infod5:filesld6:lengthi1e4:pathl6:File.Xeed6:lengthi1e4:pathl6:fILE.xeee4:name1:a12:piece lengthi16384e6:pieces20:{pieces}ee"
+                ),
+                "duplicate",
+            ),
+            (
+                format!(
+                    "d4:infod5:filesld6:lengthi1e4:pathl1:Beed6:lengthi1e4:pathl1:b1:ceee4:name1:a12:piece lengthi16384e6:pieces20:{pieces}ee"
+                ),
+                "both a file and a directory",
             ),
             (
                 format!(
