@@ -822,13 +822,13 @@ fn create_cmd(a: &CreateArgs) -> Result<(), Error> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.torrent", meta.name)));
     fs::write(&out, &bytes).map_err(|e| Error::io(format!("writing {}", out.display()), e))?;
-    eprintln!(
+    crate::progress::stderr_line(&format!(
         "bitfetch: created {} ({} in {} pieces, info hash {})",
         out.display(),
         human_bytes(meta.total_len()),
         meta.geometry.piece_count(),
         meta.info_hash_hex()
-    );
+    ));
     Ok(())
 }
 

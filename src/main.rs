@@ -24,8 +24,10 @@ fn main() -> ExitCode {
                 println!("\n{}", exit::TABLE);
                 ExitCode::SUCCESS
             } else {
-                eprintln!("{}", early.output.trim_end());
-                eprintln!("Run 'bitfetch --help' for usage.");
+                bitfetch::progress::stderr_line(&format!(
+                    "{}\nRun 'bitfetch --help' for usage.",
+                    early.output.trim_end()
+                ));
                 ExitCode::from(exit::ExitCode::BadArguments.code())
             };
         }
@@ -34,7 +36,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bitfetch: error: {e}");
+            bitfetch::progress::stderr_line(&format!("bitfetch: error: {e}"));
             ExitCode::from(e.exit_code().code())
         }
     }

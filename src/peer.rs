@@ -434,6 +434,8 @@ struct WriterState {
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
     serves: VecDeque<BlockRef>,
+    /// Requests that came before the intro was sent (bounded by `MAX_QUEUED_SERVES`).
+    before_intro: Option<Vec<Command>>,
     out: Vec<u8>,
 }
 
@@ -469,6 +471,7 @@ impl WriterState {
             choking: true,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
+            before_intro: Some(Vec::new()),
             out: Vec::with_capacity(64 * 1024),
         }
     }
@@ -508,10 +511,67 @@ impl WriterState {
         }
     }
 
+    /// The first message after the handshake: have all / have none / bitfield, then our
+    /// extended handshake.
+    fn intro(&mut self, summary: HaveSummary) {
+        let bits = match summary {
+            HaveSummary::All(bits) => {
+                self.have.fill(true);
+                if self.fast {
+                    wire::encode(&Message::HaveAll, &mut self.out);
+                    None
+                } else {
+                    Some(bits)
+                }
+            }
+            HaveSummary::None => {
+                if self.fast {
+                    wire::encode(&Message::HaveNone, &mut self.out);
+                }
+                None
+            }
+            HaveSummary::Some(bits) => Some(bits),
+        };
+        if let Some(bits) = bits {
+            for (i, h) in self.have.iter_mut().enumerate() {
+                *h = bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0);
+            }
+            wire::encode(&Message::Bitfield(bits), &mut self.out);
+        }
+        if let Some(payload) = self.ext_handshake.take() {
+            wire::encode(
+                &Message::Extended {
+                    id: extension::HANDSHAKE_ID,
+                    payload,
+                },
+                &mut self.out,
+            );
+        }
+    }
+
     /// Applies one command; false means stop.
     fn apply(&mut self, cmd: Command) -> bool {
+        // The reader hands requests straight to us, and one may arrive before the session has
+        // sent the intro; answering it first would put a reject before the bitfield.
+        if let Some(early) = &mut self.before_intro {
+            match cmd {
+                Command::Serve(_) | Command::CancelServe(_) => {
+                    early.push(cmd);
+                    return true;
+                }
+                Command::Intro(summary) => {
+                    self.intro(summary);
+                    for c in self.before_intro.take().unwrap_or_default() {
+                        self.apply(c);
+                    }
+                    return true;
+                }
+                _ => {}
+            }
+        }
         let out = &mut self.out;
         match cmd {
+            Command::Intro(summary) => self.intro(summary),
             Command::Request(blocks) => {
                 for b in blocks {
                     wire::encode(&request_msg(b, false), out);
@@ -554,41 +614,6 @@ impl WriterState {
             Command::Have(p) => {
                 self.have[p.usize()] = true;
                 wire::encode(&Message::Have(p.get()), out);
-            }
-            Command::Intro(summary) => {
-                let bits = match summary {
-                    HaveSummary::All(bits) => {
-                        self.have.fill(true);
-                        if self.fast {
-                            wire::encode(&Message::HaveAll, out);
-                            None
-                        } else {
-                            Some(bits)
-                        }
-                    }
-                    HaveSummary::None => {
-                        if self.fast {
-                            wire::encode(&Message::HaveNone, out);
-                        }
-                        None
-                    }
-                    HaveSummary::Some(bits) => Some(bits),
-                };
-                if let Some(bits) = bits {
-                    for (i, h) in self.have.iter_mut().enumerate() {
-                        *h = bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0);
-                    }
-                    wire::encode(&Message::Bitfield(bits), out);
-                }
-                if let Some(payload) = self.ext_handshake.take() {
-                    wire::encode(
-                        &Message::Extended {
-                            id: extension::HANDSHAKE_ID,
-                            payload,
-                        },
-                        out,
-                    );
-                }
             }
             Command::Serve(b) => {
                 if !self.choking && self.have[b.piece.usize()] {

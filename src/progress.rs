@@ -86,7 +86,7 @@ impl Progress {
             Mode::Json => self.emit(&format!(
                 "{{\"event\":\"listening\",\"address\":\"{addr}\"}}"
             )),
-            Mode::Human => eprintln!("bitfetch: listening on {addr}"),
+            Mode::Human => stderr_line(&format!("bitfetch: listening on {addr}")),
             Mode::Quiet => {}
         }
     }
@@ -123,10 +123,9 @@ impl Progress {
             )),
             Mode::Quiet => {}
             Mode::Human => {
-                if self.bar.is_some() {
-                    eprint!("\r\x1b[2K");
-                }
-                eprintln!("bitfetch: {msg}");
+                // Clear the bar's line first, in the same write.
+                let clear = if self.bar.is_some() { "\r\x1b[2K" } else { "" };
+                stderr_line(&format!("{clear}bitfetch: {msg}"));
             }
         }
     }
@@ -162,11 +161,11 @@ impl Progress {
                     } else {
                         0.0
                     };
-                    eprintln!(
+                    stderr_line(&format!(
                         "bitfetch: downloaded {} in {secs:.1} s ({}/s)",
                         human_bytes(downloaded),
                         human_bytes(rate as u64)
-                    );
+                    ));
                 }
                 let mut out = std::io::stdout().lock();
                 for p in paths {
@@ -184,4 +183,14 @@ pub fn json_error(code: u8, msg: &str) -> String {
         "{{\"event\":\"error\",\"code\":{code},\"message\":{}}}",
         json::string(msg)
     )
+}
+
+/// Writes one line to stderr in a single `write`: `eprintln!` on the unbuffered stderr issues
+/// one write per formatted piece, and a script reading the listening line could see half an
+/// address.
+pub fn stderr_line(line: &str) {
+    let mut buf = String::with_capacity(line.len() + 1);
+    buf.push_str(line);
+    buf.push('\n');
+    let _ = std::io::stderr().lock().write_all(buf.as_bytes());
 }

@@ -25,6 +25,11 @@ pub const MAX_HASH_FAILS: u32 = 3;
 
 pub struct Peer {
     pub addr: SocketAddr,
+    /// Where the peer listens, when that differs from `addr` (an inbound connection comes from
+    /// an ephemeral port): learnt from its extended handshake or from a twin connection we
+    /// dialled. Kept in `known` while connected, so the tracker's next list does not make us
+    /// dial a peer we already have.
+    pub listen_addr: Option<SocketAddr>,
     pub outbound: bool,
     pub thread: Option<JoinHandle<()>>,
     /// Set once the handshake is done.
@@ -60,6 +65,7 @@ impl Peer {
     fn new(addr: SocketAddr, outbound: bool, thread: JoinHandle<()>) -> Peer {
         Peer {
             addr,
+            listen_addr: None,
             outbound,
             thread: Some(thread),
             commands: None,
@@ -245,6 +251,11 @@ impl Session {
                 this_outbound == keep_outbound(&self.ctx.our_id, &peer_id)
             };
             let loser = if keep_this { other } else { key };
+            let winner = if keep_this { key } else { other };
+            if self.peers[&loser].outbound && !self.peers[&winner].outbound {
+                let dialled = self.peers[&loser].addr;
+                self.set_listen_addr(winner, dialled);
+            }
             self.drop_peer(loser);
             if !keep_this {
                 return;
@@ -261,12 +272,48 @@ impl Session {
         self.peers[&key].send(Command::Intro(summary));
     }
 
+    /// Records where an inbound peer listens, so we do not dial it while connected.
+    pub(super) fn set_listen_addr(&mut self, key: PeerKey, addr: SocketAddr) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if p.outbound || addr == p.addr || addr.port() == 0 {
+            return;
+        }
+        // Another live connection may own that address (it is the dialled twin on its way
+        // out); `known` must keep it until that one is gone too.
+        let owned_elsewhere = self
+            .peers
+            .iter()
+            .any(|(k, q)| *k != key && (q.addr == addr || q.listen_addr == Some(addr)));
+        let p = self.peers.get_mut(&key).expect("checked above");
+        if let Some(old) = p.listen_addr.replace(addr)
+            && old != addr
+        {
+            self.known.remove(&old);
+        }
+        if !owned_elsewhere {
+            self.known.insert(addr);
+        }
+        self.candidates.retain(|c| *c != addr);
+    }
+
     pub(super) fn on_gone(&mut self, key: PeerKey) {
         let Some(mut p) = self.peers.remove(&key) else {
             return;
         };
         self.picker.remove_peer(key);
         self.known.remove(&p.addr);
+        if let Some(listen) = p.listen_addr {
+            self.known.remove(&listen);
+        }
+        // Addresses this peer shared with a live connection stay known.
+        for q in self.peers.values() {
+            self.known.insert(q.addr);
+            if let Some(l) = q.listen_addr {
+                self.known.insert(l);
+            }
+        }
         if let Some(t) = p.thread.take() {
             let _ = t.join();
         }

@@ -2,6 +2,7 @@
 //! results, and choking.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,12 @@ impl Session {
                 ..
             } => self.on_connected(key, addr, peer_id, fast, commands),
             PeerEvent::Extended(info) => {
-                self.peer_mut(key).reqq = info.reqq;
+                let p = self.peer_mut(key);
+                p.reqq = info.reqq;
+                if let Some(port) = info.listen_port {
+                    let listen = SocketAddr::new(p.addr.ip(), port);
+                    self.set_listen_addr(key, listen);
+                }
             }
             PeerEvent::Bitfield(bits) => {
                 self.picker.peer_has_bits(key, &bits);

@@ -470,11 +470,13 @@ impl Drop for ChildGuard {
 /// Waits until the child's stderr contains `needle` and returns the (first) line holding it.
 /// Fails fast, with diagnostics, if the child exits first or `timeout` passes.
 pub fn wait_for_stderr(guard: &ChildGuard, needle: &str, timeout: Duration) -> String {
+    // Only complete lines count: a line still being written could hold half an address.
     let find = || {
         let text = guard.stderr_text();
-        text.lines()
+        text.split_inclusive('\n')
+            .filter(|line| line.ends_with('\n'))
             .find(|line| line.contains(needle))
-            .map(str::to_owned)
+            .map(|line| line.trim_end_matches(['\r', '\n']).to_owned())
     };
     let deadline = Instant::now() + timeout;
     loop {
