@@ -11,6 +11,8 @@ pub mod create;
 pub mod error;
 pub mod exit;
 pub mod extension;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod geometry;
 pub mod http;
 pub mod json;

@@ -9,7 +9,7 @@
 //!
 //! Per-peer faults end this connection only, as a [`PeerError`] that the session logs.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
@@ -430,6 +430,9 @@ struct WriterState {
     /// The piece uploads are served from: read whole, hash-checked (see `load_verified`).
     cached_piece: Option<PieceIndex>,
     cache: Vec<u8>,
+    /// Pieces found not to match their hash on disk: rejected at once rather than re-read
+    /// and re-hashed for every request.
+    damaged: HashSet<PieceIndex>,
     choking: bool,
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
@@ -468,6 +471,7 @@ impl WriterState {
             meta: Arc::clone(&ctx.meta),
             cached_piece: None,
             cache: Vec::new(),
+            damaged: HashSet::new(),
             choking: true,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
@@ -649,6 +653,9 @@ impl WriterState {
         if self.cached_piece == Some(piece) {
             return true;
         }
+        if self.damaged.contains(&piece) {
+            return false;
+        }
         self.cached_piece = None;
         let g = self.storage.geometry();
         let len = g.piece_len(piece) as usize;
@@ -660,6 +667,8 @@ impl WriterState {
             && <[u8; 20]>::from(Sha1::digest(&self.cache[..len])) == *self.meta.piece_hash(piece);
         if ok {
             self.cached_piece = Some(piece);
+        } else {
+            self.damaged.insert(piece);
         }
         ok
     }

@@ -589,7 +589,14 @@ impl Session {
         if let Some(w) = &mut self.writer {
             let _ = w.flush();
         }
-        let deadline = Instant::now() + Duration::from_millis(1500);
+        // Ctrl-C must end the process within 2 s even with a tracker that never answers the
+        // `stopped` announce (the signal is seen within one tick).
+        let budget = if storage::stop_requested() {
+            1000
+        } else {
+            1500
+        };
+        let deadline = Instant::now() + Duration::from_millis(budget);
         while (tracker_running || !self.peers.is_empty()) && Instant::now() < deadline {
             match input.recv_deadline(deadline) {
                 Ok(Input::Peer {

@@ -1,7 +1,7 @@
 //! The session's peer table: dialling candidates with back-off, accepting within the cap,
 //! pruning idle connections, resolving duplicate connections, and bans.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -55,6 +55,9 @@ pub struct Peer {
     pub last_block_at: Instant,
     pub unchoked_rounds: u32,
     pub allowed_fast: HashSet<PieceIndex>,
+    /// Pieces this peer rejected while unchoking us (BEP 6), not asked of it again until the
+    /// instant given: a peer that cannot serve a piece would otherwise be asked in a loop.
+    pub rejected: HashMap<PieceIndex, Instant>,
     pub hash_fails: u32,
     pub unrequested: u32,
     /// Sat on our requests too long: its blocks went to others and it gets one at a time.
@@ -88,6 +91,7 @@ impl Peer {
             last_block_at: Instant::now(),
             unchoked_rounds: 0,
             allowed_fast: HashSet::new(),
+            rejected: HashMap::new(),
             hash_fails: 0,
             unrequested: 0,
             snubbed: false,
@@ -209,6 +213,10 @@ impl Session {
         let Some(p) = self.peers.get(&key) else {
             return;
         };
+        if self.banned_addrs.contains(&p.addr) {
+            // Already banned and on its way out (several of its pieces can fail in a row).
+            return;
+        }
         if let Some(id) = p.peer_id {
             self.banned_ids.insert(id);
         }

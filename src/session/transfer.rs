@@ -24,6 +24,8 @@ const REFILL_BATCH: usize = 8;
 /// A peer that unchoked us and sent nothing for this long is snubbed (for choking).
 const SNUB_AFTER: Duration = Duration::from_secs(60);
 /// Requests a peer has not answered for this long are handed to others.
+/// How long a piece a peer rejected while unchoking us is not asked of it again.
+const REJECT_BACKOFF: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Peers connected this recently count as new for the optimistic unchoke.
 const NEW_PEER: Duration = Duration::from_secs(60);
@@ -83,6 +85,13 @@ impl Session {
             }
             PeerEvent::Rejected(block) => {
                 self.picker.request_dropped(key, block);
+                let p = self.peer_mut(key);
+                if !p.peer_choking {
+                    // Not the rejects that follow a choke: this peer will not serve the piece
+                    // now (it may be damaged on its disk). Others get it meanwhile.
+                    p.rejected
+                        .insert(block.piece, Instant::now() + REJECT_BACKOFF);
+                }
                 self.fill_all();
             }
             PeerEvent::AllowedFast(piece) => {
@@ -161,12 +170,19 @@ impl Session {
         if room < REFILL_BATCH.min(depth) && outstanding > 0 {
             return;
         }
+        let now = Instant::now();
         let blocks = if p.peer_choking {
             let allowed = p.allowed_fast.clone();
             self.picker
                 .assign_filtered(key, room, &|piece| allowed.contains(&piece))
-        } else {
+        } else if p.rejected.is_empty() {
             self.picker.assign(key, room)
+        } else {
+            let p = self.peer_mut(key);
+            p.rejected.retain(|_, until| *until > now);
+            let rejected = p.rejected.clone();
+            self.picker
+                .assign_filtered(key, room, &|piece| !rejected.contains_key(&piece))
         };
         if !blocks.is_empty() {
             let p = self.peer_mut(key);

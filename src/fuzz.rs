@@ -1,0 +1,540 @@
+//! Fuzz targets: one function per parser that reads bytes from outside (torrent files, peers,
+//! trackers, path elements).
+//!
+//! Each function takes arbitrary bytes, must never panic, and checks with `assert!` the
+//! properties its parser promises, so a broken promise is a crash the fuzzer reports. The
+//! cargo-fuzz project in `tests/fuzz/` calls them from libFuzzer (`scripts/fuzz`), and
+//! `tests/fuzz_regressions.rs` replays the seed corpora and every saved crasher through them
+//! on each `cargo test`.
+//!
+//! Every body runs on a fresh thread with a 2 MiB stack and a panic there is re-raised on the
+//! caller, so a nesting bomb that would overflow a worker thread's stack overflows this one
+//! too (an abort the fuzzer catches), instead of being hidden by a larger main-thread stack.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::panic;
+use std::path::{Component, Path, PathBuf};
+use std::thread;
+
+use bt_bencode::Value;
+use sha1::{Digest, Sha1};
+
+use crate::bencode::{self, Limits};
+use crate::extension;
+use crate::geometry::{BLOCK_LEN, Geometry, PieceIndex};
+use crate::metainfo::{self, Metainfo};
+use crate::path_safety;
+use crate::tracker::{self, MAX_INTERVAL, MAX_PEERS, MIN_INTERVAL, Reply};
+use crate::wire::{self, Frame, Message};
+
+/// Stack of the thread each target body runs on.
+pub const STACK_SIZE: usize = 2 << 20;
+
+/// The info hash `tracker_http` asks a scrape reply about; seed scrape replies use it.
+pub const SCRAPE_INFO_HASH: [u8; 20] = [0x11; 20];
+
+/// Runs `body(data)` on a fresh thread with a [`STACK_SIZE`] stack; a panic there is resumed
+/// here, so the caller (libFuzzer, a test) sees it as its own.
+pub fn on_small_stack(data: &[u8], body: fn(&[u8])) {
+    let outcome = thread::scope(|scope| {
+        thread::Builder::new()
+            .name("fuzz-target".into())
+            .stack_size(STACK_SIZE)
+            .spawn_scoped(scope, || body(data))
+            .expect("spawning the fuzz thread")
+            .join()
+    });
+    if let Err(payload) = outcome {
+        panic::resume_unwind(payload);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// metainfo: bencode pre-scan, decode, .torrent parsing
+// ---------------------------------------------------------------------------------------------
+
+/// Bencode and `.torrent` parsing.
+pub fn metainfo(data: &[u8]) {
+    on_small_stack(data, metainfo_body);
+}
+
+fn metainfo_body(data: &[u8]) {
+    check_bencode(data, Limits::SMALL);
+    check_bencode(data, Limits::METAINFO);
+    if let Ok(m) = Metainfo::from_bytes(data) {
+        check_metainfo(data, &m);
+    }
+}
+
+fn check_bencode(data: &[u8], limits: Limits) {
+    let scanned = bencode::prescan(data, limits);
+    let decoded = bencode::decode(data, limits);
+    match (&scanned, &decoded) {
+        (Err(a), Err(b)) => assert_eq!(a, b, "decode must fail the way the pre-scan did"),
+        (Ok(()), _) => {}
+        (Err(_), Ok(_)) => panic!("decode accepted what the pre-scan refused"),
+    }
+    let Ok(value) = decoded else { return };
+    // The canonical re-encoding is itself within the limits and is a fixed point.
+    let canonical = bencode::encode(&value);
+    assert!(canonical.len() <= data.len(), "canonical form grew");
+    let again = bencode::decode(&canonical, limits).expect("canonical form decodes");
+    assert_eq!(
+        bencode::encode(&again),
+        canonical,
+        "re-encoding is not stable"
+    );
+    // Every raw span of a top-level value is itself one whole value.
+    if let Value::Dict(top) = &value {
+        for key in top.keys().take(8) {
+            let span = bencode::dict_value_span(data, key.as_slice(), limits)
+                .expect("a key of the decoded dict has a raw span");
+            assert!(
+                bencode::prescan(span, limits).is_ok(),
+                "span is not one value"
+            );
+        }
+    }
+}
+
+fn check_metainfo(data: &[u8], m: &Metainfo) {
+    // The info hash is over the raw bytes of the very `info` dict the fields were read from.
+    let raw_info = bencode::dict_value_span(data, b"info", Limits::METAINFO).expect("raw info");
+    let hash: [u8; 20] = Sha1::digest(raw_info).into();
+    assert_eq!(
+        m.info_hash, hash,
+        "info hash is not over the raw info bytes"
+    );
+    let Ok(Value::Dict(top)) = bencode::decode(data, Limits::METAINFO) else {
+        panic!("a parsed torrent does not decode");
+    };
+    let parsed_info = bencode::get(&top, "info").expect("info");
+    let hashed_info = bencode::decode(raw_info, Limits::METAINFO).expect("raw info decodes");
+    assert_eq!(
+        bencode::encode(parsed_info),
+        bencode::encode(&hashed_info),
+        "the info hash covers a different `info` than the one parsed"
+    );
+
+    assert!(!m.name.is_empty());
+    assert_single_normal_component(&m.name);
+    check_files(m);
+    check_geometry(m);
+}
+
+fn check_files(m: &Metainfo) {
+    assert!(!m.files.is_empty() && m.files.len() <= metainfo::MAX_FILES);
+    if !m.multi_file {
+        assert_eq!(m.files.len(), 1);
+        assert_eq!(m.files[0].path, PathBuf::from(&m.name));
+    }
+    let mut paths = HashSet::new();
+    for f in &m.files {
+        assert_relative_normal(&f.path);
+        let depth = f.path.components().count();
+        assert!(depth <= metainfo::MAX_PATH_DEPTH + 1, "path too deep");
+        if m.multi_file {
+            assert!(
+                depth >= 2,
+                "a multi-file path has no element under the name"
+            );
+        }
+        assert_eq!(
+            f.path.components().next(),
+            Some(Component::Normal(m.name.as_ref())),
+            "file outside the torrent's directory"
+        );
+        assert!(paths.insert(f.path.clone()), "duplicate path {:?}", f.path);
+    }
+    // No file is also a directory of another file.
+    for f in &m.files {
+        for dir in f.path.ancestors().skip(1) {
+            assert!(!paths.contains(dir), "{dir:?} is a file and a directory");
+        }
+    }
+}
+
+fn check_geometry(m: &Metainfo) {
+    let g = &m.geometry;
+    let piece_len = u64::from(g.nominal_piece_len());
+    assert!(piece_len > 0 && piece_len <= metainfo::MAX_PIECE_LEN);
+    let mut total = 0u64;
+    assert_eq!(g.file_count(), m.files.len());
+    for (i, f) in m.files.iter().enumerate() {
+        assert_eq!(g.file_len(i), f.len);
+        assert_eq!(g.file_start(i), total, "files are not contiguous");
+        total = total.checked_add(f.len).expect("total length overflows");
+    }
+    assert_eq!(
+        m.total_len(),
+        total,
+        "total length is not the sum of the files"
+    );
+    let count = u64::from(g.piece_count());
+    assert_eq!(
+        count,
+        total.div_ceil(piece_len),
+        "piece count does not fit the length"
+    );
+    assert!(count <= metainfo::MAX_PIECES);
+    assert!(g.piece(g.piece_count()).is_none());
+    let last = g.piece_count().checked_sub(1).and_then(|i| g.piece(i));
+    for piece in g.piece(0).into_iter().chain(last) {
+        let _ = m.piece_hash(piece); // in range of the hash list
+        check_piece(g, piece);
+    }
+}
+
+fn check_piece(g: &Geometry, piece: PieceIndex) {
+    let len = g.piece_len(piece);
+    assert!(len > 0 && len <= g.nominal_piece_len());
+    let blocks: u64 = g.blocks(piece).map(|b| u64::from(b.len)).sum();
+    assert_eq!(blocks, u64::from(len), "blocks do not tile the piece");
+    assert_eq!(
+        g.blocks(piece).count() as u64,
+        u64::from(g.blocks_in(piece))
+    );
+    let mut covered = 0u64;
+    for span in g.spans(g.piece_offset(piece), u64::from(len)) {
+        assert!(span.len > 0 && span.file_offset + span.len <= g.file_len(span.file));
+        assert_eq!(span.range_offset, covered, "file spans leave a gap");
+        covered += span.len;
+    }
+    assert_eq!(covered, u64::from(len), "file spans do not cover the piece");
+}
+
+// ---------------------------------------------------------------------------------------------
+// wire: handshake, frames, messages, BEP 10 extended handshake
+// ---------------------------------------------------------------------------------------------
+
+/// The peer wire codec. Input layout: 3 bytes of piece count (big-endian), then a 68-byte
+/// handshake, then frames as a peer would send them.
+pub fn wire(data: &[u8]) {
+    on_small_stack(data, wire_body);
+}
+
+fn wire_body(data: &[u8]) {
+    let Some((count, rest)) = data.split_first_chunk::<3>() else {
+        return;
+    };
+    let piece_count = u32::from_be_bytes([0, count[0], count[1], count[2]]);
+    let bitfield_len = piece_count.div_ceil(8) as usize;
+    let frames = match rest.split_first_chunk::<{ wire::HANDSHAKE_LEN }>() {
+        Some((handshake, frames)) => {
+            check_handshake(handshake);
+            frames
+        }
+        None => rest,
+    };
+    check_frames(frames, bitfield_len, piece_count);
+    check_extended_handshake(frames);
+}
+
+fn check_handshake(raw: &[u8; wire::HANDSHAKE_LEN]) {
+    if let Ok(h) = wire::Handshake::decode(raw) {
+        assert_eq!(&h.encode(), raw, "handshake does not round-trip");
+    }
+    // Whatever the bytes, a handshake we build decodes to itself.
+    let mut h = wire::Handshake {
+        reserved: [0; 8],
+        info_hash: [0; 20],
+        peer_id: [0; 20],
+    };
+    h.reserved.copy_from_slice(&raw[20..28]);
+    h.info_hash.copy_from_slice(&raw[28..48]);
+    h.peer_id.copy_from_slice(&raw[48..68]);
+    assert_eq!(wire::Handshake::decode(&h.encode()), Ok(h));
+}
+
+/// Decodes frames one after the other the way the connection does, until one is refused or
+/// the bytes run out.
+fn check_frames(mut buf: &[u8], bitfield_len: usize, piece_count: u32) {
+    loop {
+        let result = wire::decode_frame(buf, bitfield_len, piece_count);
+        check_stepwise_agrees(buf, bitfield_len, piece_count, &result);
+        let Ok(Some((frame, used))) = result else {
+            return;
+        };
+        assert!(used >= 4 && used <= buf.len(), "frame used {used} bytes");
+        check_frame(&frame, &buf[..used], bitfield_len, piece_count);
+        buf = &buf[used..];
+    }
+}
+
+/// The connection reads a frame in steps (length, id, `check_len`, payload, `decode`); those
+/// steps must reach the verdict `decode_frame` reaches on the whole buffer.
+fn check_stepwise_agrees(
+    buf: &[u8],
+    bitfield_len: usize,
+    piece_count: u32,
+    whole: &Result<Option<(Frame, usize)>, wire::Error>,
+) {
+    let Some((len, after)) = buf.split_first_chunk::<4>() else {
+        assert_eq!(whole, &Ok(None));
+        return;
+    };
+    let len = u32::from_be_bytes(*len);
+    if len == 0 {
+        assert_eq!(whole, &Ok(Some((Frame::Message(Message::KeepAlive), 4))));
+        return;
+    }
+    if len > wire::MAX_FRAME {
+        assert_eq!(whole, &Err(wire::Error::FrameTooLong { len }));
+        return;
+    }
+    let Some((&id, after)) = after.split_first() else {
+        assert_eq!(whole, &Ok(None));
+        return;
+    };
+    if let Err(e) = wire::check_len(id, len, bitfield_len) {
+        assert_eq!(whole, &Err(e));
+        return;
+    }
+    let Some(payload) = after.get(..len as usize - 1) else {
+        assert_eq!(whole, &Ok(None));
+        return;
+    };
+    if id == wire::ID_PIECE {
+        let header: &[u8; 8] = payload[..8].try_into().expect("check_len: over 9 bytes");
+        let (index, begin) = wire::piece_header(header);
+        let data = payload[8..].to_vec();
+        let want = Frame::Piece { index, begin, data };
+        assert_eq!(whole, &Ok(Some((want, 4 + len as usize))));
+        return;
+    }
+    match wire::decode(id, payload, piece_count) {
+        Ok(m) => assert_eq!(whole, &Ok(Some((Frame::Message(m), 4 + len as usize)))),
+        Err(e) => assert_eq!(whole, &Err(e)),
+    }
+}
+
+fn check_frame(frame: &Frame, raw: &[u8], bitfield_len: usize, piece_count: u32) {
+    match frame {
+        Frame::Piece { index, begin, data } => {
+            assert!(!data.is_empty() && data.len() <= BLOCK_LEN as usize);
+            let len = u32::try_from(data.len()).expect("a block fits in u32");
+            let mut encoded = Vec::new();
+            wire::encode_piece_header(*index, *begin, len, &mut encoded);
+            encoded.extend_from_slice(data);
+            assert_eq!(encoded, raw, "piece frame does not round-trip");
+        }
+        Frame::Message(msg) => check_message(msg, raw, bitfield_len, piece_count),
+    }
+}
+
+fn check_message(msg: &Message, raw: &[u8], bitfield_len: usize, piece_count: u32) {
+    let mut encoded = Vec::new();
+    wire::encode(msg, &mut encoded);
+    match msg {
+        // An unknown message keeps only its id; its payload is skipped.
+        Message::Unknown(id) => assert_eq!(encoded[4], *id),
+        _ => assert_eq!(encoded, raw, "{msg:?} does not re-encode to its bytes"),
+    }
+    assert_eq!(
+        wire::decode_frame(&encoded, bitfield_len, piece_count),
+        Ok(Some((Frame::Message(msg.clone()), encoded.len()))),
+        "{msg:?} does not decode back"
+    );
+    match msg {
+        Message::Bitfield(bits) => check_bitfield(bits, bitfield_len, piece_count),
+        Message::Extended { id, payload } if *id == extension::HANDSHAKE_ID => {
+            check_extended_handshake(payload);
+        }
+        _ => {}
+    }
+}
+
+fn check_bitfield(bits: &[u8], bitfield_len: usize, piece_count: u32) {
+    assert_eq!(bits.len(), bitfield_len);
+    let spare_set = (u64::from(piece_count)..bits.len() as u64 * 8)
+        .any(|bit| bits[(bit / 8) as usize] & (0x80 >> (bit % 8)) != 0);
+    assert!(!spare_set, "a bit past the last piece is set");
+}
+
+fn check_extended_handshake(payload: &[u8]) {
+    if let Ok(info) = extension::parse_handshake(payload) {
+        assert!(info.client.as_ref().is_none_or(|c| c.chars().count() <= 64));
+        assert_ne!(info.listen_port, Some(0));
+        assert!(
+            info.reqq
+                .is_none_or(|q| (1..=extension::MAX_REQQ).contains(&q))
+        );
+    }
+    // Our own handshake, with a port and address taken from the input, reads back.
+    let port = payload
+        .first_chunk::<2>()
+        .map_or(0, |p| u16::from_be_bytes(*p));
+    let ip = match payload
+        .get(2..18)
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+    {
+        Some(v6) if payload.len().is_multiple_of(2) => IpAddr::V6(Ipv6Addr::from(v6)),
+        _ => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+    };
+    let ours = extension::parse_handshake(&extension::our_handshake(port, ip))
+        .expect("our extended handshake parses");
+    assert_eq!(ours.listen_port, (port != 0).then_some(port));
+    assert_eq!(ours.reqq, Some(extension::OUR_REQQ as usize));
+}
+
+// ---------------------------------------------------------------------------------------------
+// trackers
+// ---------------------------------------------------------------------------------------------
+
+/// HTTP tracker announce and scrape replies (and scrape URLs made from announce URLs).
+pub fn tracker_http(data: &[u8]) {
+    on_small_stack(data, tracker_http_body);
+}
+
+fn tracker_http_body(data: &[u8]) {
+    if let Ok(reply) = tracker::http::parse_reply(data) {
+        check_reply(&reply);
+        assert!(reply.min_interval.is_none_or(interval_in_bounds));
+    }
+    let _ = tracker::http::parse_scrape(data, &SCRAPE_INFO_HASH);
+    let url = String::from_utf8_lossy(data);
+    if let Some(scrape) = tracker::http::scrape_url(&url, &SCRAPE_INFO_HASH) {
+        assert!(scrape.contains("scrape") && scrape.contains("info_hash="));
+    }
+}
+
+fn interval_in_bounds(d: std::time::Duration) -> bool {
+    (MIN_INTERVAL..=MAX_INTERVAL).contains(&d)
+}
+
+/// What every announce reply promises, HTTP or UDP.
+fn check_reply(reply: &Reply) {
+    assert!(
+        reply.peers.len() <= MAX_PEERS,
+        "{} peers",
+        reply.peers.len()
+    );
+    let mut seen = HashSet::new();
+    for p in &reply.peers {
+        assert_ne!(p.port(), 0, "peer {p} has port 0");
+        assert!(!p.ip().is_unspecified(), "peer {p} has no address");
+        assert!(seen.insert(*p), "peer {p} listed twice");
+    }
+    assert!(interval_in_bounds(reply.interval), "{:?}", reply.interval);
+}
+
+/// UDP tracker packets (BEP 15): the header check, then connect, announce and scrape bodies.
+pub fn tracker_udp(data: &[u8]) {
+    on_small_stack(data, tracker_udp_body);
+}
+
+fn tracker_udp_body(data: &[u8]) {
+    // Match the packet against its own action and transaction id, and against others.
+    let (action, tid) = match data.first_chunk::<8>() {
+        Some(h) => (
+            u32::from_be_bytes([h[0], h[1], h[2], h[3]]),
+            u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+        ),
+        None => (0, 0),
+    };
+    for (want_action, want_tid) in [(action, tid), (1, tid), (0, tid ^ 1)] {
+        match tracker::udp::check_reply(data, want_action, want_tid) {
+            Ok(Some(body)) => {
+                assert!(data.len() >= 8 && action == want_action && tid == want_tid);
+                assert_eq!(body, &data[8..]);
+            }
+            Ok(None) => {}
+            Err(_) => assert!(data.len() >= 8 && action == 3 && tid == want_tid),
+        }
+    }
+    let body = data.get(8..).unwrap_or_default();
+    for bytes in [data, body] {
+        if let Ok(id) = tracker::udp::parse_connect(bytes) {
+            assert_eq!(id.to_be_bytes(), bytes[..8]);
+        }
+        for ipv6 in [false, true] {
+            if let Ok(reply) = tracker::udp::parse_announce(bytes, ipv6) {
+                check_reply(&reply);
+                let per_peer = if ipv6 { 18 } else { 6 };
+                assert!(reply.peers.len() <= (bytes.len() - 12) / per_peer);
+                assert!(reply.peers.iter().all(|p| p.is_ipv6() == ipv6));
+            }
+        }
+        if let Ok(s) = tracker::udp::parse_scrape(bytes) {
+            assert!(s.seeders <= u64::from(u32::MAX) && s.leechers <= u64::from(u32::MAX));
+        }
+    }
+    if let Ok((host, port)) = tracker::udp::host_port(&String::from_utf8_lossy(data)) {
+        assert!(!host.is_empty() && port != 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// paths
+// ---------------------------------------------------------------------------------------------
+
+/// Path elements from torrents: one element, then the input split at `/` as a path.
+pub fn path(data: &[u8]) {
+    on_small_stack(data, path_body);
+}
+
+fn path_body(data: &[u8]) {
+    if let Ok(clean) = path_safety::sanitize_element(data) {
+        check_element(&clean);
+    }
+    let mut clean = Vec::new();
+    for raw in data
+        .split(|&b| b == b'/')
+        .take(metainfo::MAX_PATH_DEPTH + 1)
+    {
+        if let Ok(e) = path_safety::sanitize_element(raw) {
+            check_element(&e);
+            clean.push(e);
+        }
+    }
+    match path_safety::join_elements(&clean) {
+        Some(p) => {
+            assert_relative_normal(&p);
+            assert_eq!(p.components().count(), clean.len(), "{clean:?} -> {p:?}");
+            assert!(path_safety::is_contained(&p));
+        }
+        None => assert!(clean.is_empty(), "safe elements {clean:?} did not join"),
+    }
+    let shown = path_safety::escape(&String::from_utf8_lossy(data));
+    assert!(
+        !shown.chars().any(|c| c.is_control()),
+        "escape left {shown:?}"
+    );
+    let bidi = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+    assert!(
+        !shown.contains(bidi),
+        "escape left a bidi control in {shown:?}"
+    );
+}
+
+fn check_element(e: &str) {
+    assert!(!e.is_empty());
+    assert!(e.len() <= path_safety::MAX_ELEMENT_BYTES);
+    assert!(
+        !e.contains(['/', '\\', '\0']) && !e.chars().any(char::is_control),
+        "unsafe character left in {e:?}"
+    );
+    assert!(e != "." && e != "..");
+    let b = e.as_bytes();
+    assert!(
+        !(b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':'),
+        "drive prefix left in {e:?}"
+    );
+    assert_single_normal_component(e);
+}
+
+fn assert_single_normal_component(e: &str) {
+    let mut parts = Path::new(e).components();
+    assert_eq!(parts.next(), Some(Component::Normal(e.as_ref())), "{e:?}");
+    assert_eq!(parts.next(), None, "{e:?} is more than one component");
+}
+
+fn assert_relative_normal(p: &Path) {
+    assert!(p.is_relative(), "{p:?} is absolute");
+    assert!(p.components().next().is_some(), "empty path");
+    assert!(
+        p.components().all(|c| matches!(c, Component::Normal(_))),
+        "{p:?} has a component that is not a plain name"
+    );
+}
