@@ -16,6 +16,8 @@ use crate::peer::{self, Dial};
 use crate::picker::PeerKey;
 
 const MAX_DIAL_FAILURES: u32 = 5;
+/// Pause before redialling a peer whose established connection ended.
+const REDIAL_AFTER: Duration = Duration::from_secs(30);
 /// A connection younger than this is not pruned to make room.
 const PRUNE_GRACE: Duration = Duration::from_secs(60);
 /// Blocks nobody asked for before a peer is dropped.
@@ -62,6 +64,8 @@ pub struct Peer {
     pub unrequested: u32,
     /// Sat on our requests too long: its blocks went to others and it gets one at a time.
     pub snubbed: bool,
+    /// We closed it (pruned, duplicate, banned): not to be redialled.
+    pub dropped_by_us: bool,
 }
 
 impl Peer {
@@ -95,6 +99,7 @@ impl Peer {
             hash_fails: 0,
             unrequested: 0,
             snubbed: false,
+            dropped_by_us: false,
         }
     }
 
@@ -200,6 +205,7 @@ impl Session {
     /// Asks a connection to close; its Gone event does the bookkeeping.
     pub(super) fn drop_peer(&mut self, key: PeerKey) {
         if let Some(p) = self.peers.get_mut(&key) {
+            p.dropped_by_us = true;
             p.send(Command::Shutdown);
             // Free its slot for the picker and the choker at once.
             p.peer_interested = false;
@@ -325,11 +331,22 @@ impl Session {
         if let Some(t) = p.thread.take() {
             let _ = t.join();
         }
-        if p.outbound && p.peer_id.is_none() && !self.banned_addrs.contains(&p.addr) {
+        let redial = p.outbound
+            && !p.dropped_by_us
+            && !self.banned_addrs.contains(&p.addr)
+            && !self.known.contains(&p.addr);
+        if redial && p.peer_id.is_none() {
             // Never got through the handshake: retry later, a few times.
             let entry = self.failures.entry(p.addr).or_insert((0, Instant::now()));
             entry.0 += 1;
             entry.1 = Instant::now() + Duration::from_secs(5 << entry.0.min(6));
+            self.candidates.push_back(p.addr);
+        } else if redial && !self.picker.is_complete() && !self.candidates.contains(&p.addr) {
+            // A working peer that went away (restarted, or a network blip) may come back:
+            // try it again after a pause, without counting it as a failure.
+            let n = self.failures.get(&p.addr).map_or(0, |f| f.0);
+            self.failures
+                .insert(p.addr, (n, Instant::now() + REDIAL_AFTER));
             self.candidates.push_back(p.addr);
         }
         if !p.am_choking {
