@@ -13,7 +13,12 @@ pub fn string(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || matches!(c, '\u{2028}' | '\u{2029}') => {
+            // Control and bidirectional characters are escaped so that `jq -r` output or a
+            // terminal showing the JSON cannot be made to display something else.
+            c if c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}')
+                || crate::path_safety::is_bidi_control(c) =>
+            {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),

@@ -57,7 +57,7 @@ pub fn sanitize_element(raw: &[u8]) -> Result<String, Error> {
     let clean: String = text
         .chars()
         .map(|c| {
-            if c == '/' || c == '\\' || c.is_control() {
+            if c == '/' || c == '\\' || c.is_control() || is_bidi_control(c) {
                 '_'
             } else {
                 c
@@ -88,13 +88,17 @@ pub fn join_elements(elements: &[String]) -> Option<PathBuf> {
     is_contained(&path).then_some(path)
 }
 
+/// Bidirectional formatting characters: they reorder how the rest of a line is displayed.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
+}
+
 /// Escapes text for a terminal: control characters and bidirectional overrides (which can make
 /// `evil.exe` look like `exe.live`) are shown as `\u{…}`.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
-        if c.is_control() || bidi {
+        if c.is_control() || is_bidi_control(c) {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
         } else {
             out.push(c);

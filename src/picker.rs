@@ -9,6 +9,9 @@
 //! - In an active piece each block is `Missing`, `Requested` by one or more peers (more than
 //!   one only in endgame), or `Received` (written to storage, with the peer that sent it).
 //! - A block is in a peer's `outstanding` set iff that block is `Requested` and lists the peer.
+//! - A peer's block is taken only if it was asked of that peer (outstanding, or voided by a
+//!   choke, cancel or reject since): nobody can inject data into a piece they were not asked
+//!   for, so a hash failure blames only peers we chose.
 //! - An active piece whose blocks are all `Received` is `hashing`: none of its blocks is
 //!   handed out until the hash result comes back ([`Picker::piece_verified`] /
 //!   [`Picker::piece_failed`]).
@@ -54,7 +57,24 @@ struct PeerState {
     /// Pieces this peer has that we want and lack: the peer is interesting iff non-zero.
     wanted: u32,
     outstanding: HashSet<BlockRef>,
+    /// Blocks once asked of this peer whose request a choke, cancel or timeout voided: the
+    /// peer may still send them and they are taken. Anything else it sends is unrequested,
+    /// so a stranger cannot slip bad blocks into pieces and get honest senders banned.
+    voided: HashSet<BlockRef>,
 }
+
+impl PeerState {
+    /// Remembers voided requests, within a bound: a peer that had thousands voided loses the
+    /// oldest memories (its late blocks then count as unrequested, which is only a nuisance).
+    fn void(&mut self, blocks: &[BlockRef]) {
+        if self.voided.len() + blocks.len() > MAX_VOIDED {
+            self.voided.clear();
+        }
+        self.voided.extend(blocks.iter().copied());
+    }
+}
+
+const MAX_VOIDED: usize = 4096;
 
 /// What happened to a block a peer sent.
 #[derive(Debug, PartialEq, Eq)]
@@ -413,7 +433,7 @@ impl Picker {
         let Some(state) = self.peers.get_mut(&peer) else {
             return BlockOutcome::Unrequested;
         };
-        state.outstanding.remove(&block);
+        let asked = state.outstanding.remove(&block) || state.voided.remove(&block);
         if self.have[block.piece.usize()] {
             return BlockOutcome::Duplicate;
         }
@@ -424,13 +444,19 @@ impl Picker {
         if matches!(slot, BlockState::Received(_)) {
             return BlockOutcome::Duplicate;
         }
+        if !asked {
+            return BlockOutcome::Unrequested;
+        }
         let cancel: Vec<PeerKey> = match std::mem::replace(slot, BlockState::Received(peer)) {
             BlockState::Requested(who) => who.into_iter().filter(|p| *p != peer).collect(),
             _ => Vec::new(),
         };
         for other in &cancel {
             if let Some(s) = self.peers.get_mut(other) {
-                s.outstanding.remove(&block);
+                // Our cancel may cross its answer on the wire.
+                if s.outstanding.remove(&block) {
+                    s.void(&[block]);
+                }
             }
         }
         active.received += 1;
@@ -487,6 +513,7 @@ impl Picker {
             return Vec::new();
         };
         let blocks: Vec<BlockRef> = state.outstanding.drain().collect();
+        state.void(&blocks);
         for b in &blocks {
             self.release(peer, *b);
         }
@@ -495,11 +522,13 @@ impl Picker {
 
     /// The peer rejected one request (BEP 6) or we cancelled it.
     pub fn request_dropped(&mut self, peer: PeerKey, block: BlockRef) {
-        if self
-            .peers
-            .get_mut(&peer)
-            .is_some_and(|s| s.outstanding.remove(&block))
-        {
+        if self.peers.get_mut(&peer).is_some_and(|s| {
+            let was = s.outstanding.remove(&block);
+            if was {
+                s.void(&[block]);
+            }
+            was
+        }) {
             self.release(peer, block);
         }
     }
@@ -749,6 +778,32 @@ mod tests {
         assert_eq!(p.assign(A, 4).len(), 4);
         // A late block from a removed peer is not accepted.
         assert_eq!(p.block_received(B, b[0]), BlockOutcome::Unrequested);
+    }
+
+    #[test]
+    fn blocks_are_taken_only_from_peers_that_were_asked() {
+        let mut p = picker(4);
+        p.add_peer(A);
+        p.add_peer(B);
+        p.peer_has_all(A);
+        p.peer_has_all(B);
+        let a = p.assign(A, 2);
+        // B was never asked for A's blocks: its copy (good or poisoned) is refused.
+        assert_eq!(p.block_received(B, a[0]), BlockOutcome::Unrequested);
+        // A choke voids A's requests, but A's late answers are still taken.
+        p.peer_choked(A);
+        assert!(matches!(
+            p.block_received(A, a[0]),
+            BlockOutcome::Accepted { .. }
+        ));
+        // A rejected request that is answered after all is also taken, once.
+        let again = p.assign(A, 1);
+        p.request_dropped(A, again[0]);
+        assert!(matches!(
+            p.block_received(A, again[0]),
+            BlockOutcome::Accepted { .. }
+        ));
+        p.check_invariants();
     }
 
     #[test]

@@ -246,6 +246,9 @@ struct Session {
     was_complete: bool,
     seeding_since: Option<Instant>,
     last_need_peers: Instant,
+    /// Every tracker failed its first round (or there is none): peers can only come from
+    /// `--peer` and inbound connections.
+    trackers_failed: bool,
     last_rechoke: Instant,
 }
 
@@ -444,6 +447,7 @@ fn run(
         downloaded: 0,
         uploaded: 0,
         last_need_peers: Instant::now(),
+        trackers_failed: false,
         last_rechoke: Instant::now(),
         cfg,
     };
@@ -493,6 +497,7 @@ impl Session {
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
                 self.tick();
+                self.check_peer_sources()?;
             }
         }
     }
@@ -546,6 +551,23 @@ impl Session {
         self.progress.update(done, total, peers, seeds);
     }
 
+    /// A one-shot download with no answering tracker and no peer, connected or to dial, has
+    /// nothing to wait for. Checked when the trackers fail and on every tick, since the last
+    /// peer may go away after that.
+    fn check_peer_sources(&self) -> Result<(), Error> {
+        if self.trackers_failed
+            && !self.picker.is_complete()
+            && !self.cfg.seed_after
+            && self.peers.is_empty()
+            && self.candidates.is_empty()
+        {
+            return Err(Error::NoPeers(
+                "no tracker answered and no peer is known (add --peer HOST:PORT?)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn handle(&mut self, msg: Input) -> Result<(), Error> {
         match msg {
             Input::Peer { key, event } => self.on_peer_event(key, event)?,
@@ -554,16 +576,8 @@ impl Session {
             Input::TrackerNotice(m) => self.progress.note_kind("tracker_error", &m),
             Input::TrackerDone => {}
             Input::TrackersFailed => {
-                // A one-shot download with no tracker and no peer has nothing to wait for.
-                if !self.picker.is_complete()
-                    && !self.cfg.seed_after
-                    && self.peers.is_empty()
-                    && self.candidates.is_empty()
-                {
-                    return Err(Error::NoPeers(
-                        "no tracker answered and no peer is known (add --peer HOST:PORT?)".into(),
-                    ));
-                }
+                self.trackers_failed = true;
+                self.check_peer_sources()?;
             }
             Input::StreamDone => self.stream = None,
             // The reader has all it wants: end cleanly.
