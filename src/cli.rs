@@ -341,10 +341,7 @@ fn fetch_torrent(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, FetchErro
         .or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from));
     let agent = crate::http::agent(Duration::from_secs(60), None, ca.as_deref())
         .map_err(|e| FetchError::Other(e.to_string()))?;
-    let mut resp = agent
-        .get(url)
-        .call()
-        .map_err(|e| FetchError::Other(e.to_string()))?;
+    let mut resp = crate::http::get(&agent, url).map_err(|e| FetchError::Other(e.to_string()))?;
     let status = resp.status().as_u16();
     if status != 200 {
         return Err(FetchError::Other(format!("HTTP status {status}")));

@@ -171,7 +171,8 @@ pub fn agent(
     let config = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
-        .max_redirects(3)
+        // Redirects are followed by `get`, which checks each hop's scheme.
+        .max_redirects(0)
         .user_agent(concat!("bitfetch/", env!("CARGO_PKG_VERSION")))
         .tls_config(tls.build())
         .build();
@@ -187,8 +188,123 @@ pub fn agent(
     ))
 }
 
+/// Redirects followed per request.
+pub const MAX_REDIRECTS: usize = 3;
+
+/// Why a GET failed before a final response arrived.
+#[derive(Debug)]
+pub enum GetError {
+    Ureq(ureq::Error),
+    /// A redirect to something other than http or https (`file:`, `ftp:`, ...).
+    RedirectScheme(String),
+    /// More than [`MAX_REDIRECTS`] hops, or a redirect without a usable `Location`.
+    Redirects(String),
+}
+
+impl fmt::Display for GetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GetError::Ureq(e) => write!(f, "{e}"),
+            GetError::RedirectScheme(to) => write!(
+                f,
+                "redirected to {}, which is not an http or https URL",
+                crate::path_safety::escape(to)
+            ),
+            GetError::Redirects(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// GETs `url`, following at most [`MAX_REDIRECTS`] redirects by hand so that every hop is
+/// checked: only http and https targets, relative ones resolved against the current URL.
+/// Returns the final response, whatever its status.
+pub fn get(agent: &ureq::Agent, url: &str) -> Result<ureq::http::Response<ureq::Body>, GetError> {
+    let mut current = url.to_string();
+    for hop in 0..=MAX_REDIRECTS {
+        let resp = agent.get(&current).call().map_err(GetError::Ureq)?;
+        if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+            return Ok(resp);
+        }
+        if hop == MAX_REDIRECTS {
+            break;
+        }
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| GetError::Redirects("redirect without a Location header".into()))?;
+        current = resolve(&current, location)?;
+    }
+    Err(GetError::Redirects(format!(
+        "more than {MAX_REDIRECTS} redirects"
+    )))
+}
+
+/// Resolves a `Location` against the URL it came from (RFC 3986 in the forms servers send:
+/// absolute, scheme-relative, absolute path, relative path).
+fn resolve(base: &str, location: &str) -> Result<String, GetError> {
+    let location = location.trim();
+    let lower = location.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Ok(location.to_string());
+    }
+    // Any other `scheme:` prefix is refused. A scheme is letters, digits, + - . before ':'.
+    if let Some(colon) = location.find(':') {
+        let scheme = &location[..colon];
+        let is_scheme = !scheme.is_empty()
+            && scheme
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if is_scheme {
+            return Err(GetError::RedirectScheme(location.to_string()));
+        }
+    }
+    let (scheme, rest) = base
+        .split_once("://")
+        .ok_or_else(|| GetError::Redirects(format!("cannot resolve a redirect from {base}")))?;
+    if let Some(authority_and_path) = location.strip_prefix("//") {
+        return Ok(format!("{scheme}://{authority_and_path}"));
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let origin = format!("{scheme}://{}", &rest[..authority_end]);
+    if location.starts_with('/') {
+        return Ok(format!("{origin}{location}"));
+    }
+    // Relative path: replace the last segment of the base path (query dropped).
+    let path = &rest[authority_end..];
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+    let dir = if dir.is_empty() { "/" } else { dir };
+    Ok(format!("{origin}{dir}{location}"))
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn redirects_resolve_and_other_schemes_are_refused() {
+        let base = "http://127.0.0.1:6969/a/announce?x=1";
+        let ok = |loc: &str| resolve(base, loc).unwrap();
+        assert_eq!(ok("https://t.example/b"), "https://t.example/b");
+        assert_eq!(ok("//other:1/c"), "http://other:1/c");
+        assert_eq!(ok("/d?e=1"), "http://127.0.0.1:6969/d?e=1");
+        assert_eq!(ok("f"), "http://127.0.0.1:6969/a/f");
+        for bad in [
+            "file:///etc/passwd",
+            "ftp://x/y",
+            "FILE:/etc/passwd",
+            "javascript:x",
+        ] {
+            assert!(
+                matches!(resolve(base, bad), Err(GetError::RedirectScheme(_))),
+                "{bad}"
+            );
+        }
+    }
     use super::*;
     use std::net::TcpListener;
 

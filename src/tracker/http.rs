@@ -192,7 +192,10 @@ pub fn parse_scrape(body: &[u8], info_hash: &[u8; 20]) -> Result<ScrapeInfo, Err
 /// GETs `url`, size-capped; a non-200 status is an error unless the body carries a failure
 /// reason (then that is the more useful message).
 pub fn get(agent: &ureq::Agent, url: &str) -> Result<Vec<u8>, Error> {
-    let mut resp = agent.get(url).call().map_err(Error::from_ureq)?;
+    let mut resp = crate::http::get(agent, url).map_err(|e| match e {
+        crate::http::GetError::Ureq(e) => Error::from_ureq(e),
+        e => Error::Http(e.to_string()),
+    })?;
     let status = resp.status().as_u16();
     let body = resp
         .body_mut()

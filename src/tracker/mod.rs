@@ -68,7 +68,7 @@ pub enum Error {
 }
 
 impl Error {
-    fn from_ureq(e: ureq::Error) -> Error {
+    pub(crate) fn from_ureq(e: ureq::Error) -> Error {
         match e {
             ureq::Error::Timeout(t) => Error::Http(format!("timed out ({t})")),
             ureq::Error::BodyExceedsLimit(n) => {
