@@ -934,3 +934,71 @@ mod tests {
         assert_eq!(human_bytes(1 << 30), "1.00 GiB");
     }
 }
+
+/// argh takes every argument that starts with `-` for an option, so `download - -o out` (the
+/// torrent on stdin) would be refused. A lone `-` in a positional place is moved behind `--`,
+/// where argh reads it as the positional it is. A `-` that is an option's value (`-O -`) stays.
+pub fn lone_dash_last<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    // Flags without a value; every other `-x`/`--xyz` (without `=`) takes the next argument.
+    const SWITCHES: &[&str] = &[
+        "--json",
+        "--private",
+        "--stdout",
+        "--list",
+        "--seed",
+        "--no-seed",
+        "--quiet",
+        "-q",
+        "--help",
+        "-h",
+    ];
+    if args.contains(&"--") {
+        return args.to_vec();
+    }
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut dash = false;
+    let mut value_next = false;
+    // The first argument is the subcommand.
+    for (i, &a) in args.iter().enumerate() {
+        if i > 0 && a == "-" && !value_next && !dash {
+            dash = true;
+            continue;
+        }
+        value_next = i > 0
+            && a.starts_with('-')
+            && a.len() > 1
+            && !a.contains('=')
+            && !SWITCHES.contains(&a);
+        out.push(a);
+    }
+    if dash {
+        out.extend(["--", "-"]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod lone_dash_tests {
+    use super::lone_dash_last;
+
+    #[test]
+    fn a_positional_dash_moves_behind_double_dash() {
+        assert_eq!(
+            lone_dash_last(&["download", "-", "-o", "out"]),
+            ["download", "-o", "out", "--", "-"]
+        );
+        assert_eq!(
+            lone_dash_last(&["download", "--json", "-", "-O", "-"]),
+            ["download", "--json", "-O", "-", "--", "-"]
+        );
+        // `-O -` alone is an option value, not the torrent.
+        assert_eq!(
+            lone_dash_last(&["download", "x.torrent", "-O", "-"]),
+            ["download", "x.torrent", "-O", "-"]
+        );
+        assert_eq!(
+            lone_dash_last(&["download", "-o", "-", "x"]),
+            ["download", "-o", "-", "x"]
+        );
+    }
+}

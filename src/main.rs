@@ -16,7 +16,8 @@ fn main() -> ExitCode {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("bitfetch");
-    let args = match Args::from_args(&[cmd], rest) {
+    let rest = cli::lone_dash_last(rest);
+    let args = match Args::from_args(&[cmd], &rest) {
         Ok(a) => a,
         Err(early) => {
             return if early.status.is_ok() {

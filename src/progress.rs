@@ -32,6 +32,8 @@ pub struct Progress {
     last_json: Instant,
     /// (time, bytes) at the previous JSON progress event, for its rate.
     last_sample: (Instant, u64),
+    /// When the data was complete; `finish` may be called a little later (after shutdown).
+    completed_at: Option<Instant>,
 }
 
 /// Progress events in JSON mode come at this steady interval.
@@ -53,6 +55,7 @@ impl Progress {
             bar,
             mode,
             started: now,
+            completed_at: None,
             last_draw: now,
             last_json: now,
             last_sample: (now, done),
@@ -143,13 +146,19 @@ impl Progress {
         }
     }
 
+    /// Records that the data is complete: the elapsed time `finish` reports ends here.
+    pub fn mark_complete(&mut self) {
+        self.completed_at.get_or_insert_with(Instant::now);
+    }
+
     /// The download is complete: the bar closes; a person gets a summary on stderr, a script
     /// gets the file paths on stdout, JSON gets a `finished` event.
     pub fn finish(&mut self, downloaded: u64, uploaded: u64, paths: &[String]) {
         if let Some(mut pb) = self.bar.take() {
             pb.finish_print("");
         }
-        let secs = self.started.elapsed().as_secs_f64();
+        let end = self.completed_at.unwrap_or_else(Instant::now);
+        let secs = end.duration_since(self.started).as_secs_f64();
         match self.mode {
             Mode::Json => self.emit(&format!(
                 "{{\"event\":\"finished\",\"downloaded\":{downloaded},\"uploaded\":{uploaded},\"elapsed\":{secs:.3}}}"

@@ -249,6 +249,9 @@ struct Session {
     /// Every tracker failed its first round (or there is none): peers can only come from
     /// `--peer` and inbound connections.
     trackers_failed: bool,
+    /// The download completed in a run that does not seed: `finished` is reported after the
+    /// shutdown.
+    finish_pending: bool,
     last_rechoke: Instant,
 }
 
@@ -448,6 +451,7 @@ fn run(
         uploaded: 0,
         last_need_peers: Instant::now(),
         trackers_failed: false,
+        finish_pending: false,
         last_rechoke: Instant::now(),
         cfg,
     };
@@ -456,6 +460,9 @@ fn run(
     }
     let result = s.main_loop(&input_rx);
     s.shutdown(&input_rx);
+    if s.finish_pending && result.is_ok() {
+        s.report_finished();
+    }
     result
 }
 

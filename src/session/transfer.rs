@@ -323,9 +323,21 @@ impl Session {
         if let Some(t) = &self.tracker_tx {
             let _ = t.send(TrackerCommand::Completed);
         }
+        self.progress.mark_complete();
+        if self.cfg.seed_after {
+            self.report_finished();
+        } else {
+            // The run ends in a moment: report after the shutdown, so that `finished` is the
+            // last event even when the `completed`/`stopped` announces fail.
+            self.finish_pending = true;
+        }
+        Ok(())
+    }
+
+    pub(super) fn report_finished(&mut self) {
+        self.finish_pending = false;
         let uploaded = self.stats.uploaded.load(Ordering::Relaxed);
         self.progress.finish(self.downloaded, uploaded, &self.paths);
-        Ok(())
     }
 
     /// A peer that holds requests but has sent no block for [`REQUEST_TIMEOUT`] is snubbed:
