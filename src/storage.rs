@@ -430,7 +430,11 @@ impl Storage {
             let bytes = unsafe {
                 std::slice::from_raw_parts(map.as_ptr().add(at as usize), span.len as usize)
             };
-            return Some(Sha1::digest(bytes).into());
+            let digest = Sha1::digest(bytes).into();
+            // Verify, seed and resume hash every piece this way: without this, every page of
+            // the torrent would stay mapped and counted in our resident memory.
+            drop_pages(map, at, span.len);
+            return Some(digest);
         }
         scratch.resize(len, 0);
         self.read(offset, &mut scratch[..len]).ok()?;
@@ -595,30 +599,12 @@ impl Writer {
     pub fn release_piece(&mut self, piece: PieceIndex) {
         self.prepared.remove(&piece);
         let g = &self.storage.geometry;
-        let page = page_size();
         for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
             let slot = &self.storage.slots[span.file];
             let Some(map) = slot.map.as_ref() else {
                 continue;
             };
-            let at = slot.map_delta + span.file_offset;
-            let start = at.div_ceil(page) * page;
-            let end = (at + span.len) / page * page;
-            if end > start {
-                // Only whole pages of this piece are dropped, so a neighbouring piece's
-                // in-flight page is untouched (and would be faulted back in anyway).
-                // SAFETY: MADV_DONTNEED on a shared file mapping only drops our page-table
-                // entries; the data stays in the page cache. No Rust reference into the map
-                // exists (writes use raw copies, reads use pread), so nothing observes the
-                // pages going away.
-                let _ = unsafe {
-                    map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start as usize,
-                        (end - start) as usize,
-                    )
-                };
-            }
+            drop_pages(map, slot.map_delta + span.file_offset, span.len);
         }
     }
 
@@ -683,6 +669,28 @@ pub fn install_stop_handler() {
 
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
+}
+
+/// Drops our page-table entries for the whole pages inside `[at, at + len)` of `map`. Only
+/// whole pages are dropped, so a neighbouring piece's page is untouched (it would be faulted
+/// back in anyway).
+fn drop_pages(map: &MmapRaw, at: u64, len: u64) {
+    let page = page_size();
+    let start = at.div_ceil(page) * page;
+    let end = (at + len) / page * page;
+    if end > start {
+        // SAFETY: MADV_DONTNEED on a shared file mapping only drops our page-table entries;
+        // the data stays in the page cache (dirty pages are written back, not discarded). No
+        // Rust reference into the map outlives its use (writes are raw copies, reads use
+        // pread, hashing finishes before this call), so nothing observes the pages going.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start as usize,
+                (end - start) as usize,
+            )
+        };
+    }
 }
 
 #[cfg(test)]

@@ -701,3 +701,71 @@ fn others_accept_bitfetch_directory_torrent() {
         .collect();
     check_others_accept(&t.path, &torrent, &paths, true);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------------------------
+
+/// Runs bitfetch with `args` to completion and returns (exit code, peak RSS in KiB) as the
+/// kernel accounts it for the child (file-backed mapped pages included).
+fn run_measuring_rss(cwd: &Path, args: &[&OsString]) -> (i32, i64) {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn bitfetch");
+    let pid = child.id() as libc::pid_t;
+    // Hang guard: a watchdog kills the child by PID if it outlives the deadline.
+    let watchdog = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
+            // SAFETY: kill with signal 0 only probes whether the process exists.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                return;
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(100));
+        }
+        // SAFETY: plain kill(2) of our own child's PID.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value to be overwritten by wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child with valid out-pointers; it reaps the child, so the
+    // `Child` handle is not waited on again (dropping it does not wait).
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    watchdog.join().unwrap();
+    let _ = child.try_wait();
+    assert!(
+        libc::WIFEXITED(status),
+        "bitfetch died of a signal: {status:#x}"
+    );
+    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+}
+
+/// Verifying hashes every piece straight from the map; those pages must not stay in our
+/// process, or a seeder of a large torrent would hold the whole file resident.
+#[test]
+fn verify_of_128_mib_keeps_resident_memory_small() {
+    let t = tmp();
+    let data = t.path.join("big.bin");
+    let mut f = std::fs::File::create(&data).unwrap();
+    for i in 0..128u64 {
+        std::io::Write::write_all(&mut f, &pseudo_random(1 << 20, i)).unwrap();
+    }
+    drop(f);
+    let torrent = t.path.join("big.torrent");
+    create(&t.path, &data, &torrent, &["--piece-length", "262144"]);
+    let (code, peak_kib) = run_measuring_rss(
+        &t.path,
+        &[&os("verify"), &torrent.clone().into(), &data.clone().into()],
+    );
+    assert_eq!(code, 0, "verify of intact data");
+    assert!(
+        peak_kib < 48 * 1024,
+        "verify of 128 MiB peaked at {peak_kib} KiB resident; verified pages are kept mapped"
+    );
+}
