@@ -122,6 +122,9 @@ pub struct DownloadArgs {
     /// exit as soon as the download is complete (the default)
     #[argh(switch)]
     pub no_seed: bool,
+    /// wait until the data is on stable storage before reporting success (msync)
+    #[argh(switch)]
+    pub fsync: bool,
     /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
     #[argh(option)]
     pub peer: Vec<String>,
@@ -592,6 +595,7 @@ pub fn session_config(o: &SessionOptions, seed_after: bool) -> Result<session::C
         net: net_config(o.bind, o.ca_file),
         announce_interval: o.announce_interval.map(|s| Duration::from_secs(s.max(1))),
         seed_after,
+        fsync: false,
         seed_limits: session::SeedLimits {
             ratio: o
                 .seed_ratio

@@ -608,11 +608,13 @@ impl Writer {
         }
     }
 
-    /// Writes dirty pages back to disk (msync).
-    pub fn flush(&mut self) -> Result<(), Error> {
+    /// With `wait`, returns once the data is on stable storage (msync MS_SYNC: seconds for a
+    /// large torrent on a slow disk); without, only starts the write-back (MS_ASYNC).
+    pub fn flush(&mut self, wait: bool) -> Result<(), Error> {
         for slot in &self.storage.slots {
             if let Some(map) = &slot.map {
-                map.flush().map_err(|e| Error::io(&slot.path, e))?;
+                let r = if wait { map.flush() } else { map.flush_async() };
+                r.map_err(|e| Error::io(&slot.path, e))?;
             }
         }
         Ok(())

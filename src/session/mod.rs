@@ -60,6 +60,10 @@ pub struct Config {
     pub port: u16,
     pub net: NetConfig,
     pub announce_interval: Option<Duration>,
+    /// Wait for the data to reach stable storage at completion (`--fsync`). Otherwise the
+    /// data is left in the page cache, safe from our own death, and written back by the
+    /// kernel; a restart re-verifies what is on disk either way.
+    pub fsync: bool,
     /// Keep running after the download completes (until a limit or a signal).
     pub seed_after: bool,
     pub seed_limits: SeedLimits,
@@ -117,7 +121,8 @@ pub fn download(a: &DownloadArgs) -> Result<(), Error> {
     if a.list {
         return cli::list_files(&meta);
     }
-    let config = cli::session_config(&a.options(), a.seeding())?;
+    let mut config = cli::session_config(&a.options(), a.seeding())?;
+    config.fsync = a.fsync;
     let streaming = a.streaming()?;
     let selection = a.selection(&meta)?;
     let stream = if streaming {
@@ -608,7 +613,8 @@ impl Session {
             p.send(Command::Shutdown);
         }
         if let Some(w) = &mut self.writer {
-            let _ = w.flush();
+            // Never wait for the disk here: Ctrl-C must stay quick.
+            let _ = w.flush(false);
         }
         // Ctrl-C must end the process within 2 s even with a tracker that never answers the
         // `stopped` announce (the signal is seen within one tick).

@@ -317,7 +317,7 @@ impl Session {
 
     fn on_complete(&mut self) -> Result<(), Error> {
         if let Some(w) = &mut self.writer {
-            w.flush()?;
+            w.flush(self.cfg.fsync)?;
         }
         self.seeding_since = Some(Instant::now());
         if let Some(t) = &self.tracker_tx {
