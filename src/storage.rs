@@ -23,8 +23,9 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use memmap2::MmapRaw;
 use sha1::{Digest, Sha1};
@@ -163,7 +164,13 @@ impl FileSlot {
 pub struct Storage {
     geometry: Geometry,
     slots: Vec<FileSlot>,
+    /// Each file's size and modification time when all the data was last known good (see
+    /// [`Storage::mark_known_good`]).
+    known_good: OnceLock<Vec<Stamp>>,
 }
+
+/// A file's length and modification time, to notice another program changing it.
+type Stamp = Option<(u64, SystemTime)>;
 
 impl fmt::Debug for Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -347,6 +354,7 @@ impl Storage {
         let storage = Arc::new(Storage {
             geometry: geometry.clone(),
             slots,
+            known_good: OnceLock::new(),
         });
         let writer = Writer {
             storage: Arc::clone(&storage),
@@ -379,7 +387,33 @@ impl Storage {
         Ok(Storage {
             geometry: geometry.clone(),
             slots,
+            known_good: OnceLock::new(),
         })
+    }
+
+    fn stamp(&self, file: usize) -> Stamp {
+        let meta = self.slots[file].file.as_ref()?.metadata().ok()?;
+        Some((meta.len(), meta.modified().ok()?))
+    }
+
+    /// Records every file's size and modification time once all the data is verified (a
+    /// seeder after its check, a download once complete). Later, [`Storage::unchanged`] tells
+    /// cheaply whether a piece may still be trusted.
+    pub fn mark_known_good(&self) {
+        let stamps = (0..self.slots.len()).map(|i| self.stamp(i)).collect();
+        let _ = self.known_good.set(stamps);
+    }
+
+    /// Whether the files holding `piece` are as they were at [`Storage::mark_known_good`]:
+    /// same length, same modification time. Anything else (never marked, a file rewritten or
+    /// truncated by another program) means the piece must be hash-checked again.
+    pub fn unchanged(&self, piece: PieceIndex) -> bool {
+        let Some(good) = self.known_good.get() else {
+            return false;
+        };
+        let g = &self.geometry;
+        g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece)))
+            .all(|span| good[span.file].is_some() && self.stamp(span.file) == good[span.file])
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -786,6 +820,25 @@ mod tests {
         let err = Storage::create(&layout(&dir, &["a"]), &g).unwrap_err();
         assert!(matches!(err, Error::LargerThanTorrent { .. }));
         assert_eq!(fs::read(dir.join("a")).unwrap(), vec![7u8; 100]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_changed_after_marking_is_no_longer_trusted() {
+        let dir = tmpdir("stamp");
+        fs::write(dir.join("a"), b"0123456789").unwrap();
+        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let s = Storage::open_existing(&layout(&dir, &["a"]), &g).unwrap();
+        let p = g.piece(0).unwrap();
+        assert!(!s.unchanged(p), "nothing is trusted before marking");
+        s.mark_known_good();
+        assert!(s.unchanged(p));
+        // Another program rewrites a byte: the modification time moves.
+        let f = OpenOptions::new().write(true).open(dir.join("a")).unwrap();
+        let before = f.metadata().unwrap().modified().unwrap();
+        f.set_modified(before + std::time::Duration::from_secs(1)).unwrap();
+        f.write_at(b"X", 3).unwrap();
+        assert!(!s.unchanged(p));
         fs::remove_dir_all(&dir).unwrap();
     }
 

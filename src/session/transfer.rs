@@ -324,6 +324,7 @@ impl Session {
             let _ = t.send(TrackerCommand::Completed);
         }
         self.progress.mark_complete();
+        self.ctx.storage.mark_known_good();
         if self.cfg.seed_after {
             self.report_finished();
         } else {
