@@ -836,7 +836,8 @@ mod tests {
         // Another program rewrites a byte: the modification time moves.
         let f = OpenOptions::new().write(true).open(dir.join("a")).unwrap();
         let before = f.metadata().unwrap().modified().unwrap();
-        f.set_modified(before + std::time::Duration::from_secs(1)).unwrap();
+        f.set_modified(before + std::time::Duration::from_secs(1))
+            .unwrap();
         f.write_at(b"X", 3).unwrap();
         assert!(!s.unchanged(p));
         fs::remove_dir_all(&dir).unwrap();
