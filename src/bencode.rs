@@ -259,10 +259,16 @@ fn string_header(buf: &[u8], start: usize) -> Result<(usize, usize), Error> {
 
 /// In a document that passed [`prescan`], finds the raw bytes of the value stored under `key`
 /// in the top-level dictionary.
+///
+/// When the key occurs more than once, the span is that of the last occurrence: the decoded
+/// [`Dict`] keeps the last value for a repeated key too, so the span always holds the value
+/// the parsed fields came from (a torrent with two `info` dicts must not be hashed over one
+/// and read from the other).
 pub fn dict_value_span<'a>(buf: &'a [u8], key: &[u8], limits: Limits) -> Option<&'a [u8]> {
     if buf.first() != Some(&b'd') {
         return None;
     }
+    let mut found = None;
     let mut pos = 1;
     while buf.get(pos).is_some_and(|&b| b != b'e') {
         let (len, colon) = string_header(buf, pos).ok()?;
@@ -270,11 +276,11 @@ pub fn dict_value_span<'a>(buf: &'a [u8], key: &[u8], limits: Limits) -> Option<
         let value_start = colon + 1 + len;
         let value_end = skip_value(buf, value_start, limits).ok()?;
         if k == key {
-            return Some(&buf[value_start..value_end]);
+            found = Some(&buf[value_start..value_end]);
         }
         pos = value_end;
     }
-    None
+    found
 }
 
 /// Typed access to decoded dictionaries, so parsers read as field lists.
@@ -443,6 +449,20 @@ mod tests {
             Some(&b"d1:bi007e1:a1:xe"[..])
         );
         assert_eq!(dict_value_span(doc, b"nope", Limits::SMALL), None);
+    }
+
+    /// Regression (fuzz property, metainfo target): with two `info` keys the span was the
+    /// first while the decoded dict held the second, so the info hash covered other bytes
+    /// than the ones parsed.
+    #[test]
+    fn span_of_a_repeated_key_is_the_value_the_decoder_keeps() {
+        let doc = b"d4:infod1:ai1ee4:infod1:bi2eee";
+        let Value::Dict(top) = decode(doc, Limits::SMALL).unwrap() else {
+            panic!()
+        };
+        let span = dict_value_span(doc, b"info", Limits::SMALL).unwrap();
+        assert_eq!(span, b"d1:bi2ee");
+        assert_eq!(encode(get(&top, "info").unwrap()), span);
     }
 
     #[test]

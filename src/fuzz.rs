@@ -119,6 +119,10 @@ fn check_metainfo(data: &[u8], m: &Metainfo) {
 
     assert!(!m.name.is_empty());
     assert_single_normal_component(&m.name);
+    for tier in &m.trackers {
+        assert!(!tier.is_empty(), "empty announce tier");
+        assert!(tier.iter().all(|u| !u.is_empty() && u.trim() == u));
+    }
     check_files(m);
     check_geometry(m);
 }

@@ -1,0 +1,213 @@
+//! Replays the fuzz seed corpora and every saved crasher through the fuzz targets.
+//!
+//! `tests/fuzz/corpus/<target>/` holds the seeds `scripts/fuzz` starts from;
+//! `tests/fuzz/regressions/<target>/` holds inputs that once broke a property (kept by
+//! `scripts/fuzz` when libFuzzer finds a crash or a timeout). Each must now pass through
+//! `bitfetch::fuzz::<target>` without a panic. The explicit cases at the end are hostile inputs
+//! written by hand, run through the same 2 MiB-stack path the fuzzer uses.
+
+use std::fs;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use bitfetch::fuzz;
+
+type Target = fn(&[u8]);
+
+const TARGETS: [(&str, Target); 5] = [
+    ("metainfo", fuzz::metainfo),
+    ("wire", fuzz::wire),
+    ("tracker_http", fuzz::tracker_http),
+    ("tracker_udp", fuzz::tracker_udp),
+    ("path", fuzz::path),
+];
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz")
+}
+
+/// The files in `dir`, sorted; none when the directory does not exist. Dot files (a
+/// `.gitkeep`) are not inputs.
+fn inputs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.expect("reading a corpus directory").path())
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs `target` on `data` and returns the panic message, if it panicked.
+fn run(target: Target, data: &[u8]) -> Option<String> {
+    let payload = panic::catch_unwind(AssertUnwindSafe(|| target(data))).err()?;
+    Some(
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic with a non-string payload".into()),
+    )
+}
+
+fn replay(kind: &str) -> usize {
+    let mut failures = Vec::new();
+    let mut replayed = 0;
+    for (name, target) in TARGETS {
+        for file in inputs(&fuzz_dir().join(kind).join(name)) {
+            let data = fs::read(&file).expect("reading a fuzz input");
+            if let Some(msg) = run(target, &data) {
+                failures.push(format!("{}: {msg}", file.display()));
+            }
+            replayed += 1;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "fuzz inputs that panic:\n{}",
+        failures.join("\n")
+    );
+    replayed
+}
+
+#[test]
+fn every_target_has_a_seed_corpus() {
+    for (name, _) in TARGETS {
+        let dir = fuzz_dir().join("corpus").join(name);
+        assert!(
+            !inputs(&dir).is_empty(),
+            "{} has no seed inputs",
+            dir.display()
+        );
+        assert!(
+            fuzz_dir()
+                .join("fuzz_targets")
+                .join(format!("{name}.rs"))
+                .is_file(),
+            "no cargo-fuzz target for {name}"
+        );
+    }
+}
+
+#[test]
+fn seed_corpora_replay_cleanly() {
+    assert!(replay("corpus") >= TARGETS.len());
+}
+
+#[test]
+fn saved_crashers_replay_cleanly() {
+    replay("regressions");
+}
+
+/// A violated property inside the small-stack thread reaches the caller as a panic, so a
+/// crasher can never pass here by being swallowed.
+#[test]
+fn a_panic_on_the_fuzz_thread_reaches_the_caller() {
+    let msg = run(
+        |data| fuzz::on_small_stack(data, |d| assert!(d.is_empty(), "property broken")),
+        b"x",
+    );
+    assert_eq!(msg.as_deref(), Some("property broken"));
+    assert_eq!(run(|data| fuzz::on_small_stack(data, |_| {}), b"x"), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile inputs written by hand
+// ---------------------------------------------------------------------------------------------
+
+fn nested(open: &[u8], depth: usize) -> Vec<u8> {
+    let mut v = open.repeat(depth);
+    v.extend(std::iter::repeat_n(b'e', depth));
+    v
+}
+
+/// `piece_count` as the wire target's 3-byte prefix, an all-zero handshake slot, then `frames`.
+fn wire_input(piece_count: u32, frames: &[u8]) -> Vec<u8> {
+    let mut v = piece_count.to_be_bytes()[1..].to_vec();
+    v.extend([0u8; 68]);
+    v.extend_from_slice(frames);
+    v
+}
+
+fn frame(id: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32 + 1).to_be_bytes().to_vec();
+    v.push(id);
+    v.extend_from_slice(payload);
+    v
+}
+
+#[test]
+fn nesting_bombs_do_not_overflow_the_stack() {
+    for bomb in [
+        vec![b'l'; 100_000],
+        nested(b"l", 100_000),
+        nested(b"d1:a", 100_000),
+        b"d4:infod5:files".repeat(20_000),
+    ] {
+        for (name, target) in TARGETS {
+            assert_eq!(run(target, &bomb), None, "{name}");
+        }
+    }
+    let ext = [&[0u8][..], &nested(b"l", 100_000)].concat();
+    assert_eq!(run(fuzz::wire, &wire_input(8, &frame(20, &ext))), None);
+}
+
+#[test]
+fn huge_declared_lengths_are_refused_without_allocating() {
+    let cases: [&[u8]; 5] = [
+        b"1099511627776:abc",
+        b"d4:infod6:lengthi5e4:name1099511627776:abcee",
+        b"d5:peers1099511627776:\x7f\x00\x00\x01\x1a\xe1e",
+        b"18446744073709551616:x",
+        b"li1ei99999999999999999999999ee",
+    ];
+    for data in cases {
+        for (name, target) in TARGETS {
+            assert_eq!(run(target, data), None, "{name} on {data:?}");
+        }
+    }
+    // Frame lengths: over the cap, a bitfield for 16 million pieces, a piece over one block.
+    for frames in [
+        vec![0xff; 8],
+        frame(5, &[0; 100]),
+        [&(1u32 << 20).to_be_bytes()[..], &[5]].concat(),
+        frame(7, &[0; 9 + 16 * 1024 + 1]),
+    ] {
+        assert_eq!(run(fuzz::wire, &wire_input(0xff_ffff, &frames)), None);
+        assert_eq!(run(fuzz::wire, &wire_input(0, &frames)), None);
+    }
+}
+
+#[test]
+fn short_and_empty_inputs() {
+    for len in 0..=80 {
+        let data = vec![0u8; len];
+        for (name, target) in TARGETS {
+            assert_eq!(run(target, &data), None, "{name} on {len} zero bytes");
+        }
+    }
+}
+
+/// Peer threads run on 256 KiB stacks, smaller than the fuzz thread: the deepest extended
+/// handshake the limits let through must still parse there.
+#[test]
+fn deepest_allowed_extended_handshake_fits_a_peer_thread_stack() {
+    let depth = bitfetch::bencode::Limits::SMALL.max_depth;
+    let mut doc = b"d1:m".to_vec();
+    doc.extend(nested(b"l", depth - 1));
+    doc.push(b'e');
+    let parsed = thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || bitfetch::extension::parse_handshake(&doc).is_ok())
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(parsed);
+}
