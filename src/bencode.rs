@@ -283,6 +283,30 @@ pub fn dict_value_span<'a>(buf: &'a [u8], key: &[u8], limits: Limits) -> Option<
     found
 }
 
+/// How many times `key` occurs in the top-level dictionary of a document that passed
+/// [`prescan`] (0 when it is not a dictionary).
+pub fn dict_key_count(buf: &[u8], key: &[u8], limits: Limits) -> usize {
+    if buf.first() != Some(&b'd') {
+        return 0;
+    }
+    let mut count = 0;
+    let mut pos = 1;
+    while buf.get(pos).is_some_and(|&b| b != b'e') {
+        let Ok((len, colon)) = string_header(buf, pos) else {
+            break;
+        };
+        let Some(k) = buf.get(colon + 1..colon + 1 + len) else {
+            break;
+        };
+        count += usize::from(k == key);
+        let Ok(end) = skip_value(buf, colon + 1 + len, limits) else {
+            break;
+        };
+        pos = end;
+    }
+    count
+}
+
 /// Typed access to decoded dictionaries, so parsers read as field lists.
 pub type Dict = BTreeMap<ByteString, Value>;
 

@@ -50,6 +50,7 @@ pub enum Error {
     },
     UnsafeName(path_safety::Error),
     DuplicatePath(String),
+    RepeatedInfo,
     FileDirClash(String),
     Geometry(geometry::Error),
 }
@@ -85,6 +86,7 @@ impl fmt::Display for Error {
             }
             Error::UnsafeName(source) => write!(f, "unsafe torrent name: {source}"),
             Error::DuplicatePath(p) => write!(f, "duplicate file path {}", escape(p)),
+            Error::RepeatedInfo => write!(f, "more than one info dictionary"),
             Error::FileDirClash(p) => {
                 write!(f, "path {} is both a file and a directory", escape(p))
             }
@@ -133,6 +135,10 @@ impl Metainfo {
         let Value::Dict(top) = bencode::decode(buf, limits)? else {
             return Err(Error::NotADict);
         };
+        // Two `info` keys would leave it open which one the info hash names; refuse.
+        if bencode::dict_key_count(buf, b"info", limits) > 1 {
+            return Err(Error::RepeatedInfo);
+        }
         let raw_info =
             bencode::dict_value_span(buf, b"info", limits).ok_or(Error::Missing("info"))?;
         let info = bencode::get_dict(&top, "info").ok_or(Error::WrongType("info"))?;
@@ -444,6 +450,12 @@ mod tests {
                 "both a file and a directory",
             ),
             ("d4:infoi1ee".to_string(), "wrong type"),
+            (
+                format!(
+                    "d4:infod4:name1:a6:lengthi1e12:piece lengthi16384e6:pieces20:{pieces}e4:infod4:name1:b6:lengthi1e12:piece lengthi16384e6:pieces20:{pieces}ee"
+                ),
+                "more than one info",
+            ),
             ("le".to_string(), "dictionary"),
         ];
         for (doc, want) in cases {
