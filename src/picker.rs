@@ -64,8 +64,8 @@ struct PeerState {
 }
 
 impl PeerState {
-    /// Remembers voided requests, within a bound: a peer that had thousands voided loses the
-    /// oldest memories (its late blocks then count as unrequested, which is only a nuisance).
+    /// Remembers voided requests, within a bound: past it the memory starts afresh (a late
+    /// block from before then counts as unrequested, which is only a nuisance).
     fn void(&mut self, blocks: &[BlockRef]) {
         if self.voided.len() + blocks.len() > MAX_VOIDED {
             self.voided.clear();

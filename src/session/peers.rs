@@ -317,15 +317,15 @@ impl Session {
             return;
         };
         self.picker.remove_peer(key);
-        self.known.remove(&p.addr);
-        if let Some(listen) = p.listen_addr {
-            self.known.remove(&listen);
-        }
-        // Addresses this peer shared with a live connection stay known.
-        for q in self.peers.values() {
-            self.known.insert(q.addr);
-            if let Some(l) = q.listen_addr {
-                self.known.insert(l);
+        // Its addresses are forgotten unless a live connection still has them (the kept twin
+        // of a duplicate has the dialled twin's address as its listening address).
+        for addr in std::iter::once(p.addr).chain(p.listen_addr) {
+            let still_held = self
+                .peers
+                .values()
+                .any(|q| q.addr == addr || q.listen_addr == Some(addr));
+            if !still_held {
+                self.known.remove(&addr);
             }
         }
         if let Some(t) = p.thread.take() {

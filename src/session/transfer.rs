@@ -170,17 +170,19 @@ impl Session {
         if room < REFILL_BATCH.min(depth) && outstanding > 0 {
             return;
         }
-        let now = Instant::now();
+        // `self.peers` and `self.picker` are borrowed apart, so the filters read the peer's
+        // sets in place (no copy per fill).
+        let p = self.peers.get_mut(&key).expect("checked above");
         let blocks = if p.peer_choking {
-            let allowed = p.allowed_fast.clone();
+            let allowed = &p.allowed_fast;
             self.picker
                 .assign_filtered(key, room, &|piece| allowed.contains(&piece))
         } else if p.rejected.is_empty() {
             self.picker.assign(key, room)
         } else {
-            let p = self.peer_mut(key);
+            let now = Instant::now();
             p.rejected.retain(|_, until| *until > now);
-            let rejected = p.rejected.clone();
+            let rejected = &p.rejected;
             self.picker
                 .assign_filtered(key, room, &|piece| !rejected.contains_key(&piece))
         };
