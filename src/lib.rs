@@ -23,6 +23,7 @@ pub mod peer;
 pub mod picker;
 pub mod progress;
 pub mod ratelimit;
+pub mod recv;
 pub mod rng;
 pub mod session;
 pub mod storage;

@@ -59,9 +59,12 @@ pub enum PeerEvent {
     Unchoke,
     Interested,
     NotInterested,
+    /// A block arrived. `written`: the reader held the block's claim and the bytes are in
+    /// storage; otherwise they were dropped (not asked of this peer, or another copy was
+    /// written or being written).
     Block {
         block: BlockRef,
-        data: Vec<u8>,
+        written: bool,
     },
     Uploaded(u32),
     /// A piece we had verified no longer matches its hash on disk; it was not sent.

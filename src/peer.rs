@@ -11,7 +11,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +27,7 @@ use crate::geometry::{BlockRef, Geometry, PieceIndex};
 use crate::messages::{Command, HaveSummary, Input, PeerEvent};
 use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
+use crate::recv::RecvBuf;
 use crate::storage::Storage;
 use crate::wire::{self, Handshake, Message, reserved};
 
@@ -42,6 +43,10 @@ pub const MAX_QUEUED_SERVES: usize = 512;
 /// they were in flight when we choked).
 pub const MAX_REQUESTS_WHILE_CHOKED: u32 = 1024;
 const THREAD_STACK: usize = 256 * 1024;
+/// Blocks the reader remembers asking for (outstanding, or voided by a choke, cancel or
+/// reject, whose answers may still come). Past this the memory starts afresh: a late block
+/// from before then is dropped and asked again, which only wastes its transfer.
+const MAX_ASKED: usize = 8192;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -217,6 +222,9 @@ fn run(
     let extended = reserved::has(&theirs.reserved, reserved::EXTENSION);
 
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    // The writer tells the reader what it asked for before the requests go out, so the answer
+    // never arrives before the reader knows it may keep it.
+    let (asked_tx, asked_rx) = crossbeam_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
     let writer = {
         let stream = stream.try_clone().map_err(PeerError::Io)?;
@@ -228,6 +236,7 @@ fn run(
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let mut w = WriterState::new(&ctx, stream, key, events, queued, fast, extended);
+                w.asked = Some(asked_tx);
                 let _ = w.run(&cmd_rx);
                 // Told to stop, or the socket broke: either way wake the reader so the
                 // connection ends and its Gone event reaches the session.
@@ -249,7 +258,9 @@ fn run(
         Err(PeerError::SessionGone)
     } else {
         let mut reader = Reader {
-            stream: BufReader::with_capacity(64 * 1024, &stream),
+            stream: RecvBuf::new(&stream),
+            asked: HashSet::new(),
+            asked_rx,
             ctx,
             key,
             events,
@@ -268,7 +279,10 @@ fn run(
 }
 
 struct Reader<'a> {
-    stream: BufReader<&'a TcpStream>,
+    stream: RecvBuf<&'a TcpStream>,
+    /// Blocks we asked this peer for: only these may be written into storage.
+    asked: HashSet<BlockRef>,
+    asked_rx: Receiver<Vec<BlockRef>>,
     ctx: &'a Context,
     key: PeerKey,
     events: &'a Sender<Input>,
@@ -336,19 +350,26 @@ impl Reader<'_> {
         if let Some(limit) = &self.ctx.download_limit {
             limit.acquire(u64::from(data_len));
         }
-        // Read into uninitialised capacity: zeroing 16 KiB per block only to overwrite it
-        // showed in profiles.
-        let mut data = Vec::with_capacity(data_len as usize);
-        let got = (&mut self.stream)
-            .take(u64::from(data_len))
-            .read_to_end(&mut data)
-            .map_err(io_err("waiting for the peer (silent too long)"))?;
-        if got != data_len as usize {
-            return Err(io_err("reading a block")(io::Error::from(
-                io::ErrorKind::UnexpectedEof,
-            )));
+        for batch in self.asked_rx.try_iter() {
+            if self.asked.len() + batch.len() > MAX_ASKED {
+                self.asked.clear();
+            }
+            self.asked.extend(batch);
         }
-        self.emit(PeerEvent::Block { block, data })
+        // Straight from the socket into the file map when the block is ours to write;
+        // otherwise read past it.
+        let claim = if self.asked.remove(&block) {
+            self.ctx.storage.claim(block)
+        } else {
+            None
+        };
+        let written = claim.is_some();
+        match claim {
+            Some(claim) => claim.fill(&mut self.stream),
+            None => self.stream.skip(data_len as usize),
+        }
+        .map_err(io_err("waiting for the peer (silent too long)"))?;
+        self.emit(PeerEvent::Block { block, written })
     }
 
     fn handle(&mut self, msg: Message) -> Result<(), PeerError> {
@@ -450,6 +471,8 @@ struct WriterState {
     /// Requests that came before the intro was sent (bounded by `MAX_QUEUED_SERVES`).
     before_intro: Option<Vec<Command>>,
     out: Vec<u8>,
+    /// Tells this connection's reader which blocks we asked for.
+    asked: Option<Sender<Vec<BlockRef>>>,
 }
 
 impl WriterState {
@@ -487,6 +510,7 @@ impl WriterState {
             serves: VecDeque::new(),
             before_intro: Some(Vec::new()),
             out: Vec::with_capacity(64 * 1024),
+            asked: None,
         }
     }
 
@@ -587,8 +611,11 @@ impl WriterState {
         match cmd {
             Command::Intro(summary) => self.intro(summary),
             Command::Request(blocks) => {
-                for b in blocks {
+                for &b in &blocks {
                     wire::encode(&request_msg(b, false), out);
+                }
+                if let Some(asked) = &self.asked {
+                    let _ = asked.send(blocks);
                 }
             }
             Command::Cancel(b) => wire::encode(&request_msg(b, true), out),

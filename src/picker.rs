@@ -9,9 +9,10 @@
 //! - In an active piece each block is `Missing`, `Requested` by one or more peers (more than
 //!   one only in endgame), or `Received` (written to storage, with the peer that sent it).
 //! - A block is in a peer's `outstanding` set iff that block is `Requested` and lists the peer.
-//! - A peer's block is taken only if it was asked of that peer (outstanding, or voided by a
-//!   choke, cancel or reject since): nobody can inject data into a piece they were not asked
-//!   for, so a hash failure blames only peers we chose.
+//! - A peer's block is taken only if its reader wrote it into storage, which it does only for
+//!   blocks it asked that peer for (and only while the block is free: see `storage::Claim`):
+//!   nobody can inject data into a piece they were not asked for, so a hash failure blames
+//!   only peers we chose.
 //! - An active piece whose blocks are all `Received` is `hashing`: none of its blocks is
 //!   handed out until the hash result comes back ([`Picker::piece_verified`] /
 //!   [`Picker::piece_failed`]).
@@ -426,26 +427,56 @@ impl Picker {
         best.and_then(|(_, i)| self.geometry.piece(i as u32))
     }
 
-    /// A block arrived from `peer`. Any block of an active piece that we still miss is taken,
-    /// even one that was cancelled or whose request a choke voided: the bytes are as good as
-    /// any (the piece hash decides), and refusing them would only waste the transfer.
-    pub fn block_received(&mut self, peer: PeerKey, block: BlockRef) -> BlockOutcome {
+    /// A block arrived from `peer`; `written` says whether its reader wrote it into storage
+    /// (it holds a claim only for blocks it asked for, and only while the block is free).
+    ///
+    /// A written block is taken whatever our bookkeeping says of the request (cancelled,
+    /// voided by a choke, or its piece forgotten after a failed hash): the bytes are in place,
+    /// the piece hash decides, and the sender answers for them. A block that was not written
+    /// is dropped, and its request, if still open, goes back to the pool.
+    pub fn block_received(
+        &mut self,
+        peer: PeerKey,
+        block: BlockRef,
+        written: bool,
+    ) -> BlockOutcome {
         let Some(state) = self.peers.get_mut(&peer) else {
             return BlockOutcome::Unrequested;
         };
-        let asked = state.outstanding.remove(&block) || state.voided.remove(&block);
-        if self.have[block.piece.usize()] {
+        let outstanding = state.outstanding.remove(&block);
+        let asked = outstanding || state.voided.remove(&block);
+        let i = block.piece.usize();
+        if self.have[i] {
             return BlockOutcome::Duplicate;
         }
-        let Some(active) = self.active.get_mut(&block.piece) else {
-            return BlockOutcome::Unrequested;
-        };
+        if !written {
+            if outstanding {
+                state.void(&[block]);
+                self.release(peer, block);
+            }
+            let received = self.active.get(&block.piece).is_some_and(|a| {
+                matches!(
+                    a.blocks[block.index_in_piece() as usize],
+                    BlockState::Received(_)
+                )
+            });
+            return if asked || received {
+                BlockOutcome::Duplicate
+            } else {
+                BlockOutcome::Unrequested
+            };
+        }
+        if !self.wanted[i] {
+            // Unwanted pieces are never claimable; nothing to record.
+            return BlockOutcome::Duplicate;
+        }
+        if !self.active.contains_key(&block.piece) {
+            self.start(block.piece);
+        }
+        let active = self.active.get_mut(&block.piece).expect("started above");
         let slot = &mut active.blocks[block.index_in_piece() as usize];
         if matches!(slot, BlockState::Received(_)) {
             return BlockOutcome::Duplicate;
-        }
-        if !asked {
-            return BlockOutcome::Unrequested;
         }
         let cancel: Vec<PeerKey> = match std::mem::replace(slot, BlockState::Received(peer)) {
             BlockState::Requested(who) => who.into_iter().filter(|p| *p != peer).collect(),
@@ -600,7 +631,7 @@ mod tests {
             if let BlockOutcome::Accepted {
                 piece_complete: true,
                 ..
-            } = p.block_received(peer, *b)
+            } = p.block_received(peer, *b, true)
             {
                 complete.push(b.piece);
             }
@@ -721,15 +752,18 @@ mod tests {
         let blocks = p.assign(A, 2);
         let piece = blocks[0].piece;
         assert_eq!(
-            p.block_received(A, blocks[0]),
+            p.block_received(A, blocks[0], true),
             BlockOutcome::Accepted {
                 piece_complete: false,
                 cancel: vec![]
             }
         );
-        assert_eq!(p.block_received(A, blocks[0]), BlockOutcome::Duplicate);
         assert_eq!(
-            p.block_received(A, blocks[1]),
+            p.block_received(A, blocks[0], false),
+            BlockOutcome::Duplicate
+        );
+        assert_eq!(
+            p.block_received(A, blocks[1], true),
             BlockOutcome::Accepted {
                 piece_complete: true,
                 cancel: vec![]
@@ -777,7 +811,7 @@ mod tests {
         p.check_invariants();
         assert_eq!(p.assign(A, 4).len(), 4);
         // A late block from a removed peer is not accepted.
-        assert_eq!(p.block_received(B, b[0]), BlockOutcome::Unrequested);
+        assert_eq!(p.block_received(B, b[0], false), BlockOutcome::Unrequested);
     }
 
     #[test]
@@ -789,20 +823,49 @@ mod tests {
         p.peer_has_all(B);
         let a = p.assign(A, 2);
         // B was never asked for A's blocks: its copy (good or poisoned) is refused.
-        assert_eq!(p.block_received(B, a[0]), BlockOutcome::Unrequested);
+        assert_eq!(p.block_received(B, a[0], false), BlockOutcome::Unrequested);
         // A choke voids A's requests, but A's late answers are still taken.
         p.peer_choked(A);
         assert!(matches!(
-            p.block_received(A, a[0]),
+            p.block_received(A, a[0], true),
             BlockOutcome::Accepted { .. }
         ));
         // A rejected request that is answered after all is also taken, once.
         let again = p.assign(A, 1);
         p.request_dropped(A, again[0]);
         assert!(matches!(
-            p.block_received(A, again[0]),
+            p.block_received(A, again[0], true),
             BlockOutcome::Accepted { .. }
         ));
+        p.check_invariants();
+    }
+
+    #[test]
+    fn unwritten_blocks_go_back_to_the_pool_and_written_ones_revive_a_failed_piece() {
+        let mut p = picker(1);
+        p.add_peer(A);
+        p.peer_has_all(A);
+        let a = p.assign(A, 2);
+        // A's reader could not write the block (say another copy was being written): the
+        // request is open again and nothing is counted.
+        assert_eq!(p.block_received(A, a[0], false), BlockOutcome::Duplicate);
+        assert_eq!(p.outstanding(A), 1);
+        assert_eq!(p.assign(A, 2), vec![a[0]]);
+        for b in &a {
+            p.block_received(A, *b, true);
+        }
+        let piece = a[0].piece;
+        assert_eq!(p.piece_failed(piece), vec![(A, 2)]);
+        // A late block of the forgotten piece that A's reader did write is recorded, so the
+        // piece is active again and only its other block is handed out.
+        assert!(matches!(
+            p.block_received(A, a[1], true),
+            BlockOutcome::Accepted {
+                piece_complete: false,
+                ..
+            }
+        ));
+        assert_eq!(p.assign(A, 2), vec![a[0]]);
         p.check_invariants();
     }
 
@@ -819,7 +882,7 @@ mod tests {
         let b = p.assign(B, 10);
         assert_eq!(b, a);
         assert_eq!(
-            p.block_received(B, b[0]),
+            p.block_received(B, b[0], true),
             BlockOutcome::Accepted {
                 piece_complete: false,
                 cancel: vec![A]
@@ -827,9 +890,9 @@ mod tests {
         );
         assert_eq!(p.outstanding(A), 1);
         // A's copy arrives late after the cancel: dropped.
-        assert_eq!(p.block_received(A, a[0]), BlockOutcome::Duplicate);
+        assert_eq!(p.block_received(A, a[0], false), BlockOutcome::Duplicate);
         assert_eq!(
-            p.block_received(A, a[1]),
+            p.block_received(A, a[1], true),
             BlockOutcome::Accepted {
                 piece_complete: true,
                 cancel: vec![B]

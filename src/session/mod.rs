@@ -232,6 +232,8 @@ struct Session {
     own_addrs: Vec<SocketAddr>,
     input_tx: Sender<Input>,
     hash_tx: Option<Sender<PieceIndex>>,
+    /// To the preparer thread: pieces just requested, whose pages it faults in.
+    prepare_tx: Option<Sender<PieceIndex>>,
     tracker_tx: Option<Sender<TrackerCommand>>,
     stats: Arc<Stats>,
     progress: Progress,
@@ -329,6 +331,25 @@ fn spawn_hashers(
     tx
 }
 
+/// The preparer: faults in the pages of pieces as they are requested (MADV_POPULATE_WRITE),
+/// so the connection threads receiving their blocks copy into ready pages instead of taking
+/// the page-cache faults themselves. Only a hint: a piece not yet prepared when its first
+/// block arrives is faulted in by its receiver.
+fn spawn_preparer(storage: &Arc<Storage>) -> Option<Sender<PieceIndex>> {
+    let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
+    let storage = Arc::clone(storage);
+    thread::Builder::new()
+        .name("preparer".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            for piece in rx {
+                storage.prepare(piece);
+            }
+        })
+        .ok()?;
+    Some(tx)
+}
+
 fn run(
     meta: Metainfo,
     storage: Arc<Storage>,
@@ -353,6 +374,15 @@ fn run(
         Some(sel) => geometry.pieces_touching(sel),
         None => vec![true; geometry.piece_count() as usize],
     };
+    let mut writer = writer;
+    if let Some(w) = &mut writer {
+        // Nobody may write into what we have or do not want.
+        for piece in geometry.pieces() {
+            if have[piece.usize()] || !wanted[piece.usize()] {
+                w.settle(piece);
+            }
+        }
+    }
     let picker = Picker::with_wanted(geometry.clone(), have, wanted, rng.next_u64());
     let stats = Arc::new(Stats::default());
     stats.left.store(picker.bytes_left(), Ordering::Relaxed);
@@ -381,6 +411,7 @@ fn run(
     let hash_tx = writer
         .as_ref()
         .map(|_| spawn_hashers(&meta, &storage, &input_tx));
+    let prepare_tx = writer.as_ref().and_then(|_| spawn_preparer(&storage));
     let total = geometry.total_len();
     let done = total - picker.bytes_left();
     let mut own_addrs = vec![local];
@@ -444,6 +475,7 @@ fn run(
         own_addrs,
         input_tx,
         hash_tx,
+        prepare_tx,
         tracker_tx: Some(tracker_tx),
         stats,
         progress,
@@ -613,6 +645,7 @@ impl Session {
             let _ = t.send(TrackerCommand::Stop);
         }
         self.hash_tx = None;
+        self.prepare_tx = None;
         for p in self.peers.values() {
             p.send(Command::Shutdown);
         }

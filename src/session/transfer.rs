@@ -37,6 +37,14 @@ impl Session {
 
     pub(super) fn on_peer_event(&mut self, key: PeerKey, event: PeerEvent) -> Result<(), Error> {
         if !self.peers.contains_key(&key) {
+            if let PeerEvent::Block {
+                block,
+                written: true,
+            } = event
+            {
+                // A dropped connection's last block: free it for another copy.
+                self.unwrite(block);
+            }
             return Ok(());
         }
         match event {
@@ -112,7 +120,7 @@ impl Session {
                     self.unchoke_free_slots();
                 }
             }
-            PeerEvent::Block { block, data } => self.on_block(key, block, &data),
+            PeerEvent::Block { block, written } => self.on_block(key, block, written),
             PeerEvent::Uploaded(n) => {
                 let n = u64::from(n);
                 self.stats.uploaded.fetch_add(n, Ordering::Relaxed);
@@ -186,6 +194,16 @@ impl Session {
             self.picker
                 .assign_filtered(key, room, &|piece| !rejected.contains_key(&piece))
         };
+        if let Some(tx) = &self.prepare_tx {
+            // Fault in the pieces' pages off the receiving thread, before their blocks come.
+            let mut last = None;
+            for b in &blocks {
+                if last != Some(b.piece) && !self.ctx.storage.is_prepared(b.piece) {
+                    let _ = tx.send(b.piece);
+                }
+                last = Some(b.piece);
+            }
+        }
         if !blocks.is_empty() {
             let p = self.peer_mut(key);
             if outstanding == 0 {
@@ -203,7 +221,7 @@ impl Session {
         }
     }
 
-    fn on_block(&mut self, key: PeerKey, block: BlockRef, data: &[u8]) {
+    fn on_block(&mut self, key: PeerKey, block: BlockRef, written: bool) {
         let len = u64::from(block.len);
         self.stats.downloaded.fetch_add(len, Ordering::Relaxed);
         self.downloaded += len;
@@ -213,14 +231,11 @@ impl Session {
             p.last_block_at = Instant::now();
             p.snubbed = false;
         }
-        match self.picker.block_received(key, block) {
+        match self.picker.block_received(key, block, written) {
             BlockOutcome::Accepted {
                 piece_complete,
                 cancel,
             } => {
-                if let Some(w) = &mut self.writer {
-                    w.write_block(block, data);
-                }
                 for other in cancel {
                     if let Some(p) = self.peers.get(&other) {
                         p.send(Command::Cancel(block));
@@ -232,7 +247,15 @@ impl Session {
             }
             BlockOutcome::Duplicate => {}
             BlockOutcome::Unrequested => {
+                if written {
+                    // Written by a connection the picker has already forgotten (banned).
+                    self.unwrite(block);
+                }
                 let p = self.peer_mut(key);
+                if p.dropped_by_us {
+                    // In flight when we dropped it: not its fault.
+                    return;
+                }
                 p.unrequested += 1;
                 if p.unrequested > MAX_UNREQUESTED {
                     self.ban(key, "sends blocks nobody asked for");
@@ -241,6 +264,14 @@ impl Session {
             }
         }
         self.fill(key);
+    }
+
+    /// Frees a block whose bytes were written but that the picker did not take, so another
+    /// copy can be written.
+    pub(super) fn unwrite(&mut self, block: BlockRef) {
+        if let Some(w) = &mut self.writer {
+            w.unwrite(block);
+        }
     }
 
     pub(super) fn on_hashed(&mut self, piece: PieceIndex, ok: bool) -> Result<(), Error> {
@@ -293,6 +324,9 @@ impl Session {
     fn on_bad_piece(&mut self, piece: PieceIndex) {
         let blocks = self.picker.geometry().blocks_in(piece);
         let senders = self.picker.piece_failed(piece);
+        if let Some(w) = &mut self.writer {
+            w.reopen(piece);
+        }
         self.progress.note_kind(
             "hash_failed",
             &format!("piece {piece} failed its hash check; fetching it again"),

@@ -142,7 +142,7 @@ fn picker_assign(bench: &Bench) {
                     if let BlockOutcome::Accepted {
                         piece_complete: true,
                         ..
-                    } = picker.block_received(p, b)
+                    } = picker.block_received(p, b, true)
                     {
                         picker.piece_verified(b.piece);
                     }
