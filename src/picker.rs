@@ -551,17 +551,20 @@ impl Picker {
         blocks
     }
 
-    /// The peer rejected one request (BEP 6) or we cancelled it.
-    pub fn request_dropped(&mut self, peer: PeerKey, block: BlockRef) {
-        if self.peers.get_mut(&peer).is_some_and(|s| {
+    /// The peer rejected one request (BEP 6) or we cancelled it. Returns whether the request
+    /// was still open (a reject of a request we had cancelled is only its acknowledgement).
+    pub fn request_dropped(&mut self, peer: PeerKey, block: BlockRef) -> bool {
+        let open = self.peers.get_mut(&peer).is_some_and(|s| {
             let was = s.outstanding.remove(&block);
             if was {
                 s.void(&[block]);
             }
             was
-        }) {
+        });
+        if open {
             self.release(peer, block);
         }
+        open
     }
 
     pub fn remove_peer(&mut self, peer: PeerKey) {
@@ -832,7 +835,11 @@ mod tests {
         ));
         // A rejected request that is answered after all is also taken, once.
         let again = p.assign(A, 1);
-        p.request_dropped(A, again[0]);
+        assert!(p.request_dropped(A, again[0]), "an open request");
+        assert!(
+            !p.request_dropped(A, again[0]),
+            "a second reject (or one acknowledging a cancel) drops nothing"
+        );
         assert!(matches!(
             p.block_received(A, again[0], true),
             BlockOutcome::Accepted { .. }

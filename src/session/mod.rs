@@ -584,6 +584,7 @@ impl Session {
             let _ = t.send(TrackerCommand::NeedPeers);
         }
         self.release_stalled_requests();
+        self.retry_after_backoff();
         if self.last_rechoke.elapsed() >= RECHOKE_EVERY {
             self.last_rechoke = Instant::now();
             self.rechoke();

@@ -92,11 +92,12 @@ impl Session {
                 self.fill(key);
             }
             PeerEvent::Rejected(block) => {
-                self.picker.request_dropped(key, block);
+                let open = self.picker.request_dropped(key, block);
                 let p = self.peer_mut(key);
-                if !p.peer_choking {
-                    // Not the rejects that follow a choke: this peer will not serve the piece
-                    // now (it may be damaged on its disk). Others get it meanwhile.
+                if open && !p.peer_choking {
+                    // Not the rejects that follow a choke, nor those that acknowledge our
+                    // cancels (BEP 6): this peer will not serve the piece now (it may be
+                    // damaged on its disk). Others get it meanwhile.
                     p.rejected
                         .insert(block.piece, Instant::now() + REJECT_BACKOFF);
                 }
@@ -400,6 +401,24 @@ impl Session {
         }
         if !stalled.is_empty() {
             self.fill_all();
+        }
+    }
+
+    /// Peers whose reject back-off ran out are asked again: nothing else would wake an idle
+    /// peer we stopped asking (its only events were the rejects).
+    pub(super) fn retry_after_backoff(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerKey> = self
+            .peers
+            .iter_mut()
+            .filter_map(|(k, p)| {
+                let before = p.rejected.len();
+                p.rejected.retain(|_, until| *until > now);
+                (p.rejected.len() < before).then_some(*k)
+            })
+            .collect();
+        for key in due {
+            self.fill(key);
         }
     }
 
