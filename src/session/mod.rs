@@ -353,7 +353,7 @@ fn spawn_preparer(storage: &Arc<Storage>) -> Option<Sender<PieceIndex>> {
 fn run(
     meta: Metainfo,
     storage: Arc<Storage>,
-    writer: Option<Writer>,
+    mut writer: Option<Writer>,
     have: Vec<bool>,
     plan: Plan,
     cfg: Config,
@@ -374,7 +374,6 @@ fn run(
         Some(sel) => geometry.pieces_touching(sel),
         None => vec![true; geometry.piece_count() as usize],
     };
-    let mut writer = writer;
     if let Some(w) = &mut writer {
         // Nobody may write into what we have or do not want.
         for piece in geometry.pieces() {

@@ -181,7 +181,7 @@ impl Session {
         }
         // `self.peers` and `self.picker` are borrowed apart, so the filters read the peer's
         // sets in place (no copy per fill).
-        let p = self.peers.get_mut(&key).expect("checked above");
+        let p = self.peers.get(&key).expect("checked above");
         let blocks = if p.peer_choking {
             let allowed = &p.allowed_fast;
             self.picker
@@ -189,8 +189,7 @@ impl Session {
         } else if p.rejected.is_empty() {
             self.picker.assign(key, room)
         } else {
-            let now = Instant::now();
-            p.rejected.retain(|_, until| *until > now);
+            // Expired back-offs are pruned by the tick (`retry_after_backoff`).
             let rejected = &p.rejected;
             self.picker
                 .assign_filtered(key, room, &|piece| !rejected.contains_key(&piece))
