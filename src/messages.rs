@@ -66,6 +66,8 @@ pub enum PeerEvent {
         block: BlockRef,
         written: bool,
     },
+    /// Bytes of blocks sent to the peer since the last report (one report per socket write,
+    /// not per block).
     Uploaded(u32),
     /// A piece we had verified no longer matches its hash on disk; it was not sent.
     CorruptOnDisk(PieceIndex),
@@ -87,7 +89,9 @@ pub enum Command {
     Have(PieceIndex),
     /// The first message after the handshake: what we have.
     Intro(HaveSummary),
-    Serve(BlockRef),
+    /// Requests from the peer, in the order they came: all those the reader could decode
+    /// without waiting on the socket, so a burst of requests costs one wake-up.
+    Serve(Vec<BlockRef>),
     CancelServe(BlockRef),
     Shutdown,
 }

@@ -11,7 +11,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +47,18 @@ const THREAD_STACK: usize = 256 * 1024;
 /// reject, whose answers may still come). Past this the memory starts afresh: a late block
 /// from before then is dropped and asked again, which only wastes its transfer.
 const MAX_ASKED: usize = 8192;
+/// A request frame's size on the wire: length prefix, id, index, begin, length.
+const REQUEST_FRAME_LEN: usize = 17;
+/// Most requests the reader holds before handing them to the writer.
+const MAX_SERVE_BATCH: usize = 64;
+/// Most blocks the writer sends in one write before it looks at its commands again (a cancel
+/// or choke must not wait behind a long queue).
+const MAX_SERVES_PER_WRITE: usize = 16;
+/// Uploaded bytes a writer gathers before it tells the session: every event wakes the session,
+/// and one per write was a sixth of a seeder's CPU.
+const REPORT_EVERY: u32 = 1024 * 1024;
+/// How long an idle writer keeps a smaller count to itself.
+const REPORT_DELAY: Duration = Duration::from_millis(50);
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -238,6 +250,8 @@ fn run(
                 let mut w = WriterState::new(&ctx, stream, key, events, queued, fast, extended);
                 w.asked = Some(asked_tx);
                 let _ = w.run(&cmd_rx);
+                // Bytes sent before a broken write still count.
+                w.report();
                 // Told to stop, or the socket broke: either way wake the reader so the
                 // connection ends and its Gone event reaches the session.
                 let _ = w.stream.shutdown(Shutdown::Both);
@@ -269,6 +283,7 @@ fn run(
             bitfield_len: ctx.geometry.piece_count().div_ceil(8) as usize,
             payload: Vec::new(),
             fast,
+            serves: Vec::new(),
         };
         reader.run()
     };
@@ -291,9 +306,22 @@ struct Reader<'a> {
     bitfield_len: usize,
     payload: Vec<u8>,
     fast: bool,
+    /// Requests decoded but not yet handed to the writer: passed on in one command when the
+    /// next read could block, or before any other message (so a cancel follows its request).
+    serves: Vec<BlockRef>,
 }
 
 impl Reader<'_> {
+    fn pass_serves(&mut self) -> Result<(), PeerError> {
+        if self.serves.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.serves, Vec::with_capacity(MAX_SERVE_BATCH));
+        self.writer
+            .send(Command::Serve(batch))
+            .map_err(|_| PeerError::SessionGone)
+    }
+
     fn emit(&self, event: PeerEvent) -> Result<(), PeerError> {
         self.events
             .send(Input::Peer {
@@ -311,6 +339,9 @@ impl Reader<'_> {
 
     fn run(&mut self) -> Result<(), PeerError> {
         loop {
+            if self.stream.buffered() < REQUEST_FRAME_LEN {
+                self.pass_serves()?;
+            }
             let mut len = [0u8; 4];
             self.read(&mut len)?;
             let len = u32::from_be_bytes(len);
@@ -324,6 +355,9 @@ impl Reader<'_> {
             self.read(&mut id)?;
             let id = id[0];
             wire::check_len(id, len, self.bitfield_len)?;
+            if id != wire::ID_REQUEST {
+                self.pass_serves()?;
+            }
             if id == wire::ID_PIECE {
                 self.read_piece(len)?;
             } else {
@@ -403,9 +437,11 @@ impl Reader<'_> {
                 if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_SERVES {
                     return Err(PeerError::RequestFlood);
                 }
-                self.writer
-                    .send(Command::Serve(block))
-                    .map_err(|_| PeerError::SessionGone)
+                self.serves.push(block);
+                if self.serves.len() >= MAX_SERVE_BATCH {
+                    self.pass_serves()?;
+                }
+                Ok(())
             }
             Message::Cancel { index, begin, len } => {
                 if let Some(block) = g.request(index, begin, len) {
@@ -458,8 +494,10 @@ struct WriterState {
     ext_handshake: Option<Vec<u8>>,
     requests_while_choked: u32,
     meta: Arc<crate::metainfo::Metainfo>,
-    /// The piece uploads are served from: read whole, hash-checked (see `load_verified`).
+    /// The piece uploads are served from (see `load_verified`), and where its bytes are:
+    /// in the file map, or in `cache`.
     cached_piece: Option<PieceIndex>,
+    served: Served,
     cache: Vec<u8>,
     /// Pieces found not to match their hash on disk: rejected at once rather than re-read
     /// and re-hashed for every request.
@@ -468,6 +506,13 @@ struct WriterState {
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
     serves: VecDeque<BlockRef>,
+    /// Blocks waiting in the next write: each goes, straight from `cache`, after the first
+    /// `at` bytes of `out` (the messages before it, its own header included). `cache` does
+    /// not change while this is non-empty.
+    blocks: Vec<QueuedBlock>,
+    /// Bytes of blocks written and not yet reported to the session.
+    unreported: u32,
+
     /// Requests that came before the intro was sent (bounded by `MAX_QUEUED_SERVES`).
     before_intro: Option<Vec<Command>>,
     out: Vec<u8>,
@@ -503,26 +548,35 @@ impl WriterState {
             requests_while_choked: 0,
             meta: Arc::clone(&ctx.meta),
             cached_piece: None,
+            served: Served::Cache,
             cache: Vec::new(),
             damaged: HashSet::new(),
             choking: true,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
             before_intro: Some(Vec::new()),
-            out: Vec::with_capacity(64 * 1024),
+            out: Vec::with_capacity(4096),
             asked: None,
+            blocks: Vec::with_capacity(MAX_SERVES_PER_WRITE),
+            unreported: 0,
         }
     }
 
     fn run(&mut self, commands: &Receiver<Command>) -> io::Result<()> {
         loop {
             if self.serves.is_empty() {
-                match commands.recv_timeout(KEEPALIVE_INTERVAL) {
+                let wait = if self.unreported > 0 {
+                    REPORT_DELAY
+                } else {
+                    KEEPALIVE_INTERVAL
+                };
+                match commands.recv_timeout(wait) {
                     Ok(cmd) => {
                         if !self.apply(cmd) {
                             return self.flush();
                         }
                     }
+                    Err(RecvTimeoutError::Timeout) if self.unreported > 0 => self.report(),
                     Err(RecvTimeoutError::Timeout) => {
                         wire::encode(&Message::KeepAlive, &mut self.out)
                     }
@@ -538,7 +592,14 @@ impl WriterState {
                 return Err(io::Error::other("peer keeps requesting while choked"));
             }
             // Serve a few blocks per round so new commands (cancel, choke) are seen promptly.
-            for _ in 0..4 {
+            // Under an upload limit each block is a write of its own anyway, and waits for
+            // tokens: look at the commands after every one.
+            let round = if self.upload_limit.is_some() {
+                1
+            } else {
+                MAX_SERVES_PER_WRITE
+            };
+            for _ in 0..round {
                 let Some(block) = self.serves.pop_front() else {
                     break;
                 };
@@ -638,9 +699,6 @@ impl WriterState {
                     out,
                 );
                 if choke {
-                    // A choked peer gets nothing more for a while: free the cache.
-                    self.cached_piece = None;
-                    self.cache = Vec::new();
                     // BEP 3: a choke discards the peer's pending requests; BEP 6 peers are
                     // told so, one reject each.
                     self.requests_while_choked = 0;
@@ -650,22 +708,27 @@ impl WriterState {
                             wire::encode(&reject_msg(b), out);
                         }
                     }
+                    // A choked peer gets nothing more for a while: free the cache.
+                    self.forget_piece();
+                    self.cache = Vec::new();
                 }
             }
             Command::Have(p) => {
                 self.have[p.usize()] = true;
                 wire::encode(&Message::Have(p.get()), out);
             }
-            Command::Serve(b) => {
-                if !self.choking && self.have[b.piece.usize()] {
-                    self.serves.push_back(b);
-                } else {
-                    self.queued.fetch_sub(1, Ordering::Relaxed);
-                    if self.choking {
-                        self.requests_while_choked += 1;
-                    }
-                    if self.fast {
-                        wire::encode(&reject_msg(b), out);
+            Command::Serve(batch) => {
+                for b in batch {
+                    if !self.choking && self.have[b.piece.usize()] {
+                        self.serves.push_back(b);
+                    } else {
+                        self.queued.fetch_sub(1, Ordering::Relaxed);
+                        if self.choking {
+                            self.requests_while_choked += 1;
+                        }
+                        if self.fast {
+                            wire::encode(&reject_msg(b), out);
+                        }
                     }
                 }
             }
@@ -683,9 +746,10 @@ impl WriterState {
         true
     }
 
-    /// Loads `piece` into the serve cache and checks it against its hash. Data on disk can
-    /// change under a seeder (another program truncating or rewriting the file); a piece that
-    /// no longer matches is never sent.
+    /// Makes `piece` the one uploads are served from. Data on disk can change under a seeder
+    /// (another program truncating or rewriting the file), so a piece is sent from the map
+    /// only while its files are as they were when all the data was verified; otherwise it is
+    /// read into the cache and hash-checked, and a piece that no longer matches is never sent.
     fn load_verified(&mut self, piece: PieceIndex) -> bool {
         if self.cached_piece == Some(piece) {
             return true;
@@ -693,28 +757,65 @@ impl WriterState {
         if self.damaged.contains(&piece) {
             return false;
         }
-        self.cached_piece = None;
+        debug_assert!(
+            self.blocks.is_empty(),
+            "queued blocks point into the served piece"
+        );
+        self.forget_piece();
+        // Unchanged files need no second hash (it was a third of a seeder's CPU), nor a copy
+        // (the next third).
+        let unchanged = self.storage.unchanged(piece);
+        if unchanged && let Some(at) = self.storage.piece_in_map(piece) {
+            self.cached_piece = Some(piece);
+            self.served = Served::Map(at);
+            return true;
+        }
         let g = self.storage.geometry();
         let len = g.piece_len(piece) as usize;
         self.cache.resize(len, 0);
-        // Files unchanged since all the data was verified need no second hash (it was a
-        // third of a seeder's CPU); a file another program touched is checked piece by piece.
         let ok = self
             .storage
             .read(g.piece_offset(piece), &mut self.cache[..len])
             .is_ok()
-            && (self.storage.unchanged(piece)
+            && (unchanged
                 || <[u8; 20]>::from(Sha1::digest(&self.cache[..len]))
                     == *self.meta.piece_hash(piece));
         if ok {
             self.cached_piece = Some(piece);
+            self.served = Served::Cache;
         } else {
             self.damaged.insert(piece);
         }
         ok
     }
 
+    /// Stops serving the current piece; pages of the map it was sent from leave our resident
+    /// memory (the page cache keeps them).
+    fn forget_piece(&mut self) {
+        if let (Some(piece), Served::Map(_)) = (self.cached_piece.take(), self.served) {
+            self.storage.drop_piece_pages(piece);
+        }
+        self.served = Served::Cache;
+    }
+
+    /// The bytes of the served piece in `range`.
+    fn served_bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        match self.served {
+            Served::Cache => &self.cache[range],
+            // SAFETY: `at` is where the served piece starts in a map that lives as long as
+            // `self.storage`, and `range` lies inside the piece (a checked request). Nothing in
+            // this process writes a piece we have. The slice is only handed to `writev`.
+            Served::Map(at) => unsafe {
+                std::slice::from_raw_parts(at.add(range.start), range.len())
+            },
+        }
+    }
+
     fn serve(&mut self, block: BlockRef) -> io::Result<()> {
+        if self.cached_piece != Some(block.piece) {
+            // Queued blocks point into the cache: send them before it is refilled.
+            self.flush()?;
+        }
         if !self.load_verified(block.piece) {
             if self.fast {
                 wire::encode(&reject_msg(block), &mut self.out);
@@ -726,28 +827,82 @@ impl WriterState {
             return Ok(());
         }
         if let Some(limit) = self.upload_limit.clone() {
-            // Send what is pending first, so the wait does not hold back other messages.
+            // Send what is pending first, so the wait does not hold back other messages, and
+            // count it (a seed ratio is checked against exact counts when uploads are slow).
             self.flush()?;
+            self.report();
             limit.acquire(u64::from(block.len));
         }
         wire::encode_piece_header(block.piece.get(), block.offset, block.len, &mut self.out);
         let start = block.offset as usize;
-        self.out
-            .extend_from_slice(&self.cache[start..start + block.len as usize]);
-        let _ = self.events.send(Input::Peer {
-            key: self.key,
-            event: PeerEvent::Uploaded(block.len),
+        self.blocks.push(QueuedBlock {
+            at: self.out.len(),
+            data: start..start + block.len as usize,
         });
         Ok(())
     }
 
+    /// Writes what is queued: messages from `out` with the queued blocks between them, from
+    /// the cache without copying, in one vectored write (more only when the socket takes it
+    /// in parts).
     fn flush(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out)?;
-            self.out.clear();
+        if self.blocks.is_empty() {
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out)?;
+                self.out.clear();
+            }
+            return Ok(());
+        }
+        let mut iov = Vec::with_capacity(2 * self.blocks.len() + 1);
+        let mut from = 0;
+        for b in &self.blocks {
+            iov.push(IoSlice::new(&self.out[from..b.at]));
+            iov.push(IoSlice::new(self.served_bytes(b.data.clone())));
+            from = b.at;
+        }
+        iov.push(IoSlice::new(&self.out[from..]));
+        iov.retain(|s| !s.is_empty());
+        let mut rest = &mut iov[..];
+        while !rest.is_empty() {
+            match (&self.stream).write_vectored(rest) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let sent: usize = self.blocks.iter().map(|b| b.data.len()).sum();
+        self.blocks.clear();
+        self.out.clear();
+        self.unreported += sent as u32;
+        if self.unreported >= REPORT_EVERY {
+            self.report();
         }
         Ok(())
     }
+
+    fn report(&mut self) {
+        if self.unreported > 0 {
+            let _ = self.events.send(Input::Peer {
+                key: self.key,
+                event: PeerEvent::Uploaded(std::mem::take(&mut self.unreported)),
+            });
+        }
+    }
+}
+
+/// Where the bytes of the piece a writer serves are.
+#[derive(Debug, Clone, Copy)]
+enum Served {
+    Cache,
+    /// In the file map, from this address (see [`Storage::piece_in_map`]).
+    Map(*const u8),
+}
+
+/// A block waiting in a writer's next write (see `WriterState::blocks`).
+struct QueuedBlock {
+    at: usize,
+    data: std::ops::Range<usize>,
 }
 
 fn reject_msg(b: BlockRef) -> Message {

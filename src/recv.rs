@@ -29,6 +29,11 @@ impl<R: Read> RecvBuf<R> {
         }
     }
 
+    /// Bytes read from the source and not yet consumed: what can be had without a system call.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
     /// Fills all of `dst`: from the buffer first, then with vectored reads.
     pub fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
         let n = (self.end - self.start).min(dst.len());

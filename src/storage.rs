@@ -637,6 +637,41 @@ impl Storage {
         Some(Sha1::digest(&scratch[..len]).into())
     }
 
+    /// Where `piece` starts in memory, when it lies whole in one mapped file: a seeder sends
+    /// such a piece from the map, and the kernel copies it once, straight into the socket.
+    /// Dereferencing the pointer is up to the caller: the bytes are valid while this storage
+    /// lives, and change if another program rewrites the file. Reading them in a system call
+    /// (`writev`) is safe even if the file shrinks: the kernel then fails the call with
+    /// `EFAULT` rather than raise SIGBUS. Call [`Storage::drop_piece_pages`] when done.
+    pub fn piece_in_map(&self, piece: PieceIndex) -> Option<*const u8> {
+        let offset = self.geometry.piece_offset(piece);
+        let mut spans = self
+            .geometry
+            .spans(offset, u64::from(self.geometry.piece_len(piece)));
+        let (Some(span), None) = (spans.next(), spans.next()) else {
+            return None;
+        };
+        let slot = &self.slots[span.file];
+        let map = slot.map.as_ref()?;
+        let at = slot.map_delta + span.file_offset;
+        if at + span.len > map.len() as u64 {
+            return None;
+        }
+        // SAFETY: `at` is inside the mapping (checked just above).
+        Some(unsafe { map.as_ptr().add(at as usize) })
+    }
+
+    /// Drops the pages of `piece` from our address space (see [`Writer::release_piece`]).
+    pub fn drop_piece_pages(&self, piece: PieceIndex) {
+        let g = &self.geometry;
+        for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
+            let slot = &self.slots[span.file];
+            if let Some(map) = slot.map.as_ref() {
+                drop_pages(map, slot.map_delta + span.file_offset, span.len);
+            }
+        }
+    }
+
     /// Whether a piece's data matches `expected`. Unreadable data is a bad piece.
     pub fn piece_matches(
         &self,
@@ -769,14 +804,7 @@ impl Writer {
     /// data (dirty pages of a shared file mapping are written back, not discarded), so resident
     /// memory stays flat however large the torrent.
     pub fn release_piece(&mut self, piece: PieceIndex) {
-        let g = &self.storage.geometry;
-        for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
-            let slot = &self.storage.slots[span.file];
-            let Some(map) = slot.map.as_ref() else {
-                continue;
-            };
-            drop_pages(map, slot.map_delta + span.file_offset, span.len);
-        }
+        self.storage.drop_piece_pages(piece);
     }
 
     /// With `wait`, returns once the data is on stable storage (msync MS_SYNC: seconds for a
@@ -855,7 +883,8 @@ fn drop_pages(map: &MmapRaw, at: u64, len: u64) {
         // SAFETY: MADV_DONTNEED on a shared file mapping only drops our page-table entries;
         // the data stays in the page cache (dirty pages are written back, not discarded). No
         // Rust reference into the map outlives its use (writes are raw copies, reads use
-        // pread, hashing finishes before this call), so nothing observes the pages going.
+        // pread or a system call, hashing finishes before this call), so nothing observes the
+        // pages going; a system call reading them meanwhile faults them back in.
         let _ = unsafe {
             map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,

@@ -950,8 +950,8 @@ fn a_connected_peer_is_not_redialled_on_every_announce() {
 /// (32 KiB, two blocks) leaves a block of slack and still fails on any real overshoot. What
 /// the leechers actually received may run ahead of that count by the blocks each connection
 /// had already committed to the wire when the seeder's session decided to stop: the block
-/// being sent plus one round of up to four that a connection's writer sends between looks at
-/// its command queue, so five blocks per leecher on top (seen: three to seven in all).
+/// being sent plus the one a rate-limited connection's writer sends between looks at its
+/// command queue; five blocks per leecher on top leaves room (seen: three to seven in all).
 #[test]
 fn seed_ratio_stops_at_exactly_the_ratio() {
     let fx = Fixture::new("ratio.bin", MIB + 777, 15, 8, PeerPolicy::Nobody);
