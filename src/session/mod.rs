@@ -622,7 +622,9 @@ impl Session {
             Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
             Input::Peers(list) => self.add_candidates(list),
             Input::TrackerNotice(m) => self.progress.note_kind("tracker_error", &m),
-            Input::TrackerDone => {}
+            // The tracker thread ended by itself (a torrent without trackers ends it at
+            // once): the shutdown must not wait for it to say so a second time.
+            Input::TrackerDone => self.tracker_tx = None,
             Input::TrackersFailed => {
                 self.trackers_failed = true;
                 self.check_peer_sources()?;
