@@ -5,19 +5,23 @@
 //! # Who touches what
 //! - Blocks are received straight into the shared memory maps by the peer threads, each write
 //!   under a [`Claim`]: a per-block right won with one compare-and-swap. A block is free,
-//!   being written by the one claim holder, or written; only a free block can be claimed, so
-//!   no two writes overlap and nothing is written into a piece that is complete (being
-//!   hashed) or verified. The reader thread asks for a claim only for blocks it requested, so
+//!   being written by the one claim holder, written, or held for a moment by
+//!   [`Storage::prepare`] (which writes zeros into it to lay down its pages); only a free
+//!   block can be claimed, so no two writes overlap and nothing is written into a piece that
+//!   is complete (being hashed) or verified. The reader thread asks for a claim only for blocks it requested, so
 //!   a stranger cannot write into a piece.
 //! - Only the session's [`Writer`] (not `Clone`) turns written blocks back into free ones,
 //!   after a piece fails its hash check, and drops verified pieces' pages.
-//! - Reads (serving peers, verifying) use `pread` on the file descriptors; hashing reads a
-//!   complete piece through the map, which no claim can touch while it is complete. The page
-//!   cache is shared, so a read sees what the map wrote.
+//! - Reads for verifying, and for serving pieces of files changed since they were verified,
+//!   use `pread` on the file descriptors; hashing reads a complete piece through the map,
+//!   which no claim can touch while it is complete; uploads of unchanged files hand the map
+//!   to `writev` ([`Storage::piece_in_map`]). The page cache is shared, so a read sees what
+//!   the map wrote.
 //!
 //! # SIGBUS
 //! Touching a mapped page beyond the end of a file that another process truncated raises SIGBUS.
-//! Reads cannot hit it: `pread` past the end returns a short read, which we report as an error.
+//! Reads cannot hit it: `pread` past the end returns a short read, which we report as an error,
+//! and a `writev` from the map past the end fails with EFAULT (the kernel's own access).
 //! Space for every file is reserved with `posix_fallocate` before any write, so a full disk is
 //! an error at start-up instead of a SIGBUS mid-download. What remains is a write racing an
 //! outside truncation; [`install_sigbus_guard`] turns that into a clear message and exit code
@@ -180,6 +184,15 @@ pub struct Storage {
 const FREE: u8 = 0;
 const WRITING: u8 = 1;
 const WRITTEN: u8 = 2;
+/// Held by [`Storage::prepare`] while it lays down the block's page-cache pages.
+const PREPARING: u8 = 3;
+
+/// Blocks [`Storage::prepare`] holds at once: 256 KiB, a fraction of a millisecond to zero.
+const PREPARE_CHUNK: u32 = 16;
+/// How long a receiver waits for the preparer to let go of a block before it gives up on
+/// writing it (the block is then asked for again). The preparer holds a block for tens of
+/// microseconds; this only bounds a preparer that the scheduler put aside.
+const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The state of every block of a download (free, being written, written), and per piece
 /// whether its pages were faulted in ahead of the first write.
@@ -534,16 +547,28 @@ impl Storage {
     /// written by another connection, or the files are not open for writing.
     pub fn claim(&self, block: BlockRef) -> Option<Claim<'_>> {
         let slot = self.claims.slot(block)?;
-        slot.compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
-            .ok()?;
-        Some(Claim {
-            storage: self,
-            block,
-            slot,
-        })
+        let mut since = None;
+        loop {
+            match slot.compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => {
+                    return Some(Claim {
+                        storage: self,
+                        block,
+                        slot,
+                    });
+                }
+                Err(PREPARING) => {
+                    if since.get_or_insert_with(std::time::Instant::now).elapsed() > PREPARE_WAIT {
+                        return None;
+                    }
+                    std::thread::yield_now();
+                }
+                Err(_) => return None,
+            }
+        }
     }
 
-    /// Whether [`Storage::prepare`] has been called for `piece` (since it was last reopened).
+    /// Whether [`Storage::prepare`] has been called for `piece`.
     pub fn is_prepared(&self, piece: PieceIndex) -> bool {
         self.claims
             .populated
@@ -551,10 +576,19 @@ impl Storage {
             .is_none_or(|p| p.load(Ordering::Relaxed))
     }
 
-    /// Faults in a piece's pages in one call (MADV_POPULATE_WRITE) before its first block
-    /// lands, instead of one page fault per 4 KiB (measured: about a quarter off the download
-    /// time of 1 GiB on loopback). Only a hint: it writes no data, and failure (old kernels)
-    /// changes nothing.
+    /// Lays down a piece's page-cache pages before its blocks land, by writing zeros over
+    /// the blocks nobody has written yet with `pwrite`, a chunk at a time.
+    ///
+    /// Why: a block written through the map into a page that is not in the page cache costs
+    /// a page fault that reads the page first (zero-filled from the reserved extent), and
+    /// ext4's per-page `page_mkwrite`. A large `pwrite` instead makes whole large folios in
+    /// one go, which the map's write faults then only map. Measured on 1 GiB: 0.27 s of
+    /// system time, against 0.7-1.7 s when faulting in with MADV_POPULATE_WRITE and
+    /// 0.4-0.8 s for `pwrite` of each 16 KiB block.
+    ///
+    /// A block is zeroed only while this holds it (claimed as PREPARING from FREE), so bytes a
+    /// connection wrote are never touched; a connection that wants the block meanwhile waits
+    /// the few microseconds it takes. Only a hint otherwise: a failed write changes nothing.
     pub fn prepare(&self, piece: PieceIndex) {
         if self
             .claims
@@ -564,21 +598,58 @@ impl Storage {
         {
             return;
         }
+        let slots = self.claims.piece(piece);
         let g = &self.geometry;
-        let page = page_size();
-        for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
+        let blocks = g.blocks_in(piece).min(slots.len() as u32);
+        let mut held = Vec::with_capacity(PREPARE_CHUNK as usize);
+        for chunk in (0..blocks).step_by(PREPARE_CHUNK as usize) {
+            let end = (chunk + PREPARE_CHUNK).min(blocks);
+            held.clear();
+            held.extend((chunk..end).filter(|&i| {
+                slots[i as usize]
+                    .compare_exchange(FREE, PREPARING, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            }));
+            // Zero each run of consecutive held blocks with as few writes as it takes.
+            let mut k = 0;
+            while k < held.len() {
+                let first = held[k];
+                let mut last = first;
+                while k + 1 < held.len() && held[k + 1] == last + 1 {
+                    k += 1;
+                    last = held[k];
+                }
+                k += 1;
+                let start = u64::from(first * BLOCK_LEN);
+                let stop = u64::from(((last + 1) * BLOCK_LEN).min(g.piece_len(piece)));
+                self.write_zeros(g.piece_offset(piece) + start, stop - start);
+            }
+            for &i in &held {
+                slots[i as usize].store(FREE, Ordering::Release);
+            }
+        }
+    }
+
+    /// Writes zeros over torrent bytes `[offset, offset + len)` (see [`Storage::prepare`]).
+    fn write_zeros(&self, offset: u64, len: u64) {
+        static ZEROS: OnceLock<Box<[u8]>> = OnceLock::new();
+        // Never written, so its pages are the kernel's shared zero page: no resident memory.
+        let zeros = ZEROS.get_or_init(|| vec![0; (PREPARE_CHUNK * BLOCK_LEN) as usize].into());
+        for span in self.geometry.spans(offset, len) {
             let slot = &self.slots[span.file];
-            let Some(map) = slot.map.as_ref() else {
+            let Some(file) = slot.file.as_ref() else {
                 continue;
             };
-            let at = slot.map_delta + span.file_offset;
-            let start = at / page * page;
-            let end = at + span.len;
-            let _ = map.advise_range(
-                memmap2::Advice::PopulateWrite,
-                start as usize,
-                (end - start) as usize,
-            );
+            let mut at = slot.base + span.file_offset;
+            let mut left = span.len;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64);
+                if file.write_all_at(&zeros[..n as usize], at).is_err() {
+                    return;
+                }
+                at += n;
+                left -= n;
+            }
         }
     }
 
@@ -781,16 +852,14 @@ impl Writer {
         for b in self.storage.claims.piece(piece) {
             b.store(FREE, Ordering::Release);
         }
-        if let Some(p) = self.storage.claims.populated.get(piece.usize()) {
-            p.store(false, Ordering::Relaxed);
-        }
+        // Its pages stay prepared: they are in the page cache now.
     }
 
     /// Frees one written block that the picker did not take (its connection was dropped), so
     /// another copy can be written.
     pub fn unwrite(&mut self, block: BlockRef) {
         if let Some(slot) = self.storage.claims.slot(block) {
-            slot.store(FREE, Ordering::Release);
+            let _ = slot.compare_exchange(WRITTEN, FREE, Ordering::Release, Ordering::Relaxed);
         }
     }
 
@@ -970,6 +1039,44 @@ mod tests {
         // Read-only storage (seeding, verify) hands out no claims.
         let ro = Storage::open_existing(&layout(&dir, &["c"]), &g).unwrap();
         assert!(ro.claim(b0).is_none());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn preparing_zeroes_only_blocks_nobody_wrote() {
+        let dir = tmpdir("prepare");
+        // Piece 1 (bytes 32768..65536) spans both files.
+        let g = Geometry::new(32768, &[40_000, 30_000], 3).unwrap();
+        fs::create_dir_all(dir.join("t")).unwrap();
+        fs::write(dir.join("t/a"), vec![0xEE; 40_000]).unwrap();
+        fs::write(dir.join("t/b"), vec![0xEE; 30_000]).unwrap();
+        let (storage, _w) = Storage::create(&layout(&dir, &["t/a", "t/b"]), &g).unwrap();
+        let p1 = g.piece(1).unwrap();
+        let (b0, b1) = (g.block(p1, 0).unwrap(), g.block(p1, 1).unwrap());
+        let data = vec![0x11u8; b1.len as usize];
+        // The first fill prepares the piece: the other block is zeroed, this one is written.
+        storage.claim(b1).unwrap().fill(&mut &data[..]).unwrap();
+        // Prepared again (as if by the preparer thread racing it): the written block stays.
+        storage.claims.populated[1].store(false, Ordering::Relaxed);
+        storage.prepare(p1);
+        let mut piece = vec![0; 32768];
+        storage.read(32768, &mut piece).unwrap();
+        assert!(piece[..16384].iter().all(|&b| b == 0), "free block zeroed");
+        assert!(
+            piece[16384..].iter().all(|&b| b == 0x11),
+            "written block kept"
+        );
+        let mut others = vec![0; 32768];
+        storage.read(0, &mut others).unwrap();
+        assert!(others.iter().all(|&b| b == 0xEE), "piece 0 untouched");
+        // Zeroed blocks are free again afterwards.
+        assert!(storage.claim(b0).is_some());
+        // A block the preparer holds is not handed out; the wait for it is bounded.
+        let slot = storage.claims.slot(b0).unwrap();
+        slot.store(PREPARING, Ordering::Release);
+        assert!(storage.claim(b0).is_none());
+        slot.store(FREE, Ordering::Release);
+        assert!(storage.claim(b0).is_some());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -232,7 +232,7 @@ struct Session {
     own_addrs: Vec<SocketAddr>,
     input_tx: Sender<Input>,
     hash_tx: Option<Sender<PieceIndex>>,
-    /// To the preparer thread: pieces just requested, whose pages it faults in.
+    /// To the preparer thread: pieces just requested, whose pages it lays down.
     prepare_tx: Option<Sender<PieceIndex>>,
     tracker_tx: Option<Sender<TrackerCommand>>,
     stats: Arc<Stats>,
@@ -331,10 +331,10 @@ fn spawn_hashers(
     tx
 }
 
-/// The preparer: faults in the pages of pieces as they are requested (MADV_POPULATE_WRITE),
-/// so the connection threads receiving their blocks copy into ready pages instead of taking
-/// the page-cache faults themselves. Only a hint: a piece not yet prepared when its first
-/// block arrives is faulted in by its receiver.
+/// The preparer: lays down the page-cache pages of pieces as they are requested (see
+/// [`Storage::prepare`]), so the connection threads receiving their blocks copy into ready
+/// pages instead of taking the page-cache faults themselves. Only a hint: a piece not yet
+/// prepared when its first block arrives is prepared by its receiver.
 fn spawn_preparer(storage: &Arc<Storage>) -> Option<Sender<PieceIndex>> {
     let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
     let storage = Arc::clone(storage);

@@ -195,7 +195,7 @@ impl Session {
                 .assign_filtered(key, room, &|piece| !rejected.contains_key(&piece))
         };
         if let Some(tx) = &self.prepare_tx {
-            // Fault in the pieces' pages off the receiving thread, before their blocks come.
+            // Lay down the pieces' pages off the receiving thread, before their blocks come.
             let mut last = None;
             for b in &blocks {
                 if last != Some(b.piece) && !self.ctx.storage.is_prepared(b.piece) {
