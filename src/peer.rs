@@ -506,13 +506,12 @@ struct WriterState {
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
     serves: VecDeque<BlockRef>,
-    /// Blocks waiting in the next write: each goes, straight from `cache`, after the first
-    /// `at` bytes of `out` (the messages before it, its own header included). `cache` does
-    /// not change while this is non-empty.
+    /// Blocks waiting in the next write: each goes, straight from the served piece (map or
+    /// cache), after the first `at` bytes of `out` (the messages before it, its own header
+    /// included). The served piece does not change while this is non-empty.
     blocks: Vec<QueuedBlock>,
     /// Bytes of blocks written and not yet reported to the session.
     unreported: u32,
-
     /// Requests that came before the intro was sent (bounded by `MAX_QUEUED_SERVES`).
     before_intro: Option<Vec<Command>>,
     out: Vec<u8>,
@@ -813,7 +812,7 @@ impl WriterState {
 
     fn serve(&mut self, block: BlockRef) -> io::Result<()> {
         if self.cached_piece != Some(block.piece) {
-            // Queued blocks point into the cache: send them before it is refilled.
+            // Queued blocks point into the served piece: send them before it changes.
             self.flush()?;
         }
         if !self.load_verified(block.piece) {
@@ -842,9 +841,9 @@ impl WriterState {
         Ok(())
     }
 
-    /// Writes what is queued: messages from `out` with the queued blocks between them, from
-    /// the cache without copying, in one vectored write (more only when the socket takes it
-    /// in parts).
+    /// Writes what is queued: messages from `out` with the queued blocks between them, taken
+    /// from the served piece without copying, in one vectored write (more only when the
+    /// socket takes it in parts).
     fn flush(&mut self) -> io::Result<()> {
         if self.blocks.is_empty() {
             if !self.out.is_empty() {
