@@ -494,10 +494,8 @@ struct WriterState {
     ext_handshake: Option<Vec<u8>>,
     requests_while_choked: u32,
     meta: Arc<crate::metainfo::Metainfo>,
-    /// The piece uploads are served from (see `load_verified`), and where its bytes are:
-    /// in the file map, or in `cache`.
+    /// The piece uploads are served from: read whole, hash-checked (see `load_verified`).
     cached_piece: Option<PieceIndex>,
-    served: Served,
     cache: Vec<u8>,
     /// Pieces found not to match their hash on disk: rejected at once rather than re-read
     /// and re-hashed for every request.
@@ -506,9 +504,9 @@ struct WriterState {
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
     serves: VecDeque<BlockRef>,
-    /// Blocks waiting in the next write: each goes, straight from the served piece (map or
-    /// cache), after the first `at` bytes of `out` (the messages before it, its own header
-    /// included). The served piece does not change while this is non-empty.
+    /// Blocks waiting in the next write: each goes, straight from `cache`, after the first
+    /// `at` bytes of `out` (the messages before it, its own header included). `cache` does
+    /// not change while this is non-empty.
     blocks: Vec<QueuedBlock>,
     /// Bytes of blocks written and not yet reported to the session.
     unreported: u32,
@@ -547,7 +545,6 @@ impl WriterState {
             requests_while_choked: 0,
             meta: Arc::clone(&ctx.meta),
             cached_piece: None,
-            served: Served::Cache,
             cache: Vec::new(),
             damaged: HashSet::new(),
             choking: true,
@@ -708,7 +705,7 @@ impl WriterState {
                         }
                     }
                     // A choked peer gets nothing more for a while: free the cache.
-                    self.forget_piece();
+                    self.cached_piece = None;
                     self.cache = Vec::new();
                 }
             }
@@ -745,10 +742,14 @@ impl WriterState {
         true
     }
 
-    /// Makes `piece` the one uploads are served from. Data on disk can change under a seeder
-    /// (another program truncating or rewriting the file), so a piece is sent from the map
-    /// only while its files are as they were when all the data was verified; otherwise it is
-    /// read into the cache and hash-checked, and a piece that no longer matches is never sent.
+    /// Loads `piece` into the serve cache and checks it against its hash. Data on disk can
+    /// change under a seeder (another program truncating or rewriting the file); a piece that
+    /// no longer matches is never sent.
+    ///
+    /// Why a copy, when the kernel could send straight from the map: the bytes must be
+    /// captured before the files are checked for changes. A write changes the file's mtime
+    /// before its data, so bytes read first and found unchanged afterwards are good; bytes
+    /// sent from the map would be read by the kernel later, unchecked.
     fn load_verified(&mut self, piece: PieceIndex) -> bool {
         if self.cached_piece == Some(piece) {
             return true;
@@ -756,63 +757,31 @@ impl WriterState {
         if self.damaged.contains(&piece) {
             return false;
         }
-        debug_assert!(
-            self.blocks.is_empty(),
-            "queued blocks point into the served piece"
-        );
-        self.forget_piece();
-        // Unchanged files need no second hash (it was a third of a seeder's CPU), nor a copy
-        // (the next third).
-        let unchanged = self.storage.unchanged(piece);
-        if unchanged && let Some(at) = self.storage.piece_in_map(piece) {
-            self.cached_piece = Some(piece);
-            self.served = Served::Map(at);
-            return true;
-        }
+        debug_assert!(self.blocks.is_empty(), "queued blocks point into the cache");
+        self.cached_piece = None;
         let g = self.storage.geometry();
         let len = g.piece_len(piece) as usize;
         self.cache.resize(len, 0);
+        // Files unchanged since all the data was verified need no second hash (it was a
+        // third of a seeder's CPU); a file another program touched is checked piece by piece.
         let ok = self
             .storage
             .read(g.piece_offset(piece), &mut self.cache[..len])
             .is_ok()
-            && (unchanged
+            && (self.storage.unchanged(piece)
                 || <[u8; 20]>::from(Sha1::digest(&self.cache[..len]))
                     == *self.meta.piece_hash(piece));
         if ok {
             self.cached_piece = Some(piece);
-            self.served = Served::Cache;
         } else {
             self.damaged.insert(piece);
         }
         ok
     }
 
-    /// Stops serving the current piece; pages of the map it was sent from leave our resident
-    /// memory (the page cache keeps them).
-    fn forget_piece(&mut self) {
-        if let (Some(piece), Served::Map(_)) = (self.cached_piece.take(), self.served) {
-            self.storage.drop_piece_pages(piece);
-        }
-        self.served = Served::Cache;
-    }
-
-    /// The bytes of the served piece in `range`.
-    fn served_bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
-        match self.served {
-            Served::Cache => &self.cache[range],
-            // SAFETY: `at` is where the served piece starts in a map that lives as long as
-            // `self.storage`, and `range` lies inside the piece (a checked request). Nothing in
-            // this process writes a piece we have. The slice is only handed to `writev`.
-            Served::Map(at) => unsafe {
-                std::slice::from_raw_parts(at.add(range.start), range.len())
-            },
-        }
-    }
-
     fn serve(&mut self, block: BlockRef) -> io::Result<()> {
         if self.cached_piece != Some(block.piece) {
-            // Queued blocks point into the served piece: send them before it changes.
+            // Queued blocks point into the cache: send them before it is refilled.
             self.flush()?;
         }
         if !self.load_verified(block.piece) {
@@ -842,8 +811,8 @@ impl WriterState {
     }
 
     /// Writes what is queued: messages from `out` with the queued blocks between them, taken
-    /// from the served piece without copying, in one vectored write (more only when the
-    /// socket takes it in parts).
+    /// from the cache without copying, in one vectored write (more only when the socket
+    /// takes it in parts).
     fn flush(&mut self) -> io::Result<()> {
         if self.blocks.is_empty() {
             if !self.out.is_empty() {
@@ -856,7 +825,7 @@ impl WriterState {
         let mut from = 0;
         for b in &self.blocks {
             iov.push(IoSlice::new(&self.out[from..b.at]));
-            iov.push(IoSlice::new(self.served_bytes(b.data.clone())));
+            iov.push(IoSlice::new(&self.cache[b.data.clone()]));
             from = b.at;
         }
         iov.push(IoSlice::new(&self.out[from..]));
@@ -888,14 +857,6 @@ impl WriterState {
             });
         }
     }
-}
-
-/// Where the bytes of the piece a writer serves are.
-#[derive(Debug, Clone, Copy)]
-enum Served {
-    Cache,
-    /// In the file map, from this address (see [`Storage::piece_in_map`]).
-    Map(*const u8),
 }
 
 /// A block waiting in a writer's next write (see `WriterState::blocks`).

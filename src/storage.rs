@@ -5,23 +5,21 @@
 //! # Who touches what
 //! - Blocks are received straight into the shared memory maps by the peer threads, each write
 //!   under a [`Claim`]: a per-block right won with one compare-and-swap. A block is free,
-//!   being written by the one claim holder, written, or held for a moment by
-//!   [`Storage::prepare`] (which writes zeros into it to lay down its pages); only a free
+//!   being written by the one claim holder, written, or held for a moment while the piece's
+//!   first block prepares the piece (writes zeros into its free blocks to lay down their
+//!   pages, see `Storage::prepare`); only a free
 //!   block can be claimed, so no two writes overlap and nothing is written into a piece that
 //!   is complete (being hashed) or verified. The reader thread asks for a claim only for blocks it requested, so
 //!   a stranger cannot write into a piece.
 //! - Only the session's [`Writer`] (not `Clone`) turns written blocks back into free ones,
 //!   after a piece fails its hash check, and drops verified pieces' pages.
-//! - Reads for verifying, and for serving pieces of files changed since they were verified,
-//!   use `pread` on the file descriptors; hashing reads a complete piece through the map,
-//!   which no claim can touch while it is complete; uploads of unchanged files hand the map
-//!   to `writev` ([`Storage::piece_in_map`]). The page cache is shared, so a read sees what
-//!   the map wrote.
+//! - Reads (serving peers, verifying) use `pread` on the file descriptors; hashing reads a
+//!   complete piece through the map, which no claim can touch while it is complete. The page
+//!   cache is shared, so a read sees what the map wrote.
 //!
 //! # SIGBUS
 //! Touching a mapped page beyond the end of a file that another process truncated raises SIGBUS.
-//! Reads cannot hit it: `pread` past the end returns a short read, which we report as an error,
-//! and a `writev` from the map past the end fails with EFAULT (the kernel's own access).
+//! Reads cannot hit it: `pread` past the end returns a short read, which we report as an error.
 //! Space for every file is reserved with `posix_fallocate` before any write, so a full disk is
 //! an error at start-up instead of a SIGBUS mid-download. What remains is a write racing an
 //! outside truncation; [`install_sigbus_guard`] turns that into a clear message and exit code
@@ -184,14 +182,14 @@ pub struct Storage {
 const FREE: u8 = 0;
 const WRITING: u8 = 1;
 const WRITTEN: u8 = 2;
-/// Held by [`Storage::prepare`] while it lays down the block's page-cache pages.
+/// Held by `Storage::prepare` while it lays down the block's page-cache pages.
 const PREPARING: u8 = 3;
 
-/// Blocks [`Storage::prepare`] holds at once: 256 KiB, a fraction of a millisecond to zero.
+/// Blocks `Storage::prepare` holds at once: 256 KiB, a fraction of a millisecond to zero.
 const PREPARE_CHUNK: u32 = 16;
-/// How long a receiver waits for the preparer to let go of a block before it gives up on
-/// writing it (the block is then asked for again). The preparer holds a block for tens of
-/// microseconds; this only bounds a preparer that the scheduler put aside.
+/// How long a receiver waits for another connection preparing the piece to let go of a
+/// block before it gives up on writing it (the block is then asked for again). A block is
+/// held for tens of microseconds; this only bounds a thread the scheduler put aside.
 const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The state of every block of a download (free, being written, written), and per piece
@@ -244,7 +242,9 @@ impl Claim<'_> {
     pub fn fill(self, src: &mut impl ReadInto) -> io::Result<()> {
         let storage = self.storage;
         let g = &storage.geometry;
-        storage.prepare(self.block.piece);
+        // The first block of a piece to land prepares the piece, its own block included (left
+        // to a page fault, the block would drag zero-filled readahead pages into the cache).
+        storage.prepare(self.block.piece, Some(self.block.index_in_piece()));
         let offset = g.piece_offset(self.block.piece) + u64::from(self.block.offset);
         for span in g.spans(offset, u64::from(self.block.len)) {
             let slot = &storage.slots[span.file];
@@ -568,34 +568,30 @@ impl Storage {
         }
     }
 
-    /// Whether [`Storage::prepare`] has been called for `piece`.
-    pub fn is_prepared(&self, piece: PieceIndex) -> bool {
-        self.claims
-            .populated
-            .get(piece.usize())
-            .is_none_or(|p| p.load(Ordering::Relaxed))
-    }
-
-    /// Lays down a piece's page-cache pages before its blocks land, by writing zeros over
-    /// the blocks nobody has written yet with `pwrite`, a chunk at a time.
+    /// Lays down a piece's page-cache pages when its first block lands, by writing zeros with
+    /// `pwrite` over the blocks nobody has written yet (and over `own`, the block whose claim
+    /// the caller holds), a chunk at a time. Once per piece; later calls return at once.
     ///
     /// Why: a block written through the map into a page that is not in the page cache costs
-    /// a page fault that reads the page first (zero-filled from the reserved extent), and
-    /// ext4's per-page `page_mkwrite`. A large `pwrite` instead makes whole large folios in
-    /// one go, which the map's write faults then only map. Measured on 1 GiB: 0.27 s of
-    /// system time, against 0.7-1.7 s when faulting in with MADV_POPULATE_WRITE and
-    /// 0.4-0.8 s for `pwrite` of each 16 KiB block.
+    /// a page fault that reads the page first (zero-filled from the reserved extent, with
+    /// readahead dragging in more of them), and ext4's per-page `page_mkwrite`. A large
+    /// `pwrite` instead makes whole large folios in one go, which the map's write faults then
+    /// only map, and leaves them in the CPU cache for the blocks about to be copied in.
+    /// Measured on 1 GiB in 256 KiB pieces: 0.27 s of system time, against 0.7-1.7 s when
+    /// faulting in with MADV_POPULATE_WRITE and 0.4-0.8 s for `pwrite` of each 16 KiB block.
+    /// Done by the receiving thread itself: a separate thread running ahead cost more CPU
+    /// and time (by hand, 1 GiB: 1.9 against 1.6 CPU s), as its zeros left the cache before
+    /// the data came.
     ///
-    /// A block is zeroed only while this holds it (claimed as PREPARING from FREE), so bytes a
-    /// connection wrote are never touched; a connection that wants the block meanwhile waits
-    /// the few microseconds it takes. Only a hint otherwise: a failed write changes nothing.
-    pub fn prepare(&self, piece: PieceIndex) {
-        if self
-            .claims
-            .populated
-            .get(piece.usize())
-            .is_none_or(|p| p.swap(true, Ordering::Relaxed))
-        {
+    /// A block is zeroed only while this holds it (claimed as PREPARING from FREE), so bytes
+    /// another connection wrote are never touched; a connection that wants the block meanwhile
+    /// waits the few microseconds it takes. Only a hint otherwise: a failed write changes
+    /// nothing.
+    fn prepare(&self, piece: PieceIndex, own: Option<u32>) {
+        let Some(flag) = self.claims.populated.get(piece.usize()) else {
+            return;
+        };
+        if flag.load(Ordering::Relaxed) || flag.swap(true, Ordering::Relaxed) {
             return;
         }
         let slots = self.claims.piece(piece);
@@ -606,9 +602,10 @@ impl Storage {
             let end = (chunk + PREPARE_CHUNK).min(blocks);
             held.clear();
             held.extend((chunk..end).filter(|&i| {
-                slots[i as usize]
-                    .compare_exchange(FREE, PREPARING, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
+                Some(i) == own
+                    || slots[i as usize]
+                        .compare_exchange(FREE, PREPARING, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
             }));
             // Zero each run of consecutive held blocks with as few writes as it takes.
             let mut k = 0;
@@ -624,13 +621,13 @@ impl Storage {
                 let stop = u64::from(((last + 1) * BLOCK_LEN).min(g.piece_len(piece)));
                 self.write_zeros(g.piece_offset(piece) + start, stop - start);
             }
-            for &i in &held {
+            for &i in held.iter().filter(|&&i| Some(i) != own) {
                 slots[i as usize].store(FREE, Ordering::Release);
             }
         }
     }
 
-    /// Writes zeros over torrent bytes `[offset, offset + len)` (see [`Storage::prepare`]).
+    /// Writes zeros over torrent bytes `[offset, offset + len)` (see `Storage::prepare`).
     fn write_zeros(&self, offset: u64, len: u64) {
         static ZEROS: OnceLock<Box<[u8]>> = OnceLock::new();
         // Never written, so its pages are the kernel's shared zero page: no resident memory.
@@ -706,41 +703,6 @@ impl Storage {
         scratch.resize(len, 0);
         self.read(offset, &mut scratch[..len]).ok()?;
         Some(Sha1::digest(&scratch[..len]).into())
-    }
-
-    /// Where `piece` starts in memory, when it lies whole in one mapped file: a seeder sends
-    /// such a piece from the map, and the kernel copies it once, straight into the socket.
-    /// Dereferencing the pointer is up to the caller: the bytes are valid while this storage
-    /// lives, and change if another program rewrites the file. Reading them in a system call
-    /// (`writev`) is safe even if the file shrinks: the kernel then fails the call with
-    /// `EFAULT` rather than raise SIGBUS. Call [`Storage::drop_piece_pages`] when done.
-    pub fn piece_in_map(&self, piece: PieceIndex) -> Option<*const u8> {
-        let offset = self.geometry.piece_offset(piece);
-        let mut spans = self
-            .geometry
-            .spans(offset, u64::from(self.geometry.piece_len(piece)));
-        let (Some(span), None) = (spans.next(), spans.next()) else {
-            return None;
-        };
-        let slot = &self.slots[span.file];
-        let map = slot.map.as_ref()?;
-        let at = slot.map_delta + span.file_offset;
-        if at + span.len > map.len() as u64 {
-            return None;
-        }
-        // SAFETY: `at` is inside the mapping (checked just above).
-        Some(unsafe { map.as_ptr().add(at as usize) })
-    }
-
-    /// Drops the pages of `piece` from our address space (see [`Writer::release_piece`]).
-    pub fn drop_piece_pages(&self, piece: PieceIndex) {
-        let g = &self.geometry;
-        for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
-            let slot = &self.slots[span.file];
-            if let Some(map) = slot.map.as_ref() {
-                drop_pages(map, slot.map_delta + span.file_offset, span.len);
-            }
-        }
     }
 
     /// Whether a piece's data matches `expected`. Unreadable data is a bad piece.
@@ -873,7 +835,14 @@ impl Writer {
     /// data (dirty pages of a shared file mapping are written back, not discarded), so resident
     /// memory stays flat however large the torrent.
     pub fn release_piece(&mut self, piece: PieceIndex) {
-        self.storage.drop_piece_pages(piece);
+        let g = &self.storage.geometry;
+        for span in g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece))) {
+            let slot = &self.storage.slots[span.file];
+            let Some(map) = slot.map.as_ref() else {
+                continue;
+            };
+            drop_pages(map, slot.map_delta + span.file_offset, span.len);
+        }
     }
 
     /// With `wait`, returns once the data is on stable storage (msync MS_SYNC: seconds for a
@@ -952,8 +921,7 @@ fn drop_pages(map: &MmapRaw, at: u64, len: u64) {
         // SAFETY: MADV_DONTNEED on a shared file mapping only drops our page-table entries;
         // the data stays in the page cache (dirty pages are written back, not discarded). No
         // Rust reference into the map outlives its use (writes are raw copies, reads use
-        // pread or a system call, hashing finishes before this call), so nothing observes the
-        // pages going; a system call reading them meanwhile faults them back in.
+        // pread, hashing finishes before this call), so nothing observes the pages going.
         let _ = unsafe {
             map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
@@ -1054,11 +1022,11 @@ mod tests {
         let p1 = g.piece(1).unwrap();
         let (b0, b1) = (g.block(p1, 0).unwrap(), g.block(p1, 1).unwrap());
         let data = vec![0x11u8; b1.len as usize];
-        // The first fill prepares the piece: the other block is zeroed, this one is written.
+        // The first fill prepares the piece (both blocks zeroed), then writes its block.
         storage.claim(b1).unwrap().fill(&mut &data[..]).unwrap();
-        // Prepared again (as if by the preparer thread racing it): the written block stays.
+        // Prepared again (as by another connection racing it): the written block stays.
         storage.claims.populated[1].store(false, Ordering::Relaxed);
-        storage.prepare(p1);
+        storage.prepare(p1, None);
         let mut piece = vec![0; 32768];
         storage.read(32768, &mut piece).unwrap();
         assert!(piece[..16384].iter().all(|&b| b == 0), "free block zeroed");
@@ -1071,7 +1039,7 @@ mod tests {
         assert!(others.iter().all(|&b| b == 0xEE), "piece 0 untouched");
         // Zeroed blocks are free again afterwards.
         assert!(storage.claim(b0).is_some());
-        // A block the preparer holds is not handed out; the wait for it is bounded.
+        // A block held for preparing is not handed out; the wait for it is bounded.
         let slot = storage.claims.slot(b0).unwrap();
         slot.store(PREPARING, Ordering::Release);
         assert!(storage.claim(b0).is_none());

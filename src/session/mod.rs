@@ -232,8 +232,6 @@ struct Session {
     own_addrs: Vec<SocketAddr>,
     input_tx: Sender<Input>,
     hash_tx: Option<Sender<PieceIndex>>,
-    /// To the preparer thread: pieces just requested, whose pages it lays down.
-    prepare_tx: Option<Sender<PieceIndex>>,
     tracker_tx: Option<Sender<TrackerCommand>>,
     stats: Arc<Stats>,
     progress: Progress,
@@ -331,25 +329,6 @@ fn spawn_hashers(
     tx
 }
 
-/// The preparer: lays down the page-cache pages of pieces as they are requested (see
-/// [`Storage::prepare`]), so the connection threads receiving their blocks copy into ready
-/// pages instead of taking the page-cache faults themselves. Only a hint: a piece not yet
-/// prepared when its first block arrives is prepared by its receiver.
-fn spawn_preparer(storage: &Arc<Storage>) -> Option<Sender<PieceIndex>> {
-    let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
-    let storage = Arc::clone(storage);
-    thread::Builder::new()
-        .name("preparer".into())
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            for piece in rx {
-                storage.prepare(piece);
-            }
-        })
-        .ok()?;
-    Some(tx)
-}
-
 fn run(
     meta: Metainfo,
     storage: Arc<Storage>,
@@ -410,7 +389,6 @@ fn run(
     let hash_tx = writer
         .as_ref()
         .map(|_| spawn_hashers(&meta, &storage, &input_tx));
-    let prepare_tx = writer.as_ref().and_then(|_| spawn_preparer(&storage));
     let total = geometry.total_len();
     let done = total - picker.bytes_left();
     let mut own_addrs = vec![local];
@@ -474,7 +452,6 @@ fn run(
         own_addrs,
         input_tx,
         hash_tx,
-        prepare_tx,
         tracker_tx: Some(tracker_tx),
         stats,
         progress,
@@ -647,7 +624,6 @@ impl Session {
             let _ = t.send(TrackerCommand::Stop);
         }
         self.hash_tx = None;
-        self.prepare_tx = None;
         for p in self.peers.values() {
             p.send(Command::Shutdown);
         }

@@ -194,16 +194,6 @@ impl Session {
             self.picker
                 .assign_filtered(key, room, &|piece| !rejected.contains_key(&piece))
         };
-        if let Some(tx) = &self.prepare_tx {
-            // Lay down the pieces' pages off the receiving thread, before their blocks come.
-            let mut last = None;
-            for b in &blocks {
-                if last != Some(b.piece) && !self.ctx.storage.is_prepared(b.piece) {
-                    let _ = tx.send(b.piece);
-                }
-                last = Some(b.piece);
-            }
-        }
         if !blocks.is_empty() {
             let p = self.peer_mut(key);
             if outstanding == 0 {
