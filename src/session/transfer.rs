@@ -20,7 +20,7 @@ use crate::tracker::TrackerCommand;
 const MIN_DEPTH: usize = 64;
 const MAX_DEPTH: usize = 256;
 /// Top a pipeline up once this many slots are free, so requests go out in batches.
-const REFILL_BATCH: usize = 8;
+const REFILL_BATCH: usize = 32;
 /// A peer that unchoked us and sent nothing for this long is snubbed (for choking).
 const SNUB_AFTER: Duration = Duration::from_secs(60);
 /// Requests a peer has not answered for this long are handed to others.
