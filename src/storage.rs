@@ -608,15 +608,8 @@ impl Storage {
                         .is_ok()
             }));
             // Zero each run of consecutive held blocks with as few writes as it takes.
-            let mut k = 0;
-            while k < held.len() {
-                let first = held[k];
-                let mut last = first;
-                while k + 1 < held.len() && held[k + 1] == last + 1 {
-                    k += 1;
-                    last = held[k];
-                }
-                k += 1;
+            for run in held.chunk_by(|a, b| b - a == 1) {
+                let (first, last) = (run[0], run[run.len() - 1]);
                 let start = u64::from(first * BLOCK_LEN);
                 let stop = u64::from(((last + 1) * BLOCK_LEN).min(g.piece_len(piece)));
                 self.write_zeros(g.piece_offset(piece) + start, stop - start);
@@ -1045,6 +1038,38 @@ mod tests {
         assert!(storage.claim(b0).is_none());
         slot.store(FREE, Ordering::Release);
         assert!(storage.claim(b0).is_some());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn preparing_zeroes_around_a_written_block() {
+        let dir = tmpdir("prepare-gap");
+        let g = Geometry::new(65536, &[65536], 1).unwrap();
+        let (storage, _w) = Storage::create(&layout(&dir, &["g"]), &g).unwrap();
+        let p0 = g.piece(0).unwrap();
+        let b1 = g.block(p0, 1).unwrap();
+        storage
+            .claim(b1)
+            .unwrap()
+            .fill(&mut &vec![0x11u8; 16384][..])
+            .unwrap();
+        // Stale bytes in the free blocks on either side, then a second preparation.
+        let file = OpenOptions::new().write(true).open(dir.join("g")).unwrap();
+        file.write_all_at(&[0xEE; 16384], 0).unwrap();
+        file.write_all_at(&[0xEE; 32768], 32768).unwrap();
+        storage.claims.populated[0].store(false, Ordering::Relaxed);
+        storage.prepare(p0, None);
+        let mut piece = vec![0; 65536];
+        storage.read(0, &mut piece).unwrap();
+        assert!(piece[..16384].iter().all(|&b| b == 0), "block 0 zeroed");
+        assert!(
+            piece[16384..32768].iter().all(|&b| b == 0x11),
+            "block 1 kept"
+        );
+        assert!(
+            piece[32768..].iter().all(|&b| b == 0),
+            "blocks 2 and 3 zeroed"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
