@@ -42,6 +42,10 @@ use crate::tracker::{NetConfig, Stats, Tracker, TrackerCommand};
 use peers::Peer;
 
 const INPUT_CAPACITY: usize = 1024;
+/// Bytes of complete pieces that may wait for the hashers before the download pauses asking
+/// for more. A piece's pages stay in our resident memory until it is hashed, so when the
+/// hashers fall behind (both cores busy) this, not the torrent's size, bounds the memory.
+const HASH_BACKLOG: u64 = 2 * 1024 * 1024;
 const TICK: Duration = Duration::from_millis(250);
 const RECHOKE_EVERY: Duration = Duration::from_secs(10);
 /// Below this many connections the tracker is asked for more peers early.
@@ -232,6 +236,10 @@ struct Session {
     own_addrs: Vec<SocketAddr>,
     input_tx: Sender<Input>,
     hash_tx: Option<Sender<PieceIndex>>,
+    /// Pieces sent to the hashers and not yet answered.
+    hashing: usize,
+    /// Most pieces let wait for their hash before no new blocks are asked for (see `fill`).
+    max_hashing: usize,
     tracker_tx: Option<Sender<TrackerCommand>>,
     stats: Arc<Stats>,
     progress: Progress,
@@ -390,6 +398,7 @@ fn run(
         .as_ref()
         .map(|_| spawn_hashers(&meta, &storage, &input_tx));
     let total = geometry.total_len();
+    let max_hashing = (HASH_BACKLOG / u64::from(geometry.nominal_piece_len())).max(2) as usize;
     let done = total - picker.bytes_left();
     let mut own_addrs = vec![local];
     if local.ip().is_unspecified() {
@@ -452,6 +461,8 @@ fn run(
         own_addrs,
         input_tx,
         hash_tx,
+        hashing: 0,
+        max_hashing,
         tracker_tx: Some(tracker_tx),
         stats,
         progress,

@@ -166,7 +166,11 @@ impl Session {
     }
 
     /// Tops up `key`'s request pipeline. While choked, only its allowed-fast pieces (BEP 6).
+    /// Not while the hashers are behind: complete pieces wait in resident memory.
     pub(super) fn fill(&mut self, key: PeerKey) {
+        if self.hashing >= self.max_hashing {
+            return;
+        }
         let Some(p) = self.peers.get(&key) else {
             return;
         };
@@ -231,8 +235,11 @@ impl Session {
                         p.send(Command::Cancel(block));
                     }
                 }
-                if piece_complete && let Some(tx) = &self.hash_tx {
-                    let _ = tx.send(block.piece);
+                if piece_complete
+                    && let Some(tx) = &self.hash_tx
+                    && tx.send(block.piece).is_ok()
+                {
+                    self.hashing += 1;
                 }
             }
             BlockOutcome::Duplicate => {}
@@ -265,7 +272,10 @@ impl Session {
     }
 
     pub(super) fn on_hashed(&mut self, piece: PieceIndex, ok: bool) -> Result<(), Error> {
+        let was_paused = self.hashing >= self.max_hashing;
+        self.hashing = self.hashing.saturating_sub(1);
         if !ok {
+            // Refills every pipeline.
             self.on_bad_piece(piece);
             return Ok(());
         }
@@ -287,6 +297,9 @@ impl Session {
         if self.picker.is_complete() && !self.was_complete {
             self.was_complete = true;
             self.on_complete()?;
+        }
+        if was_paused {
+            self.fill_all();
         }
         Ok(())
     }
