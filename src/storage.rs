@@ -1003,6 +1003,16 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Prepares `piece` as if for the first time and returns its bytes.
+    fn prepare_again(storage: &Storage, piece: PieceIndex) -> Vec<u8> {
+        storage.claims.populated[piece.usize()].store(false, Ordering::Relaxed);
+        storage.prepare(piece, None);
+        let g = storage.geometry();
+        let mut bytes = vec![0; g.piece_len(piece) as usize];
+        storage.read(g.piece_offset(piece), &mut bytes).unwrap();
+        bytes
+    }
+
     #[test]
     fn preparing_zeroes_only_blocks_nobody_wrote() {
         let dir = tmpdir("prepare");
@@ -1018,10 +1028,7 @@ mod tests {
         // The first fill prepares the piece (both blocks zeroed), then writes its block.
         storage.claim(b1).unwrap().fill(&mut &data[..]).unwrap();
         // Prepared again (as by another connection racing it): the written block stays.
-        storage.claims.populated[1].store(false, Ordering::Relaxed);
-        storage.prepare(p1, None);
-        let mut piece = vec![0; 32768];
-        storage.read(32768, &mut piece).unwrap();
+        let piece = prepare_again(&storage, p1);
         assert!(piece[..16384].iter().all(|&b| b == 0), "free block zeroed");
         assert!(
             piece[16384..].iter().all(|&b| b == 0x11),
@@ -1057,10 +1064,7 @@ mod tests {
         let file = OpenOptions::new().write(true).open(dir.join("g")).unwrap();
         file.write_all_at(&[0xEE; 16384], 0).unwrap();
         file.write_all_at(&[0xEE; 32768], 32768).unwrap();
-        storage.claims.populated[0].store(false, Ordering::Relaxed);
-        storage.prepare(p0, None);
-        let mut piece = vec![0; 65536];
-        storage.read(0, &mut piece).unwrap();
+        let piece = prepare_again(&storage, p0);
         assert!(piece[..16384].iter().all(|&b| b == 0), "block 0 zeroed");
         assert!(
             piece[16384..32768].iter().all(|&b| b == 0x11),
