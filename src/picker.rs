@@ -15,7 +15,7 @@
 //!   only peers we chose.
 //! - An active piece whose blocks are all `Received` is `hashing`: none of its blocks is
 //!   handed out until the hash result comes back ([`Picker::piece_verified`] /
-//!   [`Picker::piece_failed`]).
+//!   [`Picker::piece_failed`]). `hashing` counts those pieces.
 //! - `availability[p]` is the number of connected peers that have piece `p`.
 //!
 //! # Policy
@@ -105,6 +105,7 @@ pub struct Picker {
     availability: Vec<u32>,
     active: BTreeMap<PieceIndex, Active>,
     untouched: u32,
+    hashing: u32,
     peers: HashMap<PeerKey, PeerState>,
     rng: crate::rng::Rng,
 }
@@ -130,6 +131,7 @@ impl Picker {
         Picker {
             have_count,
             untouched: missing,
+            hashing: 0,
             missing,
             window: None,
             wanted,
@@ -232,6 +234,11 @@ impl Picker {
     /// Whether `peer` has any piece we still want.
     pub fn is_interesting(&self, peer: PeerKey) -> bool {
         self.peers.get(&peer).is_some_and(|p| p.wanted > 0)
+    }
+
+    /// Complete pieces waiting for their hash result.
+    pub fn pieces_hashing(&self) -> usize {
+        self.hashing as usize
     }
 
     pub fn outstanding(&self, peer: PeerKey) -> usize {
@@ -492,7 +499,10 @@ impl Picker {
         }
         active.received += 1;
         let piece_complete = active.received as usize == active.blocks.len();
-        active.hashing |= piece_complete;
+        if piece_complete {
+            active.hashing = true;
+            self.hashing += 1;
+        }
         BlockOutcome::Accepted {
             piece_complete,
             cancel,
@@ -502,9 +512,10 @@ impl Picker {
     /// The piece's hash matched. Returns the peers that this made uninteresting (they have
     /// nothing more we want).
     pub fn piece_verified(&mut self, piece: PieceIndex) -> Vec<PeerKey> {
-        if self.active.remove(&piece).is_none() {
+        let Some(active) = self.active.remove(&piece) else {
             return Vec::new();
-        }
+        };
+        self.hashing -= u32::from(active.hashing);
         self.have[piece.usize()] = true;
         self.have_count += 1;
         if self.wanted[piece.usize()] {
@@ -528,6 +539,7 @@ impl Picker {
         let Some(active) = self.active.remove(&piece) else {
             return Vec::new();
         };
+        self.hashing -= u32::from(active.hashing);
         self.untouched += 1;
         let mut senders: BTreeMap<PeerKey, u32> = BTreeMap::new();
         for b in active.blocks {
@@ -603,6 +615,8 @@ impl Picker {
             })
             .count() as u32;
         assert_eq!(untouched, self.untouched);
+        let hashing = self.active.values().filter(|a| a.hashing).count();
+        assert_eq!(hashing, self.pieces_hashing());
         for (key, state) in &self.peers {
             for b in &state.outstanding {
                 let a = &self.active[&b.piece];
@@ -773,12 +787,15 @@ mod tests {
             }
         );
         // While hashing, nothing of that piece is handed out again.
+        assert_eq!(p.pieces_hashing(), 1);
         let other = p.assign(A, 10);
         assert!(other.iter().all(|b| b.piece != piece));
         for c in receive_all(&mut p, A, &other) {
             p.piece_verified(c);
         }
+        assert_eq!(p.pieces_hashing(), 1);
         assert_eq!(p.piece_failed(piece), vec![(A, 2)]);
+        assert_eq!(p.pieces_hashing(), 0);
         p.check_invariants();
         let again: Vec<_> = p.assign(A, 10);
         assert!(

@@ -7,10 +7,10 @@
 //!   under a [`Claim`]: a per-block right won with one compare-and-swap. A block is free,
 //!   being written by the one claim holder, written, or held for a moment while the piece's
 //!   first block prepares the piece (writes zeros into its free blocks to lay down their
-//!   pages, see `Storage::prepare`); only a free
-//!   block can be claimed, so no two writes overlap and nothing is written into a piece that
-//!   is complete (being hashed) or verified. The reader thread asks for a claim only for blocks it requested, so
-//!   a stranger cannot write into a piece.
+//!   pages, see `Storage::prepare`). Only a free block can be claimed, so no two writes
+//!   overlap and nothing is written into a piece that is complete (being hashed) or
+//!   verified. The reader thread asks for a claim only for blocks it requested, so a
+//!   stranger cannot write into a piece.
 //! - Only the session's [`Writer`] (not `Clone`) turns written blocks back into free ones,
 //!   after a piece fails its hash check, and drops verified pieces' pages.
 //! - Reads (serving peers, verifying) use `pread` on the file descriptors; hashing reads a
@@ -192,13 +192,13 @@ const PREPARE_CHUNK: u32 = 16;
 /// held for tens of microseconds; this only bounds a thread the scheduler put aside.
 const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// The state of every block of a download (free, being written, written), and per piece
-/// whether its pages were faulted in ahead of the first write.
+/// The state of every block of a download (free, being written, written, being prepared), and
+/// per piece whether it was prepared (see `Storage::prepare`).
 #[derive(Debug, Default)]
 struct Claims {
     blocks: Vec<AtomicU8>,
     per_piece: usize,
-    populated: Vec<AtomicBool>,
+    prepared: Vec<AtomicBool>,
 }
 
 impl Claims {
@@ -210,7 +210,7 @@ impl Claims {
                 .map(|_| AtomicU8::new(FREE))
                 .collect(),
             per_piece,
-            populated: (0..pieces).map(|_| AtomicBool::new(false)).collect(),
+            prepared: (0..pieces).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -588,7 +588,7 @@ impl Storage {
     /// waits the few microseconds it takes. Only a hint otherwise: a failed write changes
     /// nothing.
     fn prepare(&self, piece: PieceIndex, own: Option<u32>) {
-        let Some(flag) = self.claims.populated.get(piece.usize()) else {
+        let Some(flag) = self.claims.prepared.get(piece.usize()) else {
             return;
         };
         if flag.load(Ordering::Relaxed) || flag.swap(true, Ordering::Relaxed) {
@@ -1005,7 +1005,7 @@ mod tests {
 
     /// Prepares `piece` as if for the first time and returns its bytes.
     fn prepare_again(storage: &Storage, piece: PieceIndex) -> Vec<u8> {
-        storage.claims.populated[piece.usize()].store(false, Ordering::Relaxed);
+        storage.claims.prepared[piece.usize()].store(false, Ordering::Relaxed);
         storage.prepare(piece, None);
         let g = storage.geometry();
         let mut bytes = vec![0; g.piece_len(piece) as usize];

@@ -236,8 +236,6 @@ struct Session {
     own_addrs: Vec<SocketAddr>,
     input_tx: Sender<Input>,
     hash_tx: Option<Sender<PieceIndex>>,
-    /// Pieces sent to the hashers and not yet answered.
-    hashing: usize,
     /// Most pieces let wait for their hash before no new blocks are asked for (see `fill`).
     max_hashing: usize,
     tracker_tx: Option<Sender<TrackerCommand>>,
@@ -461,7 +459,6 @@ fn run(
         own_addrs,
         input_tx,
         hash_tx,
-        hashing: 0,
         max_hashing,
         tracker_tx: Some(tracker_tx),
         stats,

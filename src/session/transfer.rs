@@ -168,7 +168,7 @@ impl Session {
     /// Tops up `key`'s request pipeline. While choked, only its allowed-fast pieces (BEP 6).
     /// Not while the hashers are behind: complete pieces wait in resident memory.
     pub(super) fn fill(&mut self, key: PeerKey) {
-        if self.hashing >= self.max_hashing {
+        if self.picker.pieces_hashing() >= self.max_hashing {
             return;
         }
         let Some(p) = self.peers.get(&key) else {
@@ -235,11 +235,8 @@ impl Session {
                         p.send(Command::Cancel(block));
                     }
                 }
-                if piece_complete
-                    && let Some(tx) = &self.hash_tx
-                    && tx.send(block.piece).is_ok()
-                {
-                    self.hashing += 1;
+                if piece_complete && let Some(tx) = &self.hash_tx {
+                    let _ = tx.send(block.piece);
                 }
             }
             BlockOutcome::Duplicate => {}
@@ -272,8 +269,7 @@ impl Session {
     }
 
     pub(super) fn on_hashed(&mut self, piece: PieceIndex, ok: bool) -> Result<(), Error> {
-        let was_paused = self.hashing >= self.max_hashing;
-        self.hashing = self.hashing.saturating_sub(1);
+        let was_paused = self.picker.pieces_hashing() >= self.max_hashing;
         if !ok {
             // Refills every pipeline.
             self.on_bad_piece(piece);
