@@ -1604,6 +1604,60 @@ fn poisoned_blocks() {
     });
 }
 
+/// Plays an honest seed for the downloader that dials `listener`: every request answered,
+/// until bitfetch hangs up. Returns the blocks served and the haves it was sent.
+fn fake_seed(swarm: &Swarm, listener: &TcpListener) -> Result<(u32, u32), String> {
+    let mut wire = Wire::new(accept_within(listener, DEADLINE)?);
+    wire.read_handshake(Duration::from_secs(30))?;
+    wire.send(&handshake(&swarm.info_hash, &fake_peer_id(), NO_EXTENSIONS))?;
+    wire.send(&frame(
+        ID_BITFIELD,
+        &full_bitfield(swarm.content.piece_count()),
+    ))?;
+    wire.send(&frame(ID_UNCHOKE, &[]))?;
+    let (mut served, mut haves) = (0, 0);
+    let deadline = Instant::now() + DEADLINE;
+    while let Ok(next) = wire.next(deadline) {
+        match next {
+            Some(Msg::Request { piece, offset, len }) => {
+                let data = swarm
+                    .content
+                    .block(piece, offset, len)
+                    .ok_or("a request outside the torrent")?;
+                if wire.send(&msg_piece(piece, offset, data)).is_err() {
+                    break;
+                }
+                served += 1;
+            }
+            Some(Msg::Have(_)) => haves += 1,
+            Some(_) => {}
+            None => return Err(format!("bitfetch still connected after {DEADLINE:?}")),
+        }
+    }
+    Ok((served, haves))
+}
+
+/// A seed has every piece: a `have` would only cost both ends a wakeup per piece, so it is
+/// sent none (peers that lack pieces do get them: `poisoned_blocks` waits for one).
+#[test]
+fn a_seed_is_sent_no_haves() {
+    let label = "no haves to a seed";
+    let swarm = Swarm::new(PEER_SIZE, label, &[]);
+    let listener = TcpListener::bind((fresh_ip(), 0)).expect("bind the fake seed");
+    let d = swarm.downloader(&[s("--peer"), s(listener.local_addr().expect("local_addr"))]);
+    let (served, haves) = match fake_seed(&swarm, &listener) {
+        Ok(counts) => counts,
+        Err(e) => fail(&format!("{label}: {e}"), &[&d]),
+    };
+    swarm.finish(&d, &[]);
+    let blocks = swarm.content.blocks().len() as u32;
+    assert!(
+        served >= blocks,
+        "{label}: the fake seed served {served} of {blocks} blocks"
+    );
+    assert_eq!(haves, 0, "{label}: the seed was sent {haves} haves");
+}
+
 // =============================================================================================
 // Peers against a seeder
 // =============================================================================================

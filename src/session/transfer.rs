@@ -284,8 +284,13 @@ impl Session {
         self.last_progress = Instant::now();
         self.count_file_progress(piece);
         self.advance_stream();
-        for p in self.peers.values() {
-            p.send(Command::Have(piece));
+        // A seed has every piece: a have would only wake both ends (a write here, a read
+        // there, per piece) to say nothing it can use. Its requests for pieces we never
+        // announced to it are rejected, as they should be.
+        for (key, p) in &self.peers {
+            if !self.picker.peer_is_seed(*key) {
+                p.send(Command::Have(piece));
+            }
         }
         for key in bored {
             self.update_interest(key);
