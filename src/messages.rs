@@ -66,8 +66,8 @@ pub enum PeerEvent {
         block: BlockRef,
         written: bool,
     },
-    /// Bytes of blocks sent to the peer since the last report (one report per socket write,
-    /// not per block).
+    /// Bytes of blocks sent to the peer since the last report: the writer reports once a MiB
+    /// has gone, after 50 ms idle, before each wait under an upload limit, and as it ends.
     Uploaded(u32),
     /// A piece we had verified no longer matches its hash on disk; it was not sent.
     CorruptOnDisk(PieceIndex),
