@@ -54,6 +54,7 @@ impl Choker {
         }
     }
 
+    #[cfg(test)]
     pub fn optimistic(&self) -> Option<PeerKey> {
         self.optimistic
     }

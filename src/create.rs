@@ -11,11 +11,17 @@ use crate::geometry::Geometry;
 use crate::metainfo::MAX_FILES;
 use crate::storage::{Layout, Storage};
 
+/// How `create` makes a torrent. The default: no tracker, an automatic piece length, public,
+/// hashed on every core.
+#[derive(Debug, Clone, Default)]
 pub struct Options {
+    /// Announce URLs, each its own tier.
     pub trackers: Vec<String>,
+    /// A power of two of at least 16 KiB (automatic when `None`).
     pub piece_len: Option<u32>,
     pub private: bool,
     pub comment: Option<String>,
+    /// Hashing threads; 0 means one per core.
     pub threads: usize,
 }
 
@@ -108,7 +114,10 @@ pub fn create(path: &Path, opts: &Options) -> Result<Vec<u8>, Error> {
         .map_err(|e| Error::Usage(e.to_string()))?;
     let storage = Storage::open_existing(&layout, &geometry)?;
     let hashes = storage
-        .hash_all(opts.threads)
+        .hash_all(match opts.threads {
+            0 => crate::engine::cores(),
+            n => n,
+        })
         .map_err(Error::Storage)?
         .concat();
 

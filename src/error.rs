@@ -1,11 +1,10 @@
-//! The fatal, command-level error: what ends a run, with the exit code it maps to. Per-peer
+//! The fatal, command-level error: what ends a run (the CLI maps each to an exit code). Per-peer
 //! trouble never reaches this type; it ends that peer only.
 
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use crate::exit::ExitCode;
 use crate::{metainfo, storage};
 
 #[derive(Debug)]
@@ -34,29 +33,11 @@ pub enum Error {
     Interrupted,
     /// The reader of `-O -` closed the pipe: not a failure (exit 0).
     OutputClosed,
+    /// A thread of ours died on a broken invariant (a bug, not bad input).
+    Internal(&'static str),
 }
 
 impl Error {
-    pub fn exit_code(&self) -> ExitCode {
-        match self {
-            Error::Usage(_) => ExitCode::BadArguments,
-            Error::ReadTorrent { .. } => ExitCode::Io,
-            Error::Torrent { .. } => ExitCode::BadTorrent,
-            Error::Storage(storage::Error::NoSpace { .. }) => ExitCode::DiskFull,
-            Error::Storage(_) => ExitCode::Io,
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                ExitCode::DiskFull
-            }
-            Error::Io { .. } => ExitCode::Io,
-            Error::Incomplete { .. } => ExitCode::Incomplete,
-            Error::NoPeers(_) => ExitCode::NoPeers,
-            Error::Timeout => ExitCode::Timeout,
-            Error::Stalled => ExitCode::Stalled,
-            Error::Interrupted => ExitCode::Interrupted,
-            Error::OutputClosed => ExitCode::Success,
-        }
-    }
-
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
             context: context.into(),
@@ -83,6 +64,7 @@ impl fmt::Display for Error {
             Error::Stalled => write!(f, "no progress for too long (stalled)"),
             Error::Interrupted => write!(f, "interrupted"),
             Error::OutputClosed => write!(f, "standard output was closed"),
+            Error::Internal(what) => write!(f, "internal error: {what}"),
         }
     }
 }

@@ -24,14 +24,16 @@ pub enum Input {
     TrackersFailed,
     /// From the tracker thread, last: it has sent `stopped` (or given up) and ended.
     TrackerDone,
-    /// From the stdout streamer: everything was written.
+    /// From the streamer: everything was written.
     StreamDone,
-    /// From the stdout streamer: the reader went away (e.g. `| head`): a clean end.
+    /// From the streamer: the reader went away (e.g. `| head`): a clean end.
     StreamClosed,
-    /// From the stdout streamer: writing failed otherwise.
+    /// From the streamer: writing failed otherwise.
     StreamFailed(std::io::Error),
     /// From a hasher thread: the result of checking a complete piece.
     Hashed { piece: PieceIndex, ok: bool },
+    /// A helper thread (listener, tracker, hasher, streamer) died on a panic.
+    Panicked(&'static str),
 }
 
 #[derive(Debug)]

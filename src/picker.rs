@@ -111,6 +111,7 @@ pub struct Picker {
 }
 
 impl Picker {
+    #[cfg(any(test, feature = "fuzz"))]
     pub fn new(geometry: Geometry, have: Vec<bool>, seed: u64) -> Picker {
         let n = geometry.piece_count() as usize;
         Picker::with_wanted(geometry, have, vec![true; n], seed)
@@ -147,6 +148,7 @@ impl Picker {
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
+    #[cfg(test)]
     pub fn have(&self, piece: PieceIndex) -> bool {
         self.have[piece.usize()]
     }
@@ -642,6 +644,16 @@ mod tests {
         Picker::new(g, vec![false; pieces as usize], 7)
     }
 
+    /// A picker with two peers, A and B, that have everything.
+    fn two_seeds(pieces: u64) -> Picker {
+        let mut p = picker(pieces);
+        for peer in [A, B] {
+            p.add_peer(peer);
+            p.peer_has_all(peer);
+        }
+        p
+    }
+
     fn receive_all(p: &mut Picker, peer: PeerKey, blocks: &[BlockRef]) -> Vec<PieceIndex> {
         let mut complete = Vec::new();
         for b in blocks {
@@ -750,11 +762,7 @@ mod tests {
 
     #[test]
     fn finishes_started_pieces_before_new_ones() {
-        let mut p = picker(4);
-        p.add_peer(A);
-        p.add_peer(B);
-        p.peer_has_all(A);
-        p.peer_has_all(B);
+        let mut p = two_seeds(4);
         let first = p.assign(A, 1);
         let second = p.assign(B, 1);
         assert_eq!(first[0].piece, second[0].piece);
@@ -814,11 +822,7 @@ mod tests {
 
     #[test]
     fn choke_and_gone_return_blocks() {
-        let mut p = picker(4);
-        p.add_peer(A);
-        p.add_peer(B);
-        p.peer_has_all(A);
-        p.peer_has_all(B);
+        let mut p = two_seeds(4);
         let a = p.assign(A, 4);
         assert_eq!(a.len(), 4);
         assert!(p.assign(B, 4).len() <= 4);
@@ -836,11 +840,7 @@ mod tests {
 
     #[test]
     fn blocks_are_taken_only_from_peers_that_were_asked() {
-        let mut p = picker(4);
-        p.add_peer(A);
-        p.add_peer(B);
-        p.peer_has_all(A);
-        p.peer_has_all(B);
+        let mut p = two_seeds(4);
         let a = p.assign(A, 2);
         // B was never asked for A's blocks: its copy (good or poisoned) is refused.
         assert_eq!(p.block_received(B, a[0], false), BlockOutcome::Unrequested);
@@ -895,11 +895,7 @@ mod tests {
 
     #[test]
     fn endgame_duplicates_and_cancels() {
-        let mut p = picker(1);
-        p.add_peer(A);
-        p.add_peer(B);
-        p.peer_has_all(A);
-        p.peer_has_all(B);
+        let mut p = two_seeds(1);
         let a = p.assign(A, 10);
         assert_eq!(a.len(), 2);
         // Everything is requested: B gets the same blocks (endgame).

@@ -427,6 +427,7 @@ fn spill_slot(
 }
 
 impl Storage {
+    #[cfg(test)]
     /// Opens (creating as needed) every file for download: directories made, space reserved,
     /// files mapped. Existing data is kept; a file larger than the torrent says is refused.
     pub fn create(layout: &Layout, geometry: &Geometry) -> Result<(Arc<Storage>, Writer), Error> {
@@ -661,6 +662,7 @@ impl Storage {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn read_block(&self, block: BlockRef, buf: &mut [u8]) -> Result<(), Error> {
         let offset = self.geometry.piece_offset(block.piece) + u64::from(block.offset);
         self.read(offset, &mut buf[..block.len as usize])
@@ -768,20 +770,6 @@ impl Storage {
             })
             .collect()
     }
-
-    /// True when every file exists with the length the torrent says.
-    pub fn sizes_match(&self) -> bool {
-        self.slots.iter().enumerate().all(|(i, s)| {
-            s.file
-                .as_ref()
-                .and_then(|f| f.metadata().ok())
-                .is_some_and(|m| m.len() == self.geometry.file_len(i))
-        })
-    }
-
-    pub fn file_path(&self, file: usize) -> &Path {
-        &self.slots[file].path
-    }
 }
 
 /// The session's handle on the download's write rights: it settles pieces nobody may write
@@ -849,58 +837,12 @@ impl Writer {
         }
         Ok(())
     }
-
-    pub fn storage(&self) -> &Storage {
-        &self.storage
-    }
 }
 
 fn page_size() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(p).unwrap_or(4096).max(1)
-}
-
-/// Replaces the default SIGBUS crash with a one-line explanation and exit code 4 (I/O error).
-/// Only async-signal-safe calls (`write`, `_exit`) run in the handler.
-pub fn install_sigbus_guard() {
-    extern "C" fn on_sigbus(_: libc::c_int) {
-        const MSG: &[u8] =
-            b"bitfetch: error: a data file shrank or vanished while mapped (SIGBUS); \
-            was it truncated by another program?\n";
-        // SAFETY: write and _exit are async-signal-safe; MSG is a static buffer.
-        unsafe {
-            libc::write(2, MSG.as_ptr().cast(), MSG.len());
-            libc::_exit(4);
-        }
-    }
-    // SAFETY: installs a handler that only calls async-signal-safe functions.
-    unsafe {
-        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
-    }
-}
-
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Turns SIGINT and SIGTERM into a flag the session polls, so a stop is orderly: files flushed,
-/// `stopped` announced. A second signal exits at once. (Process-wide signal code sits here so
-/// that all of bitfetch's `unsafe` stays in this module.)
-pub fn install_stop_handler() {
-    extern "C" fn on_stop(_: libc::c_int) {
-        if STOP.swap(true, Ordering::SeqCst) {
-            // SAFETY: _exit is async-signal-safe.
-            unsafe { libc::_exit(130) };
-        }
-    }
-    // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
-    }
-}
-
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::SeqCst)
 }
 
 /// Drops our page-table entries for the whole pages inside `[at, at + len)` of `map`. Only
@@ -1117,11 +1059,16 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A directory holding one file `a` with `contents`, and a torrent of one 10-byte file.
+    fn one_file(tag: &str, contents: &[u8]) -> (PathBuf, Geometry) {
+        let dir = tmpdir(tag);
+        fs::write(dir.join("a"), contents).unwrap();
+        (dir, Geometry::new(16384, &[10], 1).unwrap())
+    }
+
     #[test]
     fn refuses_to_shrink_a_larger_file() {
-        let dir = tmpdir("larger");
-        fs::write(dir.join("a"), vec![7u8; 100]).unwrap();
-        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let (dir, g) = one_file("larger", &[7u8; 100]);
         let err = Storage::create(&layout(&dir, &["a"]), &g).unwrap_err();
         assert!(matches!(err, Error::LargerThanTorrent { .. }));
         assert_eq!(fs::read(dir.join("a")).unwrap(), vec![7u8; 100]);
@@ -1130,9 +1077,7 @@ mod tests {
 
     #[test]
     fn a_file_changed_after_marking_is_no_longer_trusted() {
-        let dir = tmpdir("stamp");
-        fs::write(dir.join("a"), b"0123456789").unwrap();
-        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let (dir, g) = one_file("stamp", b"0123456789");
         let s = Storage::open_existing(&layout(&dir, &["a"]), &g).unwrap();
         let p = g.piece(0).unwrap();
         assert!(!s.unchanged(p), "nothing is trusted before marking");
@@ -1150,9 +1095,7 @@ mod tests {
 
     #[test]
     fn existing_data_is_kept() {
-        let dir = tmpdir("keep");
-        fs::write(dir.join("a"), b"hello").unwrap();
-        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let (dir, g) = one_file("keep", b"hello");
         let (_s, _w) = Storage::create(&layout(&dir, &["a"]), &g).unwrap();
         assert_eq!(fs::read(dir.join("a")).unwrap(), b"hello\0\0\0\0\0");
         fs::remove_dir_all(&dir).unwrap();

@@ -495,7 +495,7 @@ const KW_ABSOLUTE: &[&str] = &["absolute", "unsafe", "drive", "root"];
 #[test]
 fn control_valid_single_file_torrent_is_accepted() {
     let t = base_torrent();
-    let m = bitfetch::metainfo::Metainfo::from_bytes(&t).expect("the base torrent is valid");
+    let m = bitfetch::Metainfo::from_bytes(&t).expect("the base torrent is valid");
     let h = Harness::new();
     h.set_torrent(&t);
     h.info().assert_success();
@@ -686,7 +686,7 @@ fn depth_bomb_library_child() {
     for (what, doc) in docs {
         let handle = std::thread::Builder::new()
             .stack_size(2 * 1024 * 1024)
-            .spawn(move || bitfetch::metainfo::Metainfo::from_bytes(&doc).is_err())
+            .spawn(move || bitfetch::Metainfo::from_bytes(&doc).is_err())
             .unwrap();
         let is_err = handle.join().expect("parser thread panicked");
         assert!(is_err, "{what}: Metainfo::from_bytes accepted a depth bomb");
@@ -1414,7 +1414,7 @@ fn info_hash_is_sha1_of_the_raw_info_bytes() {
     let torrent = dict_unsorted([("info", raw(&info)), ("announce", bytes(DEAD_TRACKER))]).encode();
     let want: [u8; 20] = Sha1::digest(&info).into();
 
-    let m = bitfetch::metainfo::Metainfo::from_bytes(&torrent)
+    let m = bitfetch::Metainfo::from_bytes(&torrent)
         .expect("an unsorted info dict with an unknown key is still a torrent");
     assert_eq!(
         hex(&m.info_hash),
@@ -1440,6 +1440,6 @@ fn info_hash_is_sha1_of_the_raw_info_bytes() {
 fn info_hash_with_canonical_info() {
     let info = dict(base_info()).encode();
     let want: [u8; 20] = Sha1::digest(&info).into();
-    let m = bitfetch::metainfo::Metainfo::from_bytes(&base_torrent()).unwrap();
+    let m = bitfetch::Metainfo::from_bytes(&base_torrent()).unwrap();
     assert_eq!(m.info_hash, want);
 }

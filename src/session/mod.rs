@@ -11,37 +11,39 @@
 //! table (dialling, duplicates, bans, pruning); `transfer.rs` what flows over connections
 //! (interest, requests, blocks, hashes, choking).
 
+mod peer_table;
 mod peers;
 mod stream;
 mod transfer;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::thread;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::choker::Choker;
-use crate::cli::{self, DownloadArgs, SeedArgs};
+use crate::engine::{Config, Event, NoticeKind, Source, StreamTo, Target};
 use crate::error::Error;
 use crate::geometry::PieceIndex;
 use crate::messages::{Command, Input, PeerEvent};
 use crate::metainfo::Metainfo;
 use crate::peer;
 use crate::picker::{PeerKey, Picker};
-use crate::progress::{Mode, Progress};
 use crate::ratelimit::TokenBucket;
 use crate::rng::{self, Rng};
-use crate::storage::{self, Layout, Storage, Writer};
-use crate::tracker::{NetConfig, Stats, Tracker, TrackerCommand};
+use crate::storage::{Layout, Storage, Writer};
+use crate::tracker::{Stats, Tracker, TrackerCommand};
 
+use peer_table::PeerTable;
 use peers::Peer;
 
-const INPUT_CAPACITY: usize = 1024;
+pub(crate) const INPUT_CAPACITY: usize = 1024;
 /// Bytes of complete pieces that may wait for the hashers before the download pauses asking
 /// for more. A piece's pages stay in our resident memory until it is hashed, so when the
 /// hashers fall behind (both cores busy) this, not the torrent's size, bounds the memory.
@@ -51,170 +53,163 @@ const RECHOKE_EVERY: Duration = Duration::from_secs(10);
 /// Below this many connections the tracker is asked for more peers early.
 const WANT_PEERS: usize = 10;
 
-/// When to stop seeding: whichever limit comes first. No limit means until interrupted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SeedLimits {
-    /// Upload at least `num / den` times the torrent's size.
-    pub ratio: Option<(u64, u64)>,
-    pub time: Option<Duration>,
+/// Everything a run starts from (built by `Engine::start`).
+pub(crate) struct Run {
+    pub source: Source,
+    pub target: Target,
+    pub config: Config,
+    pub events: Sender<Event>,
+    pub stop: Arc<AtomicBool>,
+    pub stats: Arc<Stats>,
+    pub input: (Sender<Input>, Receiver<Input>),
 }
 
-pub struct Config {
-    pub peers: Vec<SocketAddr>,
-    pub port: u16,
-    pub net: NetConfig,
-    pub announce_interval: Option<Duration>,
-    /// Wait for the data to reach stable storage at completion (`--fsync`). Otherwise the
-    /// data is left in the page cache, safe from our own death, and written back by the
-    /// kernel; a restart re-verifies what is on disk either way.
-    pub fsync: bool,
-    /// Keep running after the download completes (until a limit or a signal).
-    pub seed_after: bool,
-    pub seed_limits: SeedLimits,
-    pub max_peers: usize,
-    pub upload_slots: usize,
-    pub max_upload_rate: Option<u64>,
-    pub max_download_rate: Option<u64>,
-    pub timeout: Option<Duration>,
-    pub stall_timeout: Option<Duration>,
-    pub mode: Mode,
-}
-
-/// What a run fetches and where it reports it.
-pub struct Plan {
-    /// Full paths of the files fetched, printed when the download completes.
-    pub paths: Vec<String>,
+/// The storage side of a run, ready for the transfer.
+struct Prepared {
+    storage: Arc<Storage>,
+    /// None when seeding (nothing is written).
+    writer: Option<Writer>,
+    have: Vec<bool>,
     /// Which files are fetched (all when `None`).
-    pub selected: Option<Vec<bool>>,
-    /// Stream this file to stdout, in order.
-    pub stream_file: Option<usize>,
+    selected: Option<Vec<bool>>,
+    /// Full paths of the files fetched, reported when the download completes.
+    paths: Vec<PathBuf>,
+    stream: Option<StreamTo>,
+    /// The file that keeps the boundary bytes of unselected files; removed after success.
+    spill: Option<PathBuf>,
 }
 
-/// Which file `-O -` streams: `--file N`, the only selected file, or the only file.
-fn stream_file(
-    a: &DownloadArgs,
-    meta: &Metainfo,
-    selection: Option<&[bool]>,
-) -> Result<usize, Error> {
-    let n = meta.files.len();
-    if a.json {
-        return Err(Error::Usage(
-            "--json and -O - both want standard output; choose one".into(),
-        ));
-    }
-    if let Some(i) = a.file {
-        return if (1..=n).contains(&i) {
-            Ok(i - 1)
-        } else {
-            Err(Error::Usage(format!(
-                "--file {i}: the torrent has files 1 to {n}"
-            )))
-        };
-    }
-    let candidates: Vec<usize> = (0..n).filter(|&i| selection.is_none_or(|s| s[i])).collect();
-    match candidates[..] {
-        [only] => Ok(only),
-        _ => Err(Error::Usage(
-            "-O - streams one file: pick it with --file N (see --list)".into(),
-        )),
-    }
-}
-
-pub fn download(a: &DownloadArgs) -> Result<(), Error> {
-    let meta = cli::load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
-    if a.list {
-        return cli::list_files(&meta);
-    }
-    let mut config = cli::session_config(&a.options(), a.seeding())?;
-    config.fsync = a.fsync;
-    let streaming = a.streaming()?;
-    let selection = a.selection(&meta)?;
-    let stream = if streaming {
-        Some(stream_file(a, &meta, selection.as_deref())?)
-    } else if a.file.is_some() {
-        return Err(Error::Usage("--file goes with -O - (streaming)".into()));
-    } else {
-        None
-    };
-    let selected = match stream {
-        Some(f) => Some((0..meta.files.len()).map(|i| i == f).collect::<Vec<_>>()),
-        None => selection,
-    };
-    // Streaming without -o keeps the data in a temporary directory, removed at the end.
-    let (dir, temporary) = match (&a.output, streaming) {
-        (Some(d), _) => (d.clone(), false),
-        (None, true) => (
-            std::env::temp_dir().join(format!(
-                "bitfetch-{}-{}",
-                std::process::id(),
-                &meta.info_hash_hex()[..16]
-            )),
-            true,
-        ),
-        (None, false) => (std::path::PathBuf::from("."), false),
-    };
-    storage::install_stop_handler();
-    fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let layout = Layout::in_dir(&dir, &meta);
-    let spill = dir.join(format!(".bitfetch-{}.parts", &meta.info_hash_hex()[..16]));
-    let is_selected = |i: usize| selected.as_ref().is_none_or(|s| s[i]);
-    // Only data that was there before us needs checking; fresh files are all zeros.
-    let resuming = spill.exists()
-        || (0..layout.files.len()).any(|i| {
-            is_selected(i)
-                && fs::symlink_metadata(layout.full_path(i))
-                    .is_ok_and(|m| m.is_file() && m.len() > 0)
-        });
-    let result = (|| {
-        let (storage, writer) = Storage::create_selected(
-            &layout,
-            &meta.geometry,
-            selected.as_deref().map(|s| (s, spill.as_path())),
-        )?;
-        let have = if resuming {
-            storage.verify_all(&meta, cli::threads())
-        } else {
-            vec![false; meta.geometry.piece_count() as usize]
-        };
-        let plan = Plan {
-            paths: (0..layout.files.len())
-                .filter(|&i| is_selected(i) && !streaming)
-                .map(|i| layout.full_path(i).display().to_string())
-                .collect(),
-            selected: selected.clone(),
-            stream_file: stream,
-        };
-        run(meta.clone(), storage, Some(writer), have, plan, config)
-    })();
-    if temporary {
-        let _ = fs::remove_dir_all(&dir);
-    } else if result.is_ok() && selected.is_some() {
+/// The session thread's body: prepares the storage, runs the transfer, shuts down.
+pub(crate) fn run(r: Run) -> Result<(), Error> {
+    let Source::Torrent(meta) = r.source;
+    let prepared = prepare(&meta, r.target, &r.config)?;
+    let spill = prepared.spill.clone();
+    let result = transfer(meta, prepared, r.config, r.events, r.stop, r.stats, r.input);
+    if result.is_ok()
+        && let Some(spill) = spill
+    {
         // The boundary bytes of unselected files have served their purpose.
         let _ = fs::remove_file(&spill);
     }
     result
 }
 
-pub fn seed(a: &SeedArgs) -> Result<(), Error> {
-    let meta = cli::load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
-    let config = cli::session_config(&a.options(), true)?;
-    storage::install_stop_handler();
-    let layout = Layout::for_data_path(&a.data, &meta);
-    let storage = Storage::open_existing(&layout, &meta.geometry)?;
-    let have = storage.verify_all(&meta, cli::threads());
-    let bad = have.iter().filter(|h| !**h).count() as u32;
-    if bad > 0 {
-        return Err(Error::Incomplete {
-            bad,
-            total: have.len() as u32,
-        });
+fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Error> {
+    match target {
+        Target::Download {
+            dir,
+            selected,
+            stream,
+        } => {
+            if let Some(sel) = &selected
+                && sel.len() != meta.files.len()
+            {
+                return Err(Error::Usage(format!(
+                    "the selection names {} files; the torrent has {}",
+                    sel.len(),
+                    meta.files.len()
+                )));
+            }
+            if stream.as_ref().is_some_and(|s| s.file >= meta.files.len()) {
+                return Err(Error::Usage(
+                    "the streamed file is not in the torrent".into(),
+                ));
+            }
+            fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let layout = Layout::in_dir(&dir, meta);
+            let spill = dir.join(format!(".bitfetch-{}.parts", &meta.info_hash_hex()[..16]));
+            let is_selected = |i: usize| selected.as_ref().is_none_or(|s| s[i]);
+            // Only data that was there before us needs checking; fresh files are all zeros.
+            let resuming = spill.exists()
+                || (0..layout.files.len()).any(|i| {
+                    is_selected(i)
+                        && fs::symlink_metadata(layout.full_path(i))
+                            .is_ok_and(|m| m.is_file() && m.len() > 0)
+                });
+            let (storage, writer) = Storage::create_selected(
+                &layout,
+                &meta.geometry,
+                selected.as_deref().map(|s| (s, spill.as_path())),
+            )?;
+            let have = if resuming {
+                storage.verify_all(meta, cfg.hashers)
+            } else {
+                vec![false; meta.geometry.piece_count() as usize]
+            };
+            let paths = (0..layout.files.len())
+                .filter(|&i| is_selected(i) && stream.is_none())
+                .map(|i| layout.full_path(i))
+                .collect();
+            Ok(Prepared {
+                storage,
+                writer: Some(writer),
+                have,
+                spill: selected.is_some().then_some(spill),
+                selected,
+                paths,
+                stream,
+            })
+        }
+        Target::Seed { data } => {
+            let layout = Layout::for_data_path(&data, meta);
+            let storage = Storage::open_existing(&layout, &meta.geometry)?;
+            let have = storage.verify_all(meta, cfg.hashers);
+            let bad = have.iter().filter(|h| !**h).count() as u32;
+            if bad > 0 {
+                return Err(Error::Incomplete {
+                    bad,
+                    total: have.len() as u32,
+                });
+            }
+            Ok(Prepared {
+                storage: Arc::new(storage),
+                writer: None,
+                have,
+                selected: None,
+                paths: Vec::new(),
+                stream: None,
+                spill: None,
+            })
+        }
     }
-    let plan = Plan {
-        paths: Vec::new(),
-        selected: None,
-        stream_file: None,
+}
+
+/// Tells the session that one of its helper threads died on a panic, so the run ends with
+/// an error instead of waiting forever for what that thread would have sent.
+struct PanicReport {
+    tx: Sender<Input>,
+    what: &'static str,
+}
+
+impl Drop for PanicReport {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let _ = self.tx.send(Input::Panicked(self.what));
+        }
+    }
+}
+
+/// Spawns a helper thread of the session whose panic is reported as [`Input::Panicked`].
+fn spawn_reporting(
+    name: &str,
+    what: &'static str,
+    stack: usize,
+    tx: &Sender<Input>,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, Error> {
+    let guard = PanicReport {
+        tx: tx.clone(),
+        what,
     };
-    run(meta, Arc::new(storage), None, have, plan, config)
+    thread::Builder::new()
+        .name(name.into())
+        .stack_size(stack)
+        .spawn(move || {
+            let _guard = guard;
+            body();
+        })
+        .map_err(|e| Error::io(format!("starting the {what} thread"), e))
 }
 
 struct Session {
@@ -224,30 +219,27 @@ struct Session {
     choker: Choker,
     peers: HashMap<PeerKey, Peer>,
     next_key: u64,
-    candidates: VecDeque<SocketAddr>,
-    /// Addresses connected or being dialled.
-    known: HashSet<SocketAddr>,
-    /// Past dial failures: count and when to try again.
-    failures: HashMap<SocketAddr, (u32, Instant)>,
-    banned_ids: HashSet<[u8; 20]>,
-    banned_addrs: HashSet<SocketAddr>,
+    /// Addresses: candidates, back-offs, bans, which are held by connections.
+    table: PeerTable,
     /// Pieces found changed on disk while serving (reported once each).
     corrupt_on_disk: HashSet<PieceIndex>,
-    own_addrs: Vec<SocketAddr>,
     input_tx: Sender<Input>,
     hash_tx: Option<Sender<PieceIndex>>,
     /// Most pieces let wait for their hash before no new blocks are asked for (see `fill`).
     max_hashing: usize,
     tracker_tx: Option<Sender<TrackerCommand>>,
     stats: Arc<Stats>,
-    progress: Progress,
-    /// Full paths of the torrent's files, printed when the download completes.
-    paths: Vec<String>,
-    /// Streaming to stdout (`-O -`), while it lasts.
+    events: Sender<Event>,
+    stop: Arc<AtomicBool>,
+    threads: Helpers,
+    /// Full paths of the torrent's files, reported when the download completes.
+    paths: Vec<PathBuf>,
+    /// Streaming one file (`-O -`), while it lasts.
     stream: Option<stream::Stream>,
-    /// Per file, pieces not yet verified (for `file_completed` events).
+    /// Per file, pieces not yet verified (for `FileCompleted` events).
     files_left: Vec<u32>,
     started: Instant,
+    completed_at: Option<Instant>,
     /// Last time a piece was verified (for `--stall-timeout`).
     last_progress: Instant,
     cfg: Config,
@@ -260,10 +252,36 @@ struct Session {
     /// Every tracker failed its first round (or there is none): peers can only come from
     /// `--peer` and inbound connections.
     trackers_failed: bool,
-    /// The download completed in a run that does not seed: `finished` is reported after the
+    /// The download completed in a run that does not seed: `Finished` is reported after the
     /// shutdown.
     finish_pending: bool,
     last_rechoke: Instant,
+}
+
+/// The session's helper threads, joined at shutdown (see `Session::shutdown`).
+#[derive(Default)]
+struct Helpers {
+    listener: Option<Listener>,
+    hashers: Vec<JoinHandle<()>>,
+    tracker: Option<JoinHandle<()>>,
+    streamer: Option<JoinHandle<()>>,
+}
+
+/// The accepting thread and what wakes it for shutdown.
+struct Listener {
+    thread: JoinHandle<()>,
+    /// The listening socket, shared with the thread: shutting it down wakes `accept`.
+    socket: socket2::Socket,
+    closing: Arc<AtomicBool>,
+}
+
+impl Listener {
+    fn close(self) {
+        self.closing.store(true, Ordering::SeqCst);
+        // On Linux a blocked accept() returns EINVAL once its socket is shut down.
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        let _ = self.thread.join();
+    }
 }
 
 /// Listens on the `--bind` address, or on both IPv4 and IPv6 (one dual-stack socket) when
@@ -271,7 +289,7 @@ struct Session {
 fn bind_listener(cfg: &Config) -> Result<TcpListener, Error> {
     use socket2::{Domain, Socket, Type};
     let fail = |ip: IpAddr, e| Error::io(format!("listening on {ip} port {}", cfg.port), e);
-    if let Some(ip) = cfg.net.bind {
+    if let Some(ip) = cfg.bind {
         return TcpListener::bind((ip, cfg.port)).map_err(|e| fail(ip, e));
     }
     let dual = (|| -> std::io::Result<TcpListener> {
@@ -288,21 +306,43 @@ fn bind_listener(cfg: &Config) -> Result<TcpListener, Error> {
     })
 }
 
-fn spawn_listener(listener: TcpListener, tx: Sender<Input>) {
-    let _ = thread::Builder::new()
-        .name("listener".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(stream) = conn else { continue };
-                let Ok(addr) = stream.peer_addr() else {
-                    continue;
-                };
-                if tx.send(Input::Accepted { stream, addr }).is_err() {
-                    break;
-                }
+/// How long the accept loop pauses after a failed accept (out of file descriptors, say), so
+/// that a failure that repeats does not spin a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+fn spawn_listener(listener: TcpListener, tx: &Sender<Input>) -> Result<Listener, Error> {
+    let socket = socket2::Socket::from(
+        listener
+            .try_clone()
+            .map_err(|e| Error::io("sharing the listening socket", e))?,
+    );
+    let closing = Arc::new(AtomicBool::new(false));
+    let (out, stop) = (tx.clone(), Arc::clone(&closing));
+    let thread = spawn_reporting("listener", "listener", 64 * 1024, tx, move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                break;
             }
-        });
+            let stream = match conn {
+                Ok(s) => s,
+                Err(_) => {
+                    thread::sleep(ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            let Ok(addr) = stream.peer_addr() else {
+                continue;
+            };
+            if out.send(Input::Accepted { stream, addr }).is_err() {
+                break;
+            }
+        }
+    })?;
+    Ok(Listener {
+        thread,
+        socket,
+        closing,
+    })
 }
 
 /// Hasher threads: check complete pieces off the session thread.
@@ -310,39 +350,55 @@ fn spawn_hashers(
     meta: &Arc<Metainfo>,
     storage: &Arc<Storage>,
     out: &Sender<Input>,
-) -> Sender<PieceIndex> {
+    count: usize,
+) -> Result<(Sender<PieceIndex>, Vec<JoinHandle<()>>), Error> {
     let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
-    for i in 0..cli::threads() {
-        let (rx, out, meta, storage) = (
+    let mut threads = Vec::new();
+    for i in 0..count.max(1) {
+        let (rx, tx_out, meta, storage) = (
             rx.clone(),
             out.clone(),
             Arc::clone(meta),
             Arc::clone(storage),
         );
-        let _ = thread::Builder::new()
-            .name(format!("hasher-{i}"))
-            .stack_size(256 * 1024)
-            .spawn(move || {
+        let name = format!("hasher-{i}");
+        threads.push(spawn_reporting(
+            &name,
+            "hasher",
+            256 * 1024,
+            out,
+            move || {
                 let mut scratch = Vec::new();
                 for piece in rx {
                     let ok = storage.piece_matches(piece, meta.piece_hash(piece), &mut scratch);
-                    if out.send(Input::Hashed { piece, ok }).is_err() {
+                    if tx_out.send(Input::Hashed { piece, ok }).is_err() {
                         break;
                     }
                 }
-            });
+            },
+        )?);
     }
-    tx
+    Ok((tx, threads))
 }
 
-fn run(
+fn transfer(
     meta: Metainfo,
-    storage: Arc<Storage>,
-    mut writer: Option<Writer>,
-    have: Vec<bool>,
-    plan: Plan,
+    prepared: Prepared,
     cfg: Config,
+    events: Sender<Event>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+    (input_tx, input_rx): (Sender<Input>, Receiver<Input>),
 ) -> Result<(), Error> {
+    let Prepared {
+        storage,
+        mut writer,
+        have,
+        selected,
+        paths,
+        stream,
+        ..
+    } = prepared;
     let meta = Arc::new(meta);
     let mut rng = Rng::from_os();
     let our_id = rng::peer_id(&mut rng);
@@ -350,12 +406,13 @@ fn run(
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("reading the listening address", e))?;
-
-    let (input_tx, input_rx) = crossbeam_channel::bounded(INPUT_CAPACITY);
-    spawn_listener(listener, input_tx.clone());
+    let mut threads = Helpers {
+        listener: Some(spawn_listener(listener, &input_tx)?),
+        ..Helpers::default()
+    };
 
     let geometry = meta.geometry.clone();
-    let wanted = match &plan.selected {
+    let wanted = match &selected {
         Some(sel) => geometry.pieces_touching(sel),
         None => vec![true; geometry.piece_count() as usize],
     };
@@ -368,7 +425,6 @@ fn run(
         }
     }
     let picker = Picker::with_wanted(geometry.clone(), have, wanted, rng.next_u64());
-    let stats = Arc::new(Stats::default());
     stats.left.store(picker.bytes_left(), Ordering::Relaxed);
 
     let (tracker_tx, tracker_rx) = crossbeam_channel::unbounded();
@@ -379,25 +435,33 @@ fn run(
         port: local.port(),
         stats: Arc::clone(&stats),
         interval_override: cfg.announce_interval,
-        net: cfg.net.clone(),
+        net: cfg.net(),
     };
     {
         let out = input_tx.clone();
-        thread::Builder::new()
-            .name("tracker".into())
-            .spawn(move || {
+        threads.tracker = Some(spawn_reporting(
+            "tracker",
+            "tracker",
+            2 * 1024 * 1024,
+            &input_tx,
+            move || {
                 tracker.run(tracker_rx, &out);
                 let _ = out.send(Input::TrackerDone);
-            })
-            .map_err(|e| Error::io("starting the tracker thread", e))?;
+            },
+        )?);
     }
 
-    let hash_tx = writer
-        .as_ref()
-        .map(|_| spawn_hashers(&meta, &storage, &input_tx));
+    let hash_tx = match &writer {
+        Some(_) => {
+            let (tx, hashers) = spawn_hashers(&meta, &storage, &input_tx, cfg.hashers)?;
+            threads.hashers = hashers;
+            Some(tx)
+        }
+        None => None,
+    };
     let total = geometry.total_len();
     let max_hashing = (HASH_BACKLOG / u64::from(geometry.nominal_piece_len())).max(2) as usize;
-    let done = total - picker.bytes_left();
+    let verified = total - picker.bytes_left();
     let mut own_addrs = vec![local];
     if local.ip().is_unspecified() {
         own_addrs.push(SocketAddr::new(
@@ -410,15 +474,15 @@ fn run(
         ));
     }
     let complete = picker.is_complete();
-    let progress = Progress::new(total, done, cfg.mode, !complete);
-    progress.start(
-        &meta.name,
-        &meta.info_hash_hex(),
-        total,
-        geometry.piece_count(),
-        meta.files.len(),
-    );
-    progress.listening(local);
+    let _ = events.send(Event::Started {
+        name: meta.name.clone(),
+        info_hash: meta.info_hash,
+        size: total,
+        pieces: geometry.piece_count(),
+        files: meta.files.len(),
+        verified,
+    });
+    let _ = events.send(Event::Listening(local));
     let files_left = (0..geometry.file_count())
         .map(|f| {
             geometry
@@ -434,7 +498,7 @@ fn run(
             our_id,
             geometry,
             storage,
-            bind: cfg.net.bind,
+            bind: cfg.bind,
             listen_port: local.port(),
             upload_limit: cfg
                 .max_upload_rate
@@ -450,23 +514,21 @@ fn run(
         choker: Choker::new(cfg.upload_slots, rng.next_u64()),
         peers: HashMap::new(),
         next_key: 0,
-        candidates: cfg.peers.iter().copied().collect(),
-        known: HashSet::new(),
-        failures: HashMap::new(),
-        banned_ids: HashSet::new(),
-        banned_addrs: HashSet::new(),
+        table: PeerTable::new(own_addrs, &cfg.peers),
         corrupt_on_disk: HashSet::new(),
-        own_addrs,
         input_tx,
         hash_tx,
         max_hashing,
         tracker_tx: Some(tracker_tx),
         stats,
-        progress,
-        paths: plan.paths,
+        events,
+        stop,
+        threads,
+        paths,
         stream: None,
         files_left,
         started: Instant::now(),
+        completed_at: None,
         last_progress: Instant::now(),
         downloaded: 0,
         uploaded: 0,
@@ -476,8 +538,8 @@ fn run(
         last_rechoke: Instant::now(),
         cfg,
     };
-    if let Some(file) = plan.stream_file {
-        s.start_stream(file);
+    if let Some(StreamTo { file, out }) = stream {
+        s.start_stream(file, out)?;
     }
     if s.picker.is_complete() {
         // Everything was verified at start-up (a seeder): uploads may trust unchanged files.
@@ -488,6 +550,9 @@ fn run(
     if s.finish_pending && result.is_ok() {
         s.report_finished();
     }
+    // Threads still sending to the session see it gone and end; then they can be joined.
+    drop(input_rx);
+    s.join_helpers();
     result
 }
 
@@ -501,7 +566,7 @@ impl Session {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the session holds a sender"),
             }
-            if storage::stop_requested() {
+            if self.stop.load(Ordering::SeqCst) {
                 return if self.picker.is_complete() {
                     Ok(())
                 } else {
@@ -535,21 +600,16 @@ impl Session {
     }
 
     /// Whether a complete torrent should stop now: at once without `--seed`, else at the first
-    /// seeding limit reached. The ratio is checked in exact integers.
+    /// seeding limit reached.
     fn done_seeding(&self) -> bool {
         if !self.cfg.seed_after {
             return true;
         }
-        let limits = self.cfg.seed_limits;
-        let total = self.picker.geometry().total_len();
-        let ratio_met = limits.ratio.is_some_and(|(num, den)| {
-            u128::from(self.uploaded) * u128::from(den) >= u128::from(total) * u128::from(num)
-        });
-        let time_met = limits
-            .time
-            .zip(self.seeding_since)
-            .is_some_and(|(t, since)| since.elapsed() >= t);
-        ratio_met || time_met
+        self.cfg.seed_limits.reached(
+            self.uploaded,
+            self.picker.geometry().total_len(),
+            self.seeding_since.map(|since| since.elapsed()),
+        )
     }
 
     fn tick(&mut self) {
@@ -580,8 +640,13 @@ impl Session {
             .filter(|k| self.picker.peer_is_seed(**k))
             .count();
         let total = self.picker.geometry().total_len();
-        let done = total - self.stats.left.load(Ordering::Relaxed);
-        self.progress.update(done, total, peers, seeds);
+        let verified = total - self.stats.left.load(Ordering::Relaxed);
+        let _ = self.events.send(Event::Progress(crate::engine::Progress {
+            verified,
+            total,
+            peers,
+            seeds,
+        }));
     }
 
     /// A one-shot download with no answering tracker and no peer, connected or to dial, has
@@ -592,7 +657,7 @@ impl Session {
             && !self.picker.is_complete()
             && !self.cfg.seed_after
             && self.peers.is_empty()
-            && self.candidates.is_empty()
+            && !self.table.has_candidates()
         {
             return Err(Error::NoPeers(
                 "no tracker answered and no peer is known (add --peer HOST:PORT?)".into(),
@@ -606,7 +671,7 @@ impl Session {
             Input::Peer { key, event } => self.on_peer_event(key, event)?,
             Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
             Input::Peers(list) => self.add_candidates(list),
-            Input::TrackerNotice(m) => self.progress.note_kind("tracker_error", &m),
+            Input::TrackerNotice(m) => self.notice(NoticeKind::Tracker, m),
             // The tracker thread ended by itself (a torrent without trackers ends it at
             // once): the shutdown must not wait for it to say so a second time.
             Input::TrackerDone => self.tracker_tx = None,
@@ -617,8 +682,9 @@ impl Session {
             Input::StreamDone => self.stream = None,
             // The reader has all it wants: end cleanly.
             Input::StreamClosed => return Err(Error::OutputClosed),
-            Input::StreamFailed(e) => return Err(Error::io("writing to standard output", e)),
+            Input::StreamFailed(e) => return Err(Error::io("writing the streamed file", e)),
             Input::Hashed { piece, ok } => self.on_hashed(piece, ok)?,
+            Input::Panicked(what) => return Err(Error::Internal(what)),
         }
         Ok(())
     }
@@ -641,7 +707,7 @@ impl Session {
         }
         // Ctrl-C must end the process within 2 s even with a tracker that never answers the
         // `stopped` announce (the signal is seen within one tick).
-        let budget = if storage::stop_requested() {
+        let budget = if self.stop.load(Ordering::SeqCst) {
             1000
         } else {
             1500
@@ -659,12 +725,40 @@ impl Session {
                         let _ = t.join();
                     }
                 }
-                Ok(Input::TrackerNotice(m)) => self.progress.note_kind("tracker_error", &m),
+                Ok(Input::TrackerNotice(m)) => self.notice(NoticeKind::Tracker, m),
                 Ok(Input::TrackerDone) => tracker_running = false,
                 Ok(_) => {}
                 Err(_) => break,
             }
         }
+        if tracker_running {
+            // Stuck in a request past the budget: left to finish (its requests time out) or
+            // to process exit; waiting for it would make Ctrl-C slow.
+            self.threads.tracker = None;
+        }
+    }
+
+    /// Joins the helper threads, once the input channel is closed (so none can block on it).
+    /// A streamer still writing into a pipe nobody reads is left behind, like a stuck tracker.
+    fn join_helpers(&mut self) {
+        if let Some(l) = self.threads.listener.take() {
+            l.close();
+        }
+        for h in self.threads.hashers.drain(..) {
+            let _ = h.join();
+        }
+        for t in [self.threads.tracker.take(), self.threads.streamer.take()]
+            .into_iter()
+            .flatten()
+        {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn notice(&self, kind: NoticeKind, message: String) {
+        let _ = self.events.send(Event::Notice { kind, message });
     }
 }
 

@@ -1,5 +1,6 @@
-//! The session's peer table: dialling candidates with back-off, accepting within the cap,
-//! pruning idle connections, resolving duplicate connections, and bans.
+//! The session's connections: dialling what the peer table offers, accepting within the cap,
+//! pruning idle connections, resolving duplicate connections, and bans. The address rules
+//! themselves are the peer table's (`peer_table.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream};
@@ -9,15 +10,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
+use super::peer_table::{Ended, keep_new_twin};
 use super::{Session, bitfield};
+use crate::engine::NoticeKind;
 use crate::geometry::PieceIndex;
 use crate::messages::{Command, HaveSummary};
 use crate::peer::{self, Dial};
 use crate::picker::PeerKey;
 
-const MAX_DIAL_FAILURES: u32 = 5;
-/// Pause before redialling a peer whose established connection ended.
-const REDIAL_AFTER: Duration = Duration::from_secs(30);
 /// A connection younger than this is not pruned to make room.
 const PRUNE_GRACE: Duration = Duration::from_secs(60);
 /// Blocks nobody asked for before a peer is dropped.
@@ -115,62 +115,45 @@ impl Peer {
     }
 }
 
-/// Of two connections between the same pair of peers, both ends keep the one opened by the
-/// side with the larger peer id, so they agree without talking about it.
-pub fn keep_outbound(our_id: &[u8; 20], their_id: &[u8; 20]) -> bool {
-    our_id > their_id
-}
-
 impl Session {
     pub(super) fn start_peer(&mut self, dial: Dial, addr: SocketAddr, outbound: bool) {
         let key = PeerKey(self.next_key);
         self.next_key += 1;
         match peer::spawn(key, dial, Arc::clone(&self.ctx), self.input_tx.clone()) {
             Ok(thread) => {
-                self.known.insert(addr);
+                if !outbound {
+                    // Dialled addresses are held from the moment they are picked.
+                    self.table.hold(addr);
+                }
                 self.peers.insert(key, Peer::new(addr, outbound, thread));
             }
-            Err(e) => self
-                .progress
-                .note(&format!("cannot start a peer thread: {e}")),
+            Err(e) => {
+                if outbound {
+                    self.table.release(addr);
+                }
+                self.notice(
+                    NoticeKind::Other,
+                    format!("cannot start a peer thread: {e}"),
+                );
+            }
         }
     }
 
     pub(super) fn add_candidates(&mut self, list: Vec<SocketAddr>) {
-        for addr in list {
-            if !self.own_addrs.contains(&addr)
-                && !self.known.contains(&addr)
-                && !self.banned_addrs.contains(&addr)
-                && !self.candidates.contains(&addr)
-            {
-                self.candidates.push_back(addr);
-            }
-        }
+        self.table.add(list);
         self.dial();
     }
 
-    /// Dials candidates while there is room, skipping those in back-off or banned.
+    /// Dials candidates while there is room (the table skips those in back-off or banned).
     pub(super) fn dial(&mut self) {
-        let now = Instant::now();
-        let mut deferred = Vec::new();
-        while self.peers.len() < self.cfg.max_peers {
-            let Some(addr) = self.candidates.pop_front() else {
-                break;
-            };
-            if self.known.contains(&addr) || self.banned_addrs.contains(&addr) {
-                continue;
-            }
-            match self.failures.get(&addr) {
-                Some((n, _)) if *n >= MAX_DIAL_FAILURES => continue,
-                Some((_, retry_at)) if *retry_at > now => deferred.push(addr),
-                _ => self.start_peer(Dial::Outbound(addr), addr, true),
-            }
+        let room = self.cfg.max_peers.saturating_sub(self.peers.len());
+        for addr in self.table.take_dialable(room, Instant::now()) {
+            self.start_peer(Dial::Outbound(addr), addr, true);
         }
-        self.candidates.extend(deferred);
     }
 
     pub(super) fn on_accepted(&mut self, stream: TcpStream, addr: SocketAddr) {
-        if self.banned_addrs.contains(&addr) {
+        if self.table.is_banned(addr) {
             return;
         }
         if self.peers.len() >= self.cfg.max_peers && !self.prune_one() {
@@ -219,16 +202,13 @@ impl Session {
         let Some(p) = self.peers.get(&key) else {
             return;
         };
-        if self.banned_addrs.contains(&p.addr) {
+        if self.table.is_banned(p.addr) {
             // Already banned and on its way out (several of its pieces can fail in a row).
             return;
         }
-        if let Some(id) = p.peer_id {
-            self.banned_ids.insert(id);
-        }
-        self.banned_addrs.insert(p.addr);
-        self.progress
-            .note_kind("peer_banned", &format!("banned peer {}: {why}", p.addr));
+        let addr = p.addr;
+        self.table.ban(addr, p.peer_id);
+        self.notice(NoticeKind::PeerBanned, format!("banned peer {addr}: {why}"));
         self.drop_peer(key);
     }
 
@@ -240,14 +220,14 @@ impl Session {
         fast: bool,
         commands: Sender<Command>,
     ) {
-        self.failures.remove(&addr);
+        self.table.connected(addr);
         {
             let p = self.peer_mut(key);
             p.commands = Some(commands);
             p.peer_id = Some(peer_id);
             p.fast = fast;
         }
-        if self.banned_ids.contains(&peer_id) {
+        if self.table.is_banned_id(&peer_id) {
             self.drop_peer(key);
             return;
         }
@@ -258,14 +238,13 @@ impl Session {
             .map(|(k, p)| (*k, p.outbound));
         if let Some((other, other_outbound)) = twin {
             let this_outbound = self.peers[&key].outbound;
-            let keep_this = if this_outbound == other_outbound {
-                // Twice the same direction (e.g. two addresses of one peer): keep the older.
-                false
+            let keep_this =
+                keep_new_twin(&self.ctx.our_id, &peer_id, this_outbound, other_outbound);
+            let (winner, loser) = if keep_this {
+                (key, other)
             } else {
-                this_outbound == keep_outbound(&self.ctx.our_id, &peer_id)
+                (other, key)
             };
-            let loser = if keep_this { other } else { key };
-            let winner = if keep_this { key } else { other };
             if self.peers[&loser].outbound && !self.peers[&winner].outbound {
                 let dialled = self.peers[&loser].addr;
                 self.set_listen_addr(winner, dialled);
@@ -291,82 +270,39 @@ impl Session {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        if p.outbound || addr == p.addr || addr.port() == 0 {
+        if p.outbound || addr == p.addr || addr.port() == 0 || p.listen_addr == Some(addr) {
             return;
         }
-        // Another live connection may own that address (it is the dialled twin on its way
-        // out); `known` must keep it until that one is gone too.
-        let owned_elsewhere = self
-            .peers
-            .iter()
-            .any(|(k, q)| *k != key && (q.addr == addr || q.listen_addr == Some(addr)));
-        let p = self.peers.get_mut(&key).expect("checked above");
-        if let Some(old) = p.listen_addr.replace(addr)
-            && old != addr
-        {
-            self.known.remove(&old);
+        if let Some(old) = p.listen_addr.replace(addr) {
+            self.table.release(old);
         }
-        if !owned_elsewhere {
-            self.known.insert(addr);
-        }
-        self.candidates.retain(|c| *c != addr);
+        self.table.hold(addr);
     }
 
-    pub(super) fn on_gone(&mut self, key: PeerKey) {
+    /// A connection ended: its addresses are released, its thread joined, and its address
+    /// queued again when that is worth it (see `PeerTable::ended`).
+    pub(super) fn on_gone(&mut self, key: PeerKey, violation: bool) {
         let Some(mut p) = self.peers.remove(&key) else {
             return;
         };
         self.picker.remove_peer(key);
-        // Its addresses are forgotten unless a live connection still has them (the kept twin
-        // of a duplicate has the dialled twin's address as its listening address).
         for addr in std::iter::once(p.addr).chain(p.listen_addr) {
-            let still_held = self
-                .peers
-                .values()
-                .any(|q| q.addr == addr || q.listen_addr == Some(addr));
-            if !still_held {
-                self.known.remove(&addr);
-            }
+            self.table.release(addr);
         }
         if let Some(t) = p.thread.take() {
             let _ = t.join();
         }
-        let redial = p.outbound
-            && !p.dropped_by_us
-            && !self.banned_addrs.contains(&p.addr)
-            && !self.known.contains(&p.addr);
-        if redial && p.peer_id.is_none() {
-            // Never got through the handshake: retry later, a few times.
-            let entry = self.failures.entry(p.addr).or_insert((0, Instant::now()));
-            entry.0 += 1;
-            entry.1 = Instant::now() + Duration::from_secs(5 << entry.0.min(6));
-            self.candidates.push_back(p.addr);
-        } else if redial && !self.picker.is_complete() && !self.candidates.contains(&p.addr) {
-            // A working peer that went away (restarted, or a network blip) may come back:
-            // try it again after a pause, without counting it as a failure.
-            let n = self.failures.get(&p.addr).map_or(0, |f| f.0);
-            self.failures
-                .insert(p.addr, (n, Instant::now() + REDIAL_AFTER));
-            self.candidates.push_back(p.addr);
-        }
+        let how = Ended {
+            outbound: p.outbound,
+            handshaken: p.peer_id.is_some(),
+            dropped_by_us: p.dropped_by_us,
+            violation,
+            complete: self.picker.is_complete(),
+        };
+        self.table.ended(p.addr, how, Instant::now());
         if !p.am_choking {
             self.unchoke_free_slots();
         }
         self.fill_all();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn duplicate_tie_break_is_the_same_on_both_ends() {
-        let a = [1u8; 20];
-        let b = [2u8; 20];
-        // Each end keeps its outbound connection iff its id is larger: exactly one end's
-        // outbound (the same TCP connection) survives.
-        assert_ne!(keep_outbound(&a, &b), keep_outbound(&b, &a));
-        assert!(keep_outbound(&b, &a));
     }
 }

@@ -1,4 +1,4 @@
-//! `-O -`: one file's content to stdout, in order, as pieces verify.
+//! Streaming (`-O -`): one file's content to a writer, in order, as pieces verify.
 //!
 //! The picker works inside a window of pieces just ahead of the stream; the session hands each
 //! verified piece, in order, to a streamer thread that reads the file's share of it back with
@@ -8,11 +8,12 @@
 
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::thread;
+use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 
-use super::Session;
+use super::{Session, spawn_reporting};
+use crate::error::Error;
 use crate::geometry::PieceIndex;
 use crate::messages::Input;
 use crate::storage::Storage;
@@ -33,55 +34,63 @@ pub struct Stream {
 fn spawn_streamer(
     storage: Arc<Storage>,
     range: (u64, u64),
+    mut sink: Box<dyn Write + Send>,
     out: Sender<Input>,
-) -> Sender<PieceIndex> {
+) -> Result<(Sender<PieceIndex>, JoinHandle<()>), Error> {
     let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
-    let _ = thread::Builder::new()
-        .name("stdout".into())
-        .stack_size(128 * 1024)
-        .spawn(move || {
-            let g = storage.geometry().clone();
-            let mut buf = Vec::new();
-            let mut stdout = io::stdout().lock();
-            for piece in rx {
-                let p_start = g.piece_offset(piece);
-                let p_end = p_start + u64::from(g.piece_len(piece));
-                let (start, end) = (p_start.max(range.0), p_end.min(range.1));
-                if end <= start {
-                    continue;
-                }
-                buf.resize((end - start) as usize, 0);
-                let result = storage
-                    .read(start, &mut buf)
-                    .map_err(|e| io::Error::other(e.to_string()))
-                    .and_then(|()| stdout.write_all(&buf));
-                if let Err(e) = result {
-                    let msg = if e.kind() == io::ErrorKind::BrokenPipe {
-                        Input::StreamClosed
-                    } else {
-                        Input::StreamFailed(e)
-                    };
-                    let _ = out.send(msg);
-                    return;
-                }
+    let report = out.clone();
+    let thread = spawn_reporting("stream", "streamer", 128 * 1024, &report, move || {
+        let g = storage.geometry().clone();
+        let mut buf = Vec::new();
+        for piece in rx {
+            let p_start = g.piece_offset(piece);
+            let p_end = p_start + u64::from(g.piece_len(piece));
+            let (start, end) = (p_start.max(range.0), p_end.min(range.1));
+            if end <= start {
+                continue;
             }
-            let msg = match stdout.flush() {
-                Ok(()) => Input::StreamDone,
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Input::StreamClosed,
-                Err(e) => Input::StreamFailed(e),
-            };
-            let _ = out.send(msg);
-        });
-    tx
+            buf.resize((end - start) as usize, 0);
+            let result = storage
+                .read(start, &mut buf)
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|()| sink.write_all(&buf));
+            if let Err(e) = result {
+                let msg = if e.kind() == io::ErrorKind::BrokenPipe {
+                    Input::StreamClosed
+                } else {
+                    Input::StreamFailed(e)
+                };
+                let _ = out.send(msg);
+                return;
+            }
+        }
+        let msg = match sink.flush() {
+            Ok(()) => Input::StreamDone,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Input::StreamClosed,
+            Err(e) => Input::StreamFailed(e),
+        };
+        let _ = out.send(msg);
+    })?;
+    Ok((tx, thread))
 }
 
 impl Session {
-    pub(super) fn start_stream(&mut self, file: usize) {
+    pub(super) fn start_stream(
+        &mut self,
+        file: usize,
+        sink: Box<dyn Write + Send>,
+    ) -> Result<(), Error> {
         let g = self.picker.geometry().clone();
         let range = (g.file_start(file), g.file_start(file) + g.file_len(file));
         let pieces = g.pieces_of_file(file);
         let window = (WINDOW_BYTES / u64::from(g.nominal_piece_len())).max(8) as u32;
-        let tx = spawn_streamer(Arc::clone(&self.ctx.storage), range, self.input_tx.clone());
+        let (tx, thread) = spawn_streamer(
+            Arc::clone(&self.ctx.storage),
+            range,
+            sink,
+            self.input_tx.clone(),
+        )?;
+        self.threads.streamer = Some(thread);
         self.stream = Some(Stream {
             tx: Some(tx),
             next: pieces.start,
@@ -89,6 +98,7 @@ impl Session {
             window,
         });
         self.advance_stream();
+        Ok(())
     }
 
     /// Hands every verified piece at the head of the stream to the streamer, and moves the

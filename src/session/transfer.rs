@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::Session;
 use super::peers::{MAX_HASH_FAILS, MAX_UNREQUESTED, Peer};
 use crate::choker::PeerView;
+use crate::engine::{Event, NoticeKind};
 use crate::error::Error;
 use crate::geometry::{BLOCK_LEN, BlockRef, PieceIndex};
 use crate::messages::{Command, PeerEvent};
@@ -132,12 +133,12 @@ impl Session {
             }
             PeerEvent::CorruptOnDisk(piece) => {
                 if self.corrupt_on_disk.insert(piece) {
-                    self.progress.note_kind("disk_changed", &format!(
+                    self.notice(NoticeKind::DiskChanged, format!(
                         "piece {piece} no longer matches its hash on disk (was the file changed?); not serving it"
                     ));
                 }
             }
-            PeerEvent::Gone { .. } => self.on_gone(key),
+            PeerEvent::Gone { .. } => self.on_gone(key, false),
         }
         Ok(())
     }
@@ -318,7 +319,10 @@ impl Session {
             if self.files_left[f] == 0
                 && let Some(path) = self.paths.get(f)
             {
-                self.progress.file_completed(path, g.file_len(f));
+                let _ = self.events.send(Event::FileCompleted {
+                    path: path.clone(),
+                    size: g.file_len(f),
+                });
             }
         }
     }
@@ -331,9 +335,9 @@ impl Session {
         if let Some(w) = &mut self.writer {
             w.reopen(piece);
         }
-        self.progress.note_kind(
-            "hash_failed",
-            &format!("piece {piece} failed its hash check; fetching it again"),
+        self.notice(
+            NoticeKind::HashFailed,
+            format!("piece {piece} failed its hash check; fetching it again"),
         );
         for (key, count) in senders {
             let Some(p) = self.peers.get_mut(&key) else {
@@ -363,7 +367,7 @@ impl Session {
         if let Some(t) = &self.tracker_tx {
             let _ = t.send(TrackerCommand::Completed);
         }
-        self.progress.mark_complete();
+        self.completed_at.get_or_insert_with(Instant::now);
         self.ctx.storage.mark_known_good();
         if self.cfg.seed_after {
             self.report_finished();
@@ -378,7 +382,13 @@ impl Session {
     pub(super) fn report_finished(&mut self) {
         self.finish_pending = false;
         let uploaded = self.stats.uploaded.load(Ordering::Relaxed);
-        self.progress.finish(self.downloaded, uploaded, &self.paths);
+        let end = self.completed_at.unwrap_or_else(Instant::now);
+        let _ = self.events.send(Event::Finished {
+            downloaded: self.downloaded,
+            uploaded,
+            elapsed: end.duration_since(self.started),
+            paths: self.paths.clone(),
+        });
     }
 
     /// A peer that holds requests but has sent no block for [`REQUEST_TIMEOUT`] is snubbed:

@@ -87,39 +87,24 @@ fn decode_dict(body: &[u8]) -> Result<bencode::Dict, Error> {
     }
 }
 
-/// Compact IPv4 peers: 6 bytes each.
-pub fn compact_v4(b: &[u8]) -> Result<Vec<SocketAddr>, Error> {
-    if !b.len().is_multiple_of(6) {
+/// Compact peers (BEP 23; BEP 7 for IPv6): 6 bytes each for IPv4, 18 for IPv6, the port
+/// last.
+pub fn compact_peers(b: &[u8], v6: bool) -> Result<Vec<SocketAddr>, Error> {
+    let (width, family) = if v6 { (18, " IPv6") } else { (6, "") };
+    if !b.len().is_multiple_of(width) {
         return Err(Error::BadReply(format!(
-            "compact peers of {} bytes, not a multiple of 6",
+            "compact{family} peers of {} bytes, not a multiple of {width}",
             b.len()
         )));
     }
-    Ok(b.chunks_exact(6)
+    Ok(b.chunks_exact(width)
         .map(|c| {
-            SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::new(c[0], c[1], c[2], c[3])),
-                u16::from_be_bytes([c[4], c[5]]),
-            )
-        })
-        .collect())
-}
-
-/// Compact IPv6 peers: 18 bytes each.
-pub fn compact_v6(b: &[u8]) -> Result<Vec<SocketAddr>, Error> {
-    if !b.len().is_multiple_of(18) {
-        return Err(Error::BadReply(format!(
-            "compact IPv6 peers of {} bytes, not a multiple of 18",
-            b.len()
-        )));
-    }
-    Ok(b.chunks_exact(18)
-        .map(|c| {
-            let ip: [u8; 16] = c[..16].try_into().expect("18-byte chunk");
-            SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(ip)),
-                u16::from_be_bytes([c[16], c[17]]),
-            )
+            let (ip, port) = c.split_at(width - 2);
+            let ip = match <[u8; 16]>::try_from(ip) {
+                Ok(v6) => IpAddr::V6(Ipv6Addr::from(v6)),
+                Err(_) => IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])),
+            };
+            SocketAddr::new(ip, u16::from_be_bytes([port[0], port[1]]))
         })
         .collect())
 }
@@ -131,14 +116,14 @@ pub fn parse_reply(body: &[u8]) -> Result<Reply, Error> {
         return Err(Error::Failure(reason));
     }
     let mut peers = match bencode::get(&d, "peers") {
-        Some(Value::ByteStr(b)) => compact_v4(b)?,
+        Some(Value::ByteStr(b)) => compact_peers(b, false)?,
         // Dictionary peers: entries that are not well-formed are skipped, not fatal.
         Some(Value::List(list)) => list.iter().filter_map(dict_peer).collect(),
         Some(_) => return Err(Error::BadReply("`peers` has the wrong type".into())),
         None => Vec::new(),
     };
     if let Some(b) = bencode::get_bytes(&d, "peers6") {
-        peers.extend(compact_v6(b)?);
+        peers.extend(compact_peers(b, true)?);
     }
     let count = |k| bencode::get_int(&d, k).and_then(|v| u64::try_from(v).ok());
     Ok(Reply {
@@ -304,24 +289,21 @@ mod tests {
             Err(Error::Failure(m)) if m == "denied"
         ));
         assert!(matches!(parse_reply(b"<html>"), Err(Error::BadReply(m)) if m.contains("HTML")));
-        assert!(matches!(
-            parse_reply(b"d5:peers5:abcdee"),
-            Err(Error::BadReply(_))
-        ));
-        assert!(matches!(
-            parse_reply(b"d6:peers65:abcdee"),
-            Err(Error::BadReply(_))
-        ));
-        assert!(matches!(parse_reply(b"li1ee"), Err(Error::BadReply(_))));
-        assert!(matches!(
-            parse_reply(b"d5:peersi1ee"),
-            Err(Error::BadReply(_))
-        ));
-        assert!(matches!(
-            parse_reply(b"d8:intervali-5e"),
-            Err(Error::BadReply(_))
-        ));
-        assert!(matches!(parse_reply(b""), Err(Error::BadReply(_))));
+        let bad: [&[u8]; 6] = [
+            b"d5:peers5:abcdee",
+            b"d6:peers65:abcdee",
+            b"li1ee",
+            b"d5:peersi1ee",
+            b"d8:intervali-5e",
+            b"",
+        ];
+        for reply in bad {
+            assert!(
+                matches!(parse_reply(reply), Err(Error::BadReply(_))),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+        }
         let r = parse_reply(b"d8:intervali-5ee").unwrap();
         assert_eq!(r.interval, MIN_INTERVAL);
         let r = parse_reply(b"d8:intervali0ee").unwrap();

@@ -270,6 +270,7 @@ impl Tiers {
         self.0[at.0].insert(0, url);
     }
 
+    #[cfg(test)]
     pub fn first(&self) -> Option<&str> {
         self.0.first().and_then(|t| t.first()).map(String::as_str)
     }

@@ -9,7 +9,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
-use super::http::{compact_v4, compact_v6};
+use super::http::compact_peers;
 use super::{Announce, AnnounceEvent, Error, Reply, ScrapeInfo, clamp_interval, finish_peers};
 use crate::rng::Rng;
 
@@ -116,12 +116,7 @@ pub fn parse_announce(body: &[u8], ipv6: bool) -> Result<Reply, Error> {
     if body.len() < 12 {
         return Err(Error::BadReply("short announce reply".into()));
     }
-    let peers = &body[12..];
-    let peers = if ipv6 {
-        compact_v6(peers)?
-    } else {
-        compact_v4(peers)?
-    };
+    let peers = compact_peers(&body[12..], ipv6)?;
     Ok(Reply {
         peers: finish_peers(peers),
         interval: clamp_interval(i64::from(u32_at(body, 0))),

@@ -38,3 +38,26 @@ Exit codes:
   7    --timeout reached
   8    --stall-timeout reached
   130  interrupted (SIGINT/SIGTERM before completion)";
+
+/// The exit code a failed command ends with.
+pub fn of(e: &crate::error::Error) -> ExitCode {
+    use crate::error::Error;
+    use crate::storage;
+    match e {
+        Error::Usage(_) => ExitCode::BadArguments,
+        Error::ReadTorrent { .. } => ExitCode::Io,
+        Error::Torrent { .. } => ExitCode::BadTorrent,
+        Error::Storage(storage::Error::NoSpace { .. }) => ExitCode::DiskFull,
+        Error::Storage(_) => ExitCode::Io,
+        Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            ExitCode::DiskFull
+        }
+        Error::Io { .. } | Error::Internal(_) => ExitCode::Io,
+        Error::Incomplete { .. } => ExitCode::Incomplete,
+        Error::NoPeers(_) => ExitCode::NoPeers,
+        Error::Timeout => ExitCode::Timeout,
+        Error::Stalled => ExitCode::Stalled,
+        Error::Interrupted => ExitCode::Interrupted,
+        Error::OutputClosed => ExitCode::Success,
+    }
+}

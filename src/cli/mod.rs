@@ -1,4 +1,11 @@
-//! Command-line arguments, and the commands that need no network (`info`, `create`, `verify`).
+//! The command line: arguments, the commands, exit codes. The only part of bitfetch that
+//! prints, reads argv or handles signals; it drives the engine through its public API, and
+//! nothing below it imports it.
+
+pub mod exit;
+mod render;
+pub mod signals;
+mod transfer;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -7,15 +14,16 @@ use std::path::{Path, PathBuf};
 
 use argh::FromArgs;
 
+use crate::create;
 use crate::error::Error;
 use crate::json;
 use crate::metainfo::{self, Metainfo};
 use crate::path_safety::escape;
-use crate::progress::Mode;
 use crate::storage::{Layout, Storage};
 use crate::tracker::{self, NetConfig};
-use crate::{create, session};
 use std::time::Duration;
+
+pub use render::stderr_line;
 
 #[derive(FromArgs, Debug)]
 /// bitfetch: a one-shot BitTorrent downloader and seeder.
@@ -88,6 +96,64 @@ pub struct VerifyArgs {
     pub data: PathBuf,
 }
 
+/// Declares a command struct with the options `download` and `seed` share after its own
+/// (argh has no flattening of option groups).
+macro_rules! with_session_options {
+    ($(#[$meta:meta])* pub struct $name:ident { $($own:tt)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($own)*
+            /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
+            #[argh(option)]
+            pub peer: Vec<String>,
+            /// port to listen on for incoming peers (default 6881; 0 picks any free port)
+            #[argh(option, default = "6881")]
+            pub port: u16,
+            /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
+            #[argh(option)]
+            pub bind: Option<IpAddr>,
+            /// PEM file of certificate authorities to trust for HTTPS trackers (default: built-in
+            /// roots, or $SSL_CERT_FILE)
+            #[argh(option)]
+            pub ca_file: Option<PathBuf>,
+            /// seconds between announces, overriding the tracker's interval
+            #[argh(option)]
+            pub announce_interval: Option<u64>,
+            /// most peers to be connected to at once (default 50)
+            #[argh(option, default = "50")]
+            pub max_peers: usize,
+            /// regular upload slots; one optimistic slot comes on top (default 4)
+            #[argh(option, default = "4")]
+            pub upload_slots: usize,
+            /// upload limit in bytes per second, e.g. 500K or 2M (default: none)
+            #[argh(option)]
+            pub max_upload_rate: Option<String>,
+            /// download limit in bytes per second, e.g. 500K or 2M (default: none)
+            #[argh(option)]
+            pub max_download_rate: Option<String>,
+            /// stop seeding once uploaded bytes reach this multiple of the torrent size, e.g. 1.5
+            #[argh(option)]
+            pub seed_ratio: Option<String>,
+            /// stop seeding after this long, e.g. 90s, 30m, 2h
+            #[argh(option)]
+            pub seed_time: Option<String>,
+            /// give up (exit 7) if the whole run takes longer than this, e.g. 10m
+            #[argh(option)]
+            pub timeout: Option<String>,
+            /// give up (exit 8) if no piece is verified for this long, e.g. 2m
+            #[argh(option)]
+            pub stall_timeout: Option<String>,
+            /// newline-delimited JSON events on stdout instead of text (see the README)
+            #[argh(switch)]
+            pub json: bool,
+            /// no progress output; errors only
+            #[argh(switch, short = 'q')]
+            pub quiet: bool,
+        }
+    };
+}
+
+with_session_options! {
 #[derive(FromArgs, Debug)]
 /// Download a torrent, then exit (or keep seeding with --seed).
 #[argh(subcommand, name = "download")]
@@ -125,54 +191,10 @@ pub struct DownloadArgs {
     /// wait until the data is on stable storage before reporting success (msync)
     #[argh(switch)]
     pub fsync: bool,
-    /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
-    #[argh(option)]
-    pub peer: Vec<String>,
-    /// port to listen on for incoming peers (default 6881; 0 picks any free port)
-    #[argh(option, default = "6881")]
-    pub port: u16,
-    /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
-    #[argh(option)]
-    pub bind: Option<IpAddr>,
-    /// PEM file of certificate authorities to trust for HTTPS trackers (default: built-in
-    /// roots, or $SSL_CERT_FILE)
-    #[argh(option)]
-    pub ca_file: Option<PathBuf>,
-    /// seconds between announces, overriding the tracker's interval
-    #[argh(option)]
-    pub announce_interval: Option<u64>,
-    /// most peers to be connected to at once (default 50)
-    #[argh(option, default = "50")]
-    pub max_peers: usize,
-    /// regular upload slots; one optimistic slot comes on top (default 4)
-    #[argh(option, default = "4")]
-    pub upload_slots: usize,
-    /// upload limit in bytes per second, e.g. 500K or 2M (default: none)
-    #[argh(option)]
-    pub max_upload_rate: Option<String>,
-    /// download limit in bytes per second, e.g. 500K or 2M (default: none)
-    #[argh(option)]
-    pub max_download_rate: Option<String>,
-    /// stop seeding once uploaded bytes reach this multiple of the torrent size, e.g. 1.5
-    #[argh(option)]
-    pub seed_ratio: Option<String>,
-    /// stop seeding after this long, e.g. 90s, 30m, 2h
-    #[argh(option)]
-    pub seed_time: Option<String>,
-    /// give up (exit 7) if the whole run takes longer than this, e.g. 10m
-    #[argh(option)]
-    pub timeout: Option<String>,
-    /// give up (exit 8) if no piece is verified for this long, e.g. 2m
-    #[argh(option)]
-    pub stall_timeout: Option<String>,
-    /// newline-delimited JSON events on stdout instead of text (see the README)
-    #[argh(switch)]
-    pub json: bool,
-    /// no progress output; errors only
-    #[argh(switch, short = 'q')]
-    pub quiet: bool,
+}
 }
 
+with_session_options! {
 #[derive(FromArgs, Debug)]
 /// Seed existing data (verified first) until interrupted.
 #[argh(subcommand, name = "seed")]
@@ -183,52 +205,7 @@ pub struct SeedArgs {
     /// the directory holding the content, or the file itself for a single-file torrent
     #[argh(positional)]
     pub data: PathBuf,
-    /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
-    #[argh(option)]
-    pub peer: Vec<String>,
-    /// port to listen on for incoming peers (default 6881; 0 picks any free port)
-    #[argh(option, default = "6881")]
-    pub port: u16,
-    /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
-    #[argh(option)]
-    pub bind: Option<IpAddr>,
-    /// PEM file of certificate authorities to trust for HTTPS trackers (default: built-in
-    /// roots, or $SSL_CERT_FILE)
-    #[argh(option)]
-    pub ca_file: Option<PathBuf>,
-    /// seconds between announces, overriding the tracker's interval
-    #[argh(option)]
-    pub announce_interval: Option<u64>,
-    /// most peers to be connected to at once (default 50)
-    #[argh(option, default = "50")]
-    pub max_peers: usize,
-    /// regular upload slots; one optimistic slot comes on top (default 4)
-    #[argh(option, default = "4")]
-    pub upload_slots: usize,
-    /// upload limit in bytes per second, e.g. 500K or 2M (default: none)
-    #[argh(option)]
-    pub max_upload_rate: Option<String>,
-    /// download limit in bytes per second, e.g. 500K or 2M (default: none)
-    #[argh(option)]
-    pub max_download_rate: Option<String>,
-    /// stop seeding once uploaded bytes reach this multiple of the torrent size, e.g. 1.5
-    #[argh(option)]
-    pub seed_ratio: Option<String>,
-    /// stop seeding after this long, e.g. 90s, 30m, 2h
-    #[argh(option)]
-    pub seed_time: Option<String>,
-    /// give up (exit 7) if the whole run takes longer than this, e.g. 10m
-    #[argh(option)]
-    pub timeout: Option<String>,
-    /// give up (exit 8) if no piece is verified for this long, e.g. 2m
-    #[argh(option)]
-    pub stall_timeout: Option<String>,
-    /// newline-delimited JSON events on stdout instead of text (see the README)
-    #[argh(switch)]
-    pub json: bool,
-    /// no progress output; errors only
-    #[argh(switch, short = 'q')]
-    pub quiet: bool,
+}
 }
 
 #[derive(FromArgs, Debug)]
@@ -249,7 +226,51 @@ pub struct ScrapeArgs {
     pub ca_file: Option<PathBuf>,
 }
 
-pub fn run(args: Args) -> Result<(), Error> {
+/// The program: arguments from argv, the command run, its outcome as an exit code.
+pub fn main() -> std::process::ExitCode {
+    use std::process::ExitCode as Code;
+    let argv: Vec<String> = std::env::args().collect();
+    let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (cmd, rest) = strs
+        .split_first()
+        .map_or(("bitfetch", &[][..]), |(c, r)| (*c, r));
+    let cmd = Path::new(cmd)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("bitfetch");
+    let rest = lone_dash_last(rest);
+    let args = match Args::from_args(&[cmd], &rest) {
+        Ok(a) => a,
+        Err(early) => {
+            return if early.status.is_ok() {
+                // A reader that closed the pipe (`| head`) has what it wanted.
+                let _ = writeln!(
+                    std::io::stdout().lock(),
+                    "{}\n\n{}",
+                    early.output,
+                    exit::TABLE
+                );
+                Code::SUCCESS
+            } else {
+                stderr_line(&format!(
+                    "{}\nRun 'bitfetch --help' for usage.",
+                    early.output.trim_end()
+                ));
+                Code::from(exit::ExitCode::BadArguments.code())
+            };
+        }
+    };
+    signals::install_sigbus_guard();
+    match run(args) {
+        Ok(()) => Code::SUCCESS,
+        Err(e) => {
+            stderr_line(&format!("bitfetch: error: {e}"));
+            Code::from(exit::of(&e).code())
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Error> {
     let json = match &args.command {
         Command::Download(a) => a.json,
         Command::Seed(a) => a.json,
@@ -261,10 +282,8 @@ pub fn run(args: Args) -> Result<(), Error> {
         other => other,
     };
     if json && let Err(e) = &result {
-        println!(
-            "{}",
-            crate::progress::json_error(e.exit_code().code(), &e.to_string())
-        );
+        let line = render::json_error(exit::of(e).code(), &e.to_string());
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
     }
     result
 }
@@ -274,8 +293,8 @@ fn dispatch(args: Args) -> Result<(), Error> {
         Command::Info(a) => info(&a),
         Command::Create(a) => create_cmd(&a),
         Command::Verify(a) => verify(&a),
-        Command::Download(a) => session::download(&a),
-        Command::Seed(a) => session::seed(&a),
+        Command::Download(a) => transfer::download(&a),
+        Command::Seed(a) => transfer::seed(&a),
         Command::Scrape(a) => scrape(&a),
     }
 }
@@ -338,11 +357,8 @@ enum FetchError {
 }
 
 /// GETs a .torrent: certificates verified, 60 s overall, body capped at the metainfo limit.
-fn fetch_torrent(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, FetchError> {
-    let ca = ca_file
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from));
-    let agent = crate::http::agent(Duration::from_secs(60), None, ca.as_deref())
+fn fetch_torrent(url: &str, ca: Option<&Path>) -> Result<Vec<u8>, FetchError> {
+    let agent = crate::http::agent(Duration::from_secs(60), None, ca_file(ca).as_deref())
         .map_err(|e| FetchError::Other(e.to_string()))?;
     let mut resp = crate::http::get(&agent, url).map_err(|e| FetchError::Other(e.to_string()))?;
     let status = resp.status().as_u16();
@@ -581,70 +597,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s}: duration too long"))
 }
 
-pub fn session_config(o: &SessionOptions, seed_after: bool) -> Result<session::Config, Error> {
-    let rate = |r: Option<&str>| -> Result<Option<u64>, Error> {
-        r.map(|r| crate::ratelimit::parse_rate(r).map_err(Error::Usage))
-            .transpose()
-    };
-    if o.max_peers == 0 {
-        return Err(Error::Usage("--max-peers must be at least 1".into()));
-    }
-    Ok(session::Config {
-        peers: parse_peers(o.peer)?,
-        port: o.port,
-        net: net_config(o.bind, o.ca_file),
-        announce_interval: o.announce_interval.map(|s| Duration::from_secs(s.max(1))),
-        seed_after,
-        fsync: false,
-        seed_limits: session::SeedLimits {
-            ratio: o
-                .seed_ratio
-                .map(parse_ratio)
-                .transpose()
-                .map_err(Error::Usage)?,
-            time: o
-                .seed_time
-                .map(parse_duration)
-                .transpose()
-                .map_err(Error::Usage)?,
-        },
-        max_peers: o.max_peers,
-        upload_slots: o.upload_slots,
-        max_upload_rate: rate(o.max_upload_rate)?,
-        max_download_rate: rate(o.max_download_rate)?,
-        timeout: o
-            .timeout
-            .map(parse_duration)
-            .transpose()
-            .map_err(Error::Usage)?,
-        stall_timeout: o
-            .stall_timeout
-            .map(parse_duration)
-            .transpose()
-            .map_err(Error::Usage)?,
-        mode: if o.json {
-            Mode::Json
-        } else if o.quiet {
-            Mode::Quiet
-        } else {
-            Mode::Human
-        },
-    })
-}
-
-/// Tracker network settings from the command line, with `SSL_CERT_FILE` as the CA fallback.
-pub fn net_config(bind: Option<IpAddr>, ca_file: Option<&Path>) -> NetConfig {
-    NetConfig {
-        bind,
-        ca_file: ca_file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from)),
-    }
+/// `--ca-file`, with `SSL_CERT_FILE` as the fallback.
+fn ca_file(arg: Option<&Path>) -> Option<PathBuf> {
+    arg.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from))
 }
 
 fn scrape(a: &ScrapeArgs) -> Result<(), Error> {
     let m = load_torrent(&a.torrent)?;
-    let net = net_config(a.bind, a.ca_file.as_deref());
+    let net = NetConfig {
+        bind: a.bind,
+        ca_file: ca_file(a.ca_file.as_deref()),
+    };
     let mut client = tracker::Client::new(&net, Duration::from_secs(15))
         .map_err(|e| Error::Usage(e.to_string()))?;
     let urls: Vec<&String> = m.trackers.iter().flatten().collect();
@@ -693,10 +657,6 @@ fn scrape(a: &ScrapeArgs) -> Result<(), Error> {
     } else {
         Err(Error::NoPeers("no tracker answered the scrape".into()))
     }
-}
-
-pub fn threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -810,7 +770,7 @@ fn create_cmd(a: &CreateArgs) -> Result<(), Error> {
         piece_len: a.piece_length,
         private: a.private,
         comment: a.comment.clone(),
-        threads: threads(),
+        threads: 0,
     };
     let bytes = create::create(&a.path, &opts)?;
     // Re-parse what we made: the same strict checks every reader applies.
@@ -823,7 +783,7 @@ fn create_cmd(a: &CreateArgs) -> Result<(), Error> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.torrent", meta.name)));
     fs::write(&out, &bytes).map_err(|e| Error::io(format!("writing {}", out.display()), e))?;
-    crate::progress::stderr_line(&format!(
+    render::stderr_line(&format!(
         "bitfetch: created {} ({} in {} pieces, info hash {})",
         out.display(),
         human_bytes(meta.total_len()),
@@ -837,7 +797,7 @@ fn verify(a: &VerifyArgs) -> Result<(), Error> {
     let m = load_torrent(&a.torrent)?;
     let layout = Layout::for_data_path(&a.data, &m);
     let storage = Storage::open_existing(&layout, &m.geometry)?;
-    let results = storage.verify_all(&m, threads());
+    let results = storage.verify_all(&m, crate::engine::cores());
     let bad: Vec<usize> = results
         .iter()
         .enumerate()

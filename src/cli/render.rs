@@ -1,5 +1,5 @@
-//! The one owner of the terminal and of stdout during a transfer. Only the session thread
-//! calls it.
+//! The one owner of the terminal and of stdout during a transfer: the engine's events, drawn
+//! for people or written as JSON. Only the CLI's main thread calls it.
 //!
 //! Three modes:
 //! - a person at a terminal: a progress bar on stderr, notes above it, a summary at the end;
@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use pbr::{ProgressBar, Units};
 
-use crate::cli::human_bytes;
+use super::human_bytes;
+use crate::engine::{Event, NoticeKind};
 use crate::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,46 +25,64 @@ pub enum Mode {
     Json,
 }
 
-pub struct Progress {
+pub struct Render {
     bar: Option<ProgressBar<Stderr>>,
     mode: Mode,
-    started: Instant,
     last_draw: Instant,
     last_json: Instant,
     /// (time, bytes) at the previous JSON progress event, for its rate.
     last_sample: (Instant, u64),
-    /// When the data was complete; `finish` may be called a little later (after shutdown).
-    completed_at: Option<Instant>,
 }
 
 /// Progress events in JSON mode come at this steady interval.
 const JSON_INTERVAL: Duration = Duration::from_secs(1);
 
-impl Progress {
-    pub fn new(total: u64, done: u64, mode: Mode, show_bar: bool) -> Progress {
-        let bar = (mode == Mode::Human && show_bar && std::io::stderr().is_terminal()).then(|| {
-            let mut pb = ProgressBar::on(std::io::stderr(), total);
-            pb.set_units(Units::Bytes);
-            pb.set_max_refresh_rate(Some(Duration::from_millis(200)));
-            pb.show_speed = true;
-            pb.show_time_left = true;
-            pb.set(done);
-            pb
-        });
+impl Render {
+    pub fn new(mode: Mode) -> Render {
         let now = Instant::now();
-        Progress {
-            bar,
+        Render {
+            bar: None,
             mode,
-            started: now,
-            completed_at: None,
             last_draw: now,
             last_json: now,
-            last_sample: (now, done),
+            last_sample: (now, 0),
         }
     }
 
-    pub fn mode(&self) -> Mode {
-        self.mode
+    /// Shows one event of the engine.
+    pub fn event(&mut self, event: &Event) {
+        match event {
+            Event::Started {
+                name,
+                info_hash,
+                size,
+                pieces,
+                files,
+                verified,
+            } => self.start(name, info_hash, *size, *pieces, *files, *verified),
+            Event::Listening(addr) => self.listening(*addr),
+            Event::Progress(p) => self.update(p.verified, p.total, p.peers, p.seeds),
+            Event::FileCompleted { path, size } => {
+                self.file_completed(&path.display().to_string(), *size)
+            }
+            Event::Notice { kind, message } => self.note_kind(json_kind(*kind), message),
+            Event::Finished {
+                downloaded,
+                uploaded,
+                elapsed,
+                paths,
+            } => self.finish(*downloaded, *uploaded, *elapsed, paths),
+            // Events of later versions of the engine are not ours to show.
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+
+    /// The run ended (with or without `Finished`): a bar left open is closed.
+    pub fn close(&mut self) {
+        if let Some(mut pb) = self.bar.take() {
+            pb.finish_print("");
+        }
     }
 
     fn emit(&self, line: &str) {
@@ -73,18 +92,41 @@ impl Progress {
         let _ = out.flush();
     }
 
-    pub fn start(&self, name: &str, info_hash: &str, size: u64, pieces: u32, files: usize) {
+    fn start(
+        &mut self,
+        name: &str,
+        info_hash: &[u8; 20],
+        size: u64,
+        pieces: u32,
+        files: usize,
+        verified: u64,
+    ) {
+        let now = Instant::now();
+        self.last_sample = (now, verified);
+        self.last_json = now;
         if self.mode == Mode::Json {
+            let info_hash: String = info_hash.iter().map(|b| format!("{b:02x}")).collect();
             self.emit(&format!(
                 "{{\"event\":\"start\",\"name\":{},\"info_hash\":\"{info_hash}\",\"size\":{size},\"pieces\":{pieces},\"files\":{files}}}",
                 json::string(name)
             ));
         }
+        // No bar for data that is complete already (a seeder, a finished resume).
+        let show = self.mode == Mode::Human && verified < size && std::io::stderr().is_terminal();
+        self.bar = show.then(|| {
+            let mut pb = ProgressBar::on(std::io::stderr(), size);
+            pb.set_units(Units::Bytes);
+            pb.set_max_refresh_rate(Some(Duration::from_millis(200)));
+            pb.show_speed = true;
+            pb.show_time_left = true;
+            pb.set(verified);
+            pb
+        });
     }
 
     /// The listening address: a JSON event, or a stderr line (kept even with `--quiet`
     /// suppressed: scripts that seed need the port).
-    pub fn listening(&self, addr: std::net::SocketAddr) {
+    fn listening(&self, addr: std::net::SocketAddr) {
         match self.mode {
             Mode::Json => self.emit(&format!(
                 "{{\"event\":\"listening\",\"address\":\"{addr}\"}}"
@@ -94,7 +136,7 @@ impl Progress {
         }
     }
 
-    pub fn update(&mut self, done: u64, total: u64, peers: usize, seeds: usize) {
+    fn update(&mut self, done: u64, total: u64, peers: usize, seeds: usize) {
         let now = Instant::now();
         if self.mode == Mode::Json && now.duration_since(self.last_json) >= JSON_INTERVAL {
             let (t0, b0) = self.last_sample;
@@ -118,7 +160,7 @@ impl Progress {
 
     /// Something people should know (tracker trouble, bans, hash failures). `kind` names the
     /// JSON event.
-    pub fn note_kind(&mut self, kind: &str, msg: &str) {
+    fn note_kind(&mut self, kind: &str, msg: &str) {
         match self.mode {
             Mode::Json => self.emit(&format!(
                 "{{\"event\":\"{kind}\",\"message\":{}}}",
@@ -133,11 +175,7 @@ impl Progress {
         }
     }
 
-    pub fn note(&mut self, msg: &str) {
-        self.note_kind("notice", msg);
-    }
-
-    pub fn file_completed(&self, path: &str, size: u64) {
+    fn file_completed(&self, path: &str, size: u64) {
         if self.mode == Mode::Json {
             self.emit(&format!(
                 "{{\"event\":\"file_completed\",\"path\":{},\"size\":{size}}}",
@@ -146,19 +184,17 @@ impl Progress {
         }
     }
 
-    /// Records that the data is complete: the elapsed time `finish` reports ends here.
-    pub fn mark_complete(&mut self) {
-        self.completed_at.get_or_insert_with(Instant::now);
-    }
-
     /// The download is complete: the bar closes; a person gets a summary on stderr, a script
     /// gets the file paths on stdout, JSON gets a `finished` event.
-    pub fn finish(&mut self, downloaded: u64, uploaded: u64, paths: &[String]) {
-        if let Some(mut pb) = self.bar.take() {
-            pb.finish_print("");
-        }
-        let end = self.completed_at.unwrap_or_else(Instant::now);
-        let secs = end.duration_since(self.started).as_secs_f64();
+    fn finish(
+        &mut self,
+        downloaded: u64,
+        uploaded: u64,
+        elapsed: Duration,
+        paths: &[std::path::PathBuf],
+    ) {
+        self.close();
+        let secs = elapsed.as_secs_f64();
         match self.mode {
             Mode::Json => self.emit(&format!(
                 "{{\"event\":\"finished\",\"downloaded\":{downloaded},\"uploaded\":{uploaded},\"elapsed\":{secs:.3}}}"
@@ -178,11 +214,22 @@ impl Progress {
                 }
                 let mut out = std::io::stdout().lock();
                 for p in paths {
-                    let _ = writeln!(out, "{p}");
+                    let _ = writeln!(out, "{}", p.display());
                 }
                 let _ = out.flush();
             }
         }
+    }
+}
+
+/// The JSON event name of a notice.
+fn json_kind(kind: NoticeKind) -> &'static str {
+    match kind {
+        NoticeKind::Tracker => "tracker_error",
+        NoticeKind::PeerBanned => "peer_banned",
+        NoticeKind::HashFailed => "hash_failed",
+        NoticeKind::DiskChanged => "disk_changed",
+        _ => "notice",
     }
 }
 

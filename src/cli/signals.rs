@@ -1,0 +1,48 @@
+//! Process-wide signal handling, which belongs to the program, not to the engine: SIGINT and
+//! SIGTERM become a flag the CLI turns into `Handle::stop`, and SIGBUS (a mapped file
+//! truncated under us) becomes a clear message instead of a crash.
+//!
+//! Besides storage, this is the one module with `unsafe`: installing handlers is.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Replaces the default SIGBUS crash with a one-line explanation and exit code 4 (I/O error).
+/// Only async-signal-safe calls (`write`, `_exit`) run in the handler.
+pub fn install_sigbus_guard() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] =
+            b"bitfetch: error: a data file shrank or vanished while mapped (SIGBUS); \
+            was it truncated by another program?\n";
+        // SAFETY: write and _exit are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(4);
+        }
+    }
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Turns SIGINT and SIGTERM into a flag the CLI polls, so a stop is orderly: files flushed,
+/// `stopped` announced. A second signal exits at once.
+pub fn install_stop_handler() {
+    extern "C" fn on_stop(_: libc::c_int) {
+        if STOP.swap(true, Ordering::SeqCst) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
+    }
+    // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+    }
+}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}

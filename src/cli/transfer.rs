@@ -1,0 +1,196 @@
+//! `download` and `seed`: arguments into an engine run, its events onto the terminal (or as
+//! JSON), signals into a stop.
+
+use std::fs::{self, DirBuilder};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
+
+use super::render::{Mode, Render};
+use super::{DownloadArgs, SeedArgs, SessionOptions, load_torrent_with, signals};
+use crate::engine::{Config, Engine, Source, StreamTo, Target};
+use crate::error::Error;
+use crate::metainfo::Metainfo;
+
+/// How often the CLI looks at the signal flag while waiting for events.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
+
+/// Which file `-O -` streams: `--file N`, the only selected file, or the only file.
+fn stream_file(
+    a: &DownloadArgs,
+    meta: &Metainfo,
+    selection: Option<&[bool]>,
+) -> Result<usize, Error> {
+    let n = meta.files.len();
+    if a.json {
+        return Err(Error::Usage(
+            "--json and -O - both want standard output; choose one".into(),
+        ));
+    }
+    if let Some(i) = a.file {
+        return if (1..=n).contains(&i) {
+            Ok(i - 1)
+        } else {
+            Err(Error::Usage(format!(
+                "--file {i}: the torrent has files 1 to {n}"
+            )))
+        };
+    }
+    let candidates: Vec<usize> = (0..n).filter(|&i| selection.is_none_or(|s| s[i])).collect();
+    match candidates[..] {
+        [only] => Ok(only),
+        _ => Err(Error::Usage(
+            "-O - streams one file: pick it with --file N (see --list)".into(),
+        )),
+    }
+}
+
+/// A directory of our own for streamed data: made fresh, readable by us alone, so no other
+/// local user can have made it first and swapped the data under us.
+fn private_temp_dir(meta: &Metainfo) -> Result<PathBuf, Error> {
+    let base = std::env::temp_dir();
+    let mut rng = crate::rng::Rng::from_os();
+    let mut last = None;
+    for _ in 0..8 {
+        let dir = base.join(format!(
+            "bitfetch-{}-{}-{:08x}",
+            std::process::id(),
+            &meta.info_hash_hex()[..16],
+            rng.next_u64() as u32
+        ));
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
+        }
+    }
+    Err(Error::io(
+        format!("creating a temporary directory in {}", base.display()),
+        last.unwrap_or_else(|| std::io::Error::other("no free name")),
+    ))
+}
+
+pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
+    let meta = load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
+    if a.list {
+        return super::list_files(&meta);
+    }
+    let (mut config, mode) = session_config(&a.options(), a.seeding())?;
+    config.fsync = a.fsync;
+    let streaming = a.streaming()?;
+    let selection = a.selection(&meta)?;
+    let stream = if streaming {
+        Some(stream_file(a, &meta, selection.as_deref())?)
+    } else if a.file.is_some() {
+        return Err(Error::Usage("--file goes with -O - (streaming)".into()));
+    } else {
+        None
+    };
+    let selected = match stream {
+        Some(f) => Some((0..meta.files.len()).map(|i| i == f).collect::<Vec<_>>()),
+        None => selection,
+    };
+    // Streaming without -o keeps the data in a temporary directory, removed at the end.
+    let (dir, temporary) = match (&a.output, streaming) {
+        (Some(d), _) => (d.clone(), false),
+        (None, true) => (private_temp_dir(&meta)?, true),
+        (None, false) => (PathBuf::from("."), false),
+    };
+    let target = Target::Download {
+        dir: dir.clone(),
+        selected,
+        stream: stream.map(|file| StreamTo {
+            file,
+            out: Box::new(std::io::stdout()),
+        }),
+    };
+    let result = drive(meta, target, config, mode);
+    if temporary {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+pub(super) fn seed(a: &SeedArgs) -> Result<(), Error> {
+    let meta = load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
+    let (config, mode) = session_config(&a.options(), true)?;
+    let target = Target::Seed {
+        data: a.data.clone(),
+    };
+    drive(meta, target, config, mode)
+}
+
+/// Runs the engine to its end, rendering its events; SIGINT/SIGTERM stop it in order.
+fn drive(meta: Metainfo, target: Target, config: Config, mode: Mode) -> Result<(), Error> {
+    signals::install_stop_handler();
+    let (handle, events) = Engine::start(Source::Torrent(meta), target, config);
+    let mut render = Render::new(mode);
+    let mut stop_sent = false;
+    loop {
+        match events.recv_timeout(SIGNAL_POLL) {
+            Ok(event) => render.event(&event),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if !stop_sent && signals::stop_requested() {
+            handle.stop();
+            stop_sent = true;
+        }
+    }
+    render.close();
+    handle.wait()
+}
+
+/// The engine's configuration and the output mode from the options `download` and `seed`
+/// share.
+pub(super) fn session_config(
+    o: &SessionOptions,
+    seed_after: bool,
+) -> Result<(Config, Mode), Error> {
+    let rate = |r: Option<&str>| -> Result<Option<u64>, Error> {
+        r.map(|r| crate::ratelimit::parse_rate(r).map_err(Error::Usage))
+            .transpose()
+    };
+    let duration = |d: Option<&str>| -> Result<Option<Duration>, Error> {
+        d.map(super::parse_duration)
+            .transpose()
+            .map_err(Error::Usage)
+    };
+    if o.max_peers == 0 {
+        return Err(Error::Usage("--max-peers must be at least 1".into()));
+    }
+    let config = Config {
+        peers: super::parse_peers(o.peer)?,
+        port: o.port,
+        bind: o.bind,
+        ca_file: super::ca_file(o.ca_file),
+        announce_interval: o.announce_interval.map(|s| Duration::from_secs(s.max(1))),
+        seed_after,
+        fsync: false,
+        seed_limits: crate::engine::SeedLimits {
+            ratio: o
+                .seed_ratio
+                .map(super::parse_ratio)
+                .transpose()
+                .map_err(Error::Usage)?,
+            time: duration(o.seed_time)?,
+        },
+        max_peers: o.max_peers,
+        upload_slots: o.upload_slots,
+        max_upload_rate: rate(o.max_upload_rate)?,
+        max_download_rate: rate(o.max_download_rate)?,
+        timeout: duration(o.timeout)?,
+        stall_timeout: duration(o.stall_timeout)?,
+        ..Config::default()
+    };
+    let mode = if o.json {
+        Mode::Json
+    } else if o.quiet {
+        Mode::Quiet
+    } else {
+        Mode::Human
+    };
+    Ok((config, mode))
+}

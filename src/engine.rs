@@ -1,0 +1,415 @@
+//! The engine's public face: start a run, steer it through a [`Handle`], watch it through
+//! typed [`Event`]s.
+//!
+//! The engine never prints, never installs signal handlers, never reads argv and never picks
+//! an exit code: those are the front end's (the CLI's, or an embedder's). A run is one session
+//! thread (see `session`) that owns all torrent state; [`Engine::start`] spawns it and returns
+//! at once, so preparing storage (and checking data already on disk) is reported through
+//! events too.
+//!
+//! # Example: one engine seeds, another downloads, both on loopback
+//!
+//! ```
+//! use std::time::Duration;
+//! use bitfetch::{Config, Engine, Event, Metainfo, Source, Target};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::env::temp_dir().join(format!("bitfetch-doc-{}", std::process::id()));
+//! let (seed_dir, out_dir) = (dir.join("seed"), dir.join("out"));
+//! std::fs::create_dir_all(&seed_dir)?;
+//! let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+//! std::fs::write(seed_dir.join("hello.bin"), &data)?;
+//! let torrent = bitfetch::create_torrent(&seed_dir.join("hello.bin"), &Default::default())?;
+//! let meta = Metainfo::from_bytes(&torrent)?;
+//!
+//! let loopback = Config {
+//!     port: 0,
+//!     bind: Some("127.0.0.1".parse()?),
+//!     ..Config::default()
+//! };
+//! let seed_config = Config { seed_after: true, ..loopback.clone() };
+//! let (seeder, seeder_events) = Engine::start(
+//!     Source::Torrent(meta.clone()),
+//!     Target::Seed { data: seed_dir.join("hello.bin") },
+//!     seed_config,
+//! );
+//! let seeder_addr = seeder_events
+//!     .iter()
+//!     .find_map(|e| match e {
+//!         Event::Listening(addr) => Some(addr),
+//!         _ => None,
+//!     })
+//!     .expect("the seeder listens");
+//!
+//! let leech_config = Config { peers: vec![seeder_addr], timeout: Some(Duration::from_secs(60)), ..loopback };
+//! let target = Target::Download { dir: out_dir.clone(), selected: None, stream: None };
+//! let (leecher, events) = Engine::start(Source::Torrent(meta), target, leech_config);
+//! let finished = events.iter().any(|e| matches!(e, Event::Finished { .. }));
+//! leecher.wait()?;
+//! seeder.stop();
+//! seeder.wait()?;
+//!
+//! assert!(finished);
+//! assert_eq!(std::fs::read(out_dir.join("hello.bin"))?, data);
+//! std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::error::Error;
+use crate::messages::Input;
+use crate::metainfo::Metainfo;
+use crate::session;
+use crate::tracker;
+
+/// What to fetch. Later: a magnet link (info hash, trackers and peers, no info dictionary).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Source {
+    /// A parsed .torrent.
+    Torrent(Metainfo),
+}
+
+/// Where the data goes, or comes from.
+pub enum Target {
+    /// Download into `dir` (the torrent's name is created inside it), resuming from what is
+    /// already there.
+    Download {
+        dir: PathBuf,
+        /// Which files to fetch, one flag per file of the torrent (all when `None`).
+        selected: Option<Vec<bool>>,
+        /// Stream one file's content, in order, as its pieces verify.
+        stream: Option<StreamTo>,
+    },
+    /// Seed existing data, verified first: the directory holding the content, or the file
+    /// itself for a single-file torrent.
+    Seed { data: PathBuf },
+}
+
+/// One file of the torrent, written in order to `out` as its pieces verify.
+pub struct StreamTo {
+    /// Index into the torrent's file list.
+    pub file: usize,
+    pub out: Box<dyn Write + Send>,
+}
+
+/// When to stop seeding: whichever limit comes first. No limit means until stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeedLimits {
+    /// Upload at least `num / den` times the torrent's size.
+    pub ratio: Option<(u64, u64)>,
+    pub time: Option<Duration>,
+}
+
+impl SeedLimits {
+    /// Whether seeding should stop: `uploaded` bytes since completion of a torrent of `total`
+    /// bytes, `seeding_for` since completion (None: not complete yet). The ratio is compared
+    /// in exact integers, so `1.5` stops at exactly the byte it names.
+    pub fn reached(&self, uploaded: u64, total: u64, seeding_for: Option<Duration>) -> bool {
+        let ratio_met = self.ratio.is_some_and(|(num, den)| {
+            u128::from(uploaded) * u128::from(den) >= u128::from(total) * u128::from(num)
+        });
+        let time_met = self
+            .time
+            .zip(seeding_for)
+            .is_some_and(|(limit, elapsed)| elapsed >= limit);
+        ratio_met || time_met
+    }
+}
+
+/// How a run behaves. `Config::default()` is what the CLI does with no options, except the
+/// port, which the CLI sets to 6881.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Peers to dial besides those the trackers name.
+    pub peers: Vec<SocketAddr>,
+    /// Port to listen on; 0 picks a free one (see [`Event::Listening`]).
+    pub port: u16,
+    /// Local address for listening and outgoing connections (both families when `None`).
+    pub bind: Option<IpAddr>,
+    /// PEM file of certificate authorities for HTTPS trackers (built-in roots when `None`).
+    pub ca_file: Option<PathBuf>,
+    /// Seconds between announces, overriding the tracker's interval.
+    pub announce_interval: Option<Duration>,
+    /// Wait for the data to reach stable storage at completion. Otherwise the data is left
+    /// in the page cache, safe from our own death, and written back by the kernel; a restart
+    /// re-verifies what is on disk either way.
+    pub fsync: bool,
+    /// Keep running after the download completes, until a seeding limit or [`Handle::stop`].
+    pub seed_after: bool,
+    pub seed_limits: SeedLimits,
+    pub max_peers: usize,
+    /// Regular upload slots; one optimistic slot comes on top.
+    pub upload_slots: usize,
+    /// Bytes per second.
+    pub max_upload_rate: Option<u64>,
+    /// Bytes per second.
+    pub max_download_rate: Option<u64>,
+    /// Give up ([`Error::Timeout`]) after this long.
+    pub timeout: Option<Duration>,
+    /// Give up ([`Error::Stalled`]) when no piece verifies for this long.
+    pub stall_timeout: Option<Duration>,
+    /// Threads that hash pieces (and check data at start-up).
+    pub hashers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            peers: Vec::new(),
+            port: 0,
+            bind: None,
+            ca_file: None,
+            announce_interval: None,
+            fsync: false,
+            seed_after: false,
+            seed_limits: SeedLimits::default(),
+            max_peers: 50,
+            upload_slots: 4,
+            max_upload_rate: None,
+            max_download_rate: None,
+            timeout: None,
+            stall_timeout: None,
+            hashers: cores(),
+        }
+    }
+}
+
+/// Threads worth running for CPU-bound work (hashing): one per core.
+pub(crate) fn cores() -> usize {
+    thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl Config {
+    pub(crate) fn net(&self) -> tracker::NetConfig {
+        tracker::NetConfig {
+            bind: self.bind,
+            ca_file: self.ca_file.clone(),
+        }
+    }
+}
+
+/// What a run reports, in order: `Started` and `Listening` first, `Finished` last (when the
+/// download completes; a run that fails ends without it and [`Handle::wait`] says why).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The torrent is known and its data on disk checked.
+    Started {
+        name: String,
+        info_hash: [u8; 20],
+        size: u64,
+        pieces: u32,
+        files: usize,
+        /// Bytes already verified (resumed or seeded data).
+        verified: u64,
+    },
+    Listening(SocketAddr),
+    /// About four times a second.
+    Progress(Progress),
+    /// Every piece of this file has verified.
+    FileCompleted {
+        path: PathBuf,
+        size: u64,
+    },
+    /// Something people should know: tracker trouble, bans, hash failures.
+    Notice {
+        kind: NoticeKind,
+        message: String,
+    },
+    /// The download is complete and the files are in place.
+    Finished {
+        /// Bytes received from peers in this run.
+        downloaded: u64,
+        uploaded: u64,
+        /// From the start of the transfer to completion.
+        elapsed: Duration,
+        /// The downloaded files (not when streaming).
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes verified against their hashes.
+    pub verified: u64,
+    pub total: u64,
+    pub peers: usize,
+    pub seeds: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NoticeKind {
+    Tracker,
+    PeerBanned,
+    HashFailed,
+    DiskChanged,
+    Other,
+}
+
+/// Counters of a running session, readable at any time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub downloaded: u64,
+    pub uploaded: u64,
+    /// Bytes still to verify.
+    pub left: u64,
+}
+
+/// Steers a run; dropping it stops the run and waits for it.
+pub struct Handle {
+    stop: Arc<AtomicBool>,
+    input: Sender<Input>,
+    stats: Arc<tracker::Stats>,
+    thread: Option<JoinHandle<Result<(), Error>>>,
+}
+
+/// Starts runs.
+pub struct Engine;
+
+impl Engine {
+    /// Starts a run on its own thread. Errors (bad data path, port in use, no peers, …) end
+    /// the run; [`Handle::wait`] returns them.
+    pub fn start(source: Source, target: Target, config: Config) -> (Handle, Receiver<Event>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(tracker::Stats::default());
+        // Events are few (progress four times a second, one per file, notices), so an
+        // unbounded channel stays small, and the session never waits on a slow front end.
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let (input_tx, input_rx) = crossbeam_channel::bounded(session::INPUT_CAPACITY);
+        let run = session::Run {
+            source,
+            target,
+            config,
+            events: events_tx,
+            stop: Arc::clone(&stop),
+            stats: Arc::clone(&stats),
+            input: (input_tx.clone(), input_rx),
+        };
+        let thread = thread::Builder::new()
+            .name("session".into())
+            .spawn(move || session::run(run))
+            .map_err(|e| Error::io("starting the session thread", e));
+        let thread = match thread {
+            Ok(t) => t,
+            // No thread: hand back one that reports why.
+            Err(e) => thread::spawn(move || Err(e)),
+        };
+        let handle = Handle {
+            stop,
+            input: input_tx,
+            stats,
+            thread: Some(thread),
+        };
+        (handle, events_rx)
+    }
+}
+
+impl Handle {
+    /// Asks the run to end: orderly (`stopped` announced, connections closed). A run stopped
+    /// before its download completed ends with [`Error::Interrupted`].
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// More peers to dial.
+    pub fn add_peers(&self, peers: Vec<SocketAddr>) {
+        let _ = self.input.send(Input::Peers(peers));
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            downloaded: self.stats.downloaded.load(Ordering::Relaxed),
+            uploaded: self.stats.uploaded.load(Ordering::Relaxed),
+            left: self.stats.left.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the run has ended (`wait` then returns at once).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Waits for the run to end and says how it ended.
+    pub fn wait(mut self) -> Result<(), Error> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), Error> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Error::Internal("the session thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+            let _ = self.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_seed_limit_means_seed_on() {
+        let none = SeedLimits::default();
+        assert!(!none.reached(u64::MAX, 1, Some(Duration::from_secs(1 << 40))));
+    }
+
+    #[test]
+    fn the_ratio_stops_at_exactly_the_byte_it_names() {
+        let limits = SeedLimits {
+            ratio: Some((15, 10)),
+            time: None,
+        };
+        assert!(!limits.reached(1499, 1000, Some(Duration::ZERO)));
+        assert!(limits.reached(1500, 1000, Some(Duration::ZERO)));
+        // No overflow on huge torrents.
+        assert!(!limits.reached(u64::MAX / 2, u64::MAX, None));
+        let zero = SeedLimits {
+            ratio: Some((0, 1)),
+            time: None,
+        };
+        assert!(zero.reached(0, 1000, None), "ratio 0 is met at once");
+    }
+
+    #[test]
+    fn the_time_limit_counts_from_completion_only() {
+        let limits = SeedLimits {
+            ratio: None,
+            time: Some(Duration::from_secs(90)),
+        };
+        assert!(!limits.reached(0, 1000, None));
+        assert!(!limits.reached(0, 1000, Some(Duration::from_secs(89))));
+        assert!(limits.reached(0, 1000, Some(Duration::from_secs(90))));
+    }
+
+    #[test]
+    fn whichever_limit_comes_first_wins() {
+        let limits = SeedLimits {
+            ratio: Some((2, 1)),
+            time: Some(Duration::from_secs(60)),
+        };
+        assert!(limits.reached(2000, 1000, Some(Duration::from_secs(1))));
+        assert!(limits.reached(0, 1000, Some(Duration::from_secs(61))));
+        assert!(!limits.reached(1999, 1000, Some(Duration::from_secs(59))));
+    }
+}
