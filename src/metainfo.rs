@@ -120,9 +120,11 @@ pub struct Metainfo {
     pub files: Vec<FileEntry>,
     pub geometry: Geometry,
     piece_hashes: Vec<u8>,
+    info_bytes: std::sync::Arc<[u8]>,
     pub private: bool,
     /// Announce tiers (BEP 12); a lone `announce` makes one tier of one.
     pub trackers: Vec<Vec<String>>,
+    /// Web seeds (BEP 19), kept for when they are used.
     pub url_list: Vec<String>,
     pub comment: Option<String>,
     pub created_by: Option<String>,
@@ -141,7 +143,25 @@ impl Metainfo {
         }
         let raw_info =
             bencode::dict_value_span(buf, b"info", limits).ok_or(Error::Missing("info"))?;
-        let info = bencode::get_dict(&top, "info").ok_or(Error::WrongType("info"))?;
+        if bencode::get_dict(&top, "info").is_none() {
+            return Err(Error::WrongType("info"));
+        }
+        let mut m = Metainfo::from_info(raw_info)?;
+        m.trackers = parse_trackers(&top);
+        m.url_list = parse_url_list(&top);
+        m.comment = bencode::get_str(&top, "comment");
+        m.created_by = bencode::get_str(&top, "created by");
+        m.creation_date = bencode::get_int(&top, "creation date");
+        Ok(m)
+    }
+
+    /// An info dictionary on its own (as peers send it for a magnet link), with every check
+    /// a whole .torrent gets. The info hash is the SHA-1 of exactly these bytes.
+    pub fn from_info(raw_info: &[u8]) -> Result<Metainfo, Error> {
+        let Value::Dict(info) = bencode::decode(raw_info, Limits::METAINFO)? else {
+            return Err(Error::WrongType("info"));
+        };
+        let info = &info;
         let info_hash: [u8; 20] = Sha1::digest(raw_info).into();
 
         let name_raw = bencode::get_bytes(info, "name").ok_or(Error::Missing("name"))?;
@@ -172,12 +192,19 @@ impl Metainfo {
             geometry,
             piece_hashes: hashes.to_vec(),
             private: bencode::get_int(info, "private") == Some(1),
-            trackers: parse_trackers(&top),
-            url_list: parse_url_list(&top),
-            comment: bencode::get_str(&top, "comment"),
-            created_by: bencode::get_str(&top, "created by"),
-            creation_date: bencode::get_int(&top, "creation date"),
+            info_bytes: raw_info.into(),
+            trackers: Vec::new(),
+            url_list: Vec::new(),
+            comment: None,
+            created_by: None,
+            creation_date: None,
         })
+    }
+
+    /// The info dictionary exactly as it stands in the torrent (what the info hash covers,
+    /// and what peers are sent when they ask for the metadata).
+    pub fn info_bytes(&self) -> &[u8] {
+        &self.info_bytes
     }
 
     pub fn piece_hash(&self, piece: geometry::PieceIndex) -> &[u8; 20] {

@@ -3,11 +3,15 @@
 //! sockets and no clock of its own (the caller passes `now`), so every rule is unit-tested.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-/// Dial failures (no handshake) after which an address is given up.
+/// Dial failures (no handshake) after which an address no longer counts as a hope (see
+/// `has_candidates`). It is still retried, at the longest back-off: a peer that was down for a
+/// while, or kept busy by an attacker, is not lost for good.
 pub(super) const MAX_DIAL_FAILURES: u32 = 5;
+/// The longest pause between two dials of an address that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Pause before redialling a peer whose established connection ended.
 pub(super) const REDIAL_AFTER: Duration = Duration::from_secs(30);
 /// Back-off after the first failed dial; it doubles with each failure.
@@ -38,7 +42,9 @@ pub(super) struct PeerTable {
     held: HashMap<SocketAddr, u32>,
     /// Past dial failures: count and when to try again.
     failures: HashMap<SocketAddr, (u32, Instant)>,
-    banned_ids: HashSet<[u8; 20]>,
+    /// Peer ids banned, each only on the IP address it misbehaved from: an id is a claim
+    /// anyone can copy, so it must never ban a connection from elsewhere.
+    banned_ids: HashSet<(IpAddr, [u8; 20])>,
     banned_addrs: HashSet<SocketAddr>,
     /// Addresses that broke the protocol.
     violators: HashSet<SocketAddr>,
@@ -73,12 +79,16 @@ impl PeerTable {
         }
     }
 
+    /// Whether any queued address may still answer: one that has not failed
+    /// [`MAX_DIAL_FAILURES`] times in a row.
     pub fn has_candidates(&self) -> bool {
-        !self.candidates.is_empty()
+        self.candidates
+            .iter()
+            .any(|a| self.failures.get(a).is_none_or(|f| f.0 < MAX_DIAL_FAILURES))
     }
 
     /// Up to `room` addresses to dial now, each held from here on. Those in back-off stay
-    /// queued; those given up, banned or held are dropped from the queue.
+    /// queued; banned or held ones are dropped from the queue.
     pub fn take_dialable(&mut self, room: usize, now: Instant) -> Vec<SocketAddr> {
         let mut out = Vec::new();
         let mut deferred = Vec::new();
@@ -90,7 +100,6 @@ impl PeerTable {
                 continue;
             }
             match self.failures.get(&addr) {
-                Some((n, _)) if *n >= MAX_DIAL_FAILURES => {}
                 Some((_, retry_at)) if *retry_at > now => deferred.push(addr),
                 _ => {
                     self.hold(addr);
@@ -126,14 +135,16 @@ impl PeerTable {
         self.banned_addrs.contains(&addr) || self.violators.contains(&addr)
     }
 
-    pub fn is_banned_id(&self, id: &[u8; 20]) -> bool {
-        self.banned_ids.contains(id)
+    /// Whether a connection from `addr` that handshook with `id` is banned.
+    pub fn is_banned_id(&self, addr: SocketAddr, id: &[u8; 20]) -> bool {
+        self.banned_ids.contains(&(addr.ip(), *id))
     }
 
-    /// Bans an address (and the id it handshook with): never dialled or accepted again.
+    /// Bans an address, and the id it handshook with on that IP: never dialled or accepted
+    /// again.
     pub fn ban(&mut self, addr: SocketAddr, id: Option<[u8; 20]>) {
         self.banned_addrs.insert(addr);
-        self.banned_ids.extend(id);
+        self.banned_ids.extend(id.map(|id| (addr.ip(), id)));
         self.candidates.retain(|c| *c != addr);
     }
 
@@ -157,7 +168,7 @@ impl PeerTable {
             // Never got through: retry later, a few times, waiting longer each time.
             let entry = self.failures.entry(addr).or_insert((0, now));
             entry.0 += 1;
-            entry.1 = now + FIRST_BACKOFF * (1 << (entry.0 - 1).min(6));
+            entry.1 = now + (FIRST_BACKOFF * (1 << (entry.0 - 1).min(6))).min(MAX_BACKOFF);
             self.candidates.push_back(addr);
         } else if !how.complete && !self.candidates.contains(&addr) {
             // A working peer that went away (restarted, or a network blip) may come back:
@@ -173,6 +184,13 @@ impl PeerTable {
 /// side with the larger peer id, so they agree without talking about it.
 pub(super) fn keep_outbound(our_id: &[u8; 20], their_id: &[u8; 20]) -> bool {
     our_id > their_id
+}
+
+/// Whether two connections that handshook with the same peer id are one peer connected
+/// twice. Only from the same IP: an id is a claim anyone can copy, and a copy from elsewhere
+/// must not evict (or hide) the peer it imitates.
+pub(super) fn are_twins(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip() == b.ip()
 }
 
 /// Which of two connections to the same peer id survives: the new one (`true`) or the one
@@ -220,6 +238,15 @@ mod tests {
     }
 
     #[test]
+    fn only_connections_from_one_ip_can_be_twins() {
+        assert!(are_twins(addr(1), addr(2)), "one host, two connections");
+        let other = SocketAddr::from(([127, 0, 0, 9], 1));
+        assert!(!are_twins(addr(1), other), "a copied id from elsewhere");
+        let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 1));
+        assert!(!are_twins(addr(1), v6));
+    }
+
+    #[test]
     fn duplicate_tie_break_is_the_same_on_both_ends() {
         let a = [1u8; 20];
         let b = [2u8; 20];
@@ -260,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_dials_back_off_longer_each_time_then_give_up() {
+    fn failed_dials_back_off_longer_each_time_and_never_for_good() {
         let start = Instant::now();
         let mut t = PeerTable::new(vec![], &[addr(2)]);
         let mut now = start;
@@ -277,10 +304,16 @@ mod tests {
             waits.push(retry - now);
             now = retry;
         }
-        assert!(waits.windows(2).all(|w| w[1] > w[0]), "{waits:?}");
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= MAX_BACKOFF), "{waits:?}");
         assert!(
-            t.take_dialable(1, now + Duration::from_secs(1 << 20)).is_empty(),
-            "given up after {MAX_DIAL_FAILURES} failures"
+            !t.has_candidates(),
+            "after {MAX_DIAL_FAILURES} failures it is no longer a hope"
+        );
+        assert_eq!(
+            t.take_dialable(1, now),
+            vec![addr(2)],
+            "but it is still tried, at the longest back-off"
         );
         // A handshake in between forgives the failures.
         let mut t = dialled_and_ended(addr(3), FAILED_DIAL, start);
@@ -350,8 +383,13 @@ mod tests {
         let mut t = PeerTable::new(vec![], &[addr(2)]);
         t.ban(addr(2), Some([9; 20]));
         assert!(t.is_banned(addr(2)));
-        assert!(t.is_banned_id(&[9; 20]));
-        assert!(!t.is_banned_id(&[8; 20]));
+        assert!(t.is_banned_id(addr(7), &[9; 20]), "same IP, another port");
+        assert!(!t.is_banned_id(addr(7), &[8; 20]));
+        let elsewhere = SocketAddr::from(([127, 0, 0, 9], 2));
+        assert!(
+            !t.is_banned_id(elsewhere, &[9; 20]),
+            "a copied id never bans a connection from another address"
+        );
         assert!(t.take_dialable(5, Instant::now()).is_empty());
     }
 

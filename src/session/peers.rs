@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use super::peer_table::{Ended, keep_new_twin};
+use super::peer_table::{Ended, are_twins, keep_new_twin};
 use super::{Session, bitfield};
 use crate::engine::NoticeKind;
 use crate::geometry::PieceIndex;
@@ -227,14 +227,19 @@ impl Session {
             p.peer_id = Some(peer_id);
             p.fast = fast;
         }
-        if self.table.is_banned_id(&peer_id) {
+        if self.table.is_banned_id(addr, &peer_id) {
             self.drop_peer(key);
             return;
         }
         let twin = self
             .peers
             .iter()
-            .find(|(k, p)| **k != key && p.peer_id == Some(peer_id) && p.is_connected())
+            .find(|(k, p)| {
+                **k != key
+                    && p.peer_id == Some(peer_id)
+                    && p.is_connected()
+                    && are_twins(p.addr, addr)
+            })
             .map(|(k, p)| (*k, p.outbound));
         if let Some((other, other_outbound)) = twin {
             let this_outbound = self.peers[&key].outbound;
