@@ -1,24 +1,33 @@
 //! One peer connection: a reader thread and a writer thread over one TCP socket.
 //!
-//! The reader owns the receiving half: it does the handshake, then decodes frames (checking
-//! each length before reading its payload) and turns them into [`PeerEvent`]s for the session.
-//! Requests from the peer go straight to the writer as [`Command::Serve`], so uploads never
-//! wait on the session. The writer owns the sending half: it blocks on its command channel
-//! (so an idle connection costs no CPU), batches what it has into one write, and sends a
-//! keep-alive when it has been quiet for a while.
+//! The reader owns the receiving half: it does the handshake, then decodes frames with
+//! [`wire::Decoder`] (each length checked before its payload is read) and turns them into
+//! [`PeerEvent`]s for the session. Requests from the peer go straight to the writer as
+//! [`Command::Serve`], so uploads never wait on the session. The writer owns the sending half:
+//! it blocks on its command channel (so an idle connection costs no CPU), batches what it has
+//! into one write, and sends a keep-alive when it has been quiet for a while.
 //!
-//! Per-peer faults end this connection only, as a [`PeerError`] that the session logs.
+//! Both halves are generic over `Read`/`Write`: the connection runs them over the socket, the
+//! unit tests and the fuzz target ([`replay_reader`]) over bytes in memory.
+//!
+//! Per-peer faults end this connection only. Whichever half stops first says why (the other
+//! half's failure that follows, a read on a socket the writer shut, is only a consequence), and
+//! the reader thread sends it to the session as [`PeerEvent::Gone`], a typed [`PeerError`] it
+//! can act on. Both threads catch their own panics, so a `Gone` goes out whatever happens and
+//! the session never loses a connection slot to a thread that died silently.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
 
 use crate::extension;
 use sha1::{Digest, Sha1};
@@ -29,7 +38,7 @@ use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
 use crate::recv::RecvBuf;
 use crate::storage::Storage;
-use crate::wire::{self, Handshake, Message, reserved};
+use crate::wire::{self, Body, Handshake, Message, reserved};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -60,19 +69,74 @@ const REPORT_EVERY: u32 = 1024 * 1024;
 /// How long an idle writer keeps a smaller count to itself.
 const REPORT_DELAY: Duration = Duration::from_millis(50);
 
-/// Why a connection ended.
+const WAITING: &str = "waiting for the peer (silent too long)";
+const SENDING: &str = "sending to the peer";
+
+/// Test-only: peer keys whose reader or writer thread panics on purpose, to show the guards
+/// report it.
+#[cfg(test)]
+const PANIC_IN_READER: PeerKey = PeerKey(u64::MAX);
+#[cfg(test)]
+const PANIC_IN_WRITER: PeerKey = PeerKey(u64::MAX - 1);
+
+#[cfg(test)]
+fn inject_panic(key: PeerKey, at: PeerKey) {
+    if key == at {
+        panic!("panic injected into peer {}", key.0);
+    }
+}
+
+/// Why a connection ended: what [`PeerEvent::Gone`] carries (`None` there is a clean close,
+/// by either side). [`is_violation`](PeerError::is_violation) and
+/// [`may_redial`](PeerError::may_redial) say what the session should make of it.
 #[derive(Debug)]
 pub enum PeerError {
+    /// Dialling failed.
     Connect(io::Error),
     Io(io::Error),
+    /// Which wait timed out.
     Timeout(&'static str),
+    /// A malformed handshake or frame.
     Protocol(wire::Error),
     WrongTorrent,
     SelfConnection,
+    /// A piece index or block range outside the torrent, in the named message.
     BadIndex(&'static str),
+    /// More than [`MAX_QUEUED_SERVES`] requests waiting at once.
     RequestFlood,
+    /// More than [`MAX_REQUESTS_WHILE_CHOKED`] requests while we choke the peer.
+    RequestsWhileChoked,
+    /// A message of an extension the handshake did not agree on.
     NotNegotiated(&'static str),
     SessionGone,
+    /// A bug of ours: one of the connection's threads panicked (its message went to stderr).
+    Panicked,
+}
+
+impl PeerError {
+    /// The peer broke the protocol or abused it: malformed frames, out-of-range indices,
+    /// request floods, messages it did not negotiate. It must never be dialled again.
+    pub fn is_violation(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Protocol(_)
+                | PeerError::BadIndex(_)
+                | PeerError::RequestFlood
+                | PeerError::RequestsWhileChoked
+                | PeerError::NotNegotiated(_)
+        )
+    }
+
+    /// Whether dialling the address again could go better: only after a mere failure (connect
+    /// refused, reset, timeout). Not after a violation, not for a peer on another torrent or
+    /// ourselves (neither is misbehaviour, and neither changes), not after a panic (the same
+    /// bytes would hit the same bug), and not while shutting down.
+    pub fn may_redial(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Connect(_) | PeerError::Io(_) | PeerError::Timeout(_)
+        )
+    }
 }
 
 impl fmt::Display for PeerError {
@@ -86,8 +150,20 @@ impl fmt::Display for PeerError {
             PeerError::SelfConnection => write!(f, "connected to ourselves"),
             PeerError::BadIndex(what) => write!(f, "out-of-range {what}"),
             PeerError::RequestFlood => write!(f, "too many queued requests"),
+            PeerError::RequestsWhileChoked => write!(f, "kept requesting while choked"),
             PeerError::NotNegotiated(what) => write!(f, "sent {what} without negotiating it"),
             PeerError::SessionGone => write!(f, "shutting down"),
+            PeerError::Panicked => write!(f, "connection thread panicked (a bug)"),
+        }
+    }
+}
+
+impl std::error::Error for PeerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PeerError::Connect(e) | PeerError::Io(e) => Some(e),
+            PeerError::Protocol(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -103,6 +179,22 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> PeerError {
     move |e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => PeerError::Timeout(what),
         _ => PeerError::Io(e),
+    }
+}
+
+/// How a connection ended: set once, by whichever half stopped first. The writer records
+/// before it shuts the socket, and the reader before it tears the writer down, so the other
+/// half's failure that follows is never taken for the cause.
+#[derive(Default)]
+struct Ending(Mutex<Option<Result<(), PeerError>>>);
+
+impl Ending {
+    fn record(&self, outcome: Result<(), PeerError>) {
+        self.0.lock().get_or_insert(outcome);
+    }
+
+    fn take(&self) -> Result<(), PeerError> {
+        self.0.lock().take().unwrap_or(Ok(()))
     }
 }
 
@@ -127,7 +219,8 @@ pub enum Dial {
     Inbound(TcpStream, SocketAddr),
 }
 
-/// Starts a connection's reader thread (which starts the writer after the handshake).
+/// Starts a connection's reader thread (which starts the writer after the handshake). The
+/// thread always ends by sending [`PeerEvent::Gone`], even when it panics.
 pub fn spawn(
     key: PeerKey,
     dial: Dial,
@@ -138,13 +231,14 @@ pub fn spawn(
         .name(format!("peer-{}", key.0))
         .stack_size(THREAD_STACK)
         .spawn(move || {
-            let reason = match run(key, dial, &ctx, &events) {
-                Ok(()) => "closed".to_string(),
-                Err(e) => e.to_string(),
-            };
+            // A panic is a bug of ours, but it must not cost the session a connection slot:
+            // the Gone event goes out whatever happens. The connection's own teardown ran
+            // while unwinding (see `Teardown`).
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(key, dial, &ctx, &events)));
+            let error = outcome.unwrap_or(Err(PeerError::Panicked)).err();
             let _ = events.send(Input::Peer {
                 key,
-                event: PeerEvent::Gone { reason },
+                event: PeerEvent::Gone { error },
             });
         })
 }
@@ -177,7 +271,7 @@ fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
     .encode()
 }
 
-fn read_handshake(stream: &mut TcpStream, ctx: &Context) -> Result<Handshake, PeerError> {
+fn read_handshake(stream: &mut impl Read, ctx: &Context) -> Result<Handshake, PeerError> {
     let mut buf = [0u8; wire::HANDSHAKE_LEN];
     stream
         .read_exact(&mut buf)
@@ -192,12 +286,15 @@ fn read_handshake(stream: &mut TcpStream, ctx: &Context) -> Result<Handshake, Pe
     Ok(h)
 }
 
+/// `Ok(())` is a clean close: the peer hung up between frames, or the session closed us.
 fn run(
     key: PeerKey,
     dial: Dial,
     ctx: &Arc<Context>,
     events: &Sender<Input>,
 ) -> Result<(), PeerError> {
+    #[cfg(test)]
+    inject_panic(key, PANIC_IN_READER);
     let (mut stream, addr, outbound) = match dial {
         Dial::Outbound(addr) => (
             connect(addr, ctx.bind).map_err(PeerError::Connect)?,
@@ -238,25 +335,40 @@ fn run(
     // never arrives before the reader knows it may keep it.
     let (asked_tx, asked_rx) = crossbeam_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
+    let ending = Arc::new(Ending::default());
     let writer = {
         let stream = stream.try_clone().map_err(PeerError::Io)?;
         let ctx = Arc::clone(ctx);
         let events = events.clone();
         let queued = Arc::clone(&queued);
+        let ending = Arc::clone(&ending);
+        let ext_handshake = extended.then(|| extension::our_handshake(ctx.listen_port, addr.ip()));
         thread::Builder::new()
             .name(format!("peer-{}-w", key.0))
             .stack_size(THREAD_STACK)
             .spawn(move || {
-                let mut w = WriterState::new(&ctx, stream, key, events, queued, fast, extended);
-                w.asked = Some(asked_tx);
-                let _ = w.run(&cmd_rx);
-                // Bytes sent before a broken write still count.
-                w.report();
-                // Told to stop, or the socket broke: either way wake the reader so the
-                // connection ends and its Gone event reaches the session.
-                let _ = w.stream.shutdown(Shutdown::Both);
+                let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+                    #[cfg(test)]
+                    inject_panic(key, PANIC_IN_WRITER);
+                    let mut w =
+                        WriterState::new(&ctx, &stream, key, events, queued, fast, ext_handshake);
+                    w.asked = Some(asked_tx);
+                    let result = w.run(&cmd_rx);
+                    // Bytes sent before a broken write still count.
+                    w.report();
+                    result
+                }));
+                ending.record(outcome.unwrap_or(Err(PeerError::Panicked)));
+                // Told to stop, or the socket broke, or a panic: either way wake the reader so
+                // the connection ends and its Gone event reaches the session.
+                let _ = stream.shutdown(Shutdown::Both);
             })
             .map_err(PeerError::Io)?
+    };
+    let teardown = Teardown {
+        stream: &stream,
+        commands: cmd_tx.clone(),
+        writer: Some(writer),
     };
     let connected = Input::Peer {
         key,
@@ -271,39 +383,65 @@ fn run(
     let result = if events.send(connected).is_err() {
         Err(PeerError::SessionGone)
     } else {
-        let mut reader = Reader {
-            stream: RecvBuf::new(&stream),
-            asked: HashSet::new(),
-            asked_rx,
-            ctx,
+        let links = Links {
             key,
             events,
             writer: &cmd_tx,
             queued: &queued,
-            bitfield_len: ctx.geometry.piece_count().div_ceil(8) as usize,
-            payload: Vec::new(),
-            fast,
-            serves: Vec::new(),
+            asked: asked_rx,
         };
-        reader.run()
+        Reader::new(
+            &stream,
+            &ctx.storage,
+            ctx.download_limit.as_deref(),
+            fast,
+            links,
+        )
+        .run()
     };
-    let _ = stream.shutdown(Shutdown::Both);
-    let _ = cmd_tx.send(Command::Shutdown);
-    let _ = writer.join();
-    result
+    ending.record(result);
+    drop(teardown);
+    ending.take()
 }
 
-struct Reader<'a> {
-    stream: RecvBuf<&'a TcpStream>,
-    /// Blocks we asked this peer for: only these may be written into storage.
-    asked: HashSet<BlockRef>,
-    asked_rx: Receiver<Vec<BlockRef>>,
-    ctx: &'a Context,
+/// Ends a connection's writer once the reader is done, also when the reader panics: the socket
+/// is shut (a write blocked on a full send buffer fails at once), the writer told to stop and
+/// joined, so no thread outlives its connection's Gone event.
+struct Teardown<'a> {
+    stream: &'a TcpStream,
+    commands: Sender<Command>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// A reader's ends of its channels: events to the session, requests to its writer, and the
+/// writer's word on which blocks it asked for.
+struct Links<'a> {
     key: PeerKey,
     events: &'a Sender<Input>,
     writer: &'a Sender<Command>,
+    /// Requests handed to the writer and not yet served or dropped (the writer counts down).
     queued: &'a AtomicUsize,
-    bitfield_len: usize,
+    asked: Receiver<Vec<BlockRef>>,
+}
+
+struct Reader<'a, R> {
+    stream: RecvBuf<R>,
+    decoder: wire::Decoder,
+    storage: &'a Storage,
+    download_limit: Option<&'a TokenBucket>,
+    /// Blocks we asked this peer for: only these may be written into storage.
+    asked: HashSet<BlockRef>,
+    links: Links<'a>,
     payload: Vec<u8>,
     fast: bool,
     /// Requests decoded but not yet handed to the writer: passed on in one command when the
@@ -311,80 +449,108 @@ struct Reader<'a> {
     serves: Vec<BlockRef>,
 }
 
-impl Reader<'_> {
+impl<'a, R: Read> Reader<'a, R> {
+    fn new(
+        src: R,
+        storage: &'a Storage,
+        download_limit: Option<&'a TokenBucket>,
+        fast: bool,
+        links: Links<'a>,
+    ) -> Reader<'a, R> {
+        Reader {
+            stream: RecvBuf::new(src),
+            decoder: wire::Decoder::new(storage.geometry().piece_count()),
+            storage,
+            download_limit,
+            asked: HashSet::new(),
+            links,
+            payload: Vec::new(),
+            fast,
+            serves: Vec::new(),
+        }
+    }
+
     fn pass_serves(&mut self) -> Result<(), PeerError> {
         if self.serves.is_empty() {
             return Ok(());
         }
         let batch = std::mem::replace(&mut self.serves, Vec::with_capacity(MAX_SERVE_BATCH));
-        self.writer
+        self.links
+            .writer
             .send(Command::Serve(batch))
             .map_err(|_| PeerError::SessionGone)
     }
 
     fn emit(&self, event: PeerEvent) -> Result<(), PeerError> {
-        self.events
+        self.links
+            .events
             .send(Input::Peer {
-                key: self.key,
+                key: self.links.key,
                 event,
             })
             .map_err(|_| PeerError::SessionGone)
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Result<(), PeerError> {
-        self.stream
-            .read_exact(buf)
-            .map_err(io_err("waiting for the peer (silent too long)"))
+        self.stream.read_exact(buf).map_err(io_err(WAITING))
     }
 
+    /// Reads frames until the connection ends; `Ok(())` when the peer hangs up between frames.
     fn run(&mut self) -> Result<(), PeerError> {
         loop {
             if self.stream.buffered() < REQUEST_FRAME_LEN {
                 self.pass_serves()?;
             }
-            let mut len = [0u8; 4];
-            self.read(&mut len)?;
-            let len = u32::from_be_bytes(len);
-            if len == 0 {
+            if self.stream.at_eof().map_err(io_err(WAITING))? {
+                return Ok(());
+            }
+            let mut prefix = [0u8; wire::LEN_PREFIX];
+            self.read(&mut prefix)?;
+            let Some(len) = self.decoder.frame_len(prefix)? else {
                 continue;
-            }
-            if len > wire::MAX_FRAME {
-                return Err(wire::Error::FrameTooLong { len }.into());
-            }
+            };
             let mut id = [0u8; 1];
             self.read(&mut id)?;
-            let id = id[0];
-            wire::check_len(id, len, self.bitfield_len)?;
-            if id != wire::ID_REQUEST {
-                self.pass_serves()?;
-            }
-            if id == wire::ID_PIECE {
-                self.read_piece(len)?;
-            } else {
-                self.payload.resize(len as usize - 1, 0);
-                let mut payload = std::mem::take(&mut self.payload);
-                self.read(&mut payload)?;
-                let msg = wire::decode(id, &payload, self.ctx.geometry.piece_count());
-                self.payload = payload;
-                self.handle(msg?)?;
+            match self.decoder.body(len, id[0])? {
+                Body::Piece { len } => {
+                    self.pass_serves()?;
+                    self.read_piece(len)?;
+                }
+                Body::Message { id, len } => {
+                    if id != wire::ID_REQUEST {
+                        self.pass_serves()?;
+                    }
+                    self.read_message(id, len)?;
+                }
             }
         }
     }
 
-    fn read_piece(&mut self, len: u32) -> Result<(), PeerError> {
-        let mut header = [0u8; 8];
+    fn read_message(&mut self, id: u8, len: usize) -> Result<(), PeerError> {
+        // One buffer for the connection's life: `len` is bounded by the decoder, and a
+        // bitfield or extension message does not cost an allocation each.
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.resize(len, 0);
+        let msg = self
+            .read(&mut payload)
+            .and_then(|()| self.decoder.decode(id, &payload).map_err(PeerError::from));
+        self.payload = payload;
+        self.handle(msg?)
+    }
+
+    fn read_piece(&mut self, data_len: u32) -> Result<(), PeerError> {
+        let mut header = [0u8; wire::PIECE_HEADER_LEN];
         self.read(&mut header)?;
         let (index, begin) = wire::piece_header(&header);
-        let data_len = len - 9;
-        let block = self
-            .ctx
-            .geometry
+        let storage = self.storage;
+        let block = storage
+            .geometry()
             .aligned_block(index, begin, data_len)
             .ok_or(PeerError::BadIndex("block"))?;
-        if let Some(limit) = &self.ctx.download_limit {
+        if let Some(limit) = self.download_limit {
             limit.acquire(u64::from(data_len));
         }
-        for batch in self.asked_rx.try_iter() {
+        for batch in self.links.asked.try_iter() {
             if self.asked.len() + batch.len() > MAX_ASKED {
                 self.asked.clear();
             }
@@ -393,7 +559,7 @@ impl Reader<'_> {
         // Straight from the socket into the file map when the block is ours to write;
         // otherwise read past it.
         let claim = if self.asked.remove(&block) {
-            self.ctx.storage.claim(block)
+            storage.claim(block)
         } else {
             None
         };
@@ -402,12 +568,13 @@ impl Reader<'_> {
             Some(claim) => claim.fill(&mut self.stream),
             None => self.stream.skip(data_len as usize),
         }
-        .map_err(io_err("waiting for the peer (silent too long)"))?;
+        .map_err(io_err(WAITING))?;
         self.emit(PeerEvent::Block { block, written })
     }
 
     fn handle(&mut self, msg: Message) -> Result<(), PeerError> {
-        let g = &self.ctx.geometry;
+        let storage = self.storage;
+        let g = storage.geometry();
         match msg {
             Message::KeepAlive | Message::Port(_) | Message::Unknown(_) => Ok(()),
             Message::Extended { id, payload } => {
@@ -434,7 +601,7 @@ impl Reader<'_> {
                 let block = g
                     .request(index, begin, len)
                     .ok_or(PeerError::BadIndex("request"))?;
-                if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_SERVES {
+                if self.links.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_SERVES {
                     return Err(PeerError::RequestFlood);
                 }
                 self.serves.push(block);
@@ -445,7 +612,7 @@ impl Reader<'_> {
             }
             Message::Cancel { index, begin, len } => {
                 if let Some(block) = g.request(index, begin, len) {
-                    let _ = self.writer.send(Command::CancelServe(block));
+                    let _ = self.links.writer.send(Command::CancelServe(block));
                 }
                 Ok(())
             }
@@ -470,6 +637,53 @@ impl Reader<'_> {
     }
 }
 
+/// What a reader did with bytes from memory (see [`replay_reader`]).
+#[derive(Debug)]
+pub(crate) struct Replay {
+    /// How it ended: `Ok(())` when the bytes ran out between frames.
+    pub result: Result<(), PeerError>,
+    /// What it told the session, in order.
+    pub events: Vec<PeerEvent>,
+    /// What it told its writer, in order.
+    pub commands: Vec<Command>,
+}
+
+/// Runs a connection's reader over `src` to its end, as the connection runs it after the
+/// handshake, with the session and the writer replaced by channels read afterwards. `asked`:
+/// blocks the writer has asked for (a block is written into `storage` only if asked and
+/// claimable). The fuzz target and the unit tests drive the connection's own code through this.
+pub(crate) fn replay_reader(
+    src: impl Read,
+    storage: &Storage,
+    fast: bool,
+    asked: Vec<BlockRef>,
+) -> Replay {
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let (writer_tx, writer_rx) = crossbeam_channel::unbounded();
+    let (asked_tx, asked_rx) = crossbeam_channel::unbounded();
+    let _ = asked_tx.send(asked);
+    let queued = AtomicUsize::new(0);
+    let links = Links {
+        key: PeerKey(0),
+        events: &events_tx,
+        writer: &writer_tx,
+        queued: &queued,
+        asked: asked_rx,
+    };
+    let result = Reader::new(src, storage, None, fast, links).run();
+    Replay {
+        result,
+        events: events_rx
+            .try_iter()
+            .filter_map(|input| match input {
+                Input::Peer { event, .. } => Some(event),
+                _ => None,
+            })
+            .collect(),
+        commands: writer_rx.try_iter().collect(),
+    }
+}
+
 fn is_fast_message(m: &Message) -> bool {
     matches!(
         m,
@@ -481,8 +695,8 @@ fn is_fast_message(m: &Message) -> bool {
     )
 }
 
-struct WriterState {
-    stream: TcpStream,
+struct WriterState<W> {
+    stream: W,
     key: PeerKey,
     events: Sender<Input>,
     queued: Arc<AtomicUsize>,
@@ -517,22 +731,17 @@ struct WriterState {
     asked: Option<Sender<Vec<BlockRef>>>,
 }
 
-impl WriterState {
+impl<W: Write> WriterState<W> {
+    /// `ext_handshake`: our BEP 10 handshake, when both sides support the extension protocol.
     fn new(
         ctx: &Context,
-        stream: TcpStream,
+        stream: W,
         key: PeerKey,
         events: Sender<Input>,
         queued: Arc<AtomicUsize>,
         fast: bool,
-        extended: bool,
-    ) -> WriterState {
-        let ext_handshake = extended.then(|| {
-            let ip = stream
-                .peer_addr()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-            extension::our_handshake(ctx.listen_port, ip)
-        });
+        ext_handshake: Option<Vec<u8>>,
+    ) -> WriterState<W> {
         WriterState {
             stream,
             key,
@@ -558,7 +767,8 @@ impl WriterState {
         }
     }
 
-    fn run(&mut self, commands: &Receiver<Command>) -> io::Result<()> {
+    /// Sends until told to stop (`Ok`) or the peer fails us.
+    fn run(&mut self, commands: &Receiver<Command>) -> Result<(), PeerError> {
         loop {
             if self.serves.is_empty() {
                 let wait = if self.unreported > 0 {
@@ -569,23 +779,25 @@ impl WriterState {
                 match commands.recv_timeout(wait) {
                     Ok(cmd) => {
                         if !self.apply(cmd) {
-                            return self.flush();
+                            return self.flush().map_err(io_err(SENDING));
                         }
                     }
                     Err(RecvTimeoutError::Timeout) if self.unreported > 0 => self.report(),
                     Err(RecvTimeoutError::Timeout) => {
                         wire::encode(&Message::KeepAlive, &mut self.out)
                     }
-                    Err(RecvTimeoutError::Disconnected) => return self.flush(),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return self.flush().map_err(io_err(SENDING));
+                    }
                 }
             }
             while let Ok(cmd) = commands.try_recv() {
                 if !self.apply(cmd) {
-                    return self.flush();
+                    return self.flush().map_err(io_err(SENDING));
                 }
             }
             if self.requests_while_choked > MAX_REQUESTS_WHILE_CHOKED {
-                return Err(io::Error::other("peer keeps requesting while choked"));
+                return Err(PeerError::RequestsWhileChoked);
             }
             // Serve a few blocks per round so new commands (cancel, choke) are seen promptly.
             // Under an upload limit each block is a write of its own anyway, and waits for
@@ -600,9 +812,9 @@ impl WriterState {
                     break;
                 };
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                self.serve(block)?;
+                self.serve(block).map_err(io_err(SENDING))?;
             }
-            self.flush()?;
+            self.flush().map_err(io_err(SENDING))?;
         }
     }
 
@@ -832,7 +1044,7 @@ impl WriterState {
         iov.retain(|s| !s.is_empty());
         let mut rest = &mut iov[..];
         while !rest.is_empty() {
-            match (&self.stream).write_vectored(rest) {
+            match self.stream.write_vectored(rest) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
                 Ok(n) => IoSlice::advance_slices(&mut rest, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
