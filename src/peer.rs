@@ -1093,3 +1093,730 @@ fn request_msg(b: BlockRef, cancel: bool) -> Message {
         Message::Request { index, begin, len }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::ops::Range;
+
+    use super::*;
+    use crate::geometry::BLOCK_LEN;
+    use crate::metainfo::Metainfo;
+    use crate::storage::Layout;
+    use crate::wire::Frame;
+
+    const PIECE_LEN: u32 = 2 * BLOCK_LEN;
+    /// Three pieces; the last is one full block and one of 1000 bytes.
+    const TOTAL: u64 = 2 * PIECE_LEN as u64 + BLOCK_LEN as u64 + 1000;
+    const DEADLINE: Duration = Duration::from_secs(60);
+    const THEIR_ID: [u8; 20] = *b"-XX0000-their-peer-0";
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ctx: Arc<Context>,
+        data: Vec<u8>,
+    }
+
+    impl Fixture {
+        /// A three-piece torrent in a temp dir; `filled`: all its data is on disk.
+        fn new(filled: bool) -> Fixture {
+            let data: Vec<u8> = (0..TOTAL).map(|i| (i * 31 % 251) as u8).collect();
+            let mut torrent = format!(
+                "d4:infod6:lengthi{TOTAL}e4:name1:t12:piece lengthi{PIECE_LEN}e6:pieces{}:",
+                data.chunks(PIECE_LEN as usize).len() * 20
+            )
+            .into_bytes();
+            for piece in data.chunks(PIECE_LEN as usize) {
+                torrent.extend_from_slice(&Sha1::digest(piece));
+            }
+            torrent.extend_from_slice(b"ee");
+            let meta = Metainfo::from_bytes(&torrent).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let layout = Layout::in_dir(dir.path(), &meta);
+            let (storage, _) = Storage::create(&layout, &meta.geometry).unwrap();
+            let ctx = Context {
+                info_hash: meta.info_hash,
+                our_id: *b"-BF0000-ourselves-00",
+                geometry: meta.geometry.clone(),
+                meta: Arc::new(meta),
+                storage,
+                bind: None,
+                listen_port: 6881,
+                upload_limit: None,
+                download_limit: None,
+            };
+            let f = Fixture {
+                _dir: dir,
+                ctx: Arc::new(ctx),
+                data,
+            };
+            if filled {
+                let g = &f.ctx.geometry;
+                for b in g.pieces().flat_map(|p| g.blocks(p)) {
+                    let claim = f.ctx.storage.claim(b).unwrap();
+                    claim.fill(&mut &f.data[f.range(b)]).unwrap();
+                }
+            }
+            f
+        }
+
+        fn block(&self, piece: u32, n: u32) -> BlockRef {
+            let g = &self.ctx.geometry;
+            g.block(g.piece(piece).unwrap(), n).unwrap()
+        }
+
+        fn range(&self, b: BlockRef) -> Range<usize> {
+            let start = (self.ctx.geometry.piece_offset(b.piece) + u64::from(b.offset)) as usize;
+            start..start + b.len as usize
+        }
+
+        fn stored(&self, b: BlockRef) -> Vec<u8> {
+            let mut buf = vec![0; b.len as usize];
+            self.ctx.storage.read_block(b, &mut buf).unwrap();
+            buf
+        }
+
+        /// The `piece` frame carrying block `b`'s true data.
+        fn piece_frame(&self, b: BlockRef) -> Vec<u8> {
+            let mut v = Vec::new();
+            wire::encode_piece_header(b.piece.get(), b.offset, b.len, &mut v);
+            v.extend_from_slice(&self.data[self.range(b)]);
+            v
+        }
+
+        fn replay(&self, bytes: &[u8], fast: bool, asked: Vec<BlockRef>) -> Replay {
+            replay_reader(bytes, &self.ctx.storage, fast, asked)
+        }
+    }
+
+    fn frame(msg: &Message) -> Vec<u8> {
+        let mut v = Vec::new();
+        wire::encode(msg, &mut v);
+        v
+    }
+
+    fn frames(msgs: &[Message]) -> Vec<u8> {
+        msgs.iter().flat_map(frame).collect()
+    }
+
+    fn request(b: BlockRef) -> Message {
+        request_msg(b, false)
+    }
+
+    /// Hands the stream out in the given parts, one per read call.
+    struct Parts(VecDeque<Vec<u8>>);
+
+    impl Parts {
+        fn bytewise(bytes: &[u8]) -> Parts {
+            Parts(bytes.iter().map(|&b| vec![b]).collect())
+        }
+    }
+
+    impl Read for Parts {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let Some(front) = self.0.front_mut() else {
+                return Ok(0);
+            };
+            let n = buf.len().min(front.len());
+            buf[..n].copy_from_slice(&front[..n]);
+            front.drain(..n);
+            if front.is_empty() {
+                self.0.pop_front();
+            }
+            Ok(n)
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // reader
+    // ---------------------------------------------------------------------------------------
+
+    #[test]
+    fn frames_split_into_single_bytes_are_read_whole() {
+        let f = Fixture::new(false);
+        let wanted = f.block(0, 0);
+        let mut bytes = frame(&Message::Have(1));
+        bytes.extend(f.piece_frame(wanted));
+        bytes.extend(frame(&Message::Bitfield(vec![0b1110_0000])));
+        let r = replay_reader(Parts::bytewise(&bytes), &f.ctx.storage, false, vec![wanted]);
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        let p1 = f.ctx.geometry.piece(1).unwrap();
+        assert!(matches!(
+            r.events[..],
+            [
+                PeerEvent::Have(p),
+                PeerEvent::Block { block, written: true },
+                PeerEvent::Bitfield(ref bits),
+            ] if p == p1 && block == wanted && bits == &[0b1110_0000]
+        ));
+        assert_eq!(f.stored(wanted), f.data[f.range(wanted)]);
+    }
+
+    #[test]
+    fn keep_alives_are_skipped() {
+        let f = Fixture::new(false);
+        let bytes = frames(&[
+            Message::KeepAlive,
+            Message::KeepAlive,
+            Message::Unchoke,
+            Message::KeepAlive,
+        ]);
+        let r = f.replay(&bytes, false, Vec::new());
+        assert!(r.result.is_ok());
+        assert!(
+            matches!(r.events[..], [PeerEvent::Unchoke]),
+            "{:?}",
+            r.events
+        );
+    }
+
+    #[test]
+    fn an_oversize_frame_is_refused_before_its_payload() {
+        let f = Fixture::new(false);
+        for len in [wire::MAX_FRAME + 1, u32::MAX] {
+            // Only the length prefix: nothing after it is read or allocated for.
+            let r = f.replay(&len.to_be_bytes(), false, Vec::new());
+            let err = r.result.unwrap_err();
+            assert!(
+                matches!(err, PeerError::Protocol(wire::Error::FrameTooLong { len: l }) if l == len)
+            );
+            assert!(err.is_violation() && !err.may_redial());
+        }
+    }
+
+    /// How the reader refuses `bytes` (with the Fast extension on), checked to be a violation.
+    fn refusal(f: &Fixture, bytes: &[u8]) -> PeerError {
+        let err = f.replay(bytes, true, Vec::new()).result.unwrap_err();
+        assert!(err.is_violation() && !err.may_redial(), "{err:?}");
+        err
+    }
+
+    #[test]
+    fn wrong_lengths_and_indices_are_violations() {
+        use wire::Error::{BadBitfield, BadLength};
+        let f = Fixture::new(false);
+        let short_have = [0, 0, 0, 4, wire::ID_HAVE, 0, 0, 0];
+        let err = refusal(&f, &short_have);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 4, len: 4 })
+        ));
+        let short_request = [&[0, 0, 0, 12, wire::ID_REQUEST][..], &[0; 11]].concat();
+        let err = refusal(&f, &short_request);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 6, len: 12 })
+        ));
+        let empty_piece = [&[0, 0, 0, 9, wire::ID_PIECE][..], &[0; 8]].concat();
+        let err = refusal(&f, &empty_piece);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 7, len: 9 })
+        ));
+        let long_choke = [0, 0, 0, 2, wire::ID_CHOKE, 0];
+        let err = refusal(&f, &long_choke);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 0, len: 2 })
+        ));
+        for bits in [vec![0, 0], vec![0b0001_0000]] {
+            let err = refusal(&f, &frame(&Message::Bitfield(bits)));
+            assert!(matches!(err, PeerError::Protocol(BadBitfield)), "{err:?}");
+        }
+
+        let err = refusal(&f, &frame(&Message::Have(3)));
+        assert!(matches!(err, PeerError::BadIndex("have")), "{err:?}");
+        let mut unaligned = Vec::new();
+        wire::encode_piece_header(0, 1, BLOCK_LEN, &mut unaligned);
+        unaligned.extend(vec![0; BLOCK_LEN as usize]);
+        let err = refusal(&f, &unaligned);
+        assert!(matches!(err, PeerError::BadIndex("block")), "{err:?}");
+        // A request past the end of the last (short) piece.
+        let last = f.block(2, 1);
+        let past = Message::Request {
+            index: 2,
+            begin: last.offset,
+            len: last.len + 1,
+        };
+        let err = refusal(&f, &frame(&past));
+        assert!(matches!(err, PeerError::BadIndex("request")), "{err:?}");
+        let reject = Message::Reject {
+            index: 0,
+            begin: 0,
+            len: 100,
+        };
+        let err = refusal(&f, &frame(&reject));
+        assert!(matches!(err, PeerError::BadIndex("reject")), "{err:?}");
+
+        // Fast extension messages need the Fast bit from both sides.
+        let have_all = frame(&Message::HaveAll);
+        let err = f.replay(&have_all, false, Vec::new()).result.unwrap_err();
+        assert!(matches!(err, PeerError::NotNegotiated(_)) && err.is_violation());
+        assert!(f.replay(&have_all, true, Vec::new()).result.is_ok());
+    }
+
+    #[test]
+    fn a_frame_cut_off_is_a_failure_and_a_hang_up_between_frames_is_clean() {
+        let f = Fixture::new(false);
+        let mut bytes = frame(&Message::Have(0));
+        assert!(f.replay(&bytes, false, Vec::new()).result.is_ok());
+        assert!(f.replay(&[], false, Vec::new()).result.is_ok());
+        bytes.pop();
+        let err = f.replay(&bytes, false, Vec::new()).result.unwrap_err();
+        assert!(
+            matches!(&err, PeerError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+            "{err:?}"
+        );
+        assert!(!err.is_violation() && err.may_redial());
+    }
+
+    #[test]
+    fn blocks_not_asked_for_are_read_past_not_written() {
+        let f = Fixture::new(false);
+        let asked = f.block(0, 0);
+        let unasked = f.block(0, 1);
+        let mut bytes = f.piece_frame(unasked);
+        bytes.extend(f.piece_frame(asked));
+        // Asked once, so written once: a second copy is dropped.
+        bytes.extend(f.piece_frame(asked));
+        bytes.extend(frame(&Message::Have(2)));
+        let r = f.replay(&bytes, false, vec![asked]);
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        let written: Vec<_> = r
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::Block { block, written } => Some((*block, *written)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(written, [(unasked, false), (asked, true), (asked, false)]);
+        assert!(matches!(r.events.last(), Some(PeerEvent::Have(_))));
+        assert!(f.ctx.storage.claim(unasked).is_some(), "still free");
+        assert_eq!(f.stored(asked), f.data[f.range(asked)]);
+    }
+
+    #[test]
+    fn requests_reach_the_writer_in_batches_and_cancels_after_their_request() {
+        let f = Fixture::new(false);
+        let [a, b, c, d, e] = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)].map(|(p, n)| f.block(p, n));
+        let parts = Parts(VecDeque::from([
+            frames(&[request(a), request(b), request(c)]),
+            frames(&[request(d), request_msg(d, true)]),
+            frames(&[request(e)]),
+        ]));
+        let r = replay_reader(parts, &f.ctx.storage, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        let got: Vec<String> = r.commands.iter().map(|c| format!("{c:?}")).collect();
+        let want: Vec<String> = [
+            Command::Serve(vec![a, b, c]),
+            Command::Serve(vec![d]),
+            Command::CancelServe(d),
+            Command::Serve(vec![e]),
+        ]
+        .iter()
+        .map(|c| format!("{c:?}"))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_request_flood_is_a_violation() {
+        let f = Fixture::new(false);
+        let one = frame(&request(f.block(1, 0)));
+        let r = f.replay(&one.repeat(MAX_QUEUED_SERVES + 1), false, Vec::new());
+        assert!(
+            matches!(r.result, Err(PeerError::RequestFlood)),
+            "{:?}",
+            r.result
+        );
+        let passed: usize = r
+            .commands
+            .iter()
+            .map(|c| match c {
+                Command::Serve(batch) => batch.len(),
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        // The batch in hand when the flood was seen is dropped with the connection.
+        assert!(passed > 0 && passed <= MAX_QUEUED_SERVES, "{passed}");
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // writer
+    // ---------------------------------------------------------------------------------------
+
+    struct TestWriter<W> {
+        w: WriterState<W>,
+        events: Receiver<Input>,
+        queued: Arc<AtomicUsize>,
+    }
+
+    fn writer_on<W: Write>(f: &Fixture, stream: W, fast: bool, extended: bool) -> TestWriter<W> {
+        let (tx, events) = crossbeam_channel::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let ext = extended.then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1])));
+        let w = WriterState::new(
+            &f.ctx,
+            stream,
+            PeerKey(1),
+            tx,
+            Arc::clone(&queued),
+            fast,
+            ext,
+        );
+        TestWriter { w, events, queued }
+    }
+
+    fn writer(f: &Fixture, fast: bool, extended: bool) -> TestWriter<Vec<u8>> {
+        writer_on(f, Vec::new(), fast, extended)
+    }
+
+    impl<W: Write> TestWriter<W> {
+        /// Runs the writer over `cmds` until they run out; requests count as the reader
+        /// counts them.
+        fn run(&mut self, cmds: Vec<Command>) -> Result<(), PeerError> {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for cmd in cmds {
+                if let Command::Serve(batch) = &cmd {
+                    self.queued.fetch_add(batch.len(), Ordering::Relaxed);
+                }
+                tx.send(cmd).unwrap();
+            }
+            drop(tx);
+            self.w.run(&rx)
+        }
+
+        fn apply(&mut self, cmd: Command) {
+            if let Command::Serve(batch) = &cmd {
+                self.queued.fetch_add(batch.len(), Ordering::Relaxed);
+            }
+            assert!(self.w.apply(cmd));
+        }
+    }
+
+    /// Every frame in `bytes`, which must hold whole frames only.
+    fn sent(f: &Fixture, mut bytes: &[u8]) -> Vec<Frame> {
+        let count = f.ctx.geometry.piece_count();
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let (frame, used) = wire::decode_frame(bytes, count.div_ceil(8) as usize, count)
+                .unwrap()
+                .expect("whole frames");
+            out.push(frame);
+            bytes = &bytes[used..];
+        }
+        out
+    }
+
+    fn msg(m: Message) -> Frame {
+        Frame::Message(m)
+    }
+
+    fn reject(b: BlockRef) -> Frame {
+        msg(reject_msg(b))
+    }
+
+    fn piece(f: &Fixture, b: BlockRef) -> Frame {
+        Frame::Piece {
+            index: b.piece.get(),
+            begin: b.offset,
+            data: f.data[f.range(b)].to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_intro_goes_first_even_after_early_requests() {
+        let f = Fixture::new(true);
+        let b = f.block(0, 0);
+        let mut t = writer(&f, true, true);
+        t.run(vec![
+            Command::Serve(vec![b]),
+            Command::Intro(HaveSummary::All(vec![0b1110_0000])),
+        ])
+        .unwrap();
+        let out = sent(&f, &t.w.stream);
+        assert_eq!(out[0], msg(Message::HaveAll));
+        assert!(
+            matches!(&out[1], Frame::Message(Message::Extended { id: 0, payload }) if extension::parse_handshake(payload).is_ok())
+        );
+        // Still choked: the early request is refused, after the intro.
+        assert_eq!(out[2..], [reject(b)]);
+        assert_eq!(t.queued.load(Ordering::Relaxed), 0);
+
+        // Without the Fast extension: a bitfield, or nothing at all for nothing.
+        for (summary, want) in [
+            (
+                HaveSummary::All(vec![0b1110_0000]),
+                vec![msg(Message::Bitfield(vec![0b1110_0000]))],
+            ),
+            (
+                HaveSummary::Some(vec![0b0100_0000]),
+                vec![msg(Message::Bitfield(vec![0b0100_0000]))],
+            ),
+            (HaveSummary::None, vec![]),
+        ] {
+            let mut t = writer(&f, false, false);
+            t.run(vec![Command::Intro(summary)]).unwrap();
+            assert_eq!(sent(&f, &t.w.stream), want);
+        }
+    }
+
+    #[test]
+    fn a_choke_discards_queued_serves_with_fast_rejects() {
+        let f = Fixture::new(true);
+        let (b0, b1) = (f.block(0, 0), f.block(0, 1));
+        for fast in [true, false] {
+            let mut t = writer(&f, fast, false);
+            t.apply(Command::Intro(HaveSummary::All(vec![0b1110_0000])));
+            t.apply(Command::Choke(false));
+            t.apply(Command::Serve(vec![b0, b1]));
+            assert_eq!(t.w.serves.len(), 2);
+            t.apply(Command::Choke(true));
+            assert!(t.w.serves.is_empty());
+            assert_eq!(t.queued.load(Ordering::Relaxed), 0);
+            t.w.flush().unwrap();
+            let out = sent(&f, &t.w.stream);
+            let mut want = vec![
+                msg(if fast {
+                    Message::HaveAll
+                } else {
+                    Message::Bitfield(vec![0b1110_0000])
+                }),
+                msg(Message::Unchoke),
+                msg(Message::Choke),
+            ];
+            if fast {
+                want.extend([reject(b0), reject(b1)]);
+            }
+            assert_eq!(out, want, "fast: {fast}");
+        }
+    }
+
+    #[test]
+    fn a_cancel_drops_a_queued_serve() {
+        let f = Fixture::new(true);
+        let (b0, b1) = (f.block(0, 0), f.block(0, 1));
+        let mut t = writer(&f, true, false);
+        t.run(vec![
+            Command::Intro(HaveSummary::All(vec![0b1110_0000])),
+            Command::Choke(false),
+            Command::Serve(vec![b0, b1]),
+            Command::CancelServe(b0),
+        ])
+        .unwrap();
+        let out = sent(&f, &t.w.stream);
+        assert_eq!(
+            out,
+            [
+                msg(Message::HaveAll),
+                msg(Message::Unchoke),
+                reject(b0),
+                piece(&f, b1),
+            ]
+        );
+        assert_eq!(t.queued.load(Ordering::Relaxed), 0);
+        t.w.report();
+        let reported: u32 = t
+            .events
+            .try_iter()
+            .map(|e| match e {
+                Input::Peer {
+                    event: PeerEvent::Uploaded(n),
+                    ..
+                } => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(reported, b1.len);
+    }
+
+    #[test]
+    fn only_pieces_we_have_are_served() {
+        let f = Fixture::new(true);
+        let (p0, p1, p2) = (f.block(0, 0), f.block(1, 0), f.block(2, 1));
+        let mut t = writer(&f, true, false);
+        t.run(vec![
+            Command::Intro(HaveSummary::Some(vec![0b1000_0000])),
+            Command::Choke(false),
+            Command::Serve(vec![p0, p1]),
+            Command::Have(p2.piece),
+            Command::Serve(vec![p2]),
+        ])
+        .unwrap();
+        assert_eq!(
+            sent(&f, &t.w.stream),
+            [
+                msg(Message::Bitfield(vec![0b1000_0000])),
+                msg(Message::Unchoke),
+                reject(p1),
+                msg(Message::Have(2)),
+                piece(&f, p0),
+                piece(&f, p2),
+            ]
+        );
+    }
+
+    #[test]
+    fn requests_while_choked_end_the_connection_as_a_violation() {
+        let f = Fixture::new(true);
+        let b = f.block(0, 0);
+        let mut t = writer(&f, false, false);
+        let many = vec![b; MAX_REQUESTS_WHILE_CHOKED as usize + 1];
+        let err = t
+            .run(vec![
+                Command::Intro(HaveSummary::None),
+                Command::Serve(many),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, PeerError::RequestsWhileChoked) && err.is_violation());
+    }
+
+    /// Takes at most 1000 bytes per write, as a socket with a full buffer does.
+    struct Narrow(Vec<u8>);
+
+    impl Write for Narrow {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(1000);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn short_vectored_writes_still_send_everything_in_order() {
+        let f = Fixture::new(true);
+        let blocks: Vec<_> = [(0, 0), (0, 1), (2, 1), (1, 0)]
+            .map(|(p, n)| f.block(p, n))
+            .to_vec();
+        let cmds = || {
+            vec![
+                Command::Intro(HaveSummary::All(vec![0b1110_0000])),
+                Command::Choke(false),
+                Command::Serve(blocks.clone()),
+            ]
+        };
+        let mut narrow = writer_on(&f, Narrow(Vec::new()), true, false);
+        narrow.run(cmds()).unwrap();
+        let mut wide = writer(&f, true, false);
+        wide.run(cmds()).unwrap();
+        assert_eq!(narrow.w.stream.0, wide.w.stream);
+        let out = sent(&f, &wide.w.stream);
+        let pieces: Vec<_> = blocks.iter().map(|&b| piece(&f, b)).collect();
+        assert_eq!(out[2..], pieces[..]);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // the connection's threads
+    // ---------------------------------------------------------------------------------------
+
+    fn next_event(events: &Receiver<Input>) -> PeerEvent {
+        match events.recv_timeout(DEADLINE).expect("an event in time") {
+            Input::Peer { event, .. } => event,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Dials a fake peer on a local socket and completes the handshake for it.
+    fn connected(f: &Fixture, key: PeerKey) -> (TcpStream, Receiver<Input>, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let thread = spawn(key, Dial::Outbound(addr), Arc::clone(&f.ctx), tx).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut theirs = [0u8; wire::HANDSHAKE_LEN];
+        peer.read_exact(&mut theirs).unwrap();
+        assert_eq!(
+            Handshake::decode(&theirs).unwrap().info_hash,
+            f.ctx.info_hash
+        );
+        let ours = Handshake {
+            reserved: [0; 8],
+            info_hash: f.ctx.info_hash,
+            peer_id: THEIR_ID,
+        };
+        peer.write_all(&ours.encode()).unwrap();
+        (peer, events, thread)
+    }
+
+    fn gone(event: PeerEvent) -> Option<PeerError> {
+        match event {
+            PeerEvent::Gone { error } => error,
+            other => panic!("expected Gone, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panicking_reader_thread_still_reports_gone() {
+        let f = Fixture::new(false);
+        let (tx, events) = crossbeam_channel::unbounded();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        let thread = spawn(
+            PANIC_IN_READER,
+            Dial::Outbound(addr),
+            Arc::clone(&f.ctx),
+            tx,
+        )
+        .unwrap();
+        let error = gone(next_event(&events));
+        assert!(matches!(error, Some(PeerError::Panicked)), "{error:?}");
+        thread.join().expect("the panic was caught");
+    }
+
+    #[test]
+    fn a_panicking_writer_thread_reaches_the_session() {
+        let f = Fixture::new(false);
+        let (_peer, events, thread) = connected(&f, PANIC_IN_WRITER);
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        // The peer stays connected: only the writer's guard can end this connection.
+        let error = gone(next_event(&events));
+        assert!(matches!(error, Some(PeerError::Panicked)), "{error:?}");
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_peer_hanging_up_between_frames_is_a_clean_close() {
+        let f = Fixture::new(false);
+        let (mut peer, events, thread) = connected(&f, PeerKey(7));
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        peer.write_all(&frame(&Message::Unchoke)).unwrap();
+        drop(peer);
+        assert!(matches!(next_event(&events), PeerEvent::Unchoke));
+        let error = gone(next_event(&events));
+        assert!(error.is_none(), "{error:?}");
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn closing_a_connection_from_the_session_is_clean() {
+        let f = Fixture::new(false);
+        let (_peer, events, thread) = connected(&f, PeerKey(8));
+        let PeerEvent::Connected { commands, .. } = next_event(&events) else {
+            panic!("not connected");
+        };
+        commands.send(Command::Shutdown).unwrap();
+        let error = gone(next_event(&events));
+        assert!(error.is_none(), "{error:?}");
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_protocol_violation_reaches_the_session_typed() {
+        let f = Fixture::new(false);
+        let (mut peer, events, thread) = connected(&f, PeerKey(9));
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        peer.write_all(&[0xff; 4]).unwrap();
+        let error = gone(next_event(&events)).expect("an error");
+        assert!(
+            matches!(error, PeerError::Protocol(wire::Error::FrameTooLong { .. })),
+            "{error:?}"
+        );
+        assert!(error.is_violation() && !error.may_redial());
+        thread.join().unwrap();
+    }
+}

@@ -1,9 +1,10 @@
 //! The peer wire protocol (BEP 3, plus the message ids of BEP 6 and BEP 10) on byte slices.
 //!
 //! Nothing here does I/O: [`Handshake`] and [`Message`] encode into buffers and decode from
-//! them, so every malformed frame can be tested directly. Frame lengths are checked against
-//! per-message exact sizes *before* a payload is read, so a hostile length prefix never
-//! allocates more than one block.
+//! them, so every malformed frame can be tested directly. [`Decoder`] is the one frame
+//! decoder: the connection's reader drives it step by step over its socket, [`decode_frame`]
+//! over a buffer. Frame lengths are checked against per-message exact sizes *before* a payload
+//! is read, so a hostile length prefix never allocates more than one block.
 
 use std::fmt;
 
@@ -534,6 +535,58 @@ mod tests {
         );
         let (f, _) = decode_frame(&bytes[used..], 1, 3).unwrap().unwrap();
         assert_eq!(f, Frame::Message(Message::Have(1)));
+    }
+
+    #[test]
+    fn decoder_steps_say_what_follows() {
+        let d = Decoder::new(3);
+        assert_eq!(d.bitfield_len(), 1);
+        assert_eq!(d.frame_len([0; 4]), Ok(None));
+        let len = |n: u32| d.frame_len(n.to_be_bytes()).unwrap().unwrap();
+        assert_eq!(len(13).get(), 13);
+        assert_eq!(
+            d.body(len(13), ID_REQUEST),
+            Ok(Body::Message {
+                id: ID_REQUEST,
+                len: 12
+            })
+        );
+        assert_eq!(
+            d.body(len(9 + BLOCK_LEN), ID_PIECE),
+            Ok(Body::Piece { len: BLOCK_LEN })
+        );
+        assert_eq!(
+            d.body(len(2), ID_BITFIELD),
+            Ok(Body::Message {
+                id: ID_BITFIELD,
+                len: 1
+            })
+        );
+        assert_eq!(d.body(len(3), ID_BITFIELD), Err(Error::BadBitfield));
+        assert_eq!(
+            d.frame_len((MAX_FRAME + 1).to_be_bytes()),
+            Err(Error::FrameTooLong { len: MAX_FRAME + 1 })
+        );
+    }
+
+    #[test]
+    fn decode_checks_the_payload_it_is_given() {
+        let d = Decoder::new(3);
+        // A caller that read the wrong number of bytes gets an error, not a panic.
+        assert_eq!(
+            d.decode(ID_HAVE, &[0, 0, 1]),
+            Err(Error::BadLength {
+                id: ID_HAVE,
+                len: 4
+            })
+        );
+        assert!(d.decode(ID_REQUEST, &[]).is_err());
+        assert!(d.decode(ID_EXTENDED, &[]).is_err());
+        assert!(
+            d.decode(ID_PIECE, &[0; 9]).is_err(),
+            "a piece is not a message"
+        );
+        assert_eq!(d.decode(ID_HAVE, &[0, 0, 0, 2]), Ok(Message::Have(2)));
     }
 
     #[test]
