@@ -1721,26 +1721,26 @@ mod tests {
         }
     }
 
-    /// Dials a fake peer on a local socket and completes the handshake for it.
+    /// A fake peer connected to a connection thread over a local socket, handshake done. The
+    /// fake dials, so no step waits on an accept that might never come.
     fn connected(f: &Fixture, key: PeerKey) -> (TcpStream, Receiver<Input>, JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
         let (tx, events) = crossbeam_channel::unbounded();
-        let thread = spawn(key, Dial::Outbound(addr), Arc::clone(&f.ctx), tx).unwrap();
-        let (mut peer, _) = listener.accept().unwrap();
+        let thread = spawn(key, Dial::Inbound(ours, addr), Arc::clone(&f.ctx), tx).unwrap();
         peer.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut theirs = [0u8; wire::HANDSHAKE_LEN];
-        peer.read_exact(&mut theirs).unwrap();
-        assert_eq!(
-            Handshake::decode(&theirs).unwrap().info_hash,
-            f.ctx.info_hash
-        );
-        let ours = Handshake {
+        let theirs = Handshake {
             reserved: [0; 8],
             info_hash: f.ctx.info_hash,
             peer_id: THEIR_ID,
         };
-        peer.write_all(&ours.encode()).unwrap();
+        peer.write_all(&theirs.encode()).unwrap();
+        let mut answer = [0u8; wire::HANDSHAKE_LEN];
+        peer.read_exact(&mut answer).unwrap();
+        let answer = Handshake::decode(&answer).unwrap();
+        assert_eq!(answer.info_hash, f.ctx.info_hash);
+        assert_eq!(answer.peer_id, f.ctx.our_id);
         (peer, events, thread)
     }
 
