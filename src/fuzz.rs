@@ -12,6 +12,7 @@
 //! too (an abort the fuzzer catches), instead of being hidden by a larger main-thread stack.
 
 use std::collections::HashSet;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::panic;
 use std::path::{Component, Path, PathBuf};
@@ -23,8 +24,11 @@ use sha1::{Digest, Sha1};
 use crate::bencode::{self, Limits};
 use crate::extension;
 use crate::geometry::{BLOCK_LEN, Geometry, PieceIndex};
+use crate::messages::{Command, PeerEvent};
 use crate::metainfo::{self, Metainfo};
 use crate::path_safety;
+use crate::peer::{self, PeerError};
+use crate::storage::{Layout, Storage};
 use crate::tracker::{self, MAX_INTERVAL, MAX_PEERS, MIN_INTERVAL, Reply};
 use crate::wire::{self, Frame, Message};
 
@@ -213,7 +217,10 @@ fn check_piece(g: &Geometry, piece: PieceIndex) {
 // ---------------------------------------------------------------------------------------------
 
 /// The peer wire codec. Input layout: 3 bytes of piece count (big-endian), then a 68-byte
-/// handshake, then frames as a peer would send them.
+/// handshake (its Fast bit decides whether BEP 6 messages are allowed), then frames as a peer
+/// would send them. The frames go through the connection's own reader, and through the
+/// buffer form of the same decoder, which must reach the same verdict; every frame decoded
+/// must re-encode to its bytes.
 pub fn wire(data: &[u8]) {
     on_small_stack(data, wire_body);
 }
@@ -224,14 +231,16 @@ fn wire_body(data: &[u8]) {
     };
     let piece_count = u32::from_be_bytes([0, count[0], count[1], count[2]]);
     let bitfield_len = piece_count.div_ceil(8) as usize;
-    let frames = match rest.split_first_chunk::<{ wire::HANDSHAKE_LEN }>() {
+    let (fast, frames) = match rest.split_first_chunk::<{ wire::HANDSHAKE_LEN }>() {
         Some((handshake, frames)) => {
             check_handshake(handshake);
-            frames
+            let reserved: &[u8; 8] = handshake[20..28].try_into().expect("8 bytes");
+            (wire::reserved::has(reserved, wire::reserved::FAST), frames)
         }
-        None => rest,
+        None => (false, rest),
     };
-    check_frames(frames, bitfield_len, piece_count);
+    let end = check_frames(frames, bitfield_len, piece_count);
+    check_reader(frames, piece_count, fast, &end);
     check_extended_handshake(frames);
 }
 
@@ -251,65 +260,125 @@ fn check_handshake(raw: &[u8; wire::HANDSHAKE_LEN]) {
     assert_eq!(wire::Handshake::decode(&h.encode()), Ok(h));
 }
 
-/// Decodes frames one after the other the way the connection does, until one is refused or
-/// the bytes run out.
-fn check_frames(mut buf: &[u8], bitfield_len: usize, piece_count: u32) {
+/// How a stream of frames ends, by the buffer decoder's verdict.
+#[derive(Debug, PartialEq)]
+enum StreamEnd {
+    /// Every byte was part of a whole frame.
+    Clean,
+    /// The bytes ran out inside a frame.
+    Truncated,
+    /// A frame was refused.
+    Refused(wire::Error),
+}
+
+/// Decodes frames one after the other until one is refused or the bytes run out, checking
+/// each round-trips.
+fn check_frames(mut buf: &[u8], bitfield_len: usize, piece_count: u32) -> StreamEnd {
     loop {
-        let result = wire::decode_frame(buf, bitfield_len, piece_count);
-        check_stepwise_agrees(buf, bitfield_len, piece_count, &result);
-        let Ok(Some((frame, used))) = result else {
-            return;
-        };
-        assert!(used >= 4 && used <= buf.len(), "frame used {used} bytes");
-        check_frame(&frame, &buf[..used], bitfield_len, piece_count);
-        buf = &buf[used..];
+        match wire::decode_frame(buf, bitfield_len, piece_count) {
+            Err(e) => return StreamEnd::Refused(e),
+            Ok(None) if buf.is_empty() => return StreamEnd::Clean,
+            Ok(None) => return StreamEnd::Truncated,
+            Ok(Some((frame, used))) => {
+                assert!(used >= 4 && used <= buf.len(), "frame used {used} bytes");
+                check_frame(&frame, &buf[..used], bitfield_len, piece_count);
+                buf = &buf[used..];
+            }
+        }
     }
 }
 
-/// The connection reads a frame in steps (length, id, `check_len`, payload, `decode`); those
-/// steps must reach the verdict `decode_frame` reaches on the whole buffer.
-fn check_stepwise_agrees(
-    buf: &[u8],
-    bitfield_len: usize,
-    piece_count: u32,
-    whole: &Result<Option<(Frame, usize)>, wire::Error>,
-) {
-    let Some((len, after)) = buf.split_first_chunk::<4>() else {
-        assert_eq!(whole, &Ok(None));
-        return;
+/// Runs the connection's reader over the frames (storage read-only, so no block is written)
+/// and checks it ends as the buffer decoder did, and tells the session and the writer only
+/// what the frames allow.
+fn check_reader(frames: &[u8], piece_count: u32, fast: bool, end: &StreamEnd) {
+    // Two blocks a piece, the last one short, so every kind of block check is reachable.
+    let piece_len = 2 * BLOCK_LEN;
+    let total = (u64::from(piece_count) * u64::from(piece_len)).saturating_sub(1000);
+    let geometry = Geometry::new(piece_len, &[total], u64::from(piece_count))
+        .expect("a valid geometry for any piece count");
+    // No file there: nothing is read or written, and read-only storage grants no claims.
+    let layout = Layout {
+        root: PathBuf::from("/nonexistent/bitfetch-fuzz"),
+        files: vec![PathBuf::from("f")],
     };
-    let len = u32::from_be_bytes(*len);
-    if len == 0 {
-        assert_eq!(whole, &Ok(Some((Frame::Message(Message::KeepAlive), 4))));
-        return;
+    let storage = Storage::open_existing(&layout, &geometry).expect("read-only storage");
+    let replay = peer::replay_reader(frames, &storage, fast, Vec::new());
+    match &replay.result {
+        Ok(()) => assert_eq!(end, &StreamEnd::Clean, "the reader saw a clean end"),
+        Err(PeerError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            assert_eq!(
+                end,
+                &StreamEnd::Truncated,
+                "the reader ran out inside a frame"
+            );
+        }
+        Err(PeerError::Protocol(e)) => {
+            assert_eq!(
+                end,
+                &StreamEnd::Refused(e.clone()),
+                "the reader refused a frame"
+            );
+        }
+        // Checks past the codec's (indices, negotiation, floods): the reader stopped at a
+        // frame the codec accepted.
+        Err(e) if e.is_violation() => {}
+        Err(e) => panic!("the reader over bytes in memory ended with {e:?}"),
     }
-    if len > wire::MAX_FRAME {
-        assert_eq!(whole, &Err(wire::Error::FrameTooLong { len }));
-        return;
+    for event in &replay.events {
+        check_event(event, &geometry, fast);
     }
-    let Some((&id, after)) = after.split_first() else {
-        assert_eq!(whole, &Ok(None));
-        return;
-    };
-    if let Err(e) = wire::check_len(id, len, bitfield_len) {
-        assert_eq!(whole, &Err(e));
-        return;
+    let mut served = 0;
+    for cmd in &replay.commands {
+        let blocks = match cmd {
+            Command::Serve(batch) => {
+                assert!(!batch.is_empty(), "an empty serve batch");
+                served += batch.len();
+                batch.clone()
+            }
+            Command::CancelServe(b) => vec![*b],
+            other => panic!("the reader told its writer {other:?}"),
+        };
+        for b in blocks {
+            let again = geometry.request(b.piece.get(), b.offset, b.len);
+            assert_eq!(again, Some(b), "the writer was asked to serve a bad range");
+        }
     }
-    let Some(payload) = after.get(..len as usize - 1) else {
-        assert_eq!(whole, &Ok(None));
-        return;
-    };
-    if id == wire::ID_PIECE {
-        let header: &[u8; 8] = payload[..8].try_into().expect("check_len: over 9 bytes");
-        let (index, begin) = wire::piece_header(header);
-        let data = payload[8..].to_vec();
-        let want = Frame::Piece { index, begin, data };
-        assert_eq!(whole, &Ok(Some((want, 4 + len as usize))));
-        return;
-    }
-    match wire::decode(id, payload, piece_count) {
-        Ok(m) => assert_eq!(whole, &Ok(Some((Frame::Message(m), 4 + len as usize)))),
-        Err(e) => assert_eq!(whole, &Err(e)),
+    assert!(
+        served <= peer::MAX_QUEUED_SERVES,
+        "{served} requests queued"
+    );
+}
+
+fn check_event(event: &PeerEvent, geometry: &Geometry, fast: bool) {
+    match event {
+        PeerEvent::Block { block, written } => {
+            assert!(!written, "a block was written into read-only storage");
+            let again = geometry.aligned_block(block.piece.get(), block.offset, block.len);
+            assert_eq!(again, Some(*block));
+        }
+        PeerEvent::Bitfield(bits) => {
+            check_bitfield(
+                bits,
+                geometry.piece_count().div_ceil(8) as usize,
+                geometry.piece_count(),
+            );
+        }
+        PeerEvent::HaveAll | PeerEvent::HaveNone | PeerEvent::AllowedFast(_) => {
+            assert!(fast, "{event:?} without the Fast extension");
+        }
+        PeerEvent::Rejected(block) => {
+            assert!(fast, "a reject without the Fast extension");
+            let again = geometry.aligned_block(block.piece.get(), block.offset, block.len);
+            assert_eq!(again, Some(*block));
+        }
+        PeerEvent::Extended(_)
+        | PeerEvent::Have(_)
+        | PeerEvent::Choke
+        | PeerEvent::Unchoke
+        | PeerEvent::Interested
+        | PeerEvent::NotInterested => {}
+        other => panic!("a reader sent {other:?}"),
     }
 }
 

@@ -73,9 +73,12 @@ pub enum PeerEvent {
     Uploaded(u32),
     /// A piece we had verified no longer matches its hash on disk; it was not sent.
     CorruptOnDisk(PieceIndex),
-    /// The connection ended; its threads are finishing and can be joined.
+    /// The connection ended; its threads are finishing and can be joined. `error` is `None`
+    /// for a clean close (the peer hung up between frames, or we closed it); otherwise its
+    /// `is_violation` and `may_redial` say whether to ban the address or try it again. Sent
+    /// also when a connection thread panics (`PeerError::Panicked`), so no slot is lost.
     Gone {
-        reason: String,
+        error: Option<crate::peer::PeerError>,
     },
 }
 

@@ -1,24 +1,33 @@
 //! One peer connection: a reader thread and a writer thread over one TCP socket.
 //!
-//! The reader owns the receiving half: it does the handshake, then decodes frames (checking
-//! each length before reading its payload) and turns them into [`PeerEvent`]s for the session.
-//! Requests from the peer go straight to the writer as [`Command::Serve`], so uploads never
-//! wait on the session. The writer owns the sending half: it blocks on its command channel
-//! (so an idle connection costs no CPU), batches what it has into one write, and sends a
-//! keep-alive when it has been quiet for a while.
+//! The reader owns the receiving half: it does the handshake, then decodes frames with
+//! [`wire::Decoder`] (each length checked before its payload is read) and turns them into
+//! [`PeerEvent`]s for the session. Requests from the peer go straight to the writer as
+//! [`Command::Serve`], so uploads never wait on the session. The writer owns the sending half:
+//! it blocks on its command channel (so an idle connection costs no CPU), batches what it has
+//! into one write, and sends a keep-alive when it has been quiet for a while.
 //!
-//! Per-peer faults end this connection only, as a [`PeerError`] that the session logs.
+//! Both halves are generic over `Read`/`Write`: the connection runs them over the socket, the
+//! unit tests and the fuzz target ([`replay_reader`]) over bytes in memory.
+//!
+//! Per-peer faults end this connection only. Whichever half stops first says why (the other
+//! half's failure that follows, a read on a socket the writer shut, is only a consequence), and
+//! the reader thread sends it to the session as [`PeerEvent::Gone`], a typed [`PeerError`] it
+//! can act on. Both threads catch their own panics, so a `Gone` goes out whatever happens and
+//! the session never loses a connection slot to a thread that died silently.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
 
 use crate::extension;
 use sha1::{Digest, Sha1};
@@ -29,7 +38,7 @@ use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
 use crate::recv::RecvBuf;
 use crate::storage::Storage;
-use crate::wire::{self, Handshake, Message, reserved};
+use crate::wire::{self, Body, Handshake, Message, reserved};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -60,19 +69,74 @@ const REPORT_EVERY: u32 = 1024 * 1024;
 /// How long an idle writer keeps a smaller count to itself.
 const REPORT_DELAY: Duration = Duration::from_millis(50);
 
-/// Why a connection ended.
+const WAITING: &str = "waiting for the peer (silent too long)";
+const SENDING: &str = "sending to the peer";
+
+/// Test-only: peer keys whose reader or writer thread panics on purpose, to show the guards
+/// report it.
+#[cfg(test)]
+const PANIC_IN_READER: PeerKey = PeerKey(u64::MAX);
+#[cfg(test)]
+const PANIC_IN_WRITER: PeerKey = PeerKey(u64::MAX - 1);
+
+#[cfg(test)]
+fn inject_panic(key: PeerKey, at: PeerKey) {
+    if key == at {
+        panic!("panic injected into peer {}", key.0);
+    }
+}
+
+/// Why a connection ended: what [`PeerEvent::Gone`] carries (`None` there is a clean close,
+/// by either side). [`is_violation`](PeerError::is_violation) and
+/// [`may_redial`](PeerError::may_redial) say what the session should make of it.
 #[derive(Debug)]
 pub enum PeerError {
+    /// Dialling failed.
     Connect(io::Error),
     Io(io::Error),
+    /// Which wait timed out.
     Timeout(&'static str),
+    /// A malformed handshake or frame.
     Protocol(wire::Error),
     WrongTorrent,
     SelfConnection,
+    /// A piece index or block range outside the torrent, in the named message.
     BadIndex(&'static str),
+    /// More than [`MAX_QUEUED_SERVES`] requests waiting at once.
     RequestFlood,
+    /// More than [`MAX_REQUESTS_WHILE_CHOKED`] requests while we choke the peer.
+    RequestsWhileChoked,
+    /// A message of an extension the handshake did not agree on.
     NotNegotiated(&'static str),
     SessionGone,
+    /// A bug of ours: one of the connection's threads panicked (its message went to stderr).
+    Panicked,
+}
+
+impl PeerError {
+    /// The peer broke the protocol or abused it: malformed frames, out-of-range indices,
+    /// request floods, messages it did not negotiate. It must never be dialled again.
+    pub fn is_violation(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Protocol(_)
+                | PeerError::BadIndex(_)
+                | PeerError::RequestFlood
+                | PeerError::RequestsWhileChoked
+                | PeerError::NotNegotiated(_)
+        )
+    }
+
+    /// Whether dialling the address again could go better: only after a mere failure (connect
+    /// refused, reset, timeout). Not after a violation, not for a peer on another torrent or
+    /// ourselves (neither is misbehaviour, and neither changes), not after a panic (the same
+    /// bytes would hit the same bug), and not while shutting down.
+    pub fn may_redial(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Connect(_) | PeerError::Io(_) | PeerError::Timeout(_)
+        )
+    }
 }
 
 impl fmt::Display for PeerError {
@@ -86,8 +150,20 @@ impl fmt::Display for PeerError {
             PeerError::SelfConnection => write!(f, "connected to ourselves"),
             PeerError::BadIndex(what) => write!(f, "out-of-range {what}"),
             PeerError::RequestFlood => write!(f, "too many queued requests"),
+            PeerError::RequestsWhileChoked => write!(f, "kept requesting while choked"),
             PeerError::NotNegotiated(what) => write!(f, "sent {what} without negotiating it"),
             PeerError::SessionGone => write!(f, "shutting down"),
+            PeerError::Panicked => write!(f, "connection thread panicked (a bug)"),
+        }
+    }
+}
+
+impl std::error::Error for PeerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PeerError::Connect(e) | PeerError::Io(e) => Some(e),
+            PeerError::Protocol(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -103,6 +179,22 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> PeerError {
     move |e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => PeerError::Timeout(what),
         _ => PeerError::Io(e),
+    }
+}
+
+/// How a connection ended: set once, by whichever half stopped first. The writer records
+/// before it shuts the socket, and the reader before it tears the writer down, so the other
+/// half's failure that follows is never taken for the cause.
+#[derive(Default)]
+struct Ending(Mutex<Option<Result<(), PeerError>>>);
+
+impl Ending {
+    fn record(&self, outcome: Result<(), PeerError>) {
+        self.0.lock().get_or_insert(outcome);
+    }
+
+    fn take(&self) -> Result<(), PeerError> {
+        self.0.lock().take().unwrap_or(Ok(()))
     }
 }
 
@@ -127,7 +219,8 @@ pub enum Dial {
     Inbound(TcpStream, SocketAddr),
 }
 
-/// Starts a connection's reader thread (which starts the writer after the handshake).
+/// Starts a connection's reader thread (which starts the writer after the handshake). The
+/// thread always ends by sending [`PeerEvent::Gone`], even when it panics.
 pub fn spawn(
     key: PeerKey,
     dial: Dial,
@@ -138,13 +231,14 @@ pub fn spawn(
         .name(format!("peer-{}", key.0))
         .stack_size(THREAD_STACK)
         .spawn(move || {
-            let reason = match run(key, dial, &ctx, &events) {
-                Ok(()) => "closed".to_string(),
-                Err(e) => e.to_string(),
-            };
+            // A panic is a bug of ours, but it must not cost the session a connection slot:
+            // the Gone event goes out whatever happens. The connection's own teardown ran
+            // while unwinding (see `Teardown`).
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(key, dial, &ctx, &events)));
+            let error = outcome.unwrap_or(Err(PeerError::Panicked)).err();
             let _ = events.send(Input::Peer {
                 key,
-                event: PeerEvent::Gone { reason },
+                event: PeerEvent::Gone { error },
             });
         })
 }
@@ -177,7 +271,7 @@ fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
     .encode()
 }
 
-fn read_handshake(stream: &mut TcpStream, ctx: &Context) -> Result<Handshake, PeerError> {
+fn read_handshake(stream: &mut impl Read, ctx: &Context) -> Result<Handshake, PeerError> {
     let mut buf = [0u8; wire::HANDSHAKE_LEN];
     stream
         .read_exact(&mut buf)
@@ -192,12 +286,15 @@ fn read_handshake(stream: &mut TcpStream, ctx: &Context) -> Result<Handshake, Pe
     Ok(h)
 }
 
+/// `Ok(())` is a clean close: the peer hung up between frames, or the session closed us.
 fn run(
     key: PeerKey,
     dial: Dial,
     ctx: &Arc<Context>,
     events: &Sender<Input>,
 ) -> Result<(), PeerError> {
+    #[cfg(test)]
+    inject_panic(key, PANIC_IN_READER);
     let (mut stream, addr, outbound) = match dial {
         Dial::Outbound(addr) => (
             connect(addr, ctx.bind).map_err(PeerError::Connect)?,
@@ -238,25 +335,40 @@ fn run(
     // never arrives before the reader knows it may keep it.
     let (asked_tx, asked_rx) = crossbeam_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
+    let ending = Arc::new(Ending::default());
     let writer = {
         let stream = stream.try_clone().map_err(PeerError::Io)?;
         let ctx = Arc::clone(ctx);
         let events = events.clone();
         let queued = Arc::clone(&queued);
+        let ending = Arc::clone(&ending);
+        let ext_handshake = extended.then(|| extension::our_handshake(ctx.listen_port, addr.ip()));
         thread::Builder::new()
             .name(format!("peer-{}-w", key.0))
             .stack_size(THREAD_STACK)
             .spawn(move || {
-                let mut w = WriterState::new(&ctx, stream, key, events, queued, fast, extended);
-                w.asked = Some(asked_tx);
-                let _ = w.run(&cmd_rx);
-                // Bytes sent before a broken write still count.
-                w.report();
-                // Told to stop, or the socket broke: either way wake the reader so the
-                // connection ends and its Gone event reaches the session.
-                let _ = w.stream.shutdown(Shutdown::Both);
+                let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+                    #[cfg(test)]
+                    inject_panic(key, PANIC_IN_WRITER);
+                    let mut w =
+                        WriterState::new(&ctx, &stream, key, events, queued, fast, ext_handshake);
+                    w.asked = Some(asked_tx);
+                    let result = w.run(&cmd_rx);
+                    // Bytes sent before a broken write still count.
+                    w.report();
+                    result
+                }));
+                ending.record(outcome.unwrap_or(Err(PeerError::Panicked)));
+                // Told to stop, or the socket broke, or a panic: either way wake the reader so
+                // the connection ends and its Gone event reaches the session.
+                let _ = stream.shutdown(Shutdown::Both);
             })
             .map_err(PeerError::Io)?
+    };
+    let teardown = Teardown {
+        stream: &stream,
+        commands: cmd_tx.clone(),
+        writer: Some(writer),
     };
     let connected = Input::Peer {
         key,
@@ -271,39 +383,65 @@ fn run(
     let result = if events.send(connected).is_err() {
         Err(PeerError::SessionGone)
     } else {
-        let mut reader = Reader {
-            stream: RecvBuf::new(&stream),
-            asked: HashSet::new(),
-            asked_rx,
-            ctx,
+        let links = Links {
             key,
             events,
             writer: &cmd_tx,
             queued: &queued,
-            bitfield_len: ctx.geometry.piece_count().div_ceil(8) as usize,
-            payload: Vec::new(),
-            fast,
-            serves: Vec::new(),
+            asked: asked_rx,
         };
-        reader.run()
+        Reader::new(
+            &stream,
+            &ctx.storage,
+            ctx.download_limit.as_deref(),
+            fast,
+            links,
+        )
+        .run()
     };
-    let _ = stream.shutdown(Shutdown::Both);
-    let _ = cmd_tx.send(Command::Shutdown);
-    let _ = writer.join();
-    result
+    ending.record(result);
+    drop(teardown);
+    ending.take()
 }
 
-struct Reader<'a> {
-    stream: RecvBuf<&'a TcpStream>,
-    /// Blocks we asked this peer for: only these may be written into storage.
-    asked: HashSet<BlockRef>,
-    asked_rx: Receiver<Vec<BlockRef>>,
-    ctx: &'a Context,
+/// Ends a connection's writer once the reader is done, also when the reader panics: the socket
+/// is shut (a write blocked on a full send buffer fails at once), the writer told to stop and
+/// joined, so no thread outlives its connection's Gone event.
+struct Teardown<'a> {
+    stream: &'a TcpStream,
+    commands: Sender<Command>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// A reader's ends of its channels: events to the session, requests to its writer, and the
+/// writer's word on which blocks it asked for.
+struct Links<'a> {
     key: PeerKey,
     events: &'a Sender<Input>,
     writer: &'a Sender<Command>,
+    /// Requests handed to the writer and not yet served or dropped (the writer counts down).
     queued: &'a AtomicUsize,
-    bitfield_len: usize,
+    asked: Receiver<Vec<BlockRef>>,
+}
+
+struct Reader<'a, R> {
+    stream: RecvBuf<R>,
+    decoder: wire::Decoder,
+    storage: &'a Storage,
+    download_limit: Option<&'a TokenBucket>,
+    /// Blocks we asked this peer for: only these may be written into storage.
+    asked: HashSet<BlockRef>,
+    links: Links<'a>,
     payload: Vec<u8>,
     fast: bool,
     /// Requests decoded but not yet handed to the writer: passed on in one command when the
@@ -311,80 +449,108 @@ struct Reader<'a> {
     serves: Vec<BlockRef>,
 }
 
-impl Reader<'_> {
+impl<'a, R: Read> Reader<'a, R> {
+    fn new(
+        src: R,
+        storage: &'a Storage,
+        download_limit: Option<&'a TokenBucket>,
+        fast: bool,
+        links: Links<'a>,
+    ) -> Reader<'a, R> {
+        Reader {
+            stream: RecvBuf::new(src),
+            decoder: wire::Decoder::new(storage.geometry().piece_count()),
+            storage,
+            download_limit,
+            asked: HashSet::new(),
+            links,
+            payload: Vec::new(),
+            fast,
+            serves: Vec::new(),
+        }
+    }
+
     fn pass_serves(&mut self) -> Result<(), PeerError> {
         if self.serves.is_empty() {
             return Ok(());
         }
         let batch = std::mem::replace(&mut self.serves, Vec::with_capacity(MAX_SERVE_BATCH));
-        self.writer
+        self.links
+            .writer
             .send(Command::Serve(batch))
             .map_err(|_| PeerError::SessionGone)
     }
 
     fn emit(&self, event: PeerEvent) -> Result<(), PeerError> {
-        self.events
+        self.links
+            .events
             .send(Input::Peer {
-                key: self.key,
+                key: self.links.key,
                 event,
             })
             .map_err(|_| PeerError::SessionGone)
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Result<(), PeerError> {
-        self.stream
-            .read_exact(buf)
-            .map_err(io_err("waiting for the peer (silent too long)"))
+        self.stream.read_exact(buf).map_err(io_err(WAITING))
     }
 
+    /// Reads frames until the connection ends; `Ok(())` when the peer hangs up between frames.
     fn run(&mut self) -> Result<(), PeerError> {
         loop {
             if self.stream.buffered() < REQUEST_FRAME_LEN {
                 self.pass_serves()?;
             }
-            let mut len = [0u8; 4];
-            self.read(&mut len)?;
-            let len = u32::from_be_bytes(len);
-            if len == 0 {
+            if self.stream.at_eof().map_err(io_err(WAITING))? {
+                return Ok(());
+            }
+            let mut prefix = [0u8; wire::LEN_PREFIX];
+            self.read(&mut prefix)?;
+            let Some(len) = self.decoder.frame_len(prefix)? else {
                 continue;
-            }
-            if len > wire::MAX_FRAME {
-                return Err(wire::Error::FrameTooLong { len }.into());
-            }
+            };
             let mut id = [0u8; 1];
             self.read(&mut id)?;
-            let id = id[0];
-            wire::check_len(id, len, self.bitfield_len)?;
-            if id != wire::ID_REQUEST {
-                self.pass_serves()?;
-            }
-            if id == wire::ID_PIECE {
-                self.read_piece(len)?;
-            } else {
-                self.payload.resize(len as usize - 1, 0);
-                let mut payload = std::mem::take(&mut self.payload);
-                self.read(&mut payload)?;
-                let msg = wire::decode(id, &payload, self.ctx.geometry.piece_count());
-                self.payload = payload;
-                self.handle(msg?)?;
+            match self.decoder.body(len, id[0])? {
+                Body::Piece { len } => {
+                    self.pass_serves()?;
+                    self.read_piece(len)?;
+                }
+                Body::Message { id, len } => {
+                    if id != wire::ID_REQUEST {
+                        self.pass_serves()?;
+                    }
+                    self.read_message(id, len)?;
+                }
             }
         }
     }
 
-    fn read_piece(&mut self, len: u32) -> Result<(), PeerError> {
-        let mut header = [0u8; 8];
+    fn read_message(&mut self, id: u8, len: usize) -> Result<(), PeerError> {
+        // One buffer for the connection's life: `len` is bounded by the decoder, and a
+        // bitfield or extension message does not cost an allocation each.
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.resize(len, 0);
+        let msg = self
+            .read(&mut payload)
+            .and_then(|()| self.decoder.decode(id, &payload).map_err(PeerError::from));
+        self.payload = payload;
+        self.handle(msg?)
+    }
+
+    fn read_piece(&mut self, data_len: u32) -> Result<(), PeerError> {
+        let mut header = [0u8; wire::PIECE_HEADER_LEN];
         self.read(&mut header)?;
         let (index, begin) = wire::piece_header(&header);
-        let data_len = len - 9;
-        let block = self
-            .ctx
-            .geometry
+        let storage = self.storage;
+        let block = storage
+            .geometry()
             .aligned_block(index, begin, data_len)
             .ok_or(PeerError::BadIndex("block"))?;
-        if let Some(limit) = &self.ctx.download_limit {
+        if let Some(limit) = self.download_limit {
             limit.acquire(u64::from(data_len));
         }
-        for batch in self.asked_rx.try_iter() {
+        for batch in self.links.asked.try_iter() {
             if self.asked.len() + batch.len() > MAX_ASKED {
                 self.asked.clear();
             }
@@ -393,7 +559,7 @@ impl Reader<'_> {
         // Straight from the socket into the file map when the block is ours to write;
         // otherwise read past it.
         let claim = if self.asked.remove(&block) {
-            self.ctx.storage.claim(block)
+            storage.claim(block)
         } else {
             None
         };
@@ -402,12 +568,13 @@ impl Reader<'_> {
             Some(claim) => claim.fill(&mut self.stream),
             None => self.stream.skip(data_len as usize),
         }
-        .map_err(io_err("waiting for the peer (silent too long)"))?;
+        .map_err(io_err(WAITING))?;
         self.emit(PeerEvent::Block { block, written })
     }
 
     fn handle(&mut self, msg: Message) -> Result<(), PeerError> {
-        let g = &self.ctx.geometry;
+        let storage = self.storage;
+        let g = storage.geometry();
         match msg {
             Message::KeepAlive | Message::Port(_) | Message::Unknown(_) => Ok(()),
             Message::Extended { id, payload } => {
@@ -434,7 +601,7 @@ impl Reader<'_> {
                 let block = g
                     .request(index, begin, len)
                     .ok_or(PeerError::BadIndex("request"))?;
-                if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_SERVES {
+                if self.links.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_SERVES {
                     return Err(PeerError::RequestFlood);
                 }
                 self.serves.push(block);
@@ -445,7 +612,7 @@ impl Reader<'_> {
             }
             Message::Cancel { index, begin, len } => {
                 if let Some(block) = g.request(index, begin, len) {
-                    let _ = self.writer.send(Command::CancelServe(block));
+                    let _ = self.links.writer.send(Command::CancelServe(block));
                 }
                 Ok(())
             }
@@ -470,6 +637,53 @@ impl Reader<'_> {
     }
 }
 
+/// What a reader did with bytes from memory (see [`replay_reader`]).
+#[derive(Debug)]
+pub(crate) struct Replay {
+    /// How it ended: `Ok(())` when the bytes ran out between frames.
+    pub result: Result<(), PeerError>,
+    /// What it told the session, in order.
+    pub events: Vec<PeerEvent>,
+    /// What it told its writer, in order.
+    pub commands: Vec<Command>,
+}
+
+/// Runs a connection's reader over `src` to its end, as the connection runs it after the
+/// handshake, with the session and the writer replaced by channels read afterwards. `asked`:
+/// blocks the writer has asked for (a block is written into `storage` only if asked and
+/// claimable). The fuzz target and the unit tests drive the connection's own code through this.
+pub(crate) fn replay_reader(
+    src: impl Read,
+    storage: &Storage,
+    fast: bool,
+    asked: Vec<BlockRef>,
+) -> Replay {
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let (writer_tx, writer_rx) = crossbeam_channel::unbounded();
+    let (asked_tx, asked_rx) = crossbeam_channel::unbounded();
+    let _ = asked_tx.send(asked);
+    let queued = AtomicUsize::new(0);
+    let links = Links {
+        key: PeerKey(0),
+        events: &events_tx,
+        writer: &writer_tx,
+        queued: &queued,
+        asked: asked_rx,
+    };
+    let result = Reader::new(src, storage, None, fast, links).run();
+    Replay {
+        result,
+        events: events_rx
+            .try_iter()
+            .filter_map(|input| match input {
+                Input::Peer { event, .. } => Some(event),
+                _ => None,
+            })
+            .collect(),
+        commands: writer_rx.try_iter().collect(),
+    }
+}
+
 fn is_fast_message(m: &Message) -> bool {
     matches!(
         m,
@@ -481,8 +695,8 @@ fn is_fast_message(m: &Message) -> bool {
     )
 }
 
-struct WriterState {
-    stream: TcpStream,
+struct WriterState<W> {
+    stream: W,
     key: PeerKey,
     events: Sender<Input>,
     queued: Arc<AtomicUsize>,
@@ -517,22 +731,17 @@ struct WriterState {
     asked: Option<Sender<Vec<BlockRef>>>,
 }
 
-impl WriterState {
+impl<W: Write> WriterState<W> {
+    /// `ext_handshake`: our BEP 10 handshake, when both sides support the extension protocol.
     fn new(
         ctx: &Context,
-        stream: TcpStream,
+        stream: W,
         key: PeerKey,
         events: Sender<Input>,
         queued: Arc<AtomicUsize>,
         fast: bool,
-        extended: bool,
-    ) -> WriterState {
-        let ext_handshake = extended.then(|| {
-            let ip = stream
-                .peer_addr()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-            extension::our_handshake(ctx.listen_port, ip)
-        });
+        ext_handshake: Option<Vec<u8>>,
+    ) -> WriterState<W> {
         WriterState {
             stream,
             key,
@@ -558,7 +767,8 @@ impl WriterState {
         }
     }
 
-    fn run(&mut self, commands: &Receiver<Command>) -> io::Result<()> {
+    /// Sends until told to stop (`Ok`) or the peer fails us.
+    fn run(&mut self, commands: &Receiver<Command>) -> Result<(), PeerError> {
         loop {
             if self.serves.is_empty() {
                 let wait = if self.unreported > 0 {
@@ -569,23 +779,25 @@ impl WriterState {
                 match commands.recv_timeout(wait) {
                     Ok(cmd) => {
                         if !self.apply(cmd) {
-                            return self.flush();
+                            return self.flush().map_err(io_err(SENDING));
                         }
                     }
                     Err(RecvTimeoutError::Timeout) if self.unreported > 0 => self.report(),
                     Err(RecvTimeoutError::Timeout) => {
                         wire::encode(&Message::KeepAlive, &mut self.out)
                     }
-                    Err(RecvTimeoutError::Disconnected) => return self.flush(),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return self.flush().map_err(io_err(SENDING));
+                    }
                 }
             }
             while let Ok(cmd) = commands.try_recv() {
                 if !self.apply(cmd) {
-                    return self.flush();
+                    return self.flush().map_err(io_err(SENDING));
                 }
             }
             if self.requests_while_choked > MAX_REQUESTS_WHILE_CHOKED {
-                return Err(io::Error::other("peer keeps requesting while choked"));
+                return Err(PeerError::RequestsWhileChoked);
             }
             // Serve a few blocks per round so new commands (cancel, choke) are seen promptly.
             // Under an upload limit each block is a write of its own anyway, and waits for
@@ -600,9 +812,9 @@ impl WriterState {
                     break;
                 };
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                self.serve(block)?;
+                self.serve(block).map_err(io_err(SENDING))?;
             }
-            self.flush()?;
+            self.flush().map_err(io_err(SENDING))?;
         }
     }
 
@@ -832,7 +1044,7 @@ impl WriterState {
         iov.retain(|s| !s.is_empty());
         let mut rest = &mut iov[..];
         while !rest.is_empty() {
-            match (&self.stream).write_vectored(rest) {
+            match self.stream.write_vectored(rest) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
                 Ok(n) => IoSlice::advance_slices(&mut rest, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -879,5 +1091,732 @@ fn request_msg(b: BlockRef, cancel: bool) -> Message {
         Message::Cancel { index, begin, len }
     } else {
         Message::Request { index, begin, len }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::ops::Range;
+
+    use super::*;
+    use crate::geometry::BLOCK_LEN;
+    use crate::metainfo::Metainfo;
+    use crate::storage::Layout;
+    use crate::wire::Frame;
+
+    const PIECE_LEN: u32 = 2 * BLOCK_LEN;
+    /// Three pieces; the last is one full block and one of 1000 bytes.
+    const TOTAL: u64 = 2 * PIECE_LEN as u64 + BLOCK_LEN as u64 + 1000;
+    const DEADLINE: Duration = Duration::from_secs(60);
+    const THEIR_ID: [u8; 20] = *b"-XX0000-their-peer-0";
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ctx: Arc<Context>,
+        data: Vec<u8>,
+    }
+
+    impl Fixture {
+        /// A three-piece torrent in a temp dir; `filled`: all its data is on disk.
+        fn new(filled: bool) -> Fixture {
+            let data: Vec<u8> = (0..TOTAL).map(|i| (i * 31 % 251) as u8).collect();
+            let mut torrent = format!(
+                "d4:infod6:lengthi{TOTAL}e4:name1:t12:piece lengthi{PIECE_LEN}e6:pieces{}:",
+                data.chunks(PIECE_LEN as usize).len() * 20
+            )
+            .into_bytes();
+            for piece in data.chunks(PIECE_LEN as usize) {
+                torrent.extend_from_slice(&Sha1::digest(piece));
+            }
+            torrent.extend_from_slice(b"ee");
+            let meta = Metainfo::from_bytes(&torrent).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let layout = Layout::in_dir(dir.path(), &meta);
+            let (storage, _) = Storage::create(&layout, &meta.geometry).unwrap();
+            let ctx = Context {
+                info_hash: meta.info_hash,
+                our_id: *b"-BF0000-ourselves-00",
+                geometry: meta.geometry.clone(),
+                meta: Arc::new(meta),
+                storage,
+                bind: None,
+                listen_port: 6881,
+                upload_limit: None,
+                download_limit: None,
+            };
+            let f = Fixture {
+                _dir: dir,
+                ctx: Arc::new(ctx),
+                data,
+            };
+            if filled {
+                let g = &f.ctx.geometry;
+                for b in g.pieces().flat_map(|p| g.blocks(p)) {
+                    let claim = f.ctx.storage.claim(b).unwrap();
+                    claim.fill(&mut &f.data[f.range(b)]).unwrap();
+                }
+            }
+            f
+        }
+
+        fn block(&self, piece: u32, n: u32) -> BlockRef {
+            let g = &self.ctx.geometry;
+            g.block(g.piece(piece).unwrap(), n).unwrap()
+        }
+
+        fn range(&self, b: BlockRef) -> Range<usize> {
+            let start = (self.ctx.geometry.piece_offset(b.piece) + u64::from(b.offset)) as usize;
+            start..start + b.len as usize
+        }
+
+        fn stored(&self, b: BlockRef) -> Vec<u8> {
+            let mut buf = vec![0; b.len as usize];
+            self.ctx.storage.read_block(b, &mut buf).unwrap();
+            buf
+        }
+
+        /// The `piece` frame carrying block `b`'s true data.
+        fn piece_frame(&self, b: BlockRef) -> Vec<u8> {
+            let mut v = Vec::new();
+            wire::encode_piece_header(b.piece.get(), b.offset, b.len, &mut v);
+            v.extend_from_slice(&self.data[self.range(b)]);
+            v
+        }
+
+        fn replay(&self, bytes: &[u8], fast: bool, asked: Vec<BlockRef>) -> Replay {
+            replay_reader(bytes, &self.ctx.storage, fast, asked)
+        }
+    }
+
+    fn frame(msg: &Message) -> Vec<u8> {
+        let mut v = Vec::new();
+        wire::encode(msg, &mut v);
+        v
+    }
+
+    fn frames(msgs: &[Message]) -> Vec<u8> {
+        msgs.iter().flat_map(frame).collect()
+    }
+
+    fn request(b: BlockRef) -> Message {
+        request_msg(b, false)
+    }
+
+    /// Hands the stream out in the given parts, one per read call.
+    struct Parts(VecDeque<Vec<u8>>);
+
+    impl Parts {
+        fn bytewise(bytes: &[u8]) -> Parts {
+            Parts(bytes.iter().map(|&b| vec![b]).collect())
+        }
+    }
+
+    impl Read for Parts {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let Some(front) = self.0.front_mut() else {
+                return Ok(0);
+            };
+            let n = buf.len().min(front.len());
+            buf[..n].copy_from_slice(&front[..n]);
+            front.drain(..n);
+            if front.is_empty() {
+                self.0.pop_front();
+            }
+            Ok(n)
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // reader
+    // ---------------------------------------------------------------------------------------
+
+    #[test]
+    fn frames_split_into_single_bytes_are_read_whole() {
+        let f = Fixture::new(false);
+        let wanted = f.block(0, 0);
+        let mut bytes = frame(&Message::Have(1));
+        bytes.extend(f.piece_frame(wanted));
+        bytes.extend(frame(&Message::Bitfield(vec![0b1110_0000])));
+        let r = replay_reader(Parts::bytewise(&bytes), &f.ctx.storage, false, vec![wanted]);
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        let p1 = f.ctx.geometry.piece(1).unwrap();
+        assert!(matches!(
+            r.events[..],
+            [
+                PeerEvent::Have(p),
+                PeerEvent::Block { block, written: true },
+                PeerEvent::Bitfield(ref bits),
+            ] if p == p1 && block == wanted && bits == &[0b1110_0000]
+        ));
+        assert_eq!(f.stored(wanted), f.data[f.range(wanted)]);
+    }
+
+    #[test]
+    fn keep_alives_are_skipped() {
+        let f = Fixture::new(false);
+        let bytes = frames(&[
+            Message::KeepAlive,
+            Message::KeepAlive,
+            Message::Unchoke,
+            Message::KeepAlive,
+        ]);
+        let r = f.replay(&bytes, false, Vec::new());
+        assert!(r.result.is_ok());
+        assert!(
+            matches!(r.events[..], [PeerEvent::Unchoke]),
+            "{:?}",
+            r.events
+        );
+    }
+
+    #[test]
+    fn an_oversize_frame_is_refused_before_its_payload() {
+        let f = Fixture::new(false);
+        for len in [wire::MAX_FRAME + 1, u32::MAX] {
+            // Only the length prefix: nothing after it is read or allocated for.
+            let r = f.replay(&len.to_be_bytes(), false, Vec::new());
+            let err = r.result.unwrap_err();
+            assert!(
+                matches!(err, PeerError::Protocol(wire::Error::FrameTooLong { len: l }) if l == len)
+            );
+            assert!(err.is_violation() && !err.may_redial());
+        }
+    }
+
+    /// How the reader refuses `bytes` (with the Fast extension on), checked to be a violation.
+    fn refusal(f: &Fixture, bytes: &[u8]) -> PeerError {
+        let err = f.replay(bytes, true, Vec::new()).result.unwrap_err();
+        assert!(err.is_violation() && !err.may_redial(), "{err:?}");
+        err
+    }
+
+    #[test]
+    fn wrong_lengths_and_indices_are_violations() {
+        use wire::Error::{BadBitfield, BadLength};
+        let f = Fixture::new(false);
+        let short_have = [0, 0, 0, 4, wire::ID_HAVE, 0, 0, 0];
+        let err = refusal(&f, &short_have);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 4, len: 4 })
+        ));
+        let short_request = [&[0, 0, 0, 12, wire::ID_REQUEST][..], &[0; 11]].concat();
+        let err = refusal(&f, &short_request);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 6, len: 12 })
+        ));
+        let empty_piece = [&[0, 0, 0, 9, wire::ID_PIECE][..], &[0; 8]].concat();
+        let err = refusal(&f, &empty_piece);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 7, len: 9 })
+        ));
+        let long_choke = [0, 0, 0, 2, wire::ID_CHOKE, 0];
+        let err = refusal(&f, &long_choke);
+        assert!(matches!(
+            err,
+            PeerError::Protocol(BadLength { id: 0, len: 2 })
+        ));
+        for bits in [vec![0, 0], vec![0b0001_0000]] {
+            let err = refusal(&f, &frame(&Message::Bitfield(bits)));
+            assert!(matches!(err, PeerError::Protocol(BadBitfield)), "{err:?}");
+        }
+
+        let err = refusal(&f, &frame(&Message::Have(3)));
+        assert!(matches!(err, PeerError::BadIndex("have")), "{err:?}");
+        let mut unaligned = Vec::new();
+        wire::encode_piece_header(0, 1, BLOCK_LEN, &mut unaligned);
+        unaligned.extend(vec![0; BLOCK_LEN as usize]);
+        let err = refusal(&f, &unaligned);
+        assert!(matches!(err, PeerError::BadIndex("block")), "{err:?}");
+        // A request past the end of the last (short) piece.
+        let last = f.block(2, 1);
+        let past = Message::Request {
+            index: 2,
+            begin: last.offset,
+            len: last.len + 1,
+        };
+        let err = refusal(&f, &frame(&past));
+        assert!(matches!(err, PeerError::BadIndex("request")), "{err:?}");
+        let reject = Message::Reject {
+            index: 0,
+            begin: 0,
+            len: 100,
+        };
+        let err = refusal(&f, &frame(&reject));
+        assert!(matches!(err, PeerError::BadIndex("reject")), "{err:?}");
+
+        // Fast extension messages need the Fast bit from both sides.
+        let have_all = frame(&Message::HaveAll);
+        let err = f.replay(&have_all, false, Vec::new()).result.unwrap_err();
+        assert!(matches!(err, PeerError::NotNegotiated(_)) && err.is_violation());
+        assert!(f.replay(&have_all, true, Vec::new()).result.is_ok());
+    }
+
+    #[test]
+    fn a_frame_cut_off_is_a_failure_and_a_hang_up_between_frames_is_clean() {
+        let f = Fixture::new(false);
+        let mut bytes = frame(&Message::Have(0));
+        assert!(f.replay(&bytes, false, Vec::new()).result.is_ok());
+        assert!(f.replay(&[], false, Vec::new()).result.is_ok());
+        bytes.pop();
+        let err = f.replay(&bytes, false, Vec::new()).result.unwrap_err();
+        assert!(
+            matches!(&err, PeerError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+            "{err:?}"
+        );
+        assert!(!err.is_violation() && err.may_redial());
+    }
+
+    #[test]
+    fn blocks_not_asked_for_are_read_past_not_written() {
+        let f = Fixture::new(false);
+        let asked = f.block(0, 0);
+        let unasked = f.block(0, 1);
+        let mut bytes = f.piece_frame(unasked);
+        bytes.extend(f.piece_frame(asked));
+        // Asked once, so written once: a second copy is dropped.
+        bytes.extend(f.piece_frame(asked));
+        bytes.extend(frame(&Message::Have(2)));
+        let r = f.replay(&bytes, false, vec![asked]);
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        let written: Vec<_> = r
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::Block { block, written } => Some((*block, *written)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(written, [(unasked, false), (asked, true), (asked, false)]);
+        assert!(matches!(r.events.last(), Some(PeerEvent::Have(_))));
+        assert!(f.ctx.storage.claim(unasked).is_some(), "still free");
+        assert_eq!(f.stored(asked), f.data[f.range(asked)]);
+    }
+
+    #[test]
+    fn requests_reach_the_writer_in_batches_and_cancels_after_their_request() {
+        let f = Fixture::new(false);
+        let [a, b, c, d, e] = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)].map(|(p, n)| f.block(p, n));
+        let parts = Parts(VecDeque::from([
+            frames(&[request(a), request(b), request(c)]),
+            frames(&[request(d), request_msg(d, true)]),
+            frames(&[request(e)]),
+        ]));
+        let r = replay_reader(parts, &f.ctx.storage, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        let got: Vec<String> = r.commands.iter().map(|c| format!("{c:?}")).collect();
+        let want: Vec<String> = [
+            Command::Serve(vec![a, b, c]),
+            Command::Serve(vec![d]),
+            Command::CancelServe(d),
+            Command::Serve(vec![e]),
+        ]
+        .iter()
+        .map(|c| format!("{c:?}"))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_request_flood_is_a_violation() {
+        let f = Fixture::new(false);
+        let one = frame(&request(f.block(1, 0)));
+        let r = f.replay(&one.repeat(MAX_QUEUED_SERVES + 1), false, Vec::new());
+        assert!(
+            matches!(r.result, Err(PeerError::RequestFlood)),
+            "{:?}",
+            r.result
+        );
+        let passed: usize = r
+            .commands
+            .iter()
+            .map(|c| match c {
+                Command::Serve(batch) => batch.len(),
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        // The batch in hand when the flood was seen is dropped with the connection.
+        assert!(passed > 0 && passed <= MAX_QUEUED_SERVES, "{passed}");
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // writer
+    // ---------------------------------------------------------------------------------------
+
+    struct TestWriter<W> {
+        w: WriterState<W>,
+        events: Receiver<Input>,
+        queued: Arc<AtomicUsize>,
+    }
+
+    fn writer_on<W: Write>(f: &Fixture, stream: W, fast: bool, extended: bool) -> TestWriter<W> {
+        let (tx, events) = crossbeam_channel::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let ext = extended.then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1])));
+        let w = WriterState::new(
+            &f.ctx,
+            stream,
+            PeerKey(1),
+            tx,
+            Arc::clone(&queued),
+            fast,
+            ext,
+        );
+        TestWriter { w, events, queued }
+    }
+
+    fn writer(f: &Fixture, fast: bool, extended: bool) -> TestWriter<Vec<u8>> {
+        writer_on(f, Vec::new(), fast, extended)
+    }
+
+    impl<W: Write> TestWriter<W> {
+        /// Runs the writer over `cmds` until they run out; requests count as the reader
+        /// counts them.
+        fn run(&mut self, cmds: Vec<Command>) -> Result<(), PeerError> {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for cmd in cmds {
+                if let Command::Serve(batch) = &cmd {
+                    self.queued.fetch_add(batch.len(), Ordering::Relaxed);
+                }
+                tx.send(cmd).unwrap();
+            }
+            drop(tx);
+            self.w.run(&rx)
+        }
+
+        fn apply(&mut self, cmd: Command) {
+            if let Command::Serve(batch) = &cmd {
+                self.queued.fetch_add(batch.len(), Ordering::Relaxed);
+            }
+            assert!(self.w.apply(cmd));
+        }
+    }
+
+    /// Every frame in `bytes`, which must hold whole frames only.
+    fn sent(f: &Fixture, mut bytes: &[u8]) -> Vec<Frame> {
+        let count = f.ctx.geometry.piece_count();
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let (frame, used) = wire::decode_frame(bytes, count.div_ceil(8) as usize, count)
+                .unwrap()
+                .expect("whole frames");
+            out.push(frame);
+            bytes = &bytes[used..];
+        }
+        out
+    }
+
+    fn msg(m: Message) -> Frame {
+        Frame::Message(m)
+    }
+
+    fn reject(b: BlockRef) -> Frame {
+        msg(reject_msg(b))
+    }
+
+    fn piece(f: &Fixture, b: BlockRef) -> Frame {
+        Frame::Piece {
+            index: b.piece.get(),
+            begin: b.offset,
+            data: f.data[f.range(b)].to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_intro_goes_first_even_after_early_requests() {
+        let f = Fixture::new(true);
+        let b = f.block(0, 0);
+        let mut t = writer(&f, true, true);
+        t.run(vec![
+            Command::Serve(vec![b]),
+            Command::Intro(HaveSummary::All(vec![0b1110_0000])),
+        ])
+        .unwrap();
+        let out = sent(&f, &t.w.stream);
+        assert_eq!(out[0], msg(Message::HaveAll));
+        assert!(
+            matches!(&out[1], Frame::Message(Message::Extended { id: 0, payload }) if extension::parse_handshake(payload).is_ok())
+        );
+        // Still choked: the early request is refused, after the intro.
+        assert_eq!(out[2..], [reject(b)]);
+        assert_eq!(t.queued.load(Ordering::Relaxed), 0);
+
+        // Without the Fast extension: a bitfield, or nothing at all for nothing.
+        for (summary, want) in [
+            (
+                HaveSummary::All(vec![0b1110_0000]),
+                vec![msg(Message::Bitfield(vec![0b1110_0000]))],
+            ),
+            (
+                HaveSummary::Some(vec![0b0100_0000]),
+                vec![msg(Message::Bitfield(vec![0b0100_0000]))],
+            ),
+            (HaveSummary::None, vec![]),
+        ] {
+            let mut t = writer(&f, false, false);
+            t.run(vec![Command::Intro(summary)]).unwrap();
+            assert_eq!(sent(&f, &t.w.stream), want);
+        }
+    }
+
+    #[test]
+    fn a_choke_discards_queued_serves_with_fast_rejects() {
+        let f = Fixture::new(true);
+        let (b0, b1) = (f.block(0, 0), f.block(0, 1));
+        for fast in [true, false] {
+            let mut t = writer(&f, fast, false);
+            t.apply(Command::Intro(HaveSummary::All(vec![0b1110_0000])));
+            t.apply(Command::Choke(false));
+            t.apply(Command::Serve(vec![b0, b1]));
+            assert_eq!(t.w.serves.len(), 2);
+            t.apply(Command::Choke(true));
+            assert!(t.w.serves.is_empty());
+            assert_eq!(t.queued.load(Ordering::Relaxed), 0);
+            t.w.flush().unwrap();
+            let out = sent(&f, &t.w.stream);
+            let mut want = vec![
+                msg(if fast {
+                    Message::HaveAll
+                } else {
+                    Message::Bitfield(vec![0b1110_0000])
+                }),
+                msg(Message::Unchoke),
+                msg(Message::Choke),
+            ];
+            if fast {
+                want.extend([reject(b0), reject(b1)]);
+            }
+            assert_eq!(out, want, "fast: {fast}");
+        }
+    }
+
+    #[test]
+    fn a_cancel_drops_a_queued_serve() {
+        let f = Fixture::new(true);
+        let (b0, b1) = (f.block(0, 0), f.block(0, 1));
+        let mut t = writer(&f, true, false);
+        t.run(vec![
+            Command::Intro(HaveSummary::All(vec![0b1110_0000])),
+            Command::Choke(false),
+            Command::Serve(vec![b0, b1]),
+            Command::CancelServe(b0),
+        ])
+        .unwrap();
+        let out = sent(&f, &t.w.stream);
+        assert_eq!(
+            out,
+            [
+                msg(Message::HaveAll),
+                msg(Message::Unchoke),
+                reject(b0),
+                piece(&f, b1),
+            ]
+        );
+        assert_eq!(t.queued.load(Ordering::Relaxed), 0);
+        t.w.report();
+        let reported: u32 = t
+            .events
+            .try_iter()
+            .map(|e| match e {
+                Input::Peer {
+                    event: PeerEvent::Uploaded(n),
+                    ..
+                } => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(reported, b1.len);
+    }
+
+    #[test]
+    fn only_pieces_we_have_are_served() {
+        let f = Fixture::new(true);
+        let (p0, p1, p2) = (f.block(0, 0), f.block(1, 0), f.block(2, 1));
+        let mut t = writer(&f, true, false);
+        t.run(vec![
+            Command::Intro(HaveSummary::Some(vec![0b1000_0000])),
+            Command::Choke(false),
+            Command::Serve(vec![p0, p1]),
+            Command::Have(p2.piece),
+            Command::Serve(vec![p2]),
+        ])
+        .unwrap();
+        assert_eq!(
+            sent(&f, &t.w.stream),
+            [
+                msg(Message::Bitfield(vec![0b1000_0000])),
+                msg(Message::Unchoke),
+                reject(p1),
+                msg(Message::Have(2)),
+                piece(&f, p0),
+                piece(&f, p2),
+            ]
+        );
+    }
+
+    #[test]
+    fn requests_while_choked_end_the_connection_as_a_violation() {
+        let f = Fixture::new(true);
+        let b = f.block(0, 0);
+        let mut t = writer(&f, false, false);
+        let many = vec![b; MAX_REQUESTS_WHILE_CHOKED as usize + 1];
+        let err = t
+            .run(vec![
+                Command::Intro(HaveSummary::None),
+                Command::Serve(many),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, PeerError::RequestsWhileChoked) && err.is_violation());
+    }
+
+    /// Takes at most 1000 bytes per write, as a socket with a full buffer does.
+    struct Narrow(Vec<u8>);
+
+    impl Write for Narrow {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(1000);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn short_vectored_writes_still_send_everything_in_order() {
+        let f = Fixture::new(true);
+        let blocks: Vec<_> = [(0, 0), (0, 1), (2, 1), (1, 0)]
+            .map(|(p, n)| f.block(p, n))
+            .to_vec();
+        let cmds = || {
+            vec![
+                Command::Intro(HaveSummary::All(vec![0b1110_0000])),
+                Command::Choke(false),
+                Command::Serve(blocks.clone()),
+            ]
+        };
+        let mut narrow = writer_on(&f, Narrow(Vec::new()), true, false);
+        narrow.run(cmds()).unwrap();
+        let mut wide = writer(&f, true, false);
+        wide.run(cmds()).unwrap();
+        assert_eq!(narrow.w.stream.0, wide.w.stream);
+        let out = sent(&f, &wide.w.stream);
+        let pieces: Vec<_> = blocks.iter().map(|&b| piece(&f, b)).collect();
+        assert_eq!(out[2..], pieces[..]);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // the connection's threads
+    // ---------------------------------------------------------------------------------------
+
+    fn next_event(events: &Receiver<Input>) -> PeerEvent {
+        match events.recv_timeout(DEADLINE).expect("an event in time") {
+            Input::Peer { event, .. } => event,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A fake peer connected to a connection thread over a local socket, handshake done. The
+    /// fake dials, so no step waits on an accept that might never come.
+    fn connected(f: &Fixture, key: PeerKey) -> (TcpStream, Receiver<Input>, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let thread = spawn(key, Dial::Inbound(ours, addr), Arc::clone(&f.ctx), tx).unwrap();
+        peer.set_read_timeout(Some(DEADLINE)).unwrap();
+        let theirs = Handshake {
+            reserved: [0; 8],
+            info_hash: f.ctx.info_hash,
+            peer_id: THEIR_ID,
+        };
+        peer.write_all(&theirs.encode()).unwrap();
+        let mut answer = [0u8; wire::HANDSHAKE_LEN];
+        peer.read_exact(&mut answer).unwrap();
+        let answer = Handshake::decode(&answer).unwrap();
+        assert_eq!(answer.info_hash, f.ctx.info_hash);
+        assert_eq!(answer.peer_id, f.ctx.our_id);
+        (peer, events, thread)
+    }
+
+    fn gone(event: PeerEvent) -> Option<PeerError> {
+        match event {
+            PeerEvent::Gone { error } => error,
+            other => panic!("expected Gone, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panicking_reader_thread_still_reports_gone() {
+        let f = Fixture::new(false);
+        let (tx, events) = crossbeam_channel::unbounded();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        let thread = spawn(
+            PANIC_IN_READER,
+            Dial::Outbound(addr),
+            Arc::clone(&f.ctx),
+            tx,
+        )
+        .unwrap();
+        let error = gone(next_event(&events));
+        assert!(matches!(error, Some(PeerError::Panicked)), "{error:?}");
+        thread.join().expect("the panic was caught");
+    }
+
+    #[test]
+    fn a_panicking_writer_thread_reaches_the_session() {
+        let f = Fixture::new(false);
+        let (_peer, events, thread) = connected(&f, PANIC_IN_WRITER);
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        // The peer stays connected: only the writer's guard can end this connection.
+        let error = gone(next_event(&events));
+        assert!(matches!(error, Some(PeerError::Panicked)), "{error:?}");
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_peer_hanging_up_between_frames_is_a_clean_close() {
+        let f = Fixture::new(false);
+        let (mut peer, events, thread) = connected(&f, PeerKey(7));
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        peer.write_all(&frame(&Message::Unchoke)).unwrap();
+        drop(peer);
+        assert!(matches!(next_event(&events), PeerEvent::Unchoke));
+        let error = gone(next_event(&events));
+        assert!(error.is_none(), "{error:?}");
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn closing_a_connection_from_the_session_is_clean() {
+        let f = Fixture::new(false);
+        let (_peer, events, thread) = connected(&f, PeerKey(8));
+        let PeerEvent::Connected { commands, .. } = next_event(&events) else {
+            panic!("not connected");
+        };
+        commands.send(Command::Shutdown).unwrap();
+        let error = gone(next_event(&events));
+        assert!(error.is_none(), "{error:?}");
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_protocol_violation_reaches_the_session_typed() {
+        let f = Fixture::new(false);
+        let (mut peer, events, thread) = connected(&f, PeerKey(9));
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        peer.write_all(&[0xff; 4]).unwrap();
+        let error = gone(next_event(&events)).expect("an error");
+        assert!(
+            matches!(error, PeerError::Protocol(wire::Error::FrameTooLong { .. })),
+            "{error:?}"
+        );
+        assert!(error.is_violation() && !error.may_redial());
+        thread.join().unwrap();
     }
 }

@@ -34,6 +34,25 @@ impl<R: Read> RecvBuf<R> {
         self.end - self.start
     }
 
+    /// Whether the source has ended with nothing left to read: waits for data when none is
+    /// buffered. Asked between frames, so a peer that closes the connection there is told
+    /// apart from one that breaks off inside a frame. The read goes into the buffer, where
+    /// the next `read_exact` takes it from: still one system call per wake-up.
+    pub fn at_eof(&mut self) -> io::Result<bool> {
+        while self.start == self.end {
+            match self.src.read(&mut self.buf) {
+                Ok(0) => return Ok(true),
+                Ok(got) => {
+                    self.start = 0;
+                    self.end = got;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
     /// Fills all of `dst`: from the buffer first, then with vectored reads.
     pub fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
         let n = (self.end - self.start).min(dst.len());
@@ -141,6 +160,20 @@ mod tests {
         assert_eq!(block, data[..16384]);
         // Only the spill was taken past the block; the rest stays in the source.
         assert_eq!(r.end - r.start, SPILL);
+    }
+
+    #[test]
+    fn eof_is_seen_only_when_nothing_is_left() {
+        let data = bytes(600);
+        let mut r = RecvBuf::new(&data[..]);
+        assert!(!r.at_eof().unwrap());
+        assert_eq!(r.buffered(), SPILL);
+        let mut all = vec![0; 599];
+        r.read_exact(&mut all).unwrap();
+        assert!(!r.at_eof().unwrap(), "one byte is left");
+        r.skip(1).unwrap();
+        assert!(r.at_eof().unwrap());
+        assert!(r.at_eof().unwrap(), "and stays at the end");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The peer wire protocol (BEP 3, plus the message ids of BEP 6 and BEP 10) on byte slices.
 //!
 //! Nothing here does I/O: [`Handshake`] and [`Message`] encode into buffers and decode from
-//! them, so every malformed frame can be tested directly. Frame lengths are checked against
-//! per-message exact sizes *before* a payload is read, so a hostile length prefix never
-//! allocates more than one block.
+//! them, so every malformed frame can be tested directly. [`Decoder`] is the one frame
+//! decoder: the connection's reader drives it step by step over its socket, [`decode_frame`]
+//! over a buffer. Frame lengths are checked against per-message exact sizes *before* a payload
+//! is read, so a hostile length prefix never allocates more than one block.
 
 use std::fmt;
 
@@ -146,9 +147,97 @@ pub enum Message {
     Unknown(u8),
 }
 
-/// Checks a frame's declared length for message `id` before its payload is read.
-/// `bitfield_len` is ceil(pieces / 8) for the torrent.
-pub fn check_len(id: u8, len: u32, bitfield_len: usize) -> Result<(), Error> {
+/// Bytes of a frame's length prefix.
+pub const LEN_PREFIX: usize = 4;
+/// Bytes after a `piece` id before the block: index and begin (see [`piece_header`]).
+pub const PIECE_HEADER_LEN: usize = 8;
+
+/// A frame's length prefix, checked: 1 to [`MAX_FRAME`] (a keep-alive has none). Made only by
+/// [`Decoder::frame_len`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLen(u32);
+
+impl FrameLen {
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// What the rest of a frame holds, known from its length prefix and id before any of it is
+/// read. Every length here has been checked against the message's exact size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// `len` payload bytes after the id, to be read whole and given to [`Decoder::decode`].
+    Message { id: u8, len: usize },
+    /// A `piece`: [`PIECE_HEADER_LEN`] bytes for [`piece_header`], then a block of `len`
+    /// bytes (1 to `BLOCK_LEN`) that the caller reads wherever the block belongs.
+    Piece { len: u32 },
+}
+
+/// The one frame decoder. A frame is read in three steps, always in this order:
+/// [`frame_len`](Decoder::frame_len) on the 4-byte prefix, [`body`](Decoder::body) on the id,
+/// then [`decode`](Decoder::decode) on the payload (or, for a piece, [`piece_header`] and the
+/// block). Each step says how many bytes the next one needs, so the blocking connection and
+/// the buffer form ([`decode_frame`]) can never read past a bound or disagree on a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoder {
+    piece_count: u32,
+    bitfield_len: usize,
+}
+
+impl Decoder {
+    pub fn new(piece_count: u32) -> Decoder {
+        Decoder {
+            piece_count,
+            bitfield_len: piece_count.div_ceil(8) as usize,
+        }
+    }
+
+    /// Bytes of a valid bitfield: ceil(pieces / 8).
+    pub fn bitfield_len(&self) -> usize {
+        self.bitfield_len
+    }
+
+    /// Step one: the length prefix. `None` is a keep-alive, which has no id.
+    pub fn frame_len(&self, prefix: [u8; LEN_PREFIX]) -> Result<Option<FrameLen>, Error> {
+        match u32::from_be_bytes(prefix) {
+            0 => Ok(None),
+            len if len > MAX_FRAME => Err(Error::FrameTooLong { len }),
+            len => Ok(Some(FrameLen(len))),
+        }
+    }
+
+    /// Step two: the id, checked against the length before the payload is read.
+    pub fn body(&self, len: FrameLen, id: u8) -> Result<Body, Error> {
+        let len = len.0;
+        check_len(id, len, self.bitfield_len)?;
+        Ok(if id == ID_PIECE {
+            // check_len: 9 < len <= 9 + BLOCK_LEN.
+            Body::Piece { len: len - 9 }
+        } else {
+            Body::Message {
+                id,
+                len: len as usize - 1,
+            }
+        })
+    }
+
+    /// Step three: the payload (the bytes after the id) of a message [`body`](Decoder::body)
+    /// accepted. Its length is checked again, so a caller that read the wrong number of bytes
+    /// gets an error, not a panic.
+    pub fn decode(&self, id: u8, payload: &[u8]) -> Result<Message, Error> {
+        let len =
+            u32::try_from(payload.len() + 1).map_err(|_| Error::FrameTooLong { len: u32::MAX })?;
+        if id == ID_PIECE {
+            return Err(Error::BadLength { id, len });
+        }
+        check_len(id, len, self.bitfield_len)?;
+        decode(id, payload, self.piece_count)
+    }
+}
+
+/// Checks a frame's declared length for message `id`. `bitfield_len` is ceil(pieces / 8).
+fn check_len(id: u8, len: u32, bitfield_len: usize) -> Result<(), Error> {
     let ok = match id {
         ID_CHOKE | ID_UNCHOKE | ID_INTERESTED | ID_NOT_INTERESTED | ID_HAVE_ALL | ID_HAVE_NONE => {
             len == 1
@@ -174,8 +263,8 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Decodes the payload (the bytes after the id) of a frame whose length passed [`check_len`].
-pub fn decode(id: u8, payload: &[u8], piece_count: u32) -> Result<Message, Error> {
+/// Decodes a payload whose length passed [`check_len`] (see [`Decoder::decode`]).
+fn decode(id: u8, payload: &[u8], piece_count: u32) -> Result<Message, Error> {
     let triple = |p: &[u8]| (u32_at(p, 0), u32_at(p, 4), u32_at(p, 8));
     Ok(match id {
         ID_CHOKE => Message::Choke,
@@ -304,42 +393,48 @@ pub enum Frame {
 }
 
 /// Decodes one whole frame from the front of `buf`: `Ok(None)` when more bytes are needed,
-/// otherwise the frame and the bytes it used. The blocking connection code reads frames in
-/// the same order of checks; this buffer form lets tests feed split and hostile frames.
+/// otherwise the frame and the bytes it used. The buffer form of the [`Decoder`]'s steps, for
+/// tests, benchmarks and the fuzz target's round trips; `bitfield_len` must be ceil(pieces / 8).
 pub fn decode_frame(
     buf: &[u8],
     bitfield_len: usize,
     piece_count: u32,
 ) -> Result<Option<(Frame, usize)>, Error> {
-    if buf.len() < 4 {
+    let decoder = Decoder {
+        piece_count,
+        bitfield_len,
+    };
+    let Some((prefix, rest)) = buf.split_first_chunk::<LEN_PREFIX>() else {
         return Ok(None);
-    }
-    let len = u32_at(buf, 0);
-    if len == 0 {
-        return Ok(Some((Frame::Message(Message::KeepAlive), 4)));
-    }
-    if len > MAX_FRAME {
-        return Err(Error::FrameTooLong { len });
-    }
-    if buf.len() < 5 {
+    };
+    let Some(len) = decoder.frame_len(*prefix)? else {
+        return Ok(Some((Frame::Message(Message::KeepAlive), LEN_PREFIX)));
+    };
+    let Some((&id, rest)) = rest.split_first() else {
         return Ok(None);
-    }
-    let id = buf[4];
-    check_len(id, len, bitfield_len)?;
-    let total = 4 + len as usize;
-    if buf.len() < total {
-        return Ok(None);
-    }
-    let payload = &buf[5..total];
-    let frame = if id == ID_PIECE {
-        let (index, begin) = piece_header(payload[..8].try_into().expect("checked length"));
-        Frame::Piece {
-            index,
-            begin,
-            data: payload[8..].to_vec(),
+    };
+    let total = LEN_PREFIX + len.get() as usize;
+    let frame = match decoder.body(len, id)? {
+        Body::Piece { len } => {
+            let Some((header, rest)) = rest.split_first_chunk::<PIECE_HEADER_LEN>() else {
+                return Ok(None);
+            };
+            let Some(data) = rest.get(..len as usize) else {
+                return Ok(None);
+            };
+            let (index, begin) = piece_header(header);
+            Frame::Piece {
+                index,
+                begin,
+                data: data.to_vec(),
+            }
         }
-    } else {
-        Frame::Message(decode(id, payload, piece_count)?)
+        Body::Message { id, len } => {
+            let Some(payload) = rest.get(..len) else {
+                return Ok(None);
+            };
+            Frame::Message(decoder.decode(id, payload)?)
+        }
     };
     Ok(Some((frame, total)))
 }
@@ -440,6 +535,58 @@ mod tests {
         );
         let (f, _) = decode_frame(&bytes[used..], 1, 3).unwrap().unwrap();
         assert_eq!(f, Frame::Message(Message::Have(1)));
+    }
+
+    #[test]
+    fn decoder_steps_say_what_follows() {
+        let d = Decoder::new(3);
+        assert_eq!(d.bitfield_len(), 1);
+        assert_eq!(d.frame_len([0; 4]), Ok(None));
+        let len = |n: u32| d.frame_len(n.to_be_bytes()).unwrap().unwrap();
+        assert_eq!(len(13).get(), 13);
+        assert_eq!(
+            d.body(len(13), ID_REQUEST),
+            Ok(Body::Message {
+                id: ID_REQUEST,
+                len: 12
+            })
+        );
+        assert_eq!(
+            d.body(len(9 + BLOCK_LEN), ID_PIECE),
+            Ok(Body::Piece { len: BLOCK_LEN })
+        );
+        assert_eq!(
+            d.body(len(2), ID_BITFIELD),
+            Ok(Body::Message {
+                id: ID_BITFIELD,
+                len: 1
+            })
+        );
+        assert_eq!(d.body(len(3), ID_BITFIELD), Err(Error::BadBitfield));
+        assert_eq!(
+            d.frame_len((MAX_FRAME + 1).to_be_bytes()),
+            Err(Error::FrameTooLong { len: MAX_FRAME + 1 })
+        );
+    }
+
+    #[test]
+    fn decode_checks_the_payload_it_is_given() {
+        let d = Decoder::new(3);
+        // A caller that read the wrong number of bytes gets an error, not a panic.
+        assert_eq!(
+            d.decode(ID_HAVE, &[0, 0, 1]),
+            Err(Error::BadLength {
+                id: ID_HAVE,
+                len: 4
+            })
+        );
+        assert!(d.decode(ID_REQUEST, &[]).is_err());
+        assert!(d.decode(ID_EXTENDED, &[]).is_err());
+        assert!(
+            d.decode(ID_PIECE, &[0; 9]).is_err(),
+            "a piece is not a message"
+        );
+        assert_eq!(d.decode(ID_HAVE, &[0, 0, 0, 2]), Ok(Message::Have(2)));
     }
 
     #[test]
