@@ -38,13 +38,12 @@ pub enum Input {
 
 #[derive(Debug)]
 pub enum PeerEvent {
-    /// Handshake done; `commands` reaches this connection's writer. `fast` and `extended`
-    /// say whether both sides support BEP 6 and BEP 10.
+    /// Handshake done; `commands` reaches this connection's writer. `fast` says whether both
+    /// sides support BEP 6.
     Connected {
         addr: SocketAddr,
         peer_id: [u8; 20],
         fast: bool,
-        extended: bool,
         commands: Sender<Command>,
     },
     /// The peer's BEP 10 handshake.

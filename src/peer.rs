@@ -376,7 +376,6 @@ fn run(
             addr,
             peer_id: theirs.peer_id,
             fast,
-            extended,
             commands: cmd_tx.clone(),
         },
     };
@@ -639,6 +638,7 @@ impl<'a, R: Read> Reader<'a, R> {
 
 /// What a reader did with bytes from memory (see [`replay_reader`]).
 #[derive(Debug)]
+#[cfg(any(test, feature = "fuzz"))]
 pub(crate) struct Replay {
     /// How it ended: `Ok(())` when the bytes ran out between frames.
     pub result: Result<(), PeerError>,
@@ -652,6 +652,7 @@ pub(crate) struct Replay {
 /// handshake, with the session and the writer replaced by channels read afterwards. `asked`:
 /// blocks the writer has asked for (a block is written into `storage` only if asked and
 /// claimable). The fuzz target and the unit tests drive the connection's own code through this.
+#[cfg(any(test, feature = "fuzz"))]
 pub(crate) fn replay_reader(
     src: impl Read,
     storage: &Storage,

@@ -38,24 +38,20 @@ pub const ID_EXTENDED: u8 = 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     BadProtocol,
-    WrongInfoHash,
     FrameTooLong { len: u32 },
     BadLength { id: u8, len: u32 },
     BadBitfield,
-    Truncated,
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::BadProtocol => write!(f, "not a BitTorrent handshake"),
-            Error::WrongInfoHash => write!(f, "handshake for another torrent"),
             Error::FrameTooLong { len } => write!(f, "frame of {len} bytes is over the limit"),
             Error::BadLength { id, len } => {
                 write!(f, "message id {id} with invalid length {len}")
             }
             Error::BadBitfield => write!(f, "bitfield of the wrong size or with spare bits set"),
-            Error::Truncated => write!(f, "truncated frame"),
         }
     }
 }
@@ -158,6 +154,7 @@ pub const PIECE_HEADER_LEN: usize = 8;
 pub struct FrameLen(u32);
 
 impl FrameLen {
+    #[cfg(any(test, feature = "fuzz"))]
     pub fn get(self) -> u32 {
         self.0
     }
@@ -194,6 +191,7 @@ impl Decoder {
     }
 
     /// Bytes of a valid bitfield: ceil(pieces / 8).
+    #[cfg(any(test, feature = "fuzz"))]
     pub fn bitfield_len(&self) -> usize {
         self.bitfield_len
     }
@@ -382,6 +380,7 @@ pub fn encode_piece_header(index: u32, begin: u32, len: u32, out: &mut Vec<u8>) 
 }
 
 /// A decoded frame from a byte buffer: what [`decode_frame`] found.
+#[cfg(any(test, feature = "fuzz"))]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
     Message(Message),
@@ -395,6 +394,7 @@ pub enum Frame {
 /// Decodes one whole frame from the front of `buf`: `Ok(None)` when more bytes are needed,
 /// otherwise the frame and the bytes it used. The buffer form of the [`Decoder`]'s steps, for
 /// tests, benchmarks and the fuzz target's round trips; `bitfield_len` must be ceil(pieces / 8).
+#[cfg(any(test, feature = "fuzz"))]
 pub fn decode_frame(
     buf: &[u8],
     bitfield_len: usize,

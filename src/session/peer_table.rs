@@ -28,8 +28,9 @@ pub(super) struct Ended {
     pub handshaken: bool,
     /// We closed it (pruned, duplicate, banned).
     pub dropped_by_us: bool,
-    /// It broke the protocol: never redialled.
-    pub violation: bool,
+    /// It broke the protocol, or can never be of use (a peer on another torrent, ourselves):
+    /// never dialled again.
+    pub never_again: bool,
     /// Our download is complete (a seed redials nobody).
     pub complete: bool,
 }
@@ -156,7 +157,7 @@ impl PeerTable {
     /// A connection to `addr` ended (the caller has released the addresses it held).
     /// Queues the address again when that is worth it.
     pub fn ended(&mut self, addr: SocketAddr, how: Ended, now: Instant) {
-        if how.violation {
+        if how.never_again {
             self.violators.insert(addr);
             self.candidates.retain(|c| *c != addr);
             return;
@@ -217,7 +218,7 @@ mod tests {
         outbound: true,
         handshaken: false,
         dropped_by_us: false,
-        violation: false,
+        never_again: false,
         complete: false,
     };
     const LEFT: Ended = Ended {
@@ -344,7 +345,7 @@ mod tests {
     fn a_protocol_violator_is_never_redialled_nor_requeued() {
         let now = Instant::now();
         let violation = Ended {
-            violation: true,
+            never_again: true,
             ..LEFT
         };
         let mut t = dialled_and_ended(addr(2), violation, now);
@@ -354,7 +355,10 @@ mod tests {
             !t.has_candidates(),
             "a tracker naming it again changes nothing"
         );
-        assert!(t.take_dialable(1, now + Duration::from_secs(1 << 20)).is_empty());
+        assert!(
+            t.take_dialable(1, now + Duration::from_secs(1 << 20))
+                .is_empty()
+        );
         assert!(t.is_banned(addr(2)));
     }
 

@@ -15,7 +15,7 @@ use super::{Session, bitfield};
 use crate::engine::NoticeKind;
 use crate::geometry::PieceIndex;
 use crate::messages::{Command, HaveSummary};
-use crate::peer::{self, Dial};
+use crate::peer::{self, Dial, PeerError};
 use crate::picker::PeerKey;
 
 /// A connection younger than this is not pruned to make room.
@@ -286,7 +286,7 @@ impl Session {
 
     /// A connection ended: its addresses are released, its thread joined, and its address
     /// queued again when that is worth it (see `PeerTable::ended`).
-    pub(super) fn on_gone(&mut self, key: PeerKey, violation: bool) {
+    pub(super) fn on_gone(&mut self, key: PeerKey, error: Option<&PeerError>) {
         let Some(mut p) = self.peers.remove(&key) else {
             return;
         };
@@ -297,11 +297,17 @@ impl Session {
         if let Some(t) = p.thread.take() {
             let _ = t.join();
         }
+        if error.is_some_and(PeerError::is_violation) {
+            // Its id is banned too (on its IP only), so it cannot come back inbound from
+            // another port.
+            self.table.ban(p.addr, p.peer_id);
+        }
         let how = Ended {
             outbound: p.outbound,
             handshaken: p.peer_id.is_some(),
             dropped_by_us: p.dropped_by_us,
-            violation,
+            never_again: error
+                .is_some_and(|e| !e.may_redial() && !matches!(e, PeerError::SessionGone)),
             complete: self.picker.is_complete(),
         };
         self.table.ended(p.addr, how, Instant::now());

@@ -138,7 +138,7 @@ impl Session {
                     ));
                 }
             }
-            PeerEvent::Gone { .. } => self.on_gone(key, false),
+            PeerEvent::Gone { error } => self.on_gone(key, error.as_ref()),
         }
         Ok(())
     }

@@ -4,12 +4,15 @@
 //! Each function takes arbitrary bytes, must never panic, and checks with `assert!` the
 //! properties its parser promises, so a broken promise is a crash the fuzzer reports. The
 //! cargo-fuzz project in `tests/fuzz/` calls them from libFuzzer (`scripts/fuzz`), and
-//! `tests/fuzz_regressions.rs` replays the seed corpora and every saved crasher through them
+//! `regressions.rs` beside this file replays the seed corpora and every saved crasher through them
 //! on each `cargo test`.
 //!
 //! Every body runs on a fresh thread with a 2 MiB stack and a panic there is re-raised on the
 //! caller, so a nesting bomb that would overflow a worker thread's stack overflows this one
 //! too (an abort the fuzzer catches), instead of being hidden by a larger main-thread stack.
+
+#[cfg(test)]
+mod regressions;
 
 use std::collections::HashSet;
 use std::io;

@@ -3,7 +3,7 @@
 //! `tests/fuzz/corpus/<target>/` holds the seeds `scripts/fuzz` starts from;
 //! `tests/fuzz/regressions/<target>/` holds inputs that once broke a property (kept by
 //! `scripts/fuzz` when libFuzzer finds a crash or a timeout). Each must now pass through
-//! `bitfetch::fuzz::<target>` without a panic. The explicit cases at the end are hostile inputs
+//! `fuzz::<target>` without a panic. The explicit cases at the end are hostile inputs
 //! written by hand, run through the same 2 MiB-stack path the fuzzer uses.
 
 use std::fs;
@@ -11,7 +11,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use bitfetch::fuzz;
+use crate::fuzz;
 
 type Target = fn(&[u8]);
 
@@ -199,13 +199,13 @@ fn short_and_empty_inputs() {
 /// handshake the limits let through must still parse there.
 #[test]
 fn deepest_allowed_extended_handshake_fits_a_peer_thread_stack() {
-    let depth = bitfetch::bencode::Limits::SMALL.max_depth;
+    let depth = crate::bencode::Limits::SMALL.max_depth;
     let mut doc = b"d1:m".to_vec();
     doc.extend(nested(b"l", depth - 1));
     doc.push(b'e');
     let parsed = thread::Builder::new()
         .stack_size(256 * 1024)
-        .spawn(move || bitfetch::extension::parse_handshake(&doc).is_ok())
+        .spawn(move || crate::extension::parse_handshake(&doc).is_ok())
         .unwrap()
         .join()
         .unwrap();
