@@ -6,11 +6,15 @@
 
 mod support;
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use support::cli::*;
+use support::clients::*;
+use support::net::{free_port_on, next_loopback};
+use support::torrent::Payload;
 use support::*;
-use tempfile::TempDir;
 
 /// A few MiB, not a whole number of 32 KiB pieces, so the short last piece is exercised too.
 const PAYLOAD_SIZE: u64 = 3 * 1024 * 1024 + 12_345;
@@ -18,57 +22,35 @@ const PAYLOAD_SIZE: u64 = 3 * 1024 * 1024 + 12_345;
 /// One torrent registered with its own tracker: the original data and the .torrent file.
 struct Swarm {
     tracker: Opentracker,
-    dir: TempDir,
-    name: String,
-    torrent: PathBuf,
-    info_hash: String,
+    payload: Payload,
+}
+
+impl Deref for Swarm {
+    type Target = Payload;
+
+    fn deref(&self) -> &Payload {
+        &self.payload
+    }
 }
 
 impl Swarm {
     fn new(name: &str, seed: u64) -> Swarm {
         let tracker = Opentracker::start();
-        let dir = scratch_dir();
-        let source = dir.path().join("source").join(name);
-        write_payload(&source, PAYLOAD_SIZE, seed);
-        let torrent = make_torrent(
-            &source,
-            &tracker.announce_url(),
-            &dir.path().join(format!("{name}.torrent")),
-        );
-        let info_hash = info_hash_hex(&torrent);
-        tracker.allow(&info_hash);
-        Swarm {
-            tracker,
-            dir,
-            name: name.to_owned(),
-            torrent,
-            info_hash,
-        }
-    }
-
-    /// The directory holding the original data (as `NAME`).
-    fn source_dir(&self) -> PathBuf {
-        self.dir.path().join("source")
-    }
-
-    fn source_file(&self) -> PathBuf {
-        self.source_dir().join(&self.name)
+        let payload = Payload::new(name, PAYLOAD_SIZE, seed, 15, &tracker.announce_url());
+        tracker.allow(&payload.hash_hex);
+        Swarm { tracker, payload }
     }
 
     /// A fresh, empty directory for a downloader.
     fn out_dir(&self, label: &str) -> PathBuf {
-        let out = self.dir.path().join(label);
-        std::fs::create_dir_all(&out).expect("create the output directory");
-        out
+        self.dir_for(label)
     }
 
     /// Panics with everyone's diagnostics unless `downloaded` equals the original.
     fn assert_same(&self, downloaded: &Path, parts: &[&dyn Diagnose]) {
-        if let Err(difference) = files_equal(&self.source_file(), downloaded) {
-            let mut all: Vec<&dyn Diagnose> = parts.to_vec();
-            all.push(&self.tracker);
-            panic!("{}", report(&difference, &all));
-        }
+        let mut all: Vec<&dyn Diagnose> = parts.to_vec();
+        all.push(&self.tracker);
+        self.payload.assert_same(downloaded, &all);
     }
 }
 
@@ -105,16 +87,13 @@ fn start_bitfetch_seeder(
     ip: std::net::Ipv4Addr,
     parts: &[&dyn Diagnose],
 ) -> ChildGuard {
-    let seeder = spawn_bitfetch([
-        "seed".to_owned(),
-        swarm.torrent.display().to_string(),
-        swarm.source_dir().display().to_string(),
-        "--bind".into(),
-        ip.to_string(),
-        "--port".into(),
-        "0".into(),
-    ]);
-    let addr = wait_for_listening(&seeder);
+    let (seeder, addr) = start_seeder(
+        "bitfetch seeder",
+        &swarm.torrent,
+        &swarm.source_dir(),
+        ip,
+        &[],
+    );
     assert_eq!(
         addr.ip(),
         std::net::IpAddr::V4(ip),
@@ -125,7 +104,7 @@ fn start_bitfetch_seeder(
     all.extend_from_slice(parts);
     swarm
         .tracker
-        .wait_for_swarm(&swarm.info_hash, 1, 1, DEADLINE, &all);
+        .wait_for_swarm(&swarm.hash_hex, 1, 1, DEADLINE, &all);
     seeder
 }
 
@@ -158,7 +137,7 @@ fn harness_aria2_to_aria2() {
     );
     swarm
         .tracker
-        .wait_for_swarm(&swarm.info_hash, 1, 1, DEADLINE, &[&seeder]);
+        .wait_for_swarm(&swarm.hash_hex, 1, 1, DEADLINE, &[&seeder]);
 
     let out = swarm.out_dir("aria2-out");
     let leech_ip = next_loopback();
@@ -188,7 +167,7 @@ fn harness_aria2_to_transmission() {
     );
     swarm
         .tracker
-        .wait_for_swarm(&swarm.info_hash, 1, 1, DEADLINE, &[&seeder]);
+        .wait_for_swarm(&swarm.hash_hex, 1, 1, DEADLINE, &[&seeder]);
 
     // Transmission never dials loopback peers: aria2 (2 s tracker interval) must dial it.
     let out = swarm.out_dir("transmission-out");
@@ -208,7 +187,7 @@ fn harness_transmission_to_aria2() {
     seeder.wait_seeding(DEADLINE, &[&swarm.tracker]);
     swarm
         .tracker
-        .wait_for_swarm(&swarm.info_hash, 0, 1, DEADLINE, &[&seeder]);
+        .wait_for_swarm(&swarm.hash_hex, 0, 1, DEADLINE, &[&seeder]);
 
     let out = swarm.out_dir("aria2-out");
     let leech_ip = next_loopback();
@@ -244,10 +223,10 @@ fn bitfetch_downloads_from_aria2() {
     );
     swarm
         .tracker
-        .wait_for_swarm(&swarm.info_hash, 1, 1, DEADLINE, &[&seeder]);
+        .wait_for_swarm(&swarm.hash_hex, 1, 1, DEADLINE, &[&seeder]);
 
     let out = swarm.out_dir("bitfetch-out");
-    let leecher = spawn_bitfetch(download_args(&swarm, &out, next_loopback()));
+    let leecher = spawn_bitfetch("bitfetch leecher", download_args(&swarm, &out, next_loopback()));
     leecher.wait_with_deadline(DEADLINE, &|| report("", &[&seeder, &swarm.tracker]));
     assert_exit_code(&leecher, 0, &[&seeder, &swarm.tracker]);
     swarm.assert_same(&out.join(&swarm.name), &[&leecher, &seeder]);
@@ -263,11 +242,11 @@ fn bitfetch_downloads_from_transmission() {
     seeder.wait_seeding(DEADLINE, &[&swarm.tracker]);
     swarm
         .tracker
-        .wait_for_swarm(&swarm.info_hash, 0, 1, DEADLINE, &[&seeder]);
+        .wait_for_swarm(&swarm.hash_hex, 0, 1, DEADLINE, &[&seeder]);
 
     // Transmission never dials loopback peers but accepts them: bitfetch dials it.
     let out = swarm.out_dir("bitfetch-out");
-    let leecher = spawn_bitfetch(download_args(&swarm, &out, next_loopback()));
+    let leecher = spawn_bitfetch("bitfetch leecher", download_args(&swarm, &out, next_loopback()));
     leecher.wait_with_deadline(TRANSMISSION_DEADLINE, &|| {
         report("", &[&seeder, &swarm.tracker])
     });
@@ -315,7 +294,7 @@ fn transmission_downloads_from_bitfetch() {
     leecher.add(&swarm.torrent, &out);
     swarm
         .tracker
-        .wait_for_swarm(&swarm.info_hash, 0, 1, DEADLINE, &[&leecher]);
+        .wait_for_swarm(&swarm.hash_hex, 0, 1, DEADLINE, &[&leecher]);
     let seeder = start_bitfetch_seeder(&swarm, next_loopback(), &[&leecher, &swarm.tracker]);
 
     let target = out.join(&swarm.name);
