@@ -785,8 +785,8 @@ pub fn kind(event: &Value) -> &str {
 }
 
 /// The events of one kind, in order.
-pub fn of_kind<'a>(events: &'a [Value], wanted: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| kind(e) == wanted).collect()
+pub fn of_kind<'a>(events: &'a [Value], wanted: &'a str) -> impl Iterator<Item = &'a Value> {
+    events.iter().filter(move |e| kind(e) == wanted)
 }
 
 /// An unsigned integer field, or a panic naming the event.
@@ -799,7 +799,6 @@ pub fn field(event: &Value, key: &str) -> u64 {
 /// `downloaded` of every `progress` event (verified bytes), in order.
 pub fn progress(events: &[Value]) -> Vec<u64> {
     of_kind(events, "progress")
-        .into_iter()
         .map(|e| field(e, "downloaded"))
         .collect()
 }
@@ -830,7 +829,7 @@ pub fn wait_event<T>(
 pub fn json_listening(guard: &ChildGuard) -> SocketAddr {
     let found = wait_event(guard, DEADLINE, |ev| {
         of_kind(ev, "listening")
-            .first()
+            .next()
             .and_then(|e| e["address"].as_str()?.parse().ok())
     });
     found.unwrap_or_else(|| guard.fail("never reported a `listening` event", &[]))

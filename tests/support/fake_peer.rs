@@ -72,6 +72,9 @@ pub enum FakeEvent {
 /// What a fake seeder saw and did, for assertions and failure reports.
 #[derive(Debug, Default, Clone)]
 pub struct FakeReport {
+    /// Connections accepted (the other side dialled).
+    pub accepts: usize,
+    /// Connections accepted or dialled.
     pub connections: usize,
     pub handshakes: usize,
     pub closed: usize,
@@ -402,7 +405,10 @@ fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream, outbound: bool) {
     if let Ok(clone) = stream.try_clone() {
         lock(&shared.streams).push(clone);
     }
-    shared.record(|r| r.connections += 1);
+    shared.record(|r| {
+        r.connections += 1;
+        r.accepts += usize::from(!outbound);
+    });
     let conn = Arc::clone(shared);
     let t = thread::spawn(move || {
         let end = if lock(&conn.report).dropped_in_piece.is_some() {
