@@ -5,19 +5,22 @@
 //! `bitfetch: error:` line that says what is wrong, must not panic or die by a signal, and the
 //! download must not create anything anywhere.
 
-mod common_cli;
+mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use common_cli::*;
+use support::bencode::*;
+use support::cli::*;
+use support::torrent::DEAD_TRACKER;
+use support::files::*;
+use support::*;
 use sha1::{Digest, Sha1};
 
 const NAME: &str = "file.bin";
 const PIECE_LEN: i64 = 16384;
 const LEN: i64 = 40000;
-const SENTINEL: &[u8] = b"sentinel: must not change\n";
 /// A refused torrent ends `download` at once; a client that wrongly accepts one waits for
 /// peers that never come, and is killed after this long (the hang guard) so that what it
 /// left on disk can still be checked.
@@ -120,15 +123,13 @@ impl Harness {
     }
 
     fn info(&self) -> Run {
-        bitfetch(
-            &self.cwd,
+        run_in(&self.cwd,
             [OsString::from("info"), self.torrent.clone().into()],
         )
     }
 
     fn info_json(&self) -> Run {
-        bitfetch(
-            &self.cwd,
+        run_in(&self.cwd,
             [
                 OsString::from("info"),
                 self.torrent.clone().into(),
@@ -151,7 +152,7 @@ impl Harness {
     }
 
     fn download_cmd(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new(BIN);
+        let mut cmd = std::process::Command::new(bitfetch());
         cmd.args(self.download_args()).current_dir(&self.cwd);
         cmd
     }

@@ -6,52 +6,26 @@
 
 mod support;
 
-use std::ops::Deref;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use support::cli::*;
 use support::clients::*;
 use support::net::{free_port_on, next_loopback};
-use support::torrent::Payload;
+use support::torrent::{Payload, Tracked};
 use support::*;
 
 /// A few MiB, not a whole number of 32 KiB pieces, so the short last piece is exercised too.
 const PAYLOAD_SIZE: u64 = 3 * 1024 * 1024 + 12_345;
 
 /// One torrent registered with its own tracker: the original data and the .torrent file.
-struct Swarm {
-    tracker: Opentracker,
-    payload: Payload,
-}
+type Swarm = Tracked<Opentracker>;
 
-impl Deref for Swarm {
-    type Target = Payload;
-
-    fn deref(&self) -> &Payload {
-        &self.payload
-    }
-}
-
-impl Swarm {
-    fn new(name: &str, seed: u64) -> Swarm {
-        let tracker = Opentracker::start();
-        let payload = Payload::new(name, PAYLOAD_SIZE, seed, 15, &tracker.announce_url());
-        tracker.allow(&payload.hash_hex);
-        Swarm { tracker, payload }
-    }
-
-    /// A fresh, empty directory for a downloader.
-    fn out_dir(&self, label: &str) -> PathBuf {
-        self.dir_for(label)
-    }
-
-    /// Panics with everyone's diagnostics unless `downloaded` equals the original.
-    fn assert_same(&self, downloaded: &Path, parts: &[&dyn Diagnose]) {
-        let mut all: Vec<&dyn Diagnose> = parts.to_vec();
-        all.push(&self.tracker);
-        self.payload.assert_same(downloaded, &all);
-    }
+fn swarm(name: &str, seed: u64) -> Swarm {
+    let tracker = Opentracker::start();
+    let payload = Payload::new(name, PAYLOAD_SIZE, seed, 15, &tracker.announce_url());
+    tracker.allow(&payload.hash_hex);
+    Tracked { payload, tracker }
 }
 
 fn require_interop_tools() {
@@ -127,7 +101,7 @@ fn stop_bitfetch_seeder(seeder: &ChildGuard, parts: &[&dyn Diagnose]) {
 #[test]
 fn harness_aria2_to_aria2() {
     require_interop_tools();
-    let swarm = Swarm::new("harness-aria2.bin", 1);
+    let swarm = swarm("harness-aria2.bin", 1);
     let seed_ip = next_loopback();
     let seeder = aria2_seed(
         &swarm.torrent,
@@ -157,7 +131,7 @@ fn harness_aria2_to_aria2() {
 #[test]
 fn harness_aria2_to_transmission() {
     require_interop_tools();
-    let swarm = Swarm::new("harness-a2t.bin", 2);
+    let swarm = swarm("harness-a2t.bin", 2);
     let seed_ip = next_loopback();
     let seeder = aria2_seed(
         &swarm.torrent,
@@ -181,7 +155,7 @@ fn harness_aria2_to_transmission() {
 #[test]
 fn harness_transmission_to_aria2() {
     require_interop_tools();
-    let swarm = Swarm::new("harness-t2a.bin", 3);
+    let swarm = swarm("harness-t2a.bin", 3);
     let seeder = Transmission::start(next_loopback(), &swarm.source_dir());
     seeder.add(&swarm.torrent, &swarm.source_dir());
     seeder.wait_seeding(DEADLINE, &[&swarm.tracker]);
@@ -213,7 +187,7 @@ fn harness_transmission_to_aria2() {
 #[test]
 fn bitfetch_downloads_from_aria2() {
     require_interop_tools();
-    let swarm = Swarm::new("from-aria2.bin", 11);
+    let swarm = swarm("from-aria2.bin", 11);
     let seed_ip = next_loopback();
     let seeder = aria2_seed(
         &swarm.torrent,
@@ -235,7 +209,7 @@ fn bitfetch_downloads_from_aria2() {
 #[test]
 fn bitfetch_downloads_from_transmission() {
     require_interop_tools();
-    let swarm = Swarm::new("from-transmission.bin", 12);
+    let swarm = swarm("from-transmission.bin", 12);
     let seeder = Transmission::start(next_loopback(), &swarm.source_dir());
     seeder.add(&swarm.torrent, &swarm.source_dir());
     // It announces before it has verified its data: count it as a seeder only at 100 %.
@@ -261,7 +235,7 @@ fn bitfetch_downloads_from_transmission() {
 #[test]
 fn aria2_downloads_from_bitfetch() {
     require_interop_tools();
-    let swarm = Swarm::new("to-aria2.bin", 21);
+    let swarm = swarm("to-aria2.bin", 21);
     let seeder = start_bitfetch_seeder(&swarm, next_loopback(), &[&swarm.tracker]);
 
     let out = swarm.out_dir("aria2-out");
@@ -283,7 +257,7 @@ fn aria2_downloads_from_bitfetch() {
 #[test]
 fn transmission_downloads_from_bitfetch() {
     require_interop_tools();
-    let swarm = Swarm::new("to-transmission.bin", 22);
+    let swarm = swarm("to-transmission.bin", 22);
 
     // Transmission never dials peers in 127.0.0.0/8: bitfetch has to learn of it from the
     // tracker and dial it. Transmission registers first, so bitfetch's first announce already

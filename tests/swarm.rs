@@ -16,7 +16,6 @@
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +31,7 @@ use support::fake_peer::{FakeLeecher, FakeSeeder, Misbehaviour, SeedSpec};
 use support::fake_tracker::{Announce, PeerPolicy, SwarmTracker as Tracker};
 use support::files::{files_equal, scratch_dir, write_payload};
 use support::net::{free_port_on, next_loopback as own_ip};
-use support::torrent::{BLOCK, Payload, info_hash_hex, make_torrent_with_piece_log2};
+use support::torrent::{BLOCK, Payload, Tracked, info_hash_hex, make_torrent_with_piece_log2};
 use support::wire::{
     Wire, be32, frame, full_bitfield, handshake, has_fast_bit, id, parse_triple, peer_id,
     reserved, triple,
@@ -47,45 +46,29 @@ const MIB: u64 = 1024 * 1024;
 // =============================================================================================
 
 /// One payload, its torrent (made by mktorrent) and a recording tracker it announces to.
-struct Fixture {
-    payload: Payload,
-    data: Arc<Vec<u8>>,
-    tracker: Tracker,
+type Fixture = Tracked<Tracker>;
+
+fn fixture(name: &str, size: u64, piece_log2: u32, seed: u64, policy: PeerPolicy) -> Fixture {
+    let tracker = Tracker::start(policy);
+    let payload = Payload::new(name, size, seed, piece_log2, &tracker.announce_url());
+    Tracked { payload, tracker }
 }
 
-impl Deref for Fixture {
-    type Target = Payload;
-
-    fn deref(&self) -> &Payload {
-        &self.payload
-    }
-}
-
-impl Fixture {
-    fn new(name: &str, size: u64, piece_log2: u32, seed: u64, policy: PeerPolicy) -> Fixture {
-        let tracker = Tracker::start(policy);
-        let payload = Payload::new(name, size, seed, piece_log2, &tracker.announce_url());
-        let data = Arc::new(payload.bytes().to_vec());
-        Fixture {
-            payload,
-            data,
-            tracker,
-        }
+impl Tracked<Tracker> {
+    /// The payload's bytes, shared.
+    fn data(&self) -> Arc<Vec<u8>> {
+        Arc::new(self.bytes().to_vec())
     }
 
     /// A fake seeder of this payload on its own address.
     fn fake(&self, name: &str, how: Misbehaviour, fast: bool, have_all: bool) -> FakeSeeder {
-        SeedSpec::new(Arc::clone(&self.data), self.pieces.piece_len)
+        SeedSpec::new(self.data(), self.pieces.piece_len)
             .name(name)
             .info_hash(self.info_hash)
             .fast(fast)
             .have_all(have_all)
             .misbehave(how)
             .start(own_ip())
-    }
-
-    fn out_dir(&self, label: &str) -> PathBuf {
-        self.dir_for(label)
     }
 
     /// `bitfetch seed` of the original data on `ip`, any port, plus `extra`.
@@ -106,12 +89,6 @@ impl Fixture {
         args.extend(strings(&["--bind", &ip.to_string(), "--port", "0"]));
         args.extend(strings(extra));
         spawn_bitfetch(name, &args)
-    }
-
-    fn assert_same(&self, downloaded: &Path, parts: &[&dyn Diagnose]) {
-        let mut all = parts.to_vec();
-        all.push(&self.tracker);
-        self.payload.assert_same(downloaded, &all);
     }
 
     /// Runs `bitfetch verify` on `data_path`: (exit code, stdout).
@@ -159,7 +136,7 @@ fn terminate(guard: &ChildGuard, code: i32, parts: &[&dyn Diagnose]) {
 #[test]
 fn leechers_trade_among_themselves() {
     const LEECHERS: usize = 4;
-    let fx = Fixture::new("trade.bin", 2 * MIB + 12_345, 15, 1, PeerPolicy::Everyone);
+    let fx = fixture("trade.bin", 2 * MIB + 12_345, 15, 1, PeerPolicy::Everyone);
     let size = fx.size;
     let seed_ip = own_ip();
     let seeder = fx.seed(
@@ -235,7 +212,7 @@ fn leechers_trade_among_themselves() {
 /// dials in with the same peer id it is sent no request either.
 #[test]
 fn corrupting_peer_is_banned_and_the_download_completes() {
-    let fx = Fixture::new("corrupt.bin", MIB + 5_000, 15, 2, PeerPolicy::Nobody);
+    let fx = fixture("corrupt.bin", MIB + 5_000, 15, 2, PeerPolicy::Nobody);
     let fake = fx.fake("corrupting fake seeder", Misbehaviour::CorruptEveryBlock, false, false);
     // Slow, so the download outlasts the ban by a good margin: time for any wrong redial.
     let good = fx.seed(
@@ -321,7 +298,7 @@ fn corrupting_peer_is_banned_and_the_download_completes() {
 /// 130 (incomplete), and `bitfetch verify` finds every piece bad in what was written.
 #[test]
 fn corrupting_peer_alone_never_completes_a_piece() {
-    let fx = Fixture::new(
+    let fx = fixture(
         "corrupt-alone.bin",
         512 * KIB + 100,
         15,
@@ -372,7 +349,7 @@ fn corrupting_peer_alone_never_completes_a_piece() {
 /// downloads from it, and (having nothing) introduces itself with `have none`.
 #[test]
 fn have_all_seeder_is_downloaded_from() {
-    let fx = Fixture::new("haveall.bin", MIB + 333, 15, 4, PeerPolicy::Nobody);
+    let fx = fixture("haveall.bin", MIB + 333, 15, 4, PeerPolicy::Nobody);
     let fake = fx.fake("have-all fake seeder", Misbehaviour::Honest, true, true);
     let out = fx.out_dir("out");
     let dl = fx.download(
@@ -416,7 +393,7 @@ fn next_msg(wire: &mut Wire, deadline: Instant, what: &str, parts: &[&dyn Diagno
 /// answers every request exactly once.
 #[test]
 fn seeder_speaks_fast_to_a_fast_peer() {
-    let fx = Fixture::new("fastseed.bin", 512 * KIB + 1_000, 15, 5, PeerPolicy::Nobody);
+    let fx = fixture("fastseed.bin", 512 * KIB + 1_000, 15, 5, PeerPolicy::Nobody);
     let seeder = fx.seed("seeder", own_ip(), &[]);
     let seed_addr = wait_for_listening(&seeder);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
@@ -474,7 +451,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
                 let start = fx.geo().offset(t.0, t.1);
                 assert_eq!(
                     &payload[8..],
-                    &fx.data[start..start + t.2 as usize],
+                    &fx.data()[start..start + t.2 as usize],
                     "wrong data for block {t:?}"
                 );
                 answers.entry(t).or_default().push(id::PIECE);
@@ -597,7 +574,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
 /// have) must still get `have all` first, and then exactly one reject for that request.
 #[test]
 fn fast_intro_comes_first_even_when_a_request_is_pipelined() {
-    let fx = Fixture::new(
+    let fx = fixture(
         "fastpipe.bin",
         256 * KIB + 1_000,
         15,
@@ -635,7 +612,7 @@ fn fast_intro_comes_first_even_when_a_request_is_pipelined() {
 /// unchoke), so the disconnection is the Fast message's doing.
 #[test]
 fn fast_message_without_the_fast_bit_disconnects() {
-    let fx = Fixture::new("nofast.bin", 256 * KIB + 10, 15, 6, PeerPolicy::Nobody);
+    let fx = fixture("nofast.bin", 256 * KIB + 10, 15, 6, PeerPolicy::Nobody);
     let seeder = fx.seed("seeder", own_ip(), &[]);
     let seed_addr = wait_for_listening(&seeder);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
@@ -693,7 +670,7 @@ fn fast_message_without_the_fast_bit_disconnects() {
 /// with a fake id above bitfetch's and once below, so both outcomes are exercised.
 #[test]
 fn both_ends_dialling_each_other_keep_one_connection() {
-    let fx = Fixture::new("twin.bin", 256 * KIB + 7, 15, 7, PeerPolicy::Nobody);
+    let fx = fixture("twin.bin", 256 * KIB + 7, 15, 7, PeerPolicy::Nobody);
     for fake_id in [[0xffu8; 20], [0x00u8; 20]] {
         let fake_ip = own_ip();
         let listener = std::net::TcpListener::bind((fake_ip, 0)).expect("bind the fake peer");
@@ -792,7 +769,7 @@ fn both_ends_dialling_each_other_keep_one_connection() {
 /// may appear. A closed connection stays in TIME-WAIT for a minute, so `ss` cannot miss one.
 #[test]
 fn a_connected_peer_is_not_redialled_on_every_announce() {
-    let fx = Fixture::new("redial.bin", 512 * KIB + 9, 15, 13, PeerPolicy::Everyone);
+    let fx = fixture("redial.bin", 512 * KIB + 9, 15, 13, PeerPolicy::Everyone);
     let (ip_a, ip_b) = (own_ip(), own_ip());
     let a = fx.seed("seeder A", ip_a, &["--announce-interval", "1"]);
     let addr_a = wait_for_listening(&a);
@@ -883,7 +860,7 @@ fn a_connected_peer_is_not_redialled_on_every_announce() {
 /// command queue; five blocks per leecher on top leaves room (seen: three to seven in all).
 #[test]
 fn seed_ratio_stops_at_exactly_the_ratio() {
-    let fx = Fixture::new("ratio.bin", MIB + 777, 15, 8, PeerPolicy::Nobody);
+    let fx = fixture("ratio.bin", MIB + 777, 15, 8, PeerPolicy::Nobody);
     let size = fx.size;
     let seeder = fx.seed(
         "seeder (--seed-ratio 1)",
@@ -898,7 +875,7 @@ fn seed_ratio_stops_at_exactly_the_ratio() {
                 own_ip(),
                 seed_addr,
                 fx.info_hash,
-                Arc::clone(&fx.data),
+                fx.data(),
                 fx.geo(),
                 32,
             )
@@ -966,7 +943,7 @@ fn seed_ratio_stops_at_exactly_the_ratio() {
 /// it was started, and says `stopped` to the tracker.
 #[test]
 fn seed_time_stops_after_the_time() {
-    let fx = Fixture::new("seedtime.bin", 64 * KIB + 1, 15, 9, PeerPolicy::Nobody);
+    let fx = fixture("seedtime.bin", 64 * KIB + 1, 15, 9, PeerPolicy::Nobody);
     let started = Instant::now();
     let seeder = fx.seed("seeder (--seed-time 3s)", own_ip(), &["--seed-time", "3s"]);
     let port = wait_for_listening(&seeder).port();
@@ -1018,7 +995,7 @@ fn check_rate(what: &str, bytes: u64, elapsed: Duration, parts: &[&dyn Diagnose]
 /// receives over 10 s average 1 MiB/s within 10 %.
 #[test]
 fn upload_rate_limit_holds_over_ten_seconds() {
-    let fx = Fixture::new("uprate.bin", 16 * MIB, 18, 10, PeerPolicy::Nobody);
+    let fx = fixture("uprate.bin", 16 * MIB, 18, 10, PeerPolicy::Nobody);
     let seeder = fx.seed("seeder (1M/s up)", own_ip(), &["--max-upload-rate", "1M"]);
     let seed_addr = wait_for_listening(&seeder);
     let leecher = FakeLeecher::start(
@@ -1026,7 +1003,7 @@ fn upload_rate_limit_holds_over_ten_seconds() {
         own_ip(),
         seed_addr,
         fx.info_hash,
-        Arc::clone(&fx.data),
+        fx.data(),
         fx.geo(),
         64,
     );
@@ -1056,7 +1033,7 @@ fn upload_rate_limit_holds_over_ten_seconds() {
 /// within 10 % over a 10 s window that starts after its first MiB.
 #[test]
 fn download_rate_limit_holds_over_ten_seconds() {
-    let fx = Fixture::new("downrate.bin", 16 * MIB, 18, 11, PeerPolicy::Nobody);
+    let fx = fixture("downrate.bin", 16 * MIB, 18, 11, PeerPolicy::Nobody);
     let fake = fx.fake("fast fake seeder", Misbehaviour::Honest, true, false);
     let out = fx.out_dir("out");
     let dl = fx.download(

@@ -701,13 +701,20 @@ pub fn run_guarded(cmd: Command, desc: String, deadline: Duration) -> Run {
     })
 }
 
-fn describe_command(program: &str, args: &[std::ffi::OsString]) -> String {
-    let mut desc = program.to_owned();
+/// Runs `command ARGS` in `cwd`, failing after [`super::HANG_GUARD`].
+fn run_command_in<I, S>(name: &str, mut command: Command, cwd: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut desc = name.to_owned();
     for a in args {
         desc.push(' ');
-        desc.push_str(&a.to_string_lossy());
+        desc.push_str(&a.as_ref().to_string_lossy());
+        command.arg(a);
     }
-    desc
+    command.current_dir(cwd);
+    run_guarded(command, desc, super::HANG_GUARD)
 }
 
 /// Runs bitfetch with `args` in `cwd`, failing after [`super::HANG_GUARD`].
@@ -716,13 +723,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<_> = args
-        .into_iter()
-        .map(|a| a.as_ref().to_os_string())
-        .collect();
-    let mut cmd = bitfetch_command(&args);
-    cmd.current_dir(cwd);
-    run_guarded(cmd, describe_command("bitfetch", &args), super::HANG_GUARD)
+    run_command_in("bitfetch", bitfetch_command::<[&str; 0], &str>([]), cwd, args)
 }
 
 /// Runs bitfetch with `args`; a run that outlives `deadline` is killed and marked
@@ -741,13 +742,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<_> = args
-        .into_iter()
-        .map(|a| a.as_ref().to_os_string())
-        .collect();
-    let mut cmd = Command::new(require_tool(name));
-    cmd.args(&args).current_dir(cwd);
-    run_guarded(cmd, describe_command(name, &args), super::HANG_GUARD)
+    run_command_in(name, Command::new(require_tool(name)), cwd, args)
 }
 
 /// `bitfetch verify TORRENT DATA`, run to completion.

@@ -632,20 +632,29 @@ impl TestCa {
             command.args(args).current_dir(dir.path());
             run_ok(&format!("openssl {what}"), &mut command);
         };
-        run(
-            "req (CA)",
-            &[
+        // A new P-256 key in KEY and a request (or, with `extra` -x509, a certificate) in OUT.
+        let new_key = |what: &str, key: &str, out: &str, extra: &[&str]| {
+            let mut args = vec![
                 "req",
-                "-x509",
                 "-newkey",
                 "ec",
                 "-pkeyopt",
                 "ec_paramgen_curve:prime256v1",
                 "-nodes",
                 "-keyout",
-                "ca.key",
+                key,
                 "-out",
-                "ca.pem",
+                out,
+            ];
+            args.extend_from_slice(extra);
+            run(what, &args);
+        };
+        new_key(
+            "req (CA)",
+            "ca.key",
+            "ca.pem",
+            &[
+                "-x509",
                 "-days",
                 "2",
                 "-subj",
@@ -656,22 +665,11 @@ impl TestCa {
                 "keyUsage=critical,keyCertSign,cRLSign",
             ],
         );
-        run(
+        new_key(
             "req (server)",
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
+            "server.key",
+            "server.csr",
+            &["-subj", "/CN=127.0.0.1"],
         );
         fs::write(
             p("server.ext"),

@@ -28,22 +28,18 @@ const MAX_REQUESTS: usize = 10_000;
 
 /// Compact IPv4 peers (BEP 23): 6 bytes each.
 pub fn compact4(peers: &[SocketAddrV4]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in peers {
-        out.extend(p.ip().octets());
-        out.extend(p.port().to_be_bytes());
-    }
-    out
+    compact(peers.iter().map(|p| (p.ip().octets().to_vec(), p.port())))
 }
 
 /// Compact IPv6 peers (BEP 7): 18 bytes each.
 pub fn compact6(peers: &[SocketAddrV6]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in peers {
-        out.extend(p.ip().octets());
-        out.extend(p.port().to_be_bytes());
-    }
-    out
+    compact(peers.iter().map(|p| (p.ip().octets().to_vec(), p.port())))
+}
+
+fn compact(peers: impl Iterator<Item = (Vec<u8>, u16)>) -> Vec<u8> {
+    peers
+        .flat_map(|(ip, port)| ip.into_iter().chain(port.to_be_bytes()))
+        .collect()
 }
 
 /// A normal announce reply with compact IPv4 peers.

@@ -526,3 +526,37 @@ pub fn torrent_bytes(info: &B, tiers: &[Vec<String>]) -> (Vec<u8>, [u8; 20]) {
     }
     (B::dict(top).encode(), info_hash)
 }
+
+// =============================================================================================
+// A payload and the tracker it announces to
+// =============================================================================================
+
+/// A [`Payload`] together with the tracker its torrent announces to (whose diagnostics join
+/// every failure report about the payload).
+pub struct Tracked<T> {
+    pub payload: Payload,
+    pub tracker: T,
+}
+
+impl<T> std::ops::Deref for Tracked<T> {
+    type Target = Payload;
+
+    fn deref(&self) -> &Payload {
+        &self.payload
+    }
+}
+
+impl<T: Diagnose> Tracked<T> {
+    /// A fresh, empty directory for a downloader.
+    pub fn out_dir(&self, label: &str) -> PathBuf {
+        self.payload.dir_for(label)
+    }
+
+    /// Panics with everyone's diagnostics (the tracker's too) unless `downloaded` equals the
+    /// original.
+    pub fn assert_same(&self, downloaded: &Path, parts: &[&dyn Diagnose]) {
+        let mut all: Vec<&dyn Diagnose> = parts.to_vec();
+        all.push(&self.tracker);
+        self.payload.assert_same(downloaded, &all);
+    }
+}
