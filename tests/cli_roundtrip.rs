@@ -8,12 +8,12 @@ use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
-use support::torrent::DEAD_TRACKER;
+use serde_json::Value;
 use support::cli::*;
 use support::clients::require_tool;
 use support::files::*;
+use support::torrent::DEAD_TRACKER;
 use support::*;
-use serde_json::Value;
 
 const TRACKER2: &str = "http://127.0.0.1:2/announce";
 
@@ -439,7 +439,8 @@ fn create_writes_name_torrent_in_cwd_by_default() {
     write_file(&file, &pseudo_random(20000, 3));
     let cwd = t.path.join("cwd");
     std::fs::create_dir(&cwd).unwrap();
-    let run = run_in(&cwd,
+    let run = run_in(
+        &cwd,
         [
             os("create"),
             file.clone().into(),
@@ -464,7 +465,8 @@ fn create_rejects_bad_piece_lengths() {
     write_file(&file, &pseudo_random(100_000, 9));
     for bad in ["0", "1000", "8192", "16383", "16385", "24576", "65535"] {
         let out = t.path.join(format!("out-{bad}.torrent"));
-        let run = run_in(&t.path,
+        let run = run_in(
+            &t.path,
             [
                 os("create"),
                 file.clone().into(),

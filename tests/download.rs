@@ -25,10 +25,10 @@ use std::process::Command;
 
 use serde_json::Value;
 use support::cli::{
-    ChildGuard, assert_exit_code, bitfetch, events, field as field_u64, json_listening, of_kind,
-    progress, run_ok, spawn_bitfetch,
+    ChildGuard, assert_exit_code, bitfetch, download_args, events, field as field_u64,
+    json_listening, of_kind, progress, run_ok, spawn_bitfetch,
 };
-use support::fake_peer::{FakeSeeder, Misbehaviour, Relay, SeedSpec};
+use support::fake_peer::{FakeReport, Misbehaviour, Relay, SeedSpec};
 use support::files::{files_equal, files_under, scratch_dir, write_payload};
 use support::net::next_loopback;
 use support::torrent::PieceMap;
@@ -171,15 +171,16 @@ fn start_seeder(fixture: &Fixture, ip: Ipv4Addr) -> (ChildGuard, SocketAddr) {
     let seeder = spawn_bitfetch(
         "bitfetch seed",
         [
-        "seed".to_owned(),
-        fixture.torrent.display().to_string(),
-        fixture.source_dir().display().to_string(),
-        "--bind".into(),
-        ip.to_string(),
-        "--port".into(),
-        "0".into(),
-        "--json".into(),
-    ]);
+            "seed".to_owned(),
+            fixture.torrent.display().to_string(),
+            fixture.source_dir().display().to_string(),
+            "--bind".into(),
+            ip.to_string(),
+            "--port".into(),
+            "0".into(),
+            "--json".into(),
+        ],
+    );
     let addr = json_listening(&seeder);
     let fail = |why: &str| -> ! { panic!("{}", report(why, &[&seeder])) };
     if addr.ip() != std::net::IpAddr::V4(ip) {
@@ -199,24 +200,8 @@ fn start_download(
     peers: &[SocketAddr],
     extra: &[&str],
 ) -> ChildGuard {
-    let mut args: Vec<String> = vec![
-        "download".into(),
-        fixture.torrent.display().to_string(),
-        "-o".into(),
-        out.display().to_string(),
-        "--bind".into(),
-        ip.to_string(),
-        "--port".into(),
-        "0".into(),
-        "--no-seed".into(),
-        "--json".into(),
-        "--timeout".into(),
-        BITFETCH_TIMEOUT.into(),
-    ];
-    for peer in peers {
-        args.push("--peer".into());
-        args.push(peer.to_string());
-    }
+    let mut args = download_args(&fixture.torrent, out, ip, peers);
+    args.extend(["--no-seed", "--json", "--timeout", BITFETCH_TIMEOUT].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
     spawn_bitfetch("bitfetch download", args)
 }
@@ -273,7 +258,9 @@ fn seed_and_download(fixture: &Fixture, pieces: u64) {
     let download = start_download(fixture, &out, next_loopback(), &[addr], &[]);
     let events = finish_download(&download, fixture, Some(pieces), &[&seeder]);
     fixture.assert_downloaded(&out, &[&download, &seeder]);
-    let finished = of_kind(&events, "finished").next().expect("a `finished` event");
+    let finished = of_kind(&events, "finished")
+        .next()
+        .expect("a `finished` event");
     assert_eq!(
         field_u64(finished, "downloaded"),
         fixture.size(),
@@ -292,34 +279,27 @@ fn seed_and_download(fixture: &Fixture, pieces: u64) {
 // One seeder, one downloader: sizes and layouts
 // =============================================================================================
 
-#[test]
-fn single_file_of_one_byte() {
-    seed_and_download(&Fixture::single("one-byte.bin", 1, 16 * KIB), 1);
+/// One test per case: `name: (file, size, piece length, expected pieces)`.
+macro_rules! single_file_cases {
+    ($($(#[doc = $doc:literal])* $name:ident: ($file:literal, $size:expr, $piece:expr, $pieces:expr);)*) => {
+        $(
+            $(#[doc = $doc])*
+            #[test]
+            fn $name() {
+                seed_and_download(&Fixture::single($file, $size, $piece), $pieces);
+            }
+        )*
+    };
 }
 
-#[test]
-fn single_file_of_exactly_one_piece() {
-    seed_and_download(&Fixture::single("one-piece.bin", 32 * KIB, 32 * KIB), 1);
-}
-
-#[test]
-fn single_file_whose_last_piece_is_one_byte() {
-    let piece = 32 * KIB;
-    seed_and_download(&Fixture::single("last-byte.bin", 5 * piece + 1, piece), 6);
-}
-
-#[test]
-fn single_file_of_many_pieces() {
-    // 6 MiB in 16 KiB pieces: 384 pieces of one block each.
-    seed_and_download(&Fixture::single("many.bin", 6 * MIB, 16 * KIB), 384);
-}
-
-#[test]
-fn single_file_not_a_multiple_of_a_block() {
-    // Three 64 KiB pieces, then a last piece of two whole blocks and a short one.
-    let piece = 64 * KIB;
-    let size = 3 * piece + 2 * BLOCK + 5_000;
-    seed_and_download(&Fixture::single("odd.bin", size, piece), 4);
+single_file_cases! {
+    single_file_of_one_byte: ("one-byte.bin", 1, 16 * KIB, 1);
+    single_file_of_exactly_one_piece: ("one-piece.bin", 32 * KIB, 32 * KIB, 1);
+    single_file_whose_last_piece_is_one_byte: ("last-byte.bin", 5 * 32 * KIB + 1, 32 * KIB, 6);
+    /// 6 MiB in 16 KiB pieces: 384 pieces of one block each.
+    single_file_of_many_pieces: ("many.bin", 6 * MIB, 16 * KIB, 384);
+    /// Three 64 KiB pieces, then a last piece of two whole blocks and a short one.
+    single_file_not_a_multiple_of_a_block: ("odd.bin", 3 * 64 * KIB + 2 * BLOCK + 5_000, 64 * KIB, 4);
 }
 
 #[test]
@@ -401,23 +381,18 @@ fn two_seeders_both_serve() {
 // Misbehaving seeders beside a good one
 // =============================================================================================
 
-/// A fake seeder of `fixture` (checking the info hash it is asked for) on its own address.
-fn fake_seeder(fixture: &Fixture, how: Misbehaviour) -> FakeSeeder {
+/// A download (slowed, so the fake gets its chance) from a good bitfetch seeder and a fake
+/// one that misbehaves `how`: it must complete, byte for byte. Returns its events and what the
+/// fake did.
+fn download_beside_fake(name: &str, size: u64, how: Misbehaviour) -> (Vec<Value>, FakeReport) {
+    let fixture = Fixture::single(name, size, 64 * KIB);
+    let (seeder, addr) = start_seeder(&fixture, next_loopback());
     let facts = PieceMap::read(&fixture.torrent);
-    SeedSpec::new(fixture.source_bytes(), facts.piece_len)
+    // It checks the info hash it is asked for.
+    let fake = SeedSpec::new(fixture.source_bytes(), facts.piece_len)
         .info_hash(facts.info_hash)
         .misbehave(how)
-        .start(next_loopback())
-}
-
-/// A fake seeder that answers a few requests, then cuts its connection half-way through a
-/// block of a piece it has partly sent. The download must finish from the good seeder, and
-/// the half block must not end up in the file.
-#[test]
-fn seeder_dropping_mid_piece_is_survived() {
-    let fixture = Fixture::single("drop.bin", 4 * MIB + 4_321, 64 * KIB);
-    let (seeder, addr) = start_seeder(&fixture, next_loopback());
-    let fake = fake_seeder(&fixture, Misbehaviour::DropMidPiece { after_blocks: 3 });
+        .start(next_loopback());
     let out = fixture.out_dir("out");
     let download = start_download(
         &fixture,
@@ -429,8 +404,19 @@ fn seeder_dropping_mid_piece_is_survived() {
     let events = finish_download(&download, &fixture, None, &[&seeder]);
     fixture.assert_downloaded(&out, &[&download, &seeder]);
     drop(download);
+    (events, fake.finish())
+}
 
-    let fake = fake.finish();
+/// A fake seeder that answers a few requests, then cuts its connection half-way through a
+/// block of a piece it has partly sent. The download must finish from the good seeder, and
+/// the half block must not end up in the file.
+#[test]
+fn seeder_dropping_mid_piece_is_survived() {
+    let (events, fake) = download_beside_fake(
+        "drop.bin",
+        4 * MIB + 4_321,
+        Misbehaviour::DropMidPiece { after_blocks: 3 },
+    );
     assert!(
         fake.dropped_in_piece.is_some() && fake.good_blocks >= 3,
         "the fake seeder never got to drop a connection mid-piece: {fake:?}"
@@ -446,22 +432,11 @@ fn seeder_dropping_mid_piece_is_survived() {
 /// reported as a `hash_failed` event, and be fetched again; the output must be correct.
 #[test]
 fn corrupt_block_is_detected_reported_and_refetched() {
-    let fixture = Fixture::single("corrupt.bin", 4 * MIB + 999, 64 * KIB);
-    let (seeder, addr) = start_seeder(&fixture, next_loopback());
-    let fake = fake_seeder(&fixture, Misbehaviour::CorruptFirstBlock);
-    let out = fixture.out_dir("out");
-    let download = start_download(
-        &fixture,
-        &out,
-        next_loopback(),
-        &[fake.addr(), addr],
-        &["--max-download-rate", "2M"],
+    let (events, fake) = download_beside_fake(
+        "corrupt.bin",
+        4 * MIB + 999,
+        Misbehaviour::CorruptFirstBlock,
     );
-    let events = finish_download(&download, &fixture, None, &[&seeder]);
-    fixture.assert_downloaded(&out, &[&download, &seeder]);
-    drop(download);
-
-    let fake = fake.finish();
     let Some((piece, _)) = fake.corrupted else {
         panic!("the fake seeder was never asked for a block: {fake:?}");
     };
@@ -543,7 +518,12 @@ fn killed_download_resumes_from_verified_data() {
     let second = start_download(&fixture, &out, ip, &[addr], &[]);
     let events = finish_download(&second, &fixture, None, &[&seeder, &first]);
     fixture.assert_downloaded(&out, &[&second, &first, &seeder]);
-    let fetched = field_u64(of_kind(&events, "finished").next().expect("a `finished` event"), "downloaded");
+    let fetched = field_u64(
+        of_kind(&events, "finished")
+            .next()
+            .expect("a `finished` event"),
+        "downloaded",
+    );
     assert!(
         fetched <= total - verified,
         "{}",

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use support::bencode::B;
 use support::cli::{
-    ChildGuard, assert_exit_code, bitfetch, events, field, json_listening, kind, of_kind,
-    progress, spawn_bitfetch_env, start_seeder, verify, wait_event,
+    ChildGuard, assert_exit_code, bitfetch, download_args, events, field, json_listening, kind,
+    of_kind, progress, spawn_bitfetch_env, start_seeder, verify, wait_event,
 };
 use support::clients::require_tool;
 use support::fake_peer::{Misbehaviour, SeedSpec};
@@ -68,20 +68,29 @@ fn start_download(
     peers: &[SocketAddr],
     extra: &[&str],
 ) -> ChildGuard {
-    let mut args = vec![
-        "download".to_owned(),
-        path_arg(torrent),
-        "-o".to_owned(),
-        path_arg(out),
-    ];
-    args.extend(["--port", "0", "--json", "--bind"].map(String::from));
-    args.push(ip.to_string());
-    for p in peers {
-        args.push("--peer".to_owned());
-        args.push(p.to_string());
-    }
+    let mut args = download_args(torrent, out, ip, peers);
+    args.push("--json".into());
     args.extend(extra.iter().map(|s| s.to_string()));
     spawn_bitfetch_env(name, &args, &[])
+}
+
+/// A download of `fx` from two seeders, slowed to 512 KiB/s so the test has time to act while
+/// it runs: (its output directory, it).
+fn download_from_two(
+    fx: &Payload,
+    a: SocketAddr,
+    b: SocketAddr,
+) -> (std::path::PathBuf, ChildGuard) {
+    let out = fx.dir_for("out");
+    let d = start_download(
+        "downloader",
+        &fx.torrent,
+        &out,
+        next_loopback(),
+        &[a, b],
+        &["--max-download-rate", "512K"],
+    );
+    (out, d)
 }
 
 /// Checks that `verify` calls the data complete and correct.
@@ -136,15 +145,7 @@ fn seeder_killed_mid_piece_download_completes_from_the_other() {
     );
     let (a, a_addr) = start_seeder("seeder A", &fx.torrent, &fx.data, next_loopback(), &[]);
     let (b, b_addr) = start_seeder("seeder B", &fx.torrent, &fx.data, next_loopback(), &[]);
-    let out = fx.dir_for("out");
-    let d = start_download(
-        "downloader",
-        &fx.torrent,
-        &out,
-        next_loopback(),
-        &[a_addr, b_addr],
-        &["--max-download-rate", "512K"],
-    );
+    let (out, d) = download_from_two(&fx, a_addr, b_addr);
     let total = fx.size;
     // Both seeders connected and some pieces verified, far from done.
     let at_kill = wait_event(&d, DEADLINE, |ev| {
@@ -1019,15 +1020,7 @@ fn seeded_file_changed_under_the_seeder_never_yields_a_bad_piece() {
         next_loopback(),
         &["--max-upload-rate", "128K"],
     );
-    let out = fx.dir_for("out");
-    let d = start_download(
-        "downloader",
-        &fx.torrent,
-        &out,
-        next_loopback(),
-        &[a_addr, b_addr],
-        &["--max-download-rate", "512K"],
-    );
+    let (out, d) = download_from_two(&fx, a_addr, b_addr);
     let total = fx.size;
     let partial = wait_event(&d, DEADLINE, |ev| {
         progress(ev).into_iter().find(|&v| v > 0 && v < total / 2)

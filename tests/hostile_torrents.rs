@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use sha1::{Digest, Sha1};
 use support::bencode::*;
 use support::cli::*;
-use support::torrent::DEAD_TRACKER;
 use support::files::*;
+use support::torrent::DEAD_TRACKER;
 use support::*;
-use sha1::{Digest, Sha1};
 
 const NAME: &str = "file.bin";
 const PIECE_LEN: i64 = 16384;
@@ -123,13 +123,15 @@ impl Harness {
     }
 
     fn info(&self) -> Run {
-        run_in(&self.cwd,
+        run_in(
+            &self.cwd,
             [OsString::from("info"), self.torrent.clone().into()],
         )
     }
 
     fn info_json(&self) -> Run {
-        run_in(&self.cwd,
+        run_in(
+            &self.cwd,
             [
                 OsString::from("info"),
                 self.torrent.clone().into(),
@@ -338,7 +340,7 @@ fn reject_built(case: &str, keywords: &[&str], build: impl Fn(&Harness) -> Vec<u
                 "[download] did not refuse the torrent: still running after {DOWNLOAD_DEADLINE:?}, killed\n  {}",
                 killed.dump()
             ));
-            killed
+            *killed
         }
     };
     problems.extend(
@@ -411,13 +413,13 @@ fn reject_or_neutralise(case: &str, torrent: &[u8], keywords: &[&str]) {
         DOWNLOAD_DEADLINE,
     ) {
         Ok(run) => (run, false),
-        Err(killed) if accepted_name.is_some() => (killed, true),
+        Err(killed) if accepted_name.is_some() => (*killed, true),
         Err(killed) => {
             problems.push(format!(
                 "[download] did not refuse the torrent: still running after {DOWNLOAD_DEADLINE:?}, killed\n  {}",
                 killed.dump()
             ));
-            (killed, true)
+            (*killed, true)
         }
     };
     match &accepted_name {

@@ -35,7 +35,13 @@ const TORRENT_CAP: u64 = 64 << 20;
 /// `bitfetch seed` for `content` on `ip`, any port; returns the guard and its address once
 /// it listens.
 fn start_seeder(content: &Content, ip: Ipv4Addr, extra: &[&str]) -> (ChildGuard, SocketAddr) {
-    support::cli::start_seeder("bitfetch seed", &content.torrent, &content.source_dir(), ip, extra)
+    support::cli::start_seeder(
+        "bitfetch seed",
+        &content.torrent,
+        &content.source_dir(),
+        ip,
+        extra,
+    )
 }
 
 /// Loopback network options of a download: `--bind IP --port 0 --peer P...`.
@@ -71,10 +77,14 @@ fn serve(action: HttpAction) -> HttpTracker {
 
 /// Waits (a bounded time) for the server's request, and for the end of a streamed reply.
 fn finish(server: HttpTracker, streamed: bool) -> HttpLog {
-    let requests = server.wait_for(DEADLINE, |r| !r.is_empty()).unwrap_or_default();
+    let requests = server
+        .wait_for(DEADLINE, |r| !r.is_empty())
+        .unwrap_or_default();
     let streams = if streamed {
-        poll_until(DEADLINE, || Some(server.streams()).filter(|s| !s.is_empty()))
-            .unwrap_or_default()
+        poll_until(DEADLINE, || {
+            Some(server.streams()).filter(|s| !s.is_empty())
+        })
+        .unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -477,7 +487,11 @@ fn json_events_come_in_the_documented_order() {
         "{start}"
     );
     assert_eq!(u64_field(start, "size"), content.size, "{start}");
-    assert_eq!(u64_field(start, "pieces"), content.pieces_count(), "{start}");
+    assert_eq!(
+        u64_field(start, "pieces"),
+        content.pieces_count(),
+        "{start}"
+    );
     assert_eq!(u64_field(start, "files"), BIG.len() as u64, "{start}");
 
     // listening: once, on the --bind address.
@@ -826,7 +840,8 @@ fn misused_shell_options_are_exit_2_before_anything_is_written() {
 // Timeouts and interruption, against a fake seeder that never sends a block
 // =============================================================================================
 
-/// A stalling fake seeder and a download from it with `extra` options.
+/// A stalling fake seeder and a download from it with `extra` options, once the download has
+/// asked the fake for a block.
 fn stalled_download(name: &str, extra: &[&str]) -> (Content, FakeSeeder, ChildGuard) {
     let content = Content::single(name, 200_000, 50);
     let fake = SeedSpec::new(content.bytes().to_vec(), u64::from(PIECE_LEN))
@@ -837,6 +852,12 @@ fn stalled_download(name: &str, extra: &[&str]) -> (Content, FakeSeeder, ChildGu
     args.extend(["-o".into(), s(&out)]);
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     let run = ChildGuard::bitfetch(&args);
+    if !fake.wait_for_request(DEADLINE) {
+        run.fail(
+            "bitfetch never requested a block from the fake seeder",
+            &[&fake],
+        );
+    }
     (content, fake, run)
 }
 
@@ -846,12 +867,6 @@ fn stall_timeout_exits_8_with_a_json_error_event() {
         "stall.bin",
         &["--stall-timeout", "2s", "--timeout", "1h", "--json"],
     );
-    if !fake.wait_for_request(DEADLINE) {
-        run.fail(
-            "bitfetch never requested a block from the fake seeder",
-            &[&fake],
-        );
-    }
     run.expect_code(8, &[&fake]);
     let elapsed = run.elapsed_at_exit().expect("exited");
     assert!(
@@ -874,12 +889,6 @@ fn stall_timeout_exits_8_with_a_json_error_event() {
 fn timeout_exits_7() {
     let (_content, fake, run) =
         stalled_download("timeout.bin", &["--timeout", "2s", "--stall-timeout", "1h"]);
-    if !fake.wait_for_request(DEADLINE) {
-        run.fail(
-            "bitfetch never requested a block from the fake seeder",
-            &[&fake],
-        );
-    }
     run.expect_code(7, &[&fake]);
     let elapsed = run.elapsed_at_exit().expect("exited");
     assert!(
@@ -942,12 +951,6 @@ fn stall_clock_restarts_when_a_piece_verifies() {
 fn sigint_and_sigterm_before_completion_exit_130_within_2s() {
     for (name, signal) in [("SIGINT", libc::SIGINT), ("SIGTERM", libc::SIGTERM)] {
         let (_content, fake, run) = stalled_download(&format!("{name}.bin"), &[]);
-        if !fake.wait_for_request(DEADLINE) {
-            run.fail(
-                "bitfetch never requested a block from the fake seeder",
-                &[&fake],
-            );
-        }
         let sent = Instant::now();
         run.signal(signal);
         run.expect_code(130, &[&fake]);
@@ -1011,15 +1014,26 @@ fn bitfetch_on_tmpfs(dir: &Path, options: &str, args: &[String]) -> ChildGuard {
     run
 }
 
-#[test]
-fn read_only_output_filesystem_is_an_io_error() {
-    let content = Content::single("ro.bin", 100_000, 61);
+/// Downloads a fresh payload (name, size, seed) from a bitfetch seeder into OUT, a private
+/// tmpfs mounted with `options`, expecting exit `code`: (the payload, the run, OUT).
+fn download_onto_tmpfs(
+    (name, size, seed): (&str, usize, u64),
+    options: &str,
+    code: i32,
+) -> (Content, ChildGuard, PathBuf) {
+    let content = Content::single(name, size, seed);
     let (seeder, addr) = start_seeder(&content, next_loopback(), &[]);
-    let out = content.scratch("ro");
+    let out = content.scratch("out");
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
     args.extend(["-o".into(), s(&out)]);
-    let run = bitfetch_on_tmpfs(&out, "ro,size=1m", &args);
-    run.expect_code(4, &[&seeder]);
+    let run = bitfetch_on_tmpfs(&out, options, &args);
+    run.expect_code(code, &[&seeder]);
+    (content, run, out)
+}
+
+#[test]
+fn read_only_output_filesystem_is_an_io_error() {
+    let (_content, run, out) = download_onto_tmpfs(("ro.bin", 100_000, 61), "ro,size=1m", 4);
     assert!(
         run.error_line().is_some_and(|l| l.contains(&s(&out))),
         "the error should name the file it could not create: {}",
@@ -1030,13 +1044,8 @@ fn read_only_output_filesystem_is_an_io_error() {
 #[test]
 fn full_disk_is_exit_5() {
     // 2 MiB into a 1 MiB filesystem.
-    let content = Content::single("full.bin", 2 * 1024 * 1024 + 1, 62);
-    let (seeder, addr) = start_seeder(&content, next_loopback(), &[]);
-    let out = content.scratch("small");
-    let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
-    args.extend(["-o".into(), s(&out)]);
-    let run = bitfetch_on_tmpfs(&out, "size=1m", &args);
-    run.expect_code(5, &[&seeder]);
+    let (_content, run, out) =
+        download_onto_tmpfs(("full.bin", 2 * 1024 * 1024 + 1, 62), "size=1m", 5);
     assert!(
         run.error_line()
             .is_some_and(|l| l.contains("no space left") && l.contains("full.bin")),

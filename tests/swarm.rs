@@ -21,8 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::cli::{
-    ChildGuard, assert_exit_code, spawn_bitfetch, wait_for_listening,
-    wait_for_stderr,
+    ChildGuard, assert_exit_code, spawn_bitfetch, wait_for_listening, wait_for_stderr,
 };
 use support::clients::{
     Opentracker, Transmission, aria2_seed_limited, connection_key, require_tool, sockets_between,
@@ -33,10 +32,13 @@ use support::files::{files_equal, scratch_dir, write_payload};
 use support::net::{free_port_on, next_loopback as own_ip};
 use support::torrent::{BLOCK, Payload, Tracked, info_hash_hex, make_torrent_with_piece_log2};
 use support::wire::{
-    Wire, be32, frame, full_bitfield, handshake, has_fast_bit, id, parse_triple, peer_id,
-    reserved, triple,
+    Wire, be32, frame, full_bitfield, handshake, has_fast_bit, id, parse_triple, peer_id, reserved,
+    triple,
 };
-use support::{DEADLINE, Diagnose, TRANSMISSION_DEADLINE, fail, path_arg, poll_until, report, show_bytes as show, strings};
+use support::{
+    DEADLINE, Diagnose, TRANSMISSION_DEADLINE, fail, path_arg, poll_until, report,
+    show_bytes as show, strings,
+};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
@@ -103,7 +105,6 @@ impl Tracked<Tracker> {
         (code, guard.stdout_text())
     }
 }
-
 
 /// Waits for a bitfetch to exit by itself and checks its exit code.
 fn expect_exit(guard: &ChildGuard, code: i32, timeout: Duration, parts: &[&dyn Diagnose]) {
@@ -213,7 +214,12 @@ fn leechers_trade_among_themselves() {
 #[test]
 fn corrupting_peer_is_banned_and_the_download_completes() {
     let fx = fixture("corrupt.bin", MIB + 5_000, 15, 2, PeerPolicy::Nobody);
-    let fake = fx.fake("corrupting fake seeder", Misbehaviour::CorruptEveryBlock, false, false);
+    let fake = fx.fake(
+        "corrupting fake seeder",
+        Misbehaviour::CorruptEveryBlock,
+        false,
+        false,
+    );
     // Slow, so the download outlasts the ban by a good margin: time for any wrong redial.
     let good = fx.seed(
         "good seeder (128K/s)",
@@ -305,7 +311,12 @@ fn corrupting_peer_alone_never_completes_a_piece() {
         3,
         PeerPolicy::Nobody,
     );
-    let fake = fx.fake("corrupting fake seeder", Misbehaviour::CorruptEveryBlock, false, false);
+    let fake = fx.fake(
+        "corrupting fake seeder",
+        Misbehaviour::CorruptEveryBlock,
+        false,
+        false,
+    );
     let out = fx.out_dir("out");
     let dl = fx.download(
         "downloader",
@@ -379,8 +390,25 @@ fn have_all_seeder_is_downloaded_from() {
     );
 }
 
+/// A bitfetch seeder of `fx` and a hand-driven connection to it from an address of our own,
+/// on which our handshake (with the Fast bit or not, peer id tagged `tag`) and `then` went out.
+fn seeder_and_wire(fx: &Fixture, fast: bool, tag: &str, then: &[u8]) -> (ChildGuard, Wire) {
+    let seeder = fx.seed("seeder", own_ip(), &[]);
+    let seed_addr = wait_for_listening(&seeder);
+    let mut s = Wire::dial(own_ip(), seed_addr).expect("connect to the seeder");
+    let mut hello = handshake(&fx.info_hash, &peer_id(tag), reserved(fast));
+    hello.extend_from_slice(then);
+    s.send(&hello).expect("send handshake");
+    (seeder, s)
+}
+
 /// Reads messages until one satisfies `want`, failing on EOF or the deadline.
-fn next_msg(wire: &mut Wire, deadline: Instant, what: &str, parts: &[&dyn Diagnose]) -> (u8, Vec<u8>) {
+fn next_msg(
+    wire: &mut Wire,
+    deadline: Instant,
+    what: &str,
+    parts: &[&dyn Diagnose],
+) -> (u8, Vec<u8>) {
     match wire.next_message(deadline) {
         Ok(Some(m)) => m,
         Ok(None) => fail(&format!("waiting for {what}: deadline passed"), parts),
@@ -394,15 +422,12 @@ fn next_msg(wire: &mut Wire, deadline: Instant, what: &str, parts: &[&dyn Diagno
 #[test]
 fn seeder_speaks_fast_to_a_fast_peer() {
     let fx = fixture("fastseed.bin", 512 * KIB + 1_000, 15, 5, PeerPolicy::Nobody);
-    let seeder = fx.seed("seeder", own_ip(), &[]);
-    let seed_addr = wait_for_listening(&seeder);
+    let (seeder, mut s) = seeder_and_wire(&fx, true, "FL3", &[]);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
     let deadline = Instant::now() + DEADLINE;
-
-    let mut s = Wire::dial(own_ip(), seed_addr).expect("connect to the seeder");
-    s.send(&handshake(&fx.info_hash, &peer_id("FL3"), reserved(true)))
-        .expect("send handshake");
-    let (theirs, hash, _) = s.handshake_parts(Duration::from_secs(30)).expect("the seeder's handshake");
+    let (theirs, hash, _) = s
+        .handshake_parts(Duration::from_secs(30))
+        .expect("the seeder's handshake");
     assert_eq!(hash, fx.info_hash);
     assert!(
         has_fast_bit(&theirs),
@@ -581,15 +606,12 @@ fn fast_intro_comes_first_even_when_a_request_is_pipelined() {
         14,
         PeerPolicy::Nobody,
     );
-    let seeder = fx.seed("seeder", own_ip(), &[]);
-    let seed_addr = wait_for_listening(&seeder);
+    let request = frame(id::REQUEST, &triple(0, 0, BLOCK));
+    let (seeder, mut s) = seeder_and_wire(&fx, true, "FLP", &request);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
     let deadline = Instant::now() + DEADLINE;
-    let mut s = Wire::dial(own_ip(), seed_addr).expect("connect to the seeder");
-    let mut hello = handshake(&fx.info_hash, &peer_id("FLP"), reserved(true));
-    hello.extend_from_slice(&frame(id::REQUEST, &triple(0, 0, BLOCK)));
-    s.send(&hello).expect("send handshake and request");
-    s.handshake_parts(Duration::from_secs(30)).expect("the seeder's handshake");
+    s.handshake_parts(Duration::from_secs(30))
+        .expect("the seeder's handshake");
     let (first, _) = next_msg(&mut s, deadline, "the first message", &parts);
     let (second, payload) = next_msg(&mut s, deadline, "the second message", &parts);
     assert!(
@@ -613,15 +635,11 @@ fn fast_intro_comes_first_even_when_a_request_is_pipelined() {
 #[test]
 fn fast_message_without_the_fast_bit_disconnects() {
     let fx = fixture("nofast.bin", 256 * KIB + 10, 15, 6, PeerPolicy::Nobody);
-    let seeder = fx.seed("seeder", own_ip(), &[]);
-    let seed_addr = wait_for_listening(&seeder);
+    let (seeder, mut s) = seeder_and_wire(&fx, false, "NF3", &[]);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
     let deadline = Instant::now() + DEADLINE;
-
-    let mut s = Wire::dial(own_ip(), seed_addr).expect("connect to the seeder");
-    s.send(&handshake(&fx.info_hash, &peer_id("NF3"), reserved(false)))
-        .expect("send handshake");
-    s.handshake_parts(Duration::from_secs(30)).expect("the seeder's handshake");
+    s.handshake_parts(Duration::from_secs(30))
+        .expect("the seeder's handshake");
     let (first, payload) = next_msg(&mut s, deadline, "the first message", &parts);
     assert!(
         first == id::BITFIELD && payload == full_bitfield(fx.geo().pieces()),
@@ -642,16 +660,13 @@ fn fast_message_without_the_fast_bit_disconnects() {
             break;
         }
     }
-    s.send(&frame(id::HAVE_NONE, &[]))
-        .expect("send have none");
+    s.send(&frame(id::HAVE_NONE, &[])).expect("send have none");
     loop {
         match s.next_message(deadline) {
             Ok(Some(_)) => continue,
             Err(_) => break,
             Ok(None) => fail(
-                &format!(
-                    "after a Fast message without the Fast bit the connection stayed open (deadline passed)"
-                ),
+                "after a Fast message without the Fast bit the connection stayed open (deadline passed)",
                 &parts,
             ),
         }
@@ -701,9 +716,12 @@ fn both_ends_dialling_each_other_keep_one_connection() {
             fail("the seeder never dialled the --peer address", &parts);
         };
         let mut dialled = Wire::new(dialled);
-        let (_, hash, seeder_id) = dialled.handshake_parts(Duration::from_secs(30)).expect("the seeder's handshake");
+        let (_, hash, seeder_id) = dialled
+            .handshake_parts(Duration::from_secs(30))
+            .expect("the seeder's handshake");
         assert_eq!(hash, fx.info_hash);
-        dialled.send(&handshake(&fx.info_hash, &fake_id, reserved(false)))
+        dialled
+            .send(&handshake(&fx.info_hash, &fake_id, reserved(false)))
             .expect("answer the handshake");
         // Its first message (the bitfield) shows the connection is fully up on its side.
         let deadline = Instant::now() + DEADLINE;
@@ -903,11 +921,8 @@ fn seed_ratio_stops_at_exactly_the_ratio() {
         );
     }
     let received: u64 = leechers.iter().map(FakeLeecher::bytes).sum();
-    let bad: usize = leechers
-        .iter()
-        .map(|l| l.report().bad_blocks)
-        .sum();
-    let piece = u64::from(fx.geo().piece_len);
+    let bad: usize = leechers.iter().map(|l| l.report().bad_blocks).sum();
+    let piece = fx.geo().piece_len;
     let each: Vec<u64> = leechers.iter().map(FakeLeecher::bytes).collect();
     let numbers = format!(
         "size {size}, stopped announce uploaded={}, leechers received {received} bytes \

@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::bencode::B;
-use support::cli::{ChildGuard, assert_exit_code, spawn_bitfetch_env, wait_for_listening, wait_for_stderr};
+use support::cli::{
+    ChildGuard, assert_exit_code, spawn_bitfetch_env, wait_for_listening, wait_for_stderr,
+};
 use support::clients::{Nginx, Opentracker, TestCa};
 use support::fake_tracker::{
     HttpAction, HttpRequest, HttpTracker, UdpAction, UdpTracker, announce_reply, compact4, compact6,
@@ -29,7 +31,9 @@ use support::fake_tracker::{
 use support::files::files_equal;
 use support::net::{Trap, ip4, next_loopback, v4};
 use support::torrent::Payload as Fixture;
-use support::{DEADLINE, Diagnose, fail, hex as to_hex, path_arg, poll_until, report, show_bytes, strings};
+use support::{
+    DEADLINE, Diagnose, fail, hex as to_hex, path_arg, poll_until, report, show_bytes, strings,
+};
 
 /// Payload size: several 32 KiB pieces and a short last one.
 const SIZE: u64 = 20 * 32 * 1024 + 1234;
@@ -145,6 +149,29 @@ fn wait_seeding_complete(
     if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out, "")) {
         fail(&format!("the download is wrong: {e}"), &all);
     }
+}
+
+/// A `--seed` leecher dialling `seeder` directly; waits until it has announced `completed`
+/// (as `completed` tells from its listening port) and checks what it downloaded.
+fn seeding_leecher(
+    fx: &Fixture,
+    label: &str,
+    seeder: SocketAddr,
+    completed: impl Fn(u16) -> bool,
+    parts: &[&dyn Diagnose],
+) -> Leecher {
+    let extra = ["--seed".into(), "--peer".into(), seeder.to_string()];
+    let leecher = start_leecher(fx, label, Some(ip4(next_loopback())), &extra);
+    wait_seeding_complete(fx, &leecher, completed, parts);
+    leecher
+}
+
+/// Whether `tracker` has had a `completed` announce from the client listening on `port`.
+fn http_completed(tracker: &HttpTracker, port: u16) -> bool {
+    tracker
+        .requests()
+        .iter()
+        .any(|r| r.port() == Some(port) && r.event() == "completed")
 }
 
 /// Runs `bitfetch scrape TORRENT ARGS…` to completion.
@@ -461,19 +488,13 @@ fn failure_reason_is_shown_no_peers_taken_and_peer_still_works() {
             .encode(),
         )
     });
-    let leecher = start_leecher(
+    let leecher = seeding_leecher(
         &fx,
         "failure",
-        Some(ip4(next_loopback())),
-        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+        seeder_addr,
+        |port| http_completed(&tracker, port),
+        &[&tracker, &seeder],
     );
-    let saw_completed = |port: u16| {
-        tracker
-            .requests()
-            .iter()
-            .any(|r| r.port() == Some(port) && r.event() == "completed")
-    };
-    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
     let prefix = format!(
         "bitfetch: tracker {}: tracker says: torrent not registered",
         tracker.announce_url()
@@ -621,19 +642,13 @@ fn redirect_to_the_real_announce_path_is_followed() {
 fn http_500_is_reported_and_peer_still_works() {
     let (tracker, fx, seeder, seeder_addr) = scripted_swarm("status500", 36);
     tracker.set_script(|_, _| HttpAction::status(500, b"internal trouble"));
-    let leecher = start_leecher(
+    let leecher = seeding_leecher(
         &fx,
         "status500",
-        Some(ip4(next_loopback())),
-        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+        seeder_addr,
+        |port| http_completed(&tracker, port),
+        &[&tracker, &seeder],
     );
-    let saw_completed = |port: u16| {
-        tracker
-            .requests()
-            .iter()
-            .any(|r| r.port() == Some(port) && r.event() == "completed")
-    };
-    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
     let prefix = format!("bitfetch: tracker {}: ", tracker.announce_url());
     let line = wait_for_stderr(&leecher.guard, &prefix, Duration::from_secs(10));
     eprintln!("tracker notice: {line}");
@@ -1060,19 +1075,18 @@ fn udp_error_reply_is_shown_and_peer_still_works() {
     let url = tracker.announce_url();
     let fx = Fixture::tiers("udp-error.bin", SIZE, 61, &[vec![url.clone()]]);
     let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
-    let leecher = start_leecher(
+    let leecher = seeding_leecher(
         &fx,
         "udp-error",
-        Some(ip4(next_loopback())),
-        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+        seeder_addr,
+        |port| {
+            tracker
+                .announces_from_port(port)
+                .iter()
+                .any(|a| a.event == 1)
+        },
+        &[&tracker, &seeder],
     );
-    let saw_completed = |port: u16| {
-        tracker
-            .announces_from_port(port)
-            .iter()
-            .any(|a| a.event == 1)
-    };
-    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
     let expected = format!("bitfetch: tracker {url}: tracker says: udp tracker refuses (test)");
     let line = wait_for_stderr(&leecher.guard, &expected, Duration::from_secs(10));
     if line != expected {

@@ -500,6 +500,31 @@ where
     ChildGuard::spawn(name, &mut command).with_stop_signal(libc::SIGTERM, Duration::from_secs(10))
 }
 
+/// `download TORRENT -o OUT --bind IP --port 0 [--peer P]…`: the arguments of a loopback
+/// download.
+pub fn download_args(
+    torrent: &Path,
+    out: &Path,
+    ip: std::net::Ipv4Addr,
+    peers: &[SocketAddr],
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "download".into(),
+        super::path_arg(torrent),
+        "-o".into(),
+        super::path_arg(out),
+        "--bind".into(),
+        ip.to_string(),
+        "--port".into(),
+        "0".into(),
+    ];
+    for peer in peers {
+        args.push("--peer".into());
+        args.push(peer.to_string());
+    }
+    args
+}
+
 /// `bitfetch seed TORRENT DATA --bind IP --port 0 EXTRA…` under `name`, waiting until it
 /// listens.
 pub fn start_seeder(
@@ -559,7 +584,6 @@ pub fn assert_exit_code(guard: &ChildGuard, expected: i32, parts: &[&dyn Diagnos
         )),
     }
 }
-
 
 // =============================================================================================
 // One-shot commands
@@ -671,7 +695,11 @@ pub fn crash_problem(status: Option<ExitStatus>, stderr: &str) -> Option<String>
 
 /// Runs `cmd` with stdin closed; after `deadline` the child is killed by PID and returned as
 /// `Err`.
-pub fn run_with_deadline(mut cmd: Command, desc: String, deadline: Duration) -> Result<Run, Run> {
+pub fn run_with_deadline(
+    mut cmd: Command,
+    desc: String,
+    deadline: Duration,
+) -> Result<Run, Box<Run>> {
     let guard = ChildGuard::spawn(&desc, &mut cmd);
     let finished = guard.wait_timeout(deadline);
     let status = finished.or_else(|| guard.stop()).unwrap_or_else(|| {
@@ -687,7 +715,11 @@ pub fn run_with_deadline(mut cmd: Command, desc: String, deadline: Duration) -> 
         raw_stderr,
         timed_out: finished.is_none(),
     };
-    if run.timed_out { Err(run) } else { Ok(run) }
+    if run.timed_out {
+        Err(Box::new(run))
+    } else {
+        Ok(run)
+    }
 }
 
 /// Runs `cmd` to completion with stdin closed, killing it (and failing) after `deadline`.
@@ -723,7 +755,12 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    run_command_in("bitfetch", bitfetch_command::<[&str; 0], &str>([]), cwd, args)
+    run_command_in(
+        "bitfetch",
+        bitfetch_command::<[&str; 0], &str>([]),
+        cwd,
+        args,
+    )
 }
 
 /// Runs bitfetch with `args`; a run that outlives `deadline` is killed and marked
@@ -733,7 +770,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    run_with_deadline(bitfetch_command(args), desc.to_owned(), deadline).unwrap_or_else(|r| r)
+    run_with_deadline(bitfetch_command(args), desc.to_owned(), deadline).unwrap_or_else(|r| *r)
 }
 
 /// Runs an external tool with `args` in `cwd`, failing after [`super::HANG_GUARD`].
@@ -946,4 +983,3 @@ impl Drop for MemWatch {
         }
     }
 }
-

@@ -862,4 +862,3 @@ pub fn connection_key(s: &Socket) -> (SocketAddr, SocketAddr) {
         (s.peer, s.local)
     }
 }
-

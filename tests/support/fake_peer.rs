@@ -64,9 +64,14 @@ pub enum Misbehaviour {
 #[derive(Debug, Clone, Copy)]
 pub enum FakeEvent {
     Connected,
-    Request { piece: u32 },
+    Request {
+        piece: u32,
+    },
     /// The last requested block of `piece` in a batch went out; its write began at `at`.
-    Served { piece: u32, at: Instant },
+    Served {
+        piece: u32,
+        at: Instant,
+    },
 }
 
 /// What a fake seeder saw and did, for assertions and failure reports.
@@ -305,9 +310,10 @@ impl FakeSeeder {
         };
         match Wire::dial(ip, to) {
             Ok(wire) => spawn_connection(&self.shared, wire.stream, true),
-            Err(e) => self
-                .shared
-                .record(|r| r.endings.push(format!("outbound to {to}: cannot dial: {e}"))),
+            Err(e) => self.shared.record(|r| {
+                r.endings
+                    .push(format!("outbound to {to}: cannot dial: {e}"))
+            }),
         }
     }
 
@@ -423,8 +429,7 @@ fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream, outbound: bool) {
         let side = if outbound { "outbound to" } else { "from" };
         conn.record(|r| {
             r.closed += 1;
-            r.endings
-                .push(format!("{at:>8.3?} {side} {from:?}: {end}"));
+            r.endings.push(format!("{at:>8.3?} {side} {from:?}: {end}"));
         });
     });
     lock(&shared.threads).push(t);
@@ -437,7 +442,9 @@ fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> 
     let _ = wire.stream.set_write_timeout(Some(Duration::from_secs(30)));
     let ours = |hash: &[u8; 20]| handshake(hash, &spec.peer_id, reserved(spec.fast));
     if outbound {
-        wire.send(&ours(&spec.info_hash.expect("a dialling fake knows its info hash")))?;
+        wire.send(&ours(
+            &spec.info_hash.expect("a dialling fake knows its info hash"),
+        ))?;
     }
     let (theirs, hash, _) = wire.handshake_parts(HANDSHAKE_WITHIN)?;
     if spec.info_hash.is_some_and(|h| h != hash) {
@@ -477,10 +484,7 @@ fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> 
                 (id::REQUEST, Some(req @ (piece, begin, len))) => {
                     shared.record(|r| r.requests.push(req));
                     shared.event(FakeEvent::Request { piece });
-                    if len == 0
-                        || len > MAX_BLOCK
-                        || !spec.geo.contains(piece, begin, len)
-                    {
+                    if len == 0 || len > MAX_BLOCK || !spec.geo.contains(piece, begin, len) {
                         return Err(format!("bad request {piece}/{begin}/{len}"));
                     }
                     match spec.misbehaviour {
@@ -495,7 +499,8 @@ fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> 
                                 && !sent.contains(&(piece, begin)) =>
                         {
                             let start = spec.geo.offset(piece, begin);
-                            let mut out = msg_piece(piece, begin, &spec.data[start..start + len as usize]);
+                            let mut out =
+                                msg_piece(piece, begin, &spec.data[start..start + len as usize]);
                             out.truncate(13 + len as usize / 2);
                             wire.send(&out)?;
                             let _ = wire.stream.flush();
@@ -752,7 +757,10 @@ fn leech(
                 }
             }
             id::PIECE if payload.len() >= 8 => {
-                let (piece, begin) = (super::wire::be32(&payload, 0), super::wire::be32(&payload, 4));
+                let (piece, begin) = (
+                    super::wire::be32(&payload, 0),
+                    super::wire::be32(&payload, 4),
+                );
                 let block = &payload[8..];
                 let t = (piece, begin, block.len() as u32);
                 r.bytes += block.len() as u64;

@@ -339,17 +339,22 @@ impl HttpTracker {
         let thread = {
             let shared = Arc::clone(&shared);
             let mut served = 0usize;
-            accept_loop(listener, &format!("http-{name}"), stop, move |stream, from| {
-                if served >= MAX_REQUESTS {
-                    return; // dropped unanswered: the test has gone wild
-                }
-                served += 1;
-                let worker = {
-                    let shared = Arc::clone(&shared);
-                    thread::spawn(move || serve_http(stream, from, &shared))
-                };
-                lock(&shared.workers).push(worker);
-            })
+            accept_loop(
+                listener,
+                &format!("http-{name}"),
+                stop,
+                move |stream, from| {
+                    if served >= MAX_REQUESTS {
+                        return; // dropped unanswered: the test has gone wild
+                    }
+                    served += 1;
+                    let worker = {
+                        let shared = Arc::clone(&shared);
+                        thread::spawn(move || serve_http(stream, from, &shared))
+                    };
+                    lock(&shared.workers).push(worker);
+                },
+            )
         };
         HttpTracker {
             name: name.to_owned(),
@@ -986,4 +991,3 @@ fn serve_udp(socket: &UdpSocket, shared: &UdpShared) {
         }
     }
 }
-

@@ -126,9 +126,7 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
 pub fn files_under(root: &Path) -> Vec<PathBuf> {
     walk(root)
         .into_iter()
-        .filter(|rel| {
-            fs::symlink_metadata(root.join(rel)).is_ok_and(|m| !m.is_dir())
-        })
+        .filter(|rel| fs::symlink_metadata(root.join(rel)).is_ok_and(|m| !m.is_dir()))
         .collect()
 }
 
@@ -151,7 +149,6 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         })
         .collect()
 }
-
 
 pub const SENTINEL: &[u8] = b"sentinel: must not change\n";
 
@@ -236,4 +233,3 @@ impl Default for Sandbox {
         Sandbox::new()
     }
 }
-

@@ -21,7 +21,10 @@ static NEXT_IP: AtomicU32 = AtomicU32::new(0);
 /// address, so every client gets its own. 127.0.0.1 is left to probes and fixed services.
 pub fn next_loopback() -> Ipv4Addr {
     let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
-    assert!(n < 200 * 200, "ran out of loopback addresses in one test process");
+    assert!(
+        n < 200 * 200,
+        "ran out of loopback addresses in one test process"
+    );
     let a = 20 + (std::process::id() % 200) as u8;
     Ipv4Addr::new(127, a, (n / 200) as u8, 20 + (n % 200) as u8)
 }

@@ -111,8 +111,7 @@ impl Geometry {
 
     /// Whether (piece, begin, len) lies inside the torrent.
     pub fn contains(&self, piece: u32, begin: u32, len: u32) -> bool {
-        piece < self.pieces()
-            && u64::from(begin) + u64::from(len) <= self.piece_size(piece)
+        piece < self.pieces() && u64::from(begin) + u64::from(len) <= self.piece_size(piece)
     }
 
     /// Every block of the torrent, in order: (piece, begin, length).
@@ -144,8 +143,8 @@ pub struct PieceMap {
 impl PieceMap {
     pub fn read(torrent: &Path) -> PieceMap {
         let raw = fs::read(torrent).unwrap_or_else(|e| panic!("read {}: {e}", torrent.display()));
-        let top = Value::decode(&raw)
-            .unwrap_or_else(|| panic!("{} is not bencoded", torrent.display()));
+        let top =
+            Value::decode(&raw).unwrap_or_else(|| panic!("{} is not bencoded", torrent.display()));
         let (info, span) = top
             .entry("info")
             .unwrap_or_else(|| panic!("{} has no info dictionary", torrent.display()));
@@ -172,7 +171,11 @@ impl PieceMap {
             .chunks_exact(20)
             .map(|c| c.try_into().expect("20 bytes"))
             .collect();
-        assert_eq!(hashes.len() as u64, total.div_ceil(piece_len), "piece count");
+        assert_eq!(
+            hashes.len() as u64,
+            total.div_ceil(piece_len),
+            "piece count"
+        );
         PieceMap {
             info_hash: Sha1::digest(&raw[span]).into(),
             geo: Geometry { total, piece_len },
@@ -280,7 +283,14 @@ impl Payload {
         let data = dir.path().join("source").join(name);
         write_payload(&data, size, seed);
         let bytes = fs::read(&data).expect("read the payload back");
-        Payload::finish(dir, name, vec![(name.to_owned(), bytes)], false, piece_log2, tiers)
+        Payload::finish(
+            dir,
+            name,
+            vec![(name.to_owned(), bytes)],
+            false,
+            piece_log2,
+            tiers,
+        )
     }
 
     /// A directory NAME holding `tree` (relative path, size), 32 KiB pieces, a dead tracker.
@@ -296,7 +306,14 @@ impl Payload {
                 ((*rel).to_owned(), data)
             })
             .collect();
-        Payload::finish(dir, name, files, true, PIECE_LOG2, &[vec![DEAD_TRACKER.into()]])
+        Payload::finish(
+            dir,
+            name,
+            files,
+            true,
+            PIECE_LOG2,
+            &[vec![DEAD_TRACKER.into()]],
+        )
     }
 
     fn finish(
@@ -313,7 +330,11 @@ impl Payload {
         let pieces = PieceMap::read(&torrent);
         let size = files.iter().map(|(_, d)| d.len() as u64).sum();
         assert_eq!(pieces.total, size, "the torrent's length");
-        assert_eq!(pieces.piece_len, 1 << piece_log2, "the torrent's piece length");
+        assert_eq!(
+            pieces.piece_len,
+            1 << piece_log2,
+            "the torrent's piece length"
+        );
         let hash_hex = info_hash_hex(&torrent);
         assert_eq!(
             pieces.info_hash_hex(),

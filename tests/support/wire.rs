@@ -67,9 +67,11 @@ pub fn handshake(info_hash: &[u8; 20], peer_id: &[u8; 20], reserved: [u8; 8]) ->
     h
 }
 
-/// The parts of a 68-byte handshake: (reserved, info hash, peer id), or `None` if it is not
-/// a BitTorrent handshake.
-pub fn parse_handshake(h: &[u8]) -> Option<([u8; 8], [u8; 20], [u8; 20])> {
+/// The parts of a handshake: (reserved, info hash, peer id).
+pub type HandshakeParts = ([u8; 8], [u8; 20], [u8; 20]);
+
+/// The parts of a 68-byte handshake, or `None` if it is not a BitTorrent handshake.
+pub fn parse_handshake(h: &[u8]) -> Option<HandshakeParts> {
     if h.len() != HANDSHAKE_LEN || h[0] != 19 || &h[1..20] != PROTOCOL {
         return None;
     }
@@ -262,10 +264,7 @@ impl Wire {
     }
 
     /// Reads the other side's handshake: (reserved, info hash, peer id).
-    pub fn handshake_parts(
-        &mut self,
-        within: Duration,
-    ) -> Result<([u8; 8], [u8; 20], [u8; 20]), Closed> {
+    pub fn handshake_parts(&mut self, within: Duration) -> Result<HandshakeParts, Closed> {
         let h = self.read_handshake(within)?;
         parse_handshake(&h).ok_or_else(|| "not a BitTorrent handshake".to_owned())
     }
