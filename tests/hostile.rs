@@ -487,6 +487,14 @@ const KW_LONG: &[&str] = &["long", "255", "length", "too big", "too large"];
 const KW_DEEP: &[&str] = &["deep", "depth", "elements", "long"];
 const KW_CLASH: &[&str] = &["duplicate", "clash", "same", "case", "conflict", "twice"];
 
+/// A multi-file torrent whose one path has 200 elements, element `i` made by `element(i)`:
+/// refused as too deep.
+fn deep_path_refused(label: &str, element: impl Fn(usize) -> String) {
+    let deep: Vec<String> = (0..200).map(element).collect();
+    let deep: Vec<&str> = deep.iter().map(String::as_str).collect();
+    refused(label, &multi_torrent(b"dir", &[elements(&deep)]), KW_DEEP)
+}
+
 #[test]
 fn overlong_and_overdeep_paths_are_refused() {
     let long = "a".repeat(300);
@@ -512,22 +520,12 @@ fn overlong_and_overdeep_paths_are_refused() {
             )
         }),
         case("a path 200 elements deep", || {
-            let deep: Vec<String> = (0..200).map(|i| format!("d{i}")).collect();
-            let deep: Vec<&str> = deep.iter().map(String::as_str).collect();
-            refused(
-                "a path 200 elements deep",
-                &multi_torrent(b"dir", &[elements(&deep)]),
-                KW_DEEP,
-            )
+            deep_path_refused("a path 200 elements deep", |i| format!("d{i}"))
         }),
         case("a path 200 elements deep and 6 KB long", || {
-            let deep: Vec<String> = (0..200).map(|i| format!("{i:0>30}")).collect();
-            let deep: Vec<&str> = deep.iter().map(String::as_str).collect();
-            refused(
-                "a path 200 elements deep and 6 KB long",
-                &multi_torrent(b"dir", &[elements(&deep)]),
-                KW_DEEP,
-            )
+            deep_path_refused("a path 200 elements deep and 6 KB long", |i| {
+                format!("{i:0>30}")
+            })
         }),
         case(
             "a path within the depth limit but 12 KB long",
