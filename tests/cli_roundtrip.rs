@@ -1,15 +1,19 @@
 //! `create`, `verify` and `info --json` end to end, and interoperability with the torrents
 //! other tools make (mktorrent, transmission-create) and read (transmission-show, aria2c).
 
-mod common_cli;
+mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
-use common_cli::*;
 use serde_json::Value;
+use support::cli::*;
+use support::clients::require_tool;
+use support::files::*;
+use support::torrent::DEAD_TRACKER;
+use support::*;
 
 const TRACKER2: &str = "http://127.0.0.1:2/announce";
 
@@ -26,7 +30,7 @@ fn create(cwd: &Path, path: &Path, out: &Path, extra: &[&str]) -> Run {
     let mut args = vec![os("create"), path.into(), os("-a"), os(DEAD_TRACKER)];
     args.extend(extra.iter().map(|s| os(*s)));
     args.extend([os("-o"), out.into()]);
-    let run = bitfetch(cwd, args);
+    let run = run_in(cwd, args);
     run.assert_success();
     assert!(
         out.is_file(),
@@ -38,7 +42,7 @@ fn create(cwd: &Path, path: &Path, out: &Path, extra: &[&str]) -> Run {
 }
 
 fn info_json(cwd: &Path, torrent: &Path) -> Value {
-    let run = bitfetch(cwd, [os("info"), torrent.into(), os("--json")]);
+    let run = run_in(cwd, [os("info"), torrent.into(), os("--json")]);
     run.assert_success();
     let text = run.stdout.trim();
     serde_json::from_str(text)
@@ -50,7 +54,7 @@ fn verify(cwd: &Path, torrent: &Path, data: Option<&Path>) -> Run {
     if let Some(d) = data {
         args.push(d.into());
     }
-    bitfetch(cwd, args)
+    run_in(cwd, args)
 }
 
 /// `verify` exits 1 and names `bad_piece` (0-based).
@@ -357,7 +361,7 @@ fn info_json_fields_for_a_multi_file_torrent() {
         os("-o"),
         private.clone().into(),
     ];
-    bitfetch(&t.path, &args).assert_success();
+    run_in(&t.path, &args).assert_success();
     let v = info_json(&t.path, &private);
     assert_eq!(v["name"], Value::from("tree"), "{v}");
     let hash = v["info_hash"].as_str().expect("info_hash is a string");
@@ -418,7 +422,7 @@ fn info_json_fields_for_a_multi_file_torrent() {
     args.drain(c..c + 2);
     let o = args.iter().position(|a| a == "-o").unwrap();
     args[o + 1] = public.clone().into();
-    bitfetch(&t.path, &args).assert_success();
+    run_in(&t.path, &args).assert_success();
     let p = info_json(&t.path, &public);
     assert_eq!(p["private"], Value::Bool(false), "{p}");
     assert_eq!(p["comment"], Value::Null, "{p}");
@@ -435,7 +439,7 @@ fn create_writes_name_torrent_in_cwd_by_default() {
     write_file(&file, &pseudo_random(20000, 3));
     let cwd = t.path.join("cwd");
     std::fs::create_dir(&cwd).unwrap();
-    let run = bitfetch(
+    let run = run_in(
         &cwd,
         [
             os("create"),
@@ -461,7 +465,7 @@ fn create_rejects_bad_piece_lengths() {
     write_file(&file, &pseudo_random(100_000, 9));
     for bad in ["0", "1000", "8192", "16383", "16385", "24576", "65535"] {
         let out = t.path.join(format!("out-{bad}.torrent"));
-        let run = bitfetch(
+        let run = run_in(
             &t.path,
             [
                 os("create"),
@@ -709,7 +713,7 @@ fn others_accept_bitfetch_directory_torrent() {
 /// Runs bitfetch with `args` to completion and returns (exit code, peak RSS in KiB) as the
 /// kernel accounts it for the child (file-backed mapped pages included).
 fn run_measuring_rss(cwd: &Path, args: &[&OsString]) -> (i32, i64) {
-    let mut child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(bitfetch())
         .args(args)
         .current_dir(cwd)
         .stdout(std::process::Stdio::null())

@@ -15,7 +15,6 @@
 //! Where a test needs a transfer to last long enough for something to happen in the middle,
 //! it slows the downloader with `--max-download-rate`: a slower machine only makes that wider.
 
-mod download_support;
 mod support;
 
 use std::fs;
@@ -24,9 +23,16 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use download_support::{FakeSeeder, Misbehaviour, Relay, TorrentFacts};
 use serde_json::Value;
-use support::*;
+use support::cli::{
+    ChildGuard, assert_exit_code, bitfetch, download_args, events, field as field_u64,
+    json_listening, of_kind, progress, run_ok, spawn_bitfetch,
+};
+use support::fake_peer::{FakeReport, Misbehaviour, Relay, SeedSpec};
+use support::files::{files_equal, files_under, scratch_dir, write_payload};
+use support::net::next_loopback;
+use support::torrent::PieceMap;
+use support::{DEADLINE, Diagnose, poll_until, report};
 use tempfile::TempDir;
 
 const KIB: u64 = 1024;
@@ -153,24 +159,6 @@ impl Fixture {
     }
 }
 
-/// Every regular file under `root`, relative to it, sorted.
-fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("list {}: {e}", dir.display())) {
-            let path = entry.expect("directory entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                found.push(path.strip_prefix(root).expect("under root").to_path_buf());
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
 // =============================================================================================
 // bitfetch processes
 // =============================================================================================
@@ -180,35 +168,21 @@ fn files_under(root: &Path) -> Vec<PathBuf> {
 /// The address is read from the `listening` event rather than from the stderr line: stderr is
 /// unbuffered, so that line can be seen half-written, while a JSON event is one write.
 fn start_seeder(fixture: &Fixture, ip: Ipv4Addr) -> (ChildGuard, SocketAddr) {
-    let seeder = spawn_bitfetch([
-        "seed".to_owned(),
-        fixture.torrent.display().to_string(),
-        fixture.source_dir().display().to_string(),
-        "--bind".into(),
-        ip.to_string(),
-        "--port".into(),
-        "0".into(),
-        "--json".into(),
-    ]);
-    let listening = poll_until(DEADLINE, || {
-        let address = of_kind(&events(&seeder), "listening")
-            .first()
-            .map(|e| e["address"].as_str().unwrap_or_default().to_owned());
-        match address {
-            Some(a) => Some(Some(a)),
-            None if !seeder.is_running() => Some(None),
-            None => None,
-        }
-    });
+    let seeder = spawn_bitfetch(
+        "bitfetch seed",
+        [
+            "seed".to_owned(),
+            fixture.torrent.display().to_string(),
+            fixture.source_dir().display().to_string(),
+            "--bind".into(),
+            ip.to_string(),
+            "--port".into(),
+            "0".into(),
+            "--json".into(),
+        ],
+    );
+    let addr = json_listening(&seeder);
     let fail = |why: &str| -> ! { panic!("{}", report(why, &[&seeder])) };
-    let text = match listening {
-        Some(Some(text)) => text,
-        Some(None) => fail("bitfetch seed exited before listening"),
-        None => fail("bitfetch seed did not report `listening` in time"),
-    };
-    let addr: SocketAddr = text
-        .parse()
-        .unwrap_or_else(|e| fail(&format!("bad `listening` address {text:?}: {e}")));
     if addr.ip() != std::net::IpAddr::V4(ip) {
         fail(&format!(
             "bitfetch seed listens on {addr}, not on --bind {ip}"
@@ -226,56 +200,10 @@ fn start_download(
     peers: &[SocketAddr],
     extra: &[&str],
 ) -> ChildGuard {
-    let mut args: Vec<String> = vec![
-        "download".into(),
-        fixture.torrent.display().to_string(),
-        "-o".into(),
-        out.display().to_string(),
-        "--bind".into(),
-        ip.to_string(),
-        "--port".into(),
-        "0".into(),
-        "--no-seed".into(),
-        "--json".into(),
-        "--timeout".into(),
-        BITFETCH_TIMEOUT.into(),
-    ];
-    for peer in peers {
-        args.push("--peer".into());
-        args.push(peer.to_string());
-    }
+    let mut args = download_args(&fixture.torrent, out, ip, peers);
+    args.extend(["--no-seed", "--json", "--timeout", BITFETCH_TIMEOUT].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
-    spawn_bitfetch(args)
-}
-
-/// The complete lines of a `--json` run's stdout, each parsed. A line that is not JSON is a
-/// failure in itself: `--json` promises nothing else on stdout.
-fn events(guard: &ChildGuard) -> Vec<Value> {
-    let text = guard.stdout_text();
-    text.split_inclusive('\n')
-        .filter(|line| line.ends_with('\n') && !line.trim().is_empty())
-        .map(|line| {
-            serde_json::from_str(line.trim()).unwrap_or_else(|e| {
-                panic!(
-                    "{}",
-                    report(
-                        &format!("--json printed a non-JSON line ({e}): {line}"),
-                        &[guard]
-                    )
-                )
-            })
-        })
-        .collect()
-}
-
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["event"] == kind).collect()
-}
-
-fn field_u64(event: &Value, field: &str) -> u64 {
-    event[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("`{field}` is not a non-negative integer in {event}"))
+    spawn_bitfetch("bitfetch download", args)
 }
 
 /// Waits for the download to exit, asserts exit code 0, and returns its events after checking
@@ -306,7 +234,7 @@ fn finish_download(
             start["pieces"]
         ));
     }
-    let facts = TorrentFacts::read(&fixture.torrent);
+    let facts = PieceMap::read(&fixture.torrent);
     if start["info_hash"] != facts.info_hash_hex().as_str() {
         fail(&format!(
             "`start` says info hash {}, the torrent's is {}",
@@ -314,10 +242,10 @@ fn finish_download(
             facts.info_hash_hex()
         ));
     }
-    if of_kind(&events, "finished").len() != 1 {
+    if of_kind(&events, "finished").count() != 1 {
         fail("a successful download did not emit exactly one `finished` event");
     }
-    if !of_kind(&events, "error").is_empty() {
+    if of_kind(&events, "error").next().is_some() {
         fail("a successful download emitted an `error` event");
     }
     events
@@ -330,7 +258,9 @@ fn seed_and_download(fixture: &Fixture, pieces: u64) {
     let download = start_download(fixture, &out, next_loopback(), &[addr], &[]);
     let events = finish_download(&download, fixture, Some(pieces), &[&seeder]);
     fixture.assert_downloaded(&out, &[&download, &seeder]);
-    let finished = of_kind(&events, "finished")[0];
+    let finished = of_kind(&events, "finished")
+        .next()
+        .expect("a `finished` event");
     assert_eq!(
         field_u64(finished, "downloaded"),
         fixture.size(),
@@ -349,34 +279,27 @@ fn seed_and_download(fixture: &Fixture, pieces: u64) {
 // One seeder, one downloader: sizes and layouts
 // =============================================================================================
 
-#[test]
-fn single_file_of_one_byte() {
-    seed_and_download(&Fixture::single("one-byte.bin", 1, 16 * KIB), 1);
+/// One test per case: `name: (file, size, piece length, expected pieces)`.
+macro_rules! single_file_cases {
+    ($($(#[doc = $doc:literal])* $name:ident: ($file:literal, $size:expr, $piece:expr, $pieces:expr);)*) => {
+        $(
+            $(#[doc = $doc])*
+            #[test]
+            fn $name() {
+                seed_and_download(&Fixture::single($file, $size, $piece), $pieces);
+            }
+        )*
+    };
 }
 
-#[test]
-fn single_file_of_exactly_one_piece() {
-    seed_and_download(&Fixture::single("one-piece.bin", 32 * KIB, 32 * KIB), 1);
-}
-
-#[test]
-fn single_file_whose_last_piece_is_one_byte() {
-    let piece = 32 * KIB;
-    seed_and_download(&Fixture::single("last-byte.bin", 5 * piece + 1, piece), 6);
-}
-
-#[test]
-fn single_file_of_many_pieces() {
-    // 6 MiB in 16 KiB pieces: 384 pieces of one block each.
-    seed_and_download(&Fixture::single("many.bin", 6 * MIB, 16 * KIB), 384);
-}
-
-#[test]
-fn single_file_not_a_multiple_of_a_block() {
-    // Three 64 KiB pieces, then a last piece of two whole blocks and a short one.
-    let piece = 64 * KIB;
-    let size = 3 * piece + 2 * BLOCK + 5_000;
-    seed_and_download(&Fixture::single("odd.bin", size, piece), 4);
+single_file_cases! {
+    single_file_of_one_byte: ("one-byte.bin", 1, 16 * KIB, 1);
+    single_file_of_exactly_one_piece: ("one-piece.bin", 32 * KIB, 32 * KIB, 1);
+    single_file_whose_last_piece_is_one_byte: ("last-byte.bin", 5 * 32 * KIB + 1, 32 * KIB, 6);
+    /// 6 MiB in 16 KiB pieces: 384 pieces of one block each.
+    single_file_of_many_pieces: ("many.bin", 6 * MIB, 16 * KIB, 384);
+    /// Three 64 KiB pieces, then a last piece of two whole blocks and a short one.
+    single_file_not_a_multiple_of_a_block: ("odd.bin", 3 * 64 * KIB + 2 * BLOCK + 5_000, 64 * KIB, 4);
 }
 
 #[test]
@@ -458,19 +381,18 @@ fn two_seeders_both_serve() {
 // Misbehaving seeders beside a good one
 // =============================================================================================
 
-/// A fake seeder that answers a few requests, then cuts its connection half-way through a
-/// block of a piece it has partly sent. The download must finish from the good seeder, and
-/// the half block must not end up in the file.
-#[test]
-fn seeder_dropping_mid_piece_is_survived() {
-    let fixture = Fixture::single("drop.bin", 4 * MIB + 4_321, 64 * KIB);
+/// A download (slowed, so the fake gets its chance) from a good bitfetch seeder and a fake
+/// one that misbehaves `how`: it must complete, byte for byte. Returns its events and what the
+/// fake did.
+fn download_beside_fake(name: &str, size: u64, how: Misbehaviour) -> (Vec<Value>, FakeReport) {
+    let fixture = Fixture::single(name, size, 64 * KIB);
     let (seeder, addr) = start_seeder(&fixture, next_loopback());
-    let fake = FakeSeeder::start(
-        next_loopback(),
-        TorrentFacts::read(&fixture.torrent),
-        fixture.source_bytes(),
-        Misbehaviour::DropMidPiece { after_blocks: 3 },
-    );
+    let facts = PieceMap::read(&fixture.torrent);
+    // It checks the info hash it is asked for.
+    let fake = SeedSpec::new(fixture.source_bytes(), facts.piece_len)
+        .info_hash(facts.info_hash)
+        .misbehave(how)
+        .start(next_loopback());
     let out = fixture.out_dir("out");
     let download = start_download(
         &fixture,
@@ -482,13 +404,24 @@ fn seeder_dropping_mid_piece_is_survived() {
     let events = finish_download(&download, &fixture, None, &[&seeder]);
     fixture.assert_downloaded(&out, &[&download, &seeder]);
     drop(download);
+    (events, fake.finish())
+}
 
-    let fake = fake.finish();
+/// A fake seeder that answers a few requests, then cuts its connection half-way through a
+/// block of a piece it has partly sent. The download must finish from the good seeder, and
+/// the half block must not end up in the file.
+#[test]
+fn seeder_dropping_mid_piece_is_survived() {
+    let (events, fake) = download_beside_fake(
+        "drop.bin",
+        4 * MIB + 4_321,
+        Misbehaviour::DropMidPiece { after_blocks: 3 },
+    );
     assert!(
         fake.dropped_in_piece.is_some() && fake.good_blocks >= 3,
         "the fake seeder never got to drop a connection mid-piece: {fake:?}"
     );
-    let failed = of_kind(&events, "hash_failed");
+    let failed: Vec<&Value> = of_kind(&events, "hash_failed").collect();
     assert!(
         failed.is_empty(),
         "only good data was sent, yet pieces failed their hash: {failed:?}"
@@ -499,31 +432,15 @@ fn seeder_dropping_mid_piece_is_survived() {
 /// reported as a `hash_failed` event, and be fetched again; the output must be correct.
 #[test]
 fn corrupt_block_is_detected_reported_and_refetched() {
-    let fixture = Fixture::single("corrupt.bin", 4 * MIB + 999, 64 * KIB);
-    let (seeder, addr) = start_seeder(&fixture, next_loopback());
-    let fake = FakeSeeder::start(
-        next_loopback(),
-        TorrentFacts::read(&fixture.torrent),
-        fixture.source_bytes(),
+    let (events, fake) = download_beside_fake(
+        "corrupt.bin",
+        4 * MIB + 999,
         Misbehaviour::CorruptFirstBlock,
     );
-    let out = fixture.out_dir("out");
-    let download = start_download(
-        &fixture,
-        &out,
-        next_loopback(),
-        &[fake.addr(), addr],
-        &["--max-download-rate", "2M"],
-    );
-    let events = finish_download(&download, &fixture, None, &[&seeder]);
-    fixture.assert_downloaded(&out, &[&download, &seeder]);
-    drop(download);
-
-    let fake = fake.finish();
     let Some((piece, _)) = fake.corrupted else {
         panic!("the fake seeder was never asked for a block: {fake:?}");
     };
-    let failed = of_kind(&events, "hash_failed");
+    let failed: Vec<&Value> = of_kind(&events, "hash_failed").collect();
     assert_eq!(
         failed.len(),
         1,
@@ -554,12 +471,7 @@ fn killed_download_resumes_from_verified_data() {
     let ip = next_loopback();
 
     let first = start_download(&fixture, &out, ip, &[addr], &["--max-download-rate", "1M"]);
-    let progress = |guard: &ChildGuard| -> Vec<u64> {
-        of_kind(&events(guard), "progress")
-            .iter()
-            .map(|e| field_u64(e, "downloaded"))
-            .collect()
-    };
+    let progress = |guard: &ChildGuard| progress(&events(guard));
     let verified = poll_until(DEADLINE, || {
         if !first.is_running() {
             return Some(None);
@@ -589,7 +501,7 @@ fn killed_download_resumes_from_verified_data() {
     let status = first.wait_with_deadline(DEADLINE, &String::new);
     let first_events = events(&first);
     assert!(
-        of_kind(&first_events, "finished").is_empty() && verified < total,
+        of_kind(&first_events, "finished").next().is_none() && verified < total,
         "{}",
         report(
             &format!("the first run completed ({verified} of {total} bytes) before the kill"),
@@ -606,7 +518,12 @@ fn killed_download_resumes_from_verified_data() {
     let second = start_download(&fixture, &out, ip, &[addr], &[]);
     let events = finish_download(&second, &fixture, None, &[&seeder, &first]);
     fixture.assert_downloaded(&out, &[&second, &first, &seeder]);
-    let fetched = field_u64(of_kind(&events, "finished")[0], "downloaded");
+    let fetched = field_u64(
+        of_kind(&events, "finished")
+            .next()
+            .expect("a `finished` event"),
+        "downloaded",
+    );
     assert!(
         fetched <= total - verified,
         "{}",

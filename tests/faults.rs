@@ -22,9 +22,7 @@
 //! the test has a window to act in; no assertion depends on speed beyond the bounds the issue
 //! sets (Ctrl-C within 2 s, a refused tracker not waited on like a silent one).
 
-mod faults_support;
 mod support;
-mod tracker_support;
 
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
@@ -36,18 +34,18 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use faults_support::{
-    FakeSeeder, Misbehaviour, Payload, Rng, closed_port_url, events, fail, field, json_listening,
-    kind, of_kind, path_arg, progress, start_download, start_seeder, verify, wait_event,
-    wait_until,
+use support::bencode::B;
+use support::cli::{
+    ChildGuard, assert_exit_code, bitfetch, download_args, events, field, json_listening, kind,
+    of_kind, progress, spawn_bitfetch_env, start_seeder, verify, wait_event,
 };
-use support::{
-    ChildGuard, DEADLINE, Diagnose, assert_exit_code, files_equal, next_loopback, poll_until,
-    require_tool, scratch_dir,
-};
-use tracker_support::{
-    B, Fixture, HttpAction, HttpRequest, HttpTracker, announce_reply, spawn_bitfetch_env, v4,
-};
+use support::clients::require_tool;
+use support::fake_peer::{Misbehaviour, SeedSpec};
+use support::fake_tracker::{HttpAction, HttpRequest, HttpTracker, announce_reply};
+use support::files::{files_equal, scratch_dir};
+use support::net::{closed_port_url, next_loopback, v4};
+use support::torrent::Payload;
+use support::{DEADLINE, Diagnose, Rng, fail, path_arg, poll_until, report, wait_until};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -59,6 +57,40 @@ static CPU: Mutex<()> = Mutex::new(());
 
 fn cpu_lock() -> MutexGuard<'static, ()> {
     CPU.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `bitfetch download TORRENT -o OUT --port 0 --bind IP --json [--peer P]… EXTRA…`.
+fn start_download(
+    name: &str,
+    torrent: &Path,
+    out: &Path,
+    ip: Ipv4Addr,
+    peers: &[SocketAddr],
+    extra: &[&str],
+) -> ChildGuard {
+    let mut args = download_args(torrent, out, ip, peers);
+    args.push("--json".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn_bitfetch_env(name, &args, &[])
+}
+
+/// A download of `fx` from two seeders, slowed to 512 KiB/s so the test has time to act while
+/// it runs: (its output directory, it).
+fn download_from_two(
+    fx: &Payload,
+    a: SocketAddr,
+    b: SocketAddr,
+) -> (std::path::PathBuf, ChildGuard) {
+    let out = fx.dir_for("out");
+    let d = start_download(
+        "downloader",
+        &fx.torrent,
+        &out,
+        next_loopback(),
+        &[a, b],
+        &["--max-download-rate", "512K"],
+    );
+    (out, d)
 }
 
 /// Checks that `verify` calls the data complete and correct.
@@ -73,7 +105,7 @@ fn assert_verifies(torrent: &Path, data: &Path, parts: &[&dyn Diagnose]) {
 fn assert_completes(fx: &Payload, guard: &ChildGuard, out: &Path, parts: &[&dyn Diagnose]) {
     let mut all: Vec<&dyn Diagnose> = vec![guard];
     all.extend_from_slice(parts);
-    let context = || support::report("other parties:", parts);
+    let context = || report("other parties:", parts);
     guard.wait_with_deadline(DEADLINE, &context);
     assert_exit_code(guard, 0, parts);
     if let Err(e) = files_equal(&fx.data, &out.join(&fx.name)) {
@@ -113,15 +145,7 @@ fn seeder_killed_mid_piece_download_completes_from_the_other() {
     );
     let (a, a_addr) = start_seeder("seeder A", &fx.torrent, &fx.data, next_loopback(), &[]);
     let (b, b_addr) = start_seeder("seeder B", &fx.torrent, &fx.data, next_loopback(), &[]);
-    let out = fx.dir_for("out");
-    let d = start_download(
-        "downloader",
-        &fx.torrent,
-        &out,
-        next_loopback(),
-        &[a_addr, b_addr],
-        &["--max-download-rate", "512K"],
-    );
+    let (out, d) = download_from_two(&fx, a_addr, b_addr);
     let total = fx.size;
     // Both seeders connected and some pieces verified, far from done.
     let at_kill = wait_event(&d, DEADLINE, |ev| {
@@ -179,12 +203,9 @@ fn seeder_killed_mid_piece_download_completes_from_the_other() {
 fn only_seeder_corrupting_every_piece_is_banned_nothing_counts_and_the_run_stalls() {
     let tracker = HttpTracker::start("corrupt");
     let fx = Payload::new("corrupt.bin", MIB + 3333, 201, 15, &tracker.announce_url());
-    let fake = FakeSeeder::start(
-        next_loopback(),
-        &fx.data,
-        &fx.pieces,
-        Misbehaviour::FlipFirstByte,
-    );
+    let fake = SeedSpec::new(fx.bytes().to_vec(), fx.pieces.piece_len)
+        .misbehave(Misbehaviour::FlipFirstByte)
+        .start(next_loopback());
     let out = fx.dir_for("out");
     let ip = next_loopback();
     let d = start_download(
@@ -196,7 +217,7 @@ fn only_seeder_corrupting_every_piece_is_banned_nothing_counts_and_the_run_stall
         &["--stall-timeout", "4s", "--timeout", "90s"],
     );
     let parts: [&dyn Diagnose; 3] = [&d, &fake, &tracker];
-    let context = || support::report("other parties:", &[&fake, &tracker]);
+    let context = || report("other parties:", &[&fake, &tracker]);
     d.wait_with_deadline(DEADLINE, &context);
     assert_exit_code(&d, 8, &[&fake, &tracker]);
 
@@ -217,7 +238,7 @@ fn only_seeder_corrupting_every_piece_is_banned_nothing_counts_and_the_run_stall
     {
         fail("a corrupt download was reported complete", &parts);
     }
-    if hash_failed == 0 || fake.flipped() == 0 {
+    if hash_failed == 0 || fake.report().flipped == 0 {
         fail(
             "expected `hash_failed` events for the corrupt pieces",
             &parts,
@@ -270,7 +291,7 @@ fn only_seeder_corrupting_every_piece_is_banned_nothing_counts_and_the_run_stall
     // Checked last, so that everything above is known to hold either way: a ban is told once.
     // (Pieces of the peer already queued for hashing when it was banned must not ban it again.)
     if ban_reports != 1 {
-        let report = support::report(
+        let report = report(
             &format!(
                 "the one corrupt peer was reported banned {ban_reports} times (expected once: \
                  it is banned for the rest of the run); each of its pieces already queued for \
@@ -310,7 +331,7 @@ fn refused_and_failure_reason_in_tier_one_fall_through_to_tier_two_without_waiti
     let refused = closed_port_url();
     let failing = failure_tracker("failure-reason", "not registered here (test)");
     let good = HttpTracker::start("tier2");
-    let fx = Fixture::new(
+    let fx = Payload::tiers(
         "fallthrough.bin",
         SMALL,
         301,
@@ -322,16 +343,16 @@ fn refused_and_failure_reason_in_tier_one_fall_through_to_tier_two_without_waiti
     let (seeder, seeder_addr) = start_seeder("seeder", &fx.torrent, &fx.data, next_loopback(), &[]);
     let peer = v4(seeder_addr);
     good.set_script(move |_, _| HttpAction::ok(announce_reply(1800, &[peer])));
-    let out = fx.out_dir("fallthrough");
+    let out = fx.dir_for("fallthrough");
     let started = Instant::now();
     // No --peer: the seeder can only come from tier 2.
     let d = start_download("leecher", &fx.torrent, &out, next_loopback(), &[], &[]);
     let port = json_listening(&d).port();
     let parts: [&dyn Diagnose; 4] = [&d, &failing, &good, &seeder];
-    let context = || support::report("other parties:", &parts[1..]);
+    let context = || report("other parties:", &parts[1..]);
     d.wait_with_deadline(DEADLINE, &context);
     assert_exit_code(&d, 0, &parts[1..]);
-    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&out)) {
+    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&out, "")) {
         fail(&format!("the download is wrong: {e}"), &parts);
     }
     let asked_failing = from_port(&failing.requests(), port);
@@ -365,7 +386,7 @@ fn failing_trackers_back_off_exponentially_instead_of_following_announce_interva
     let status500 = HttpTracker::start("500");
     status500.set_script(|_, _| HttpAction::status(500, b"down for maintenance"));
     let failing = failure_tracker("failure", "torrent unknown (test)");
-    let fx = Fixture::new(
+    let fx = Payload::tiers(
         "backoff.bin",
         SMALL,
         302,
@@ -490,11 +511,11 @@ fn ctrl_c_exits_130_within_2s_while_an_announce_hangs() {
     // (a) The `started` announce never gets an answer.
     let silent = HttpTracker::start("silent");
     silent.set_script(|_, _| HttpAction::Hang);
-    let fx = Fixture::new("hang-a.bin", SMALL, 311, &[vec![silent.announce_url()]]);
+    let fx = Payload::tiers("hang-a.bin", SMALL, 311, &[vec![silent.announce_url()]]);
     let d = start_download(
         "leecher (started hangs)",
         &fx.torrent,
-        &fx.out_dir("a"),
+        &fx.dir_for("a"),
         next_loopback(),
         &[],
         &[],
@@ -517,11 +538,11 @@ fn ctrl_c_exits_130_within_2s_while_an_announce_hangs() {
             HttpAction::Hang
         }
     });
-    let fx = Fixture::new("hang-b.bin", SMALL, 312, &[vec![flaky.announce_url()]]);
+    let fx = Payload::tiers("hang-b.bin", SMALL, 312, &[vec![flaky.announce_url()]]);
     let d = start_download(
         "leecher (periodic announce hangs)",
         &fx.torrent,
-        &fx.out_dir("b"),
+        &fx.dir_for("b"),
         next_loopback(),
         &[],
         &["--announce-interval", "1"],
@@ -540,11 +561,11 @@ fn ctrl_c_exits_130_within_2s_while_an_announce_hangs() {
     udp.set_read_timeout(Some(Duration::from_millis(25)))
         .expect("read timeout");
     let url = format!("udp://{}/announce", udp.local_addr().expect("local_addr"));
-    let fx = Fixture::new("hang-c.bin", SMALL, 313, &[vec![url]]);
+    let fx = Payload::tiers("hang-c.bin", SMALL, 313, &[vec![url]]);
     let d = start_download(
         "leecher (silent UDP tracker)",
         &fx.torrent,
-        &fx.out_dir("c"),
+        &fx.dir_for("c"),
         next_loopback(),
         &[],
         &[],
@@ -881,7 +902,7 @@ fn disk_full_is_a_clear_error_with_exit_5_and_a_bigger_disk_resumes() {
     let mut command = Command::new(unshare);
     command
         .args(["-rm", "sh", "-c", DISK_FULL_SCRIPT, "sh"])
-        .arg(support::bitfetch())
+        .arg(bitfetch())
         .arg(work.path())
         .arg(&fx.torrent)
         .arg(&fx.name)
@@ -999,15 +1020,7 @@ fn seeded_file_changed_under_the_seeder_never_yields_a_bad_piece() {
         next_loopback(),
         &["--max-upload-rate", "128K"],
     );
-    let out = fx.dir_for("out");
-    let d = start_download(
-        "downloader",
-        &fx.torrent,
-        &out,
-        next_loopback(),
-        &[a_addr, b_addr],
-        &["--max-download-rate", "512K"],
-    );
+    let (out, d) = download_from_two(&fx, a_addr, b_addr);
     let total = fx.size;
     let partial = wait_event(&d, DEADLINE, |ev| {
         progress(ev).into_iter().find(|&v| v > 0 && v < total / 2)
@@ -1092,12 +1105,9 @@ fn a_seeder_rejecting_every_request_is_not_asked_again_in_a_loop() {
     let _cpu = cpu_lock();
     let tracker = HttpTracker::start("rejecting");
     let fx = Payload::new("rejected.bin", MIB, 602, 15, &tracker.announce_url());
-    let fake = FakeSeeder::start(
-        next_loopback(),
-        &fx.data,
-        &fx.pieces,
-        Misbehaviour::RejectAll,
-    );
+    let fake = SeedSpec::new(fx.bytes().to_vec(), fx.pieces.piece_len)
+        .misbehave(Misbehaviour::RejectAll)
+        .start(next_loopback());
     let d = start_download(
         "downloader (rejecting seeder only)",
         &fx.torrent,
@@ -1106,13 +1116,14 @@ fn a_seeder_rejecting_every_request_is_not_asked_again_in_a_loop() {
         &[fake.addr()],
         &["--stall-timeout", "3s", "--timeout", "90s"],
     );
-    let context = || support::report("other parties:", &[&fake]);
+    let context = || report("other parties:", &[&fake]);
     d.wait_with_deadline(DEADLINE, &context);
     assert_exit_code(&d, 8, &[&fake]);
+    let seen = fake.report();
     let (asks, blocks, most) = (
-        fake.requests(),
-        fake.distinct_blocks(),
-        fake.max_requests_per_block(),
+        seen.requests.len(),
+        seen.distinct_blocks(),
+        seen.max_requests_per_block() as u64,
     );
     eprintln!("rejecting seeder: {asks} requests for {blocks} blocks, at most {most} for one");
     if blocks == 0 || most > MAX_ASKS_PER_BLOCK {

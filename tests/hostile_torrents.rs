@@ -5,19 +5,22 @@
 //! `bitfetch: error:` line that says what is wrong, must not panic or die by a signal, and the
 //! download must not create anything anywhere.
 
-mod common_cli;
+mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use common_cli::*;
 use sha1::{Digest, Sha1};
+use support::bencode::*;
+use support::cli::*;
+use support::files::*;
+use support::torrent::DEAD_TRACKER;
+use support::*;
 
 const NAME: &str = "file.bin";
 const PIECE_LEN: i64 = 16384;
 const LEN: i64 = 40000;
-const SENTINEL: &[u8] = b"sentinel: must not change\n";
 /// A refused torrent ends `download` at once; a client that wrongly accepts one waits for
 /// peers that never come, and is killed after this long (the hang guard) so that what it
 /// left on disk can still be checked.
@@ -120,14 +123,14 @@ impl Harness {
     }
 
     fn info(&self) -> Run {
-        bitfetch(
+        run_in(
             &self.cwd,
             [OsString::from("info"), self.torrent.clone().into()],
         )
     }
 
     fn info_json(&self) -> Run {
-        bitfetch(
+        run_in(
             &self.cwd,
             [
                 OsString::from("info"),
@@ -151,7 +154,7 @@ impl Harness {
     }
 
     fn download_cmd(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new(BIN);
+        let mut cmd = std::process::Command::new(bitfetch());
         cmd.args(self.download_args()).current_dir(&self.cwd);
         cmd
     }
@@ -337,7 +340,7 @@ fn reject_built(case: &str, keywords: &[&str], build: impl Fn(&Harness) -> Vec<u
                 "[download] did not refuse the torrent: still running after {DOWNLOAD_DEADLINE:?}, killed\n  {}",
                 killed.dump()
             ));
-            killed
+            *killed
         }
     };
     problems.extend(
@@ -410,13 +413,13 @@ fn reject_or_neutralise(case: &str, torrent: &[u8], keywords: &[&str]) {
         DOWNLOAD_DEADLINE,
     ) {
         Ok(run) => (run, false),
-        Err(killed) if accepted_name.is_some() => (killed, true),
+        Err(killed) if accepted_name.is_some() => (*killed, true),
         Err(killed) => {
             problems.push(format!(
                 "[download] did not refuse the torrent: still running after {DOWNLOAD_DEADLINE:?}, killed\n  {}",
                 killed.dump()
             ));
-            (killed, true)
+            (*killed, true)
         }
     };
     match &accepted_name {

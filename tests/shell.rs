@@ -9,21 +9,90 @@
 //! Exit codes produced here: 0, 2, 3, 4, 5, 7, 8, 130. (1 is `verify`'s, in cli_roundtrip.rs;
 //! 6 is in trackers.rs.)
 
-mod common_cli;
-mod shell_support;
 mod support;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shell_support::*;
-use support::{DEADLINE, Diagnose, next_loopback};
+use support::cli::{ChildGuard, bitfetch, bitfetch_command};
+use support::fake_peer::{FakeEvent, FakeSeeder, Misbehaviour, SeedSpec};
+use support::fake_tracker::{HttpAction, HttpTracker};
+use support::files::walk;
+use support::net::{free_port as closed_port, next_loopback};
+use support::torrent::{PIECE_LEN, Payload as Content, info_hash_hex};
+use support::{DEADLINE, Diagnose, poll_until};
+
+/// bitfetch's cap on a .torrent (`bencode::Limits::METAINFO.max_size`, used by `cli.rs` for
+/// files, stdin and URLs alike).
+const TORRENT_CAP: u64 = 64 << 20;
+
+/// `bitfetch seed` for `content` on `ip`, any port; returns the guard and its address once
+/// it listens.
+fn start_seeder(content: &Content, ip: Ipv4Addr, extra: &[&str]) -> (ChildGuard, SocketAddr) {
+    support::cli::start_seeder(
+        "bitfetch seed",
+        &content.torrent,
+        &content.source_dir(),
+        ip,
+        extra,
+    )
+}
+
+/// Loopback network options of a download: `--bind IP --port 0 --peer P...`.
+fn net_args(ip: Ipv4Addr, peers: &[SocketAddr]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["--bind".into(), ip.to_string(), "--port".into(), "0".into()];
+    for p in peers {
+        args.push("--peer".into());
+        args.push(p.to_string());
+    }
+    args
+}
+
+/// Arguments of a loopback download: `download TORRENT` and [`net_args`].
+fn download_args(torrent: &str, ip: Ipv4Addr, peers: &[SocketAddr]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["download".into(), torrent.into()];
+    args.extend(net_args(ip, peers));
+    args
+}
+
+/// What a one-request HTTP server saw and did.
+struct HttpLog {
+    request_line: Option<String>,
+    /// Bytes the kernel accepted before the client went away (head included).
+    body_sent: u64,
+}
+
+/// An HTTP server that answers with `action`.
+fn serve(action: HttpAction) -> HttpTracker {
+    let server = HttpTracker::start("torrent URL");
+    server.set_script(move |_, _| action.clone());
+    server
+}
+
+/// Waits (a bounded time) for the server's request, and for the end of a streamed reply.
+fn finish(server: HttpTracker, streamed: bool) -> HttpLog {
+    let requests = server
+        .wait_for(DEADLINE, |r| !r.is_empty())
+        .unwrap_or_default();
+    let streams = if streamed {
+        poll_until(DEADLINE, || {
+            Some(server.streams()).filter(|s| !s.is_empty())
+        })
+        .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    HttpLog {
+        request_line: requests.first().map(|r| r.request_line()),
+        body_sent: streams.iter().map(|s| s.written).sum(),
+    }
+}
 
 /// A multi-file tree whose files do not line up with 32 KiB pieces, so every unselected file
 /// shares a piece with a selected neighbour.
@@ -41,7 +110,7 @@ fn s(p: &Path) -> String {
 
 /// stdout must be exactly `expected` paths, one per line, each line ended, nothing else
 /// (order aside: the README does not promise one).
-fn assert_stdout_paths(run: &Proc, expected: &[PathBuf], parts: &[&dyn Diagnose]) {
+fn assert_stdout_paths(run: &ChildGuard, expected: &[PathBuf], parts: &[&dyn Diagnose]) {
     let text = run.stdout_text();
     let mut got: Vec<&str> = text.lines().collect();
     got.sort_unstable();
@@ -55,7 +124,7 @@ fn assert_stdout_paths(run: &Proc, expected: &[PathBuf], parts: &[&dyn Diagnose]
     }
 }
 
-fn assert_same_bytes(what: &str, expected: &[u8], actual: &[u8], run: &Proc) {
+fn assert_same_bytes(what: &str, expected: &[u8], actual: &[u8], run: &ChildGuard) {
     if expected == actual {
         return;
     }
@@ -69,20 +138,20 @@ fn assert_same_bytes(what: &str, expected: &[u8], actual: &[u8], run: &Proc) {
             "{what}: {} bytes expected, {} got, first difference at byte {at} (piece {})",
             expected.len(),
             actual.len(),
-            at as u64 / PIECE_LEN
+            at as u64 / u64::from(PIECE_LEN)
         ),
         &[],
     );
 }
 
-fn assert_file(path: &Path, expected: &[u8], run: &Proc) {
+fn assert_file(path: &Path, expected: &[u8], run: &ChildGuard) {
     let actual = std::fs::read(path)
         .unwrap_or_else(|e| run.fail(&format!("cannot read {}: {e}", path.display()), &[]));
     assert_same_bytes(&s(path), expected, &actual, run);
 }
 
 /// Parses every stdout line as JSON; any other line fails the test.
-fn json_lines(run: &Proc) -> Vec<Value> {
+fn json_lines(run: &ChildGuard) -> Vec<Value> {
     run.stdout_text()
         .lines()
         .map(|line| {
@@ -105,7 +174,7 @@ fn u64_field(v: &Value, field: &str) -> u64 {
 
 /// `download --list`: (index, size, path) per line.
 fn list(content: &Content) -> Vec<(usize, u64, String)> {
-    let run = Proc::bitfetch(["download", &s(&content.torrent), "--list"]);
+    let run = ChildGuard::bitfetch(["download", &s(&content.torrent), "--list"]);
     run.expect_code(0, &[]);
     run.stdout_text()
         .lines()
@@ -133,18 +202,12 @@ fn index_of(listing: &[(usize, u64, String)], rel: &str) -> usize {
 
 /// Every entry under `dir`, relative, sorted (directories too).
 fn tree_of(dir: &Path) -> Vec<PathBuf> {
-    common_cli::walk(dir)
+    walk(dir)
 }
 
 /// The temporary directory `-O -` without `-o` keeps its data in (see session::download).
 fn stream_temp_dir(pid: u32, info_hash: &str) -> PathBuf {
     std::env::temp_dir().join(format!("bitfetch-{pid}-{}", &info_hash[..16]))
-}
-
-/// A port on 127.0.0.1 that nothing listens on (bound, read, released).
-fn closed_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    l.local_addr().expect("local_addr").port()
 }
 
 // =============================================================================================
@@ -167,7 +230,7 @@ fn download_from(
     args.extend(net_args(next_loopback(), &[peer]));
     args.extend(["-o".into(), s(&out), "-q".into()]);
     args.extend(source.iter().map(|a| (*a).to_owned()));
-    let (run, _) = Proc::start(&mut bitfetch_command(&args), stdin, false);
+    let (run, _) = ChildGuard::start(&mut bitfetch_command(&args), stdin, false);
     run.expect_code(0, &[seeder]);
     let file = content.downloaded(&out, "");
     assert_stdout_paths(&run, std::slice::from_ref(&file), &[seeder]);
@@ -199,10 +262,10 @@ fn torrent_from_a_url_downloads() {
     let content = Content::single("url.bin", 1_000_000 + 321, 2);
     let (seeder, addr) = start_seeder(&content, next_loopback(), &[]);
     let torrent = std::fs::read(&content.torrent).expect("read the torrent");
-    let server = HttpServer::start(Reply::Body(torrent));
+    let server = serve(HttpAction::ok(torrent));
     let url = server.url("/x.torrent");
     download_from(&content, &seeder, addr, "url", &[&url], None);
-    let log = server.finish();
+    let log = finish(server, false);
     assert!(
         log.request_line
             .as_deref()
@@ -235,7 +298,7 @@ fn torrent_on_stdin_as_dash_downloads_and_bad_input_is_exit_3() {
         let mut args: Vec<String> = vec!["download".into()];
         args.extend(net_args(next_loopback(), &[addr]));
         args.extend(["-o".into(), s(&out), "--".into(), "-".into()]);
-        let (run, _) = Proc::start(&mut bitfetch_command(&args), Some(stdin), false);
+        let (run, _) = ChildGuard::start(&mut bitfetch_command(&args), Some(stdin), false);
         run.expect_code(3, &[&seeder]);
         if run.error_line().is_none() {
             run.fail(
@@ -263,7 +326,7 @@ fn missing_torrent_file_and_closed_port_url_are_io_errors() {
         let out = content.scratch(&format!("out-{}", label.replace(' ', "-")));
         let mut args = download_args(&source, ip, &[]);
         args.extend(["-o".into(), s(&out)]);
-        let run = Proc::bitfetch(&args);
+        let run = ChildGuard::bitfetch(&args);
         run.expect_code(4, &[]);
         let line = run
             .error_line()
@@ -282,12 +345,12 @@ fn url_errors_404_and_oversize_bodies_use_their_exit_codes() {
     let ip = next_loopback();
 
     // 404, with --json: the error is also the last JSON line, with the exit code.
-    let server = HttpServer::start(Reply::Status(404));
+    let server = serve(HttpAction::status(404, b"not here\r\n"));
     let url = server.url("/gone.torrent");
     let out = content.scratch("out-404");
     let mut args = download_args(&url, ip, &[]);
     args.extend(["-o".into(), s(&out), "--json".into()]);
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(4, &[]);
     let line = run.error_line().unwrap_or_default();
     assert!(
@@ -306,21 +369,21 @@ fn url_errors_404_and_oversize_bodies_use_their_exit_codes() {
 
     // One byte over the cap with a Content-Length, and a body that never ends.
     for (label, reply) in [
-        ("sized", Reply::Sized(TORRENT_CAP + 1)),
-        ("endless", Reply::Endless),
+        ("sized", HttpAction::bulk(TORRENT_CAP + 1, true)),
+        ("endless", HttpAction::bulk(1 << 30, false)),
     ] {
-        let server = HttpServer::start(reply);
+        let server = serve(reply);
         let out = content.scratch(&format!("out-{label}"));
         let mut args = download_args(&server.url("/big.torrent"), ip, &[]);
         args.extend(["-o".into(), s(&out)]);
-        let run = Proc::bitfetch(&args);
+        let run = ChildGuard::bitfetch(&args);
         run.expect_code(3, &[]);
         let line = run.error_line().unwrap_or_default();
         assert!(
             line.contains(&TORRENT_CAP.to_string()) || line.contains("limit"),
             "{label}: an oversize torrent should be reported against the cap: {line:?}"
         );
-        let log = server.finish();
+        let log = finish(server, true);
         // Kernel buffers hold a few MiB more than bitfetch read; not the whole GiB.
         assert!(
             log.body_sent <= TORRENT_CAP + (32 << 20),
@@ -347,7 +410,7 @@ fn stdout_lists_exactly_the_downloaded_paths_and_quiet_keeps_stderr_empty() {
     let out = content.scratch("out-plain");
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
     args.extend(["-o".into(), s(&out)]);
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(0, &[&seeder]);
     assert_stdout_paths(&run, &all, &[&seeder]);
     // Not quiet and not a terminal: the talk is on stderr, never on stdout.
@@ -363,7 +426,7 @@ fn stdout_lists_exactly_the_downloaded_paths_and_quiet_keeps_stderr_empty() {
     let out = content.scratch("out-quiet");
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
     args.extend(["-o".into(), s(&out), "-q".into()]);
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(0, &[&seeder]);
     let all: Vec<PathBuf> = TREE
         .iter()
@@ -390,7 +453,7 @@ fn json_events_come_in_the_documented_order() {
     let ip = next_loopback();
     let mut args = download_args(&s(&content.torrent), ip, &[addr]);
     args.extend(["-o".into(), s(&out), "--json".into()]);
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(0, &[&seeder]);
     let events = json_lines(&run);
     let fail = |why: &str| -> ! { run.fail(why, &[&seeder]) };
@@ -420,11 +483,15 @@ fn json_events_come_in_the_documented_order() {
     assert_eq!(start["name"], Value::from("events"), "{start}");
     assert_eq!(
         start["info_hash"],
-        Value::from(support::info_hash_hex(&content.torrent)),
+        Value::from(info_hash_hex(&content.torrent)),
         "{start}"
     );
-    assert_eq!(u64_field(start, "size"), content.total(), "{start}");
-    assert_eq!(u64_field(start, "pieces"), content.pieces(), "{start}");
+    assert_eq!(u64_field(start, "size"), content.size, "{start}");
+    assert_eq!(
+        u64_field(start, "pieces"),
+        content.pieces_count(),
+        "{start}"
+    );
     assert_eq!(u64_field(start, "files"), BIG.len() as u64, "{start}");
 
     // listening: once, on the --bind address.
@@ -449,7 +516,7 @@ fn json_events_come_in_the_documented_order() {
     let finished = &events[at];
     assert_eq!(
         u64_field(finished, "downloaded"),
-        content.total(),
+        content.size,
         "{finished}"
     );
     assert!(finished["uploaded"].is_u64(), "{finished}");
@@ -466,8 +533,8 @@ fn json_events_come_in_the_documented_order() {
     let mut last = 0;
     for p in &progress {
         let done = u64_field(p, "downloaded");
-        assert_eq!(u64_field(p, "total"), content.total(), "{p}");
-        assert!(done >= last && done <= content.total(), "{p} after {last}");
+        assert_eq!(u64_field(p, "total"), content.size, "{p}");
+        assert!(done >= last && done <= content.size, "{p} after {last}");
         for field in ["rate", "peers", "seeders"] {
             u64_field(p, field);
         }
@@ -518,10 +585,10 @@ fn stream_to_stdout_is_the_file_and_leaves_no_temporary_directory() {
     args.extend(["-O".into(), "-".into()]);
     let mut command = bitfetch_command(&args);
     command.current_dir(&cwd);
-    let (run, _) = Proc::start(&mut command, None, false);
+    let (run, _) = ChildGuard::start(&mut command, None, false);
     run.expect_code(0, &[&seeder]);
     assert_same_bytes("streamed stdout", content.bytes(), &run.stdout(), &run);
-    let temp = stream_temp_dir(run.pid(), &support::info_hash_hex(&content.torrent));
+    let temp = stream_temp_dir(run.pid(), &info_hash_hex(&content.torrent));
     assert!(!temp.exists(), "{} was left behind", temp.display());
     assert!(
         tree_of(&cwd).is_empty(),
@@ -537,7 +604,7 @@ fn stream_from_two_seeders_is_in_order() {
     let (two, b) = start_seeder(&content, next_loopback(), &[]);
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[a, b]);
     args.push("--stdout".into());
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(0, &[&one, &two]);
     assert_same_bytes("streamed stdout", content.bytes(), &run.stdout(), &run);
 }
@@ -546,15 +613,12 @@ fn stream_from_two_seeders_is_in_order() {
 fn stream_reorders_pieces_a_seeder_sends_backwards() {
     let content = Content::single("reverse.bin", 1024 * 1024 + 4_321, 32);
     let data = content.bytes();
-    let fake = FakeSeeder::start(
-        next_loopback(),
-        data,
-        FakeSeeder::all_pieces(data),
-        Policy::Reverse,
-    );
+    let fake = SeedSpec::new(data.to_vec(), u64::from(PIECE_LEN))
+        .misbehave(Misbehaviour::Reverse)
+        .start(next_loopback());
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[fake.addr()]);
     args.extend(["-O".into(), "-".into()]);
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(0, &[&fake]);
     assert_same_bytes("streamed stdout", data, &run.stdout(), &run);
     let order = fake.finish().piece_order();
@@ -571,7 +635,7 @@ fn stream_reader_closing_early_ends_bitfetch_with_exit_0() {
     let (seeder, addr) = start_seeder(&content, next_loopback(), &[]);
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
     args.extend(["-O".into(), "-".into()]);
-    let (run, pipe) = Proc::start(&mut bitfetch_command(&args), None, true);
+    let (run, pipe) = ChildGuard::start(&mut bitfetch_command(&args), None, true);
     let mut pipe = pipe.expect("stdout handed over");
 
     // `head -c 1000`: read 1000 bytes, then close the read end. The read runs in a thread so
@@ -589,9 +653,9 @@ fn stream_reader_closing_early_ends_bitfetch_with_exit_0() {
         Err(_) => run.fail("no 1000 bytes on stdout in time", &[&seeder]),
     };
     assert_same_bytes("first 1000 bytes", &content.bytes()[..1000], &first, &run);
-    let temp = stream_temp_dir(run.pid(), &support::info_hash_hex(&content.torrent));
+    let temp = stream_temp_dir(run.pid(), &info_hash_hex(&content.torrent));
     assert!(
-        temp.is_dir() || run.status().is_some(),
+        temp.is_dir() || run.exit_status().is_some(),
         "while streaming, the data should be in {}",
         temp.display()
     );
@@ -622,7 +686,7 @@ fn stream_one_file_of_a_multi_file_torrent() {
         "-o".into(),
         s(&out),
     ]);
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(0, &[&seeder]);
     assert_same_bytes(rel, content.file(rel), &run.stdout(), &run);
     // With -o the streamed file stays, and nothing else does (no neighbour, no spill file).
@@ -649,7 +713,7 @@ fn list_prints_index_size_and_path_of_every_file() {
 
     // --list only lists: no output directory, no peers needed, nothing written.
     let out = content.scratch("out");
-    let run = Proc::bitfetch([
+    let run = ChildGuard::bitfetch([
         "download",
         &s(&content.torrent),
         "--list",
@@ -672,7 +736,7 @@ fn download_selected(content: &Content, label: &str, selection: &[String], chose
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
     args.extend(["-o".into(), s(&out), "-q".into()]);
     args.extend(selection.iter().cloned());
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     run.expect_code(0, &[&seeder]);
     let tree = tree_of(&out);
     if tree != content.expected_tree(chosen) {
@@ -751,7 +815,7 @@ fn misused_shell_options_are_exit_2_before_anything_is_written() {
         let mut args = download_args(&s(&content.torrent), ip, &[]);
         args.extend(["-o".into(), s(&out)]);
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        let run = Proc::bitfetch(&args);
+        let run = ChildGuard::bitfetch(&args);
         run.expect_code(2, &[]);
         if run.error_line().is_none() {
             run.fail(&format!("{extra:?}: no `bitfetch: error:` line"), &[]);
@@ -776,20 +840,24 @@ fn misused_shell_options_are_exit_2_before_anything_is_written() {
 // Timeouts and interruption, against a fake seeder that never sends a block
 // =============================================================================================
 
-/// A stalling fake seeder and a download from it with `extra` options.
-fn stalled_download(name: &str, extra: &[&str]) -> (Content, FakeSeeder, Proc) {
+/// A stalling fake seeder and a download from it with `extra` options, once the download has
+/// asked the fake for a block.
+fn stalled_download(name: &str, extra: &[&str]) -> (Content, FakeSeeder, ChildGuard) {
     let content = Content::single(name, 200_000, 50);
-    let fake = FakeSeeder::start(
-        next_loopback(),
-        content.bytes(),
-        FakeSeeder::all_pieces(content.bytes()),
-        Policy::Stall,
-    );
+    let fake = SeedSpec::new(content.bytes().to_vec(), u64::from(PIECE_LEN))
+        .misbehave(Misbehaviour::Stall)
+        .start(next_loopback());
     let out = content.scratch("out");
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[fake.addr()]);
     args.extend(["-o".into(), s(&out)]);
     args.extend(extra.iter().map(|a| (*a).to_owned()));
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
+    if !fake.wait_for_request(DEADLINE) {
+        run.fail(
+            "bitfetch never requested a block from the fake seeder",
+            &[&fake],
+        );
+    }
     (content, fake, run)
 }
 
@@ -799,12 +867,6 @@ fn stall_timeout_exits_8_with_a_json_error_event() {
         "stall.bin",
         &["--stall-timeout", "2s", "--timeout", "1h", "--json"],
     );
-    if !fake.wait_for_request(DEADLINE) {
-        run.fail(
-            "bitfetch never requested a block from the fake seeder",
-            &[&fake],
-        );
-    }
     run.expect_code(8, &[&fake]);
     let elapsed = run.elapsed_at_exit().expect("exited");
     assert!(
@@ -827,12 +889,6 @@ fn stall_timeout_exits_8_with_a_json_error_event() {
 fn timeout_exits_7() {
     let (_content, fake, run) =
         stalled_download("timeout.bin", &["--timeout", "2s", "--stall-timeout", "1h"]);
-    if !fake.wait_for_request(DEADLINE) {
-        run.fail(
-            "bitfetch never requested a block from the fake seeder",
-            &[&fake],
-        );
-    }
     run.expect_code(7, &[&fake]);
     let elapsed = run.elapsed_at_exit().expect("exited");
     assert!(
@@ -852,10 +908,13 @@ fn stall_clock_restarts_when_a_piece_verifies() {
     const GAP: Duration = Duration::from_secs(1);
     let content = Content::single("paced.bin", 8 * PIECE_LEN as usize + 5, 51);
     // Only pieces 2 and 5: the first served at once, the second GAP later, then silence.
-    let mut has = vec![false; content.pieces() as usize];
+    let mut has = vec![false; content.pieces_count() as usize];
     has[2] = true;
     has[5] = true;
-    let fake = FakeSeeder::start(next_loopback(), content.bytes(), has, Policy::Paced(GAP));
+    let fake = SeedSpec::new(content.bytes().to_vec(), u64::from(PIECE_LEN))
+        .has(has)
+        .misbehave(Misbehaviour::Paced(GAP))
+        .start(next_loopback());
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[fake.addr()]);
     args.extend([
         "-o".into(),
@@ -863,7 +922,7 @@ fn stall_clock_restarts_when_a_piece_verifies() {
         "--stall-timeout".into(),
         format!("{}s", STALL.as_secs()),
     ]);
-    let run = Proc::bitfetch(&args);
+    let run = ChildGuard::bitfetch(&args);
     let mut served = Vec::new();
     while served.len() < 2 {
         let next = fake.wait_for(DEADLINE, |e| match e {
@@ -892,12 +951,6 @@ fn stall_clock_restarts_when_a_piece_verifies() {
 fn sigint_and_sigterm_before_completion_exit_130_within_2s() {
     for (name, signal) in [("SIGINT", libc::SIGINT), ("SIGTERM", libc::SIGTERM)] {
         let (_content, fake, run) = stalled_download(&format!("{name}.bin"), &[]);
-        if !fake.wait_for_request(DEADLINE) {
-            run.fail(
-                "bitfetch never requested a block from the fake seeder",
-                &[&fake],
-            );
-        }
         let sent = Instant::now();
         run.signal(signal);
         run.expect_code(130, &[&fake]);
@@ -922,7 +975,7 @@ fn output_path_that_is_a_file_is_an_io_error() {
     for out in [blocker.clone(), blocker.join("sub")] {
         let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
         args.extend(["-o".into(), s(&out)]);
-        let run = Proc::bitfetch(&args);
+        let run = ChildGuard::bitfetch(&args);
         run.expect_code(4, &[&seeder]);
         assert!(
             run.error_line().is_some_and(|l| l.contains(&s(&blocker))),
@@ -937,7 +990,7 @@ fn output_path_that_is_a_file_is_an_io_error() {
 /// Runs `bitfetch ARGS` in a private mount namespace (`unshare -rm`) where `dir` is a fresh
 /// tmpfs mounted with `options`. Permissions do not bite root, so a read-only or tiny
 /// filesystem is the genuine way to make writing fail.
-fn bitfetch_on_tmpfs(dir: &Path, options: &str, args: &[String]) -> Proc {
+fn bitfetch_on_tmpfs(dir: &Path, options: &str, args: &[String]) -> ChildGuard {
     std::fs::create_dir_all(dir).expect("mkdir the mount point");
     let mut command = Command::new("unshare");
     command
@@ -946,9 +999,9 @@ fn bitfetch_on_tmpfs(dir: &Path, options: &str, args: &[String]) -> Proc {
         .arg("sh")
         .arg(options)
         .arg(dir)
-        .arg(support::bitfetch())
+        .arg(bitfetch())
         .args(args);
-    let (run, _) = Proc::start(&mut command, None, false);
+    let (run, _) = ChildGuard::start(&mut command, None, false);
     let status = run.wait(DEADLINE, &[]);
     let stderr = run.stderr_text();
     if status.code() == Some(97) || stderr.starts_with("unshare:") {
@@ -961,15 +1014,26 @@ fn bitfetch_on_tmpfs(dir: &Path, options: &str, args: &[String]) -> Proc {
     run
 }
 
-#[test]
-fn read_only_output_filesystem_is_an_io_error() {
-    let content = Content::single("ro.bin", 100_000, 61);
+/// Downloads a fresh payload (name, size, seed) from a bitfetch seeder into OUT, a private
+/// tmpfs mounted with `options`, expecting exit `code`: (the payload, the run, OUT).
+fn download_onto_tmpfs(
+    (name, size, seed): (&str, usize, u64),
+    options: &str,
+    code: i32,
+) -> (Content, ChildGuard, PathBuf) {
+    let content = Content::single(name, size, seed);
     let (seeder, addr) = start_seeder(&content, next_loopback(), &[]);
-    let out = content.scratch("ro");
+    let out = content.scratch("out");
     let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
     args.extend(["-o".into(), s(&out)]);
-    let run = bitfetch_on_tmpfs(&out, "ro,size=1m", &args);
-    run.expect_code(4, &[&seeder]);
+    let run = bitfetch_on_tmpfs(&out, options, &args);
+    run.expect_code(code, &[&seeder]);
+    (content, run, out)
+}
+
+#[test]
+fn read_only_output_filesystem_is_an_io_error() {
+    let (_content, run, out) = download_onto_tmpfs(("ro.bin", 100_000, 61), "ro,size=1m", 4);
     assert!(
         run.error_line().is_some_and(|l| l.contains(&s(&out))),
         "the error should name the file it could not create: {}",
@@ -980,13 +1044,8 @@ fn read_only_output_filesystem_is_an_io_error() {
 #[test]
 fn full_disk_is_exit_5() {
     // 2 MiB into a 1 MiB filesystem.
-    let content = Content::single("full.bin", 2 * 1024 * 1024 + 1, 62);
-    let (seeder, addr) = start_seeder(&content, next_loopback(), &[]);
-    let out = content.scratch("small");
-    let mut args = download_args(&s(&content.torrent), next_loopback(), &[addr]);
-    args.extend(["-o".into(), s(&out)]);
-    let run = bitfetch_on_tmpfs(&out, "size=1m", &args);
-    run.expect_code(5, &[&seeder]);
+    let (_content, run, out) =
+        download_onto_tmpfs(("full.bin", 2 * 1024 * 1024 + 1, 62), "size=1m", 5);
     assert!(
         run.error_line()
             .is_some_and(|l| l.contains("no space left") && l.contains("full.bin")),

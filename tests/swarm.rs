@@ -14,22 +14,31 @@
 //! shows the TCP connections the kernel holds.
 
 mod support;
-mod swarm_support;
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use support::{
-    ChildGuard, DEADLINE, Diagnose, TRANSMISSION_DEADLINE, Transmission, assert_exit_code,
-    files_equal, info_hash_hex, make_torrent_with_piece_log2, poll_until, report, scratch_dir,
-    wait_for_listening, wait_for_stderr, write_payload,
+use support::cli::{
+    ChildGuard, assert_exit_code, spawn_bitfetch, wait_for_listening, wait_for_stderr,
 };
-use swarm_support::*;
-use tempfile::TempDir;
+use support::clients::{
+    Opentracker, Transmission, aria2_seed_limited, connection_key, require_tool, sockets_between,
+};
+use support::fake_peer::{FakeLeecher, FakeSeeder, Misbehaviour, SeedSpec};
+use support::fake_tracker::{Announce, PeerPolicy, SwarmTracker as Tracker};
+use support::files::{files_equal, scratch_dir, write_payload};
+use support::net::{free_port_on, next_loopback as own_ip};
+use support::torrent::{BLOCK, Payload, Tracked, info_hash_hex, make_torrent_with_piece_log2};
+use support::wire::{
+    Wire, be32, frame, full_bitfield, handshake, has_fast_bit, id, parse_triple, peer_id, reserved,
+    triple,
+};
+use support::{
+    DEADLINE, Diagnose, TRANSMISSION_DEADLINE, fail, path_arg, poll_until, report,
+    show_bytes as show, strings,
+};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
@@ -39,95 +48,54 @@ const MIB: u64 = 1024 * 1024;
 // =============================================================================================
 
 /// One payload, its torrent (made by mktorrent) and a recording tracker it announces to.
-struct Fixture {
-    dir: TempDir,
-    name: String,
-    torrent: PathBuf,
-    info_hash: [u8; 20],
-    geo: Geometry,
-    data: Arc<Vec<u8>>,
-    tracker: Tracker,
+type Fixture = Tracked<Tracker>;
+
+fn fixture(name: &str, size: u64, piece_log2: u32, seed: u64, policy: PeerPolicy) -> Fixture {
+    let tracker = Tracker::start(policy);
+    let payload = Payload::new(name, size, seed, piece_log2, &tracker.announce_url());
+    Tracked { payload, tracker }
 }
 
-impl Fixture {
-    fn new(name: &str, size: u64, piece_log2: u32, seed: u64, policy: PeerPolicy) -> Fixture {
-        let tracker = Tracker::start(policy);
-        let dir = scratch_dir();
-        let source = dir.path().join("source").join(name);
-        write_payload(&source, size, seed);
-        let torrent = make_torrent_with_piece_log2(
-            &source,
-            &tracker.announce_url(),
-            piece_log2,
-            &dir.path().join(format!("{name}.torrent")),
-        );
-        let info_hash = info_hash_bytes(&info_hash_hex(&torrent));
-        let data = Arc::new(std::fs::read(&source).expect("read the payload back"));
-        Fixture {
-            dir,
-            name: name.to_owned(),
-            torrent,
-            info_hash,
-            geo: Geometry {
-                total: size,
-                piece_len: 1 << piece_log2,
-            },
-            data,
-            tracker,
-        }
+impl Tracked<Tracker> {
+    /// The payload's bytes, shared.
+    fn data(&self) -> Arc<Vec<u8>> {
+        Arc::new(self.bytes().to_vec())
     }
 
-    fn source_dir(&self) -> PathBuf {
-        self.dir.path().join("source")
-    }
-
-    fn source_file(&self) -> PathBuf {
-        self.source_dir().join(&self.name)
-    }
-
-    fn out_dir(&self, label: &str) -> PathBuf {
-        let out = self.dir.path().join(label);
-        std::fs::create_dir_all(&out).expect("create an output directory");
-        out
-    }
-
-    fn size(&self) -> u64 {
-        self.geo.total
+    /// A fake seeder of this payload on its own address.
+    fn fake(&self, name: &str, how: Misbehaviour, fast: bool, have_all: bool) -> FakeSeeder {
+        SeedSpec::new(self.data(), self.pieces.piece_len)
+            .name(name)
+            .info_hash(self.info_hash)
+            .fast(fast)
+            .have_all(have_all)
+            .misbehave(how)
+            .start(own_ip())
     }
 
     /// `bitfetch seed` of the original data on `ip`, any port, plus `extra`.
     fn seed(&self, name: &str, ip: Ipv4Addr, extra: &[&str]) -> ChildGuard {
         let mut args = strings(&["seed"]);
-        args.push(path_str(&self.torrent));
-        args.push(path_str(&self.source_dir()));
+        args.push(path_arg(&self.torrent));
+        args.push(path_arg(&self.source_dir()));
         args.extend(strings(&["--bind", &ip.to_string(), "--port", "0"]));
         args.extend(strings(extra));
-        bitfetch(name, &args)
+        spawn_bitfetch(name, &args)
     }
 
     /// `bitfetch download` into `out` on `ip`, any port, plus `extra`.
     fn download(&self, name: &str, out: &Path, ip: Ipv4Addr, extra: &[&str]) -> ChildGuard {
         let mut args = strings(&["download"]);
-        args.push(path_str(&self.torrent));
-        args.extend(strings(&["-o", &path_str(out)]));
+        args.push(path_arg(&self.torrent));
+        args.extend(strings(&["-o", &path_arg(out)]));
         args.extend(strings(&["--bind", &ip.to_string(), "--port", "0"]));
         args.extend(strings(extra));
-        bitfetch(name, &args)
-    }
-
-    fn assert_same(&self, downloaded: &Path, parts: &[&dyn Diagnose]) {
-        if let Err(difference) = files_equal(&self.source_file(), downloaded) {
-            let mut all = parts.to_vec();
-            all.push(&self.tracker);
-            panic!("{}", report(&difference, &all));
-        }
+        spawn_bitfetch(name, &args)
     }
 
     /// Runs `bitfetch verify` on `data_path`: (exit code, stdout).
     fn verify(&self, data_path: &Path) -> (Option<i32>, String) {
-        let mut command = std::process::Command::new(support::bitfetch());
-        command.arg("verify").arg(&self.torrent).arg(data_path);
-        let guard = support::run_bounded("bitfetch verify", &mut command, DEADLINE);
+        let guard = support::cli::verify(&self.torrent, data_path);
         let code = guard.exit_status().and_then(|s| s.code());
         assert!(
             !guard.stderr_text().contains("panicked at"),
@@ -136,10 +104,6 @@ impl Fixture {
         );
         (code, guard.stdout_text())
     }
-}
-
-fn fail(why: &str, parts: &[&dyn Diagnose]) -> ! {
-    panic!("{}", report(why, parts))
 }
 
 /// Waits for a bitfetch to exit by itself and checks its exit code.
@@ -173,8 +137,8 @@ fn terminate(guard: &ChildGuard, code: i32, parts: &[&dyn Diagnose]) {
 #[test]
 fn leechers_trade_among_themselves() {
     const LEECHERS: usize = 4;
-    let fx = Fixture::new("trade.bin", 2 * MIB + 12_345, 15, 1, PeerPolicy::Everyone);
-    let size = fx.size();
+    let fx = fixture("trade.bin", 2 * MIB + 12_345, 15, 1, PeerPolicy::Everyone);
+    let size = fx.size;
     let seed_ip = own_ip();
     let seeder = fx.seed(
         "seeder (256K/s)",
@@ -243,26 +207,18 @@ fn leechers_trade_among_themselves() {
 // 2. A corrupting peer
 // =============================================================================================
 
-const CORRUPT: FakeSeederConfig = FakeSeederConfig {
-    fast: false,
-    have_all: false,
-    corrupt: true,
-};
-
 /// A fake seeder that flips a byte in every block it sends, next to a good (slow) bitfetch
 /// seeder: the downloader bans the fake, completes byte-identical from the good one, and never
 /// talks to the fake again — no new connection to it, no request to it, and when the fake
 /// dials in with the same peer id it is sent no request either.
 #[test]
 fn corrupting_peer_is_banned_and_the_download_completes() {
-    let fx = Fixture::new("corrupt.bin", MIB + 5_000, 15, 2, PeerPolicy::Nobody);
-    let fake = FakeSeeder::start(
+    let fx = fixture("corrupt.bin", MIB + 5_000, 15, 2, PeerPolicy::Nobody);
+    let fake = fx.fake(
         "corrupting fake seeder",
-        own_ip(),
-        fx.info_hash,
-        Arc::clone(&fx.data),
-        fx.geo,
-        CORRUPT,
+        Misbehaviour::CorruptEveryBlock,
+        false,
+        false,
     );
     // Slow, so the download outlasts the ban by a good margin: time for any wrong redial.
     let good = fx.seed(
@@ -289,24 +245,22 @@ fn corrupting_peer_is_banned_and_the_download_completes() {
     let ban = wait_for_stderr(&dl, &format!("banned peer {}", fake.addr), DEADLINE);
     // The banned connection goes away...
     let closed = poll_until(Duration::from_secs(30), || {
-        let s = &fake.stats;
-        (s.closed.load(Ordering::SeqCst) == s.accepts.load(Ordering::SeqCst)).then_some(())
+        let r = fake.report();
+        (r.closed == r.accepts).then_some(())
     });
     if closed.is_none() {
         fail("the banned peer's connection was not closed", &parts);
     }
-    let accepts_at_ban = fake.stats.accepts.load(Ordering::SeqCst);
-    let requests_at_ban = fake.stats.requests.load(Ordering::SeqCst);
+    let accepts_at_ban = fake.report().accepts;
+    let requests_at_ban = fake.report().requests.len();
     // ...and when the fake comes back on its own, it is turned away without a request.
-    fake.dial(dl_addr, Arc::clone(&fx.data), fx.info_hash, fx.geo, CORRUPT);
+    fake.dial(dl_addr);
 
     expect_exit(&dl, 0, DEADLINE, &parts);
     fx.assert_same(&out.join(&fx.name), &parts);
     let redial_done = poll_until(Duration::from_secs(60), || {
-        fake.stats
-            .log
-            .lock()
-            .unwrap()
+        fake.report()
+            .endings
             .iter()
             .any(|l| l.contains("outbound to"))
             .then_some(())
@@ -330,7 +284,7 @@ fn corrupting_peer_is_banned_and_the_download_completes() {
         )
     );
     assert_eq!(
-        fake.stats.accepts.load(Ordering::SeqCst),
+        fake.report().accepts,
         accepts_at_ban,
         "{}",
         report(
@@ -339,7 +293,7 @@ fn corrupting_peer_is_banned_and_the_download_completes() {
         )
     );
     assert_eq!(
-        fake.stats.requests.load(Ordering::SeqCst),
+        fake.report().requests.len(),
         requests_at_ban,
         "{}",
         report("the banned peer was sent requests after the ban", &parts)
@@ -350,20 +304,18 @@ fn corrupting_peer_is_banned_and_the_download_completes() {
 /// 130 (incomplete), and `bitfetch verify` finds every piece bad in what was written.
 #[test]
 fn corrupting_peer_alone_never_completes_a_piece() {
-    let fx = Fixture::new(
+    let fx = fixture(
         "corrupt-alone.bin",
         512 * KIB + 100,
         15,
         3,
         PeerPolicy::Nobody,
     );
-    let fake = FakeSeeder::start(
+    let fake = fx.fake(
         "corrupting fake seeder",
-        own_ip(),
-        fx.info_hash,
-        Arc::clone(&fx.data),
-        fx.geo,
-        CORRUPT,
+        Misbehaviour::CorruptEveryBlock,
+        false,
+        false,
     );
     let out = fx.out_dir("out");
     let dl = fx.download(
@@ -375,7 +327,7 @@ fn corrupting_peer_alone_never_completes_a_piece() {
     let parts: [&dyn Diagnose; 3] = [&dl, &fake, &fx.tracker];
     wait_for_stderr(&dl, &format!("banned peer {}", fake.addr), DEADLINE);
     assert!(
-        fake.stats.blocks_sent.load(Ordering::SeqCst) > 0,
+        fake.report().blocks_sent() > 0,
         "{}",
         report("the fake was banned without having sent a block", &parts)
     );
@@ -386,7 +338,7 @@ fn corrupting_peer_alone_never_completes_a_piece() {
         "{}",
         report("expected hash failures and no completion", &parts)
     );
-    let pieces = fx.geo.pieces();
+    let pieces = fx.geo().pieces();
     let (code, stdout) = fx.verify(&out.join(&fx.name));
     assert!(
         code == Some(1) && stdout.contains(&format!(": 0 of {pieces} pieces good")),
@@ -408,19 +360,8 @@ fn corrupting_peer_alone_never_completes_a_piece() {
 /// downloads from it, and (having nothing) introduces itself with `have none`.
 #[test]
 fn have_all_seeder_is_downloaded_from() {
-    let fx = Fixture::new("haveall.bin", MIB + 333, 15, 4, PeerPolicy::Nobody);
-    let fake = FakeSeeder::start(
-        "have-all fake seeder",
-        own_ip(),
-        fx.info_hash,
-        Arc::clone(&fx.data),
-        fx.geo,
-        FakeSeederConfig {
-            fast: true,
-            have_all: true,
-            corrupt: false,
-        },
-    );
+    let fx = fixture("haveall.bin", MIB + 333, 15, 4, PeerPolicy::Nobody);
+    let fake = fx.fake("have-all fake seeder", Misbehaviour::Honest, true, true);
     let out = fx.out_dir("out");
     let dl = fx.download(
         "downloader",
@@ -431,13 +372,13 @@ fn have_all_seeder_is_downloaded_from() {
     let parts: [&dyn Diagnose; 3] = [&dl, &fake, &fx.tracker];
     expect_exit(&dl, 0, DEADLINE, &parts);
     fx.assert_same(&out.join(&fx.name), &parts);
-    let reserved = fake.stats.their_reserved.lock().unwrap().clone();
+    let reserved = fake.report().their_reserved;
     assert!(
         reserved.first().is_some_and(has_fast_bit),
         "{}",
         report("bitfetch's handshake lacks the Fast bit", &parts)
     );
-    let first = fake.stats.first_msgs.lock().unwrap().clone();
+    let first = fake.report().first_msgs;
     assert_eq!(
         first.first(),
         Some(&id::HAVE_NONE),
@@ -449,19 +390,29 @@ fn have_all_seeder_is_downloaded_from() {
     );
 }
 
+/// A bitfetch seeder of `fx` and a hand-driven connection to it from an address of our own,
+/// on which our handshake (with the Fast bit or not, peer id tagged `tag`) and `then` went out.
+fn seeder_and_wire(fx: &Fixture, fast: bool, tag: &str, then: &[u8]) -> (ChildGuard, Wire) {
+    let seeder = fx.seed("seeder", own_ip(), &[]);
+    let seed_addr = wait_for_listening(&seeder);
+    let mut s = Wire::dial(own_ip(), seed_addr).expect("connect to the seeder");
+    let mut hello = handshake(&fx.info_hash, &peer_id(tag), reserved(fast));
+    hello.extend_from_slice(then);
+    s.send(&hello).expect("send handshake");
+    (seeder, s)
+}
+
 /// Reads messages until one satisfies `want`, failing on EOF or the deadline.
 fn next_msg(
-    stream: &mut std::net::TcpStream,
+    wire: &mut Wire,
     deadline: Instant,
     what: &str,
     parts: &[&dyn Diagnose],
 ) -> (u8, Vec<u8>) {
-    loop {
-        match read_msg_until(stream, deadline) {
-            Ok(Some(m)) => return m,
-            Ok(None) => continue,
-            Err(e) => fail(&format!("waiting for {what}: {e}"), parts),
-        }
+    match wire.next_message(deadline) {
+        Ok(Some(m)) => m,
+        Ok(None) => fail(&format!("waiting for {what}: deadline passed"), parts),
+        Err(e) => fail(&format!("waiting for {what}: {e}"), parts),
     }
 }
 
@@ -470,17 +421,13 @@ fn next_msg(
 /// answers every request exactly once.
 #[test]
 fn seeder_speaks_fast_to_a_fast_peer() {
-    let fx = Fixture::new("fastseed.bin", 512 * KIB + 1_000, 15, 5, PeerPolicy::Nobody);
-    let seeder = fx.seed("seeder", own_ip(), &[]);
-    let seed_addr = wait_for_listening(&seeder);
+    let fx = fixture("fastseed.bin", 512 * KIB + 1_000, 15, 5, PeerPolicy::Nobody);
+    let (seeder, mut s) = seeder_and_wire(&fx, true, "FL3", &[]);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
     let deadline = Instant::now() + DEADLINE;
-
-    let mut s = connect_from(own_ip(), seed_addr).expect("connect to the seeder");
-    use std::io::Write;
-    s.write_all(&handshake(reserved(true), &fx.info_hash, &peer_id("FL3")))
-        .expect("send handshake");
-    let (theirs, hash, _) = read_handshake(&mut s).expect("the seeder's handshake");
+    let (theirs, hash, _) = s
+        .handshake_parts(Duration::from_secs(30))
+        .expect("the seeder's handshake");
     assert_eq!(hash, fx.info_hash);
     assert!(
         has_fast_bit(&theirs),
@@ -505,7 +452,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
 
     // answers[request] = what came back for it, in order.
     let mut answers: std::collections::HashMap<(u32, u32, u32), Vec<u8>> = Default::default();
-    let blocks = fx.geo.blocks();
+    let blocks = fx.geo().blocks();
     let choked_requests: Vec<_> = blocks[..3].to_vec();
     let unchoked_requests: Vec<_> = blocks[3..11].to_vec();
     let sentinel = *blocks.last().unwrap();
@@ -526,10 +473,10 @@ fn seeder_speaks_fast_to_a_fast_peer() {
             }
             id::PIECE => {
                 let t = (be32(payload, 0), be32(payload, 4), payload.len() as u32 - 8);
-                let start = fx.geo.offset(t.0, t.1);
+                let start = fx.geo().offset(t.0, t.1);
                 assert_eq!(
                     &payload[8..],
-                    &fx.data[start..start + t.2 as usize],
+                    &fx.data()[start..start + t.2 as usize],
                     "wrong data for block {t:?}"
                 );
                 answers.entry(t).or_default().push(id::PIECE);
@@ -545,7 +492,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
     for b in &choked_requests {
         batch.extend_from_slice(&frame(id::REQUEST, &triple(b.0, b.1, b.2)));
     }
-    s.write_all(&batch).expect("send requests");
+    s.send(&batch).expect("send requests");
     pending += choked_requests.len();
     while pending > 0 {
         let (mid, p) = next_msg(
@@ -580,7 +527,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
     }
 
     // Interested: bitfetch unchokes us (a free upload slot), then serves.
-    s.write_all(&frame(id::INTERESTED, &[]))
+    s.send(&frame(id::INTERESTED, &[]))
         .expect("send interested");
     while !unchoked {
         let (mid, p) = next_msg(&mut s, deadline, "an unchoke after interested", &parts);
@@ -590,7 +537,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
     for b in &unchoked_requests {
         batch.extend_from_slice(&frame(id::REQUEST, &triple(b.0, b.1, b.2)));
     }
-    s.write_all(&batch).expect("send requests");
+    s.send(&batch).expect("send requests");
     pending += unchoked_requests.len();
     while pending > 0 {
         let (mid, p) = next_msg(&mut s, deadline, "answers to requests", &parts);
@@ -600,7 +547,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
     }
     // A last request: by the time its answer arrives, any duplicate answer to an earlier one
     // would have been sent before it.
-    s.write_all(&frame(
+    s.send(&frame(
         id::REQUEST,
         &triple(sentinel.0, sentinel.1, sentinel.2),
     ))
@@ -652,23 +599,19 @@ fn seeder_speaks_fast_to_a_fast_peer() {
 /// have) must still get `have all` first, and then exactly one reject for that request.
 #[test]
 fn fast_intro_comes_first_even_when_a_request_is_pipelined() {
-    let fx = Fixture::new(
+    let fx = fixture(
         "fastpipe.bin",
         256 * KIB + 1_000,
         15,
         14,
         PeerPolicy::Nobody,
     );
-    let seeder = fx.seed("seeder", own_ip(), &[]);
-    let seed_addr = wait_for_listening(&seeder);
+    let request = frame(id::REQUEST, &triple(0, 0, BLOCK));
+    let (seeder, mut s) = seeder_and_wire(&fx, true, "FLP", &request);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
     let deadline = Instant::now() + DEADLINE;
-    let mut s = connect_from(own_ip(), seed_addr).expect("connect to the seeder");
-    use std::io::Write;
-    let mut hello = handshake(reserved(true), &fx.info_hash, &peer_id("FLP"));
-    hello.extend_from_slice(&frame(id::REQUEST, &triple(0, 0, BLOCK)));
-    s.write_all(&hello).expect("send handshake and request");
-    read_handshake(&mut s).expect("the seeder's handshake");
+    s.handshake_parts(Duration::from_secs(30))
+        .expect("the seeder's handshake");
     let (first, _) = next_msg(&mut s, deadline, "the first message", &parts);
     let (second, payload) = next_msg(&mut s, deadline, "the second message", &parts);
     assert!(
@@ -691,20 +634,15 @@ fn fast_intro_comes_first_even_when_a_request_is_pipelined() {
 /// unchoke), so the disconnection is the Fast message's doing.
 #[test]
 fn fast_message_without_the_fast_bit_disconnects() {
-    let fx = Fixture::new("nofast.bin", 256 * KIB + 10, 15, 6, PeerPolicy::Nobody);
-    let seeder = fx.seed("seeder", own_ip(), &[]);
-    let seed_addr = wait_for_listening(&seeder);
+    let fx = fixture("nofast.bin", 256 * KIB + 10, 15, 6, PeerPolicy::Nobody);
+    let (seeder, mut s) = seeder_and_wire(&fx, false, "NF3", &[]);
     let parts: [&dyn Diagnose; 2] = [&seeder, &fx.tracker];
     let deadline = Instant::now() + DEADLINE;
-
-    let mut s = connect_from(own_ip(), seed_addr).expect("connect to the seeder");
-    use std::io::Write;
-    s.write_all(&handshake(reserved(false), &fx.info_hash, &peer_id("NF3")))
-        .expect("send handshake");
-    read_handshake(&mut s).expect("the seeder's handshake");
+    s.handshake_parts(Duration::from_secs(30))
+        .expect("the seeder's handshake");
     let (first, payload) = next_msg(&mut s, deadline, "the first message", &parts);
     assert!(
-        first == id::BITFIELD && payload == full_bitfield(fx.geo.pieces()),
+        first == id::BITFIELD && payload == full_bitfield(fx.geo().pieces()),
         "{}",
         report(
             &format!(
@@ -714,7 +652,7 @@ fn fast_message_without_the_fast_bit_disconnects() {
             &parts
         )
     );
-    s.write_all(&frame(id::INTERESTED, &[]))
+    s.send(&frame(id::INTERESTED, &[]))
         .expect("send interested");
     loop {
         let (mid, _) = next_msg(&mut s, deadline, "an unchoke after interested", &parts);
@@ -722,25 +660,13 @@ fn fast_message_without_the_fast_bit_disconnects() {
             break;
         }
     }
-    s.write_all(&frame(id::HAVE_NONE, &[]))
-        .expect("send have none");
+    s.send(&frame(id::HAVE_NONE, &[])).expect("send have none");
     loop {
-        match read_msg_until(&mut s, deadline) {
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof
-                        | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                break;
-            }
-            Err(e) => fail(
-                &format!(
-                    "after a Fast message without the Fast bit the connection stayed open: {e}"
-                ),
+        match s.next_message(deadline) {
+            Ok(Some(_)) => continue,
+            Err(_) => break,
+            Ok(None) => fail(
+                "after a Fast message without the Fast bit the connection stayed open (deadline passed)",
                 &parts,
             ),
         }
@@ -759,7 +685,7 @@ fn fast_message_without_the_fast_bit_disconnects() {
 /// with a fake id above bitfetch's and once below, so both outcomes are exercised.
 #[test]
 fn both_ends_dialling_each_other_keep_one_connection() {
-    let fx = Fixture::new("twin.bin", 256 * KIB + 7, 15, 7, PeerPolicy::Nobody);
+    let fx = fixture("twin.bin", 256 * KIB + 7, 15, 7, PeerPolicy::Nobody);
     for fake_id in [[0xffu8; 20], [0x00u8; 20]] {
         let fake_ip = own_ip();
         let listener = std::net::TcpListener::bind((fake_ip, 0)).expect("bind the fake peer");
@@ -786,17 +712,16 @@ fn both_ends_dialling_each_other_keep_one_connection() {
             Ok((s, _)) => Some(s),
             Err(_) => None,
         });
-        let Some(mut dialled) = accepted else {
+        let Some(dialled) = accepted else {
             fail("the seeder never dialled the --peer address", &parts);
         };
-        dialled.set_nonblocking(false).unwrap();
-        dialled
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let (_, hash, seeder_id) = read_handshake(&mut dialled).expect("the seeder's handshake");
+        let mut dialled = Wire::new(dialled);
+        let (_, hash, seeder_id) = dialled
+            .handshake_parts(Duration::from_secs(30))
+            .expect("the seeder's handshake");
         assert_eq!(hash, fx.info_hash);
         dialled
-            .write_all(&handshake(reserved(false), &fx.info_hash, &fake_id))
+            .send(&handshake(&fx.info_hash, &fake_id, reserved(false)))
             .expect("answer the handshake");
         // Its first message (the bitfield) shows the connection is fully up on its side.
         let deadline = Instant::now() + DEADLINE;
@@ -804,10 +729,10 @@ fn both_ends_dialling_each_other_keep_one_connection() {
         assert_eq!(first, id::BITFIELD, "{}", report("first message", &parts));
 
         // 2. The same peer connects back.
-        let mut back = connect_from(fake_ip, seeder_addr).expect("connect back to the seeder");
-        back.write_all(&handshake(reserved(false), &fx.info_hash, &fake_id))
+        let mut back = Wire::dial(fake_ip, seeder_addr).expect("connect back to the seeder");
+        back.send(&handshake(&fx.info_hash, &fake_id, reserved(false)))
             .expect("send the second handshake");
-        let _ = read_handshake(&mut back);
+        let _ = back.handshake_parts(Duration::from_secs(30));
 
         // 3. Exactly the one the rule names is closed.
         let keep_seeders_outbound = seeder_id > fake_id;
@@ -817,8 +742,7 @@ fn both_ends_dialling_each_other_keep_one_connection() {
             (dialled, back, "the connection the seeder opened")
         };
         let closed = poll_until(DEADLINE, || {
-            match read_msg_until(&mut doomed, Instant::now() + Duration::from_millis(200)) {
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => None,
+            match doomed.next_message(Instant::now() + Duration::from_millis(200)) {
                 Err(_) => Some(()),
                 Ok(_) => None,
             }
@@ -835,11 +759,11 @@ fn both_ends_dialling_each_other_keep_one_connection() {
         }
         // The survivor still works: it is told about interest and answers with an unchoke
         // (the seeder has free upload slots).
-        kept.write_all(&frame(id::INTERESTED, &[]))
+        kept.send(&frame(id::INTERESTED, &[]))
             .expect("send interested on the survivor");
         let mut unchoked = false;
         while Instant::now() < deadline && !unchoked {
-            match read_msg_until(&mut kept, deadline) {
+            match kept.next_message(deadline) {
                 Ok(Some((m, _))) => unchoked = m == id::UNCHOKE,
                 Ok(None) => {}
                 Err(e) => fail(
@@ -863,7 +787,7 @@ fn both_ends_dialling_each_other_keep_one_connection() {
 /// may appear. A closed connection stays in TIME-WAIT for a minute, so `ss` cannot miss one.
 #[test]
 fn a_connected_peer_is_not_redialled_on_every_announce() {
-    let fx = Fixture::new("redial.bin", 512 * KIB + 9, 15, 13, PeerPolicy::Everyone);
+    let fx = fixture("redial.bin", 512 * KIB + 9, 15, 13, PeerPolicy::Everyone);
     let (ip_a, ip_b) = (own_ip(), own_ip());
     let a = fx.seed("seeder A", ip_a, &["--announce-interval", "1"]);
     let addr_a = wait_for_listening(&a);
@@ -954,8 +878,8 @@ fn a_connected_peer_is_not_redialled_on_every_announce() {
 /// command queue; five blocks per leecher on top leaves room (seen: three to seven in all).
 #[test]
 fn seed_ratio_stops_at_exactly_the_ratio() {
-    let fx = Fixture::new("ratio.bin", MIB + 777, 15, 8, PeerPolicy::Nobody);
-    let size = fx.size();
+    let fx = fixture("ratio.bin", MIB + 777, 15, 8, PeerPolicy::Nobody);
+    let size = fx.size;
     let seeder = fx.seed(
         "seeder (--seed-ratio 1)",
         own_ip(),
@@ -969,8 +893,8 @@ fn seed_ratio_stops_at_exactly_the_ratio() {
                 own_ip(),
                 seed_addr,
                 fx.info_hash,
-                Arc::clone(&fx.data),
-                fx.geo,
+                fx.data(),
+                fx.geo(),
                 32,
             )
         })
@@ -997,11 +921,8 @@ fn seed_ratio_stops_at_exactly_the_ratio() {
         );
     }
     let received: u64 = leechers.iter().map(FakeLeecher::bytes).sum();
-    let bad: usize = leechers
-        .iter()
-        .map(|l| l.stats.bad_blocks.load(Ordering::SeqCst))
-        .sum();
-    let piece = u64::from(fx.geo.piece_len);
+    let bad: usize = leechers.iter().map(|l| l.report().bad_blocks).sum();
+    let piece = fx.geo().piece_len;
     let each: Vec<u64> = leechers.iter().map(FakeLeecher::bytes).collect();
     let numbers = format!(
         "size {size}, stopped announce uploaded={}, leechers received {received} bytes \
@@ -1009,7 +930,7 @@ fn seed_ratio_stops_at_exactly_the_ratio() {
         stopped.uploaded
     );
     assert_eq!(bad, 0, "{}", report("the seeder sent wrong data", &parts));
-    if leechers.iter().all(|l| l.stats.done.load(Ordering::SeqCst)) {
+    if leechers.iter().all(|l| l.report().done) {
         fail(
             &format!(
                 "both leechers finished: the ratio was not what stopped the seeder ({numbers})"
@@ -1037,7 +958,7 @@ fn seed_ratio_stops_at_exactly_the_ratio() {
 /// it was started, and says `stopped` to the tracker.
 #[test]
 fn seed_time_stops_after_the_time() {
-    let fx = Fixture::new("seedtime.bin", 64 * KIB + 1, 15, 9, PeerPolicy::Nobody);
+    let fx = fixture("seedtime.bin", 64 * KIB + 1, 15, 9, PeerPolicy::Nobody);
     let started = Instant::now();
     let seeder = fx.seed("seeder (--seed-time 3s)", own_ip(), &["--seed-time", "3s"]);
     let port = wait_for_listening(&seeder).port();
@@ -1089,7 +1010,7 @@ fn check_rate(what: &str, bytes: u64, elapsed: Duration, parts: &[&dyn Diagnose]
 /// receives over 10 s average 1 MiB/s within 10 %.
 #[test]
 fn upload_rate_limit_holds_over_ten_seconds() {
-    let fx = Fixture::new("uprate.bin", 16 * MIB, 18, 10, PeerPolicy::Nobody);
+    let fx = fixture("uprate.bin", 16 * MIB, 18, 10, PeerPolicy::Nobody);
     let seeder = fx.seed("seeder (1M/s up)", own_ip(), &["--max-upload-rate", "1M"]);
     let seed_addr = wait_for_listening(&seeder);
     let leecher = FakeLeecher::start(
@@ -1097,8 +1018,8 @@ fn upload_rate_limit_holds_over_ten_seconds() {
         own_ip(),
         seed_addr,
         fx.info_hash,
-        Arc::clone(&fx.data),
-        fx.geo,
+        fx.data(),
+        fx.geo(),
         64,
     );
     let parts: [&dyn Diagnose; 3] = [&seeder, &leecher, &fx.tracker];
@@ -1115,7 +1036,7 @@ fn upload_rate_limit_holds_over_ten_seconds() {
         unreachable!("the window ends")
     };
     assert!(
-        !leecher.stats.done.load(Ordering::SeqCst) && leecher.ended().is_none(),
+        !leecher.report().done && leecher.ended().is_none(),
         "{}",
         report("the transfer ended inside the measuring window", &parts)
     );
@@ -1127,19 +1048,8 @@ fn upload_rate_limit_holds_over_ten_seconds() {
 /// within 10 % over a 10 s window that starts after its first MiB.
 #[test]
 fn download_rate_limit_holds_over_ten_seconds() {
-    let fx = Fixture::new("downrate.bin", 16 * MIB, 18, 11, PeerPolicy::Nobody);
-    let fake = FakeSeeder::start(
-        "fast fake seeder",
-        own_ip(),
-        fx.info_hash,
-        Arc::clone(&fx.data),
-        fx.geo,
-        FakeSeederConfig {
-            fast: true,
-            have_all: false,
-            corrupt: false,
-        },
-    );
+    let fx = fixture("downrate.bin", 16 * MIB, 18, 11, PeerPolicy::Nobody);
+    let fake = fx.fake("fast fake seeder", Misbehaviour::Honest, true, false);
     let out = fx.out_dir("out");
     let dl = fx.download(
         "downloader (1M/s down)",
@@ -1204,9 +1114,9 @@ fn interop_mixed_swarm_with_transmission_and_aria2() {
         "mktorrent",
         "transmission-show",
     ] {
-        support::require_tool(tool);
+        require_tool(tool);
     }
-    let tracker = support::Opentracker::start();
+    let tracker = Opentracker::start();
     let dir = scratch_dir();
     let name = "interop.bin";
     let size = 4 * MIB + 4_321;
@@ -1227,7 +1137,7 @@ fn interop_mixed_swarm_with_transmission_and_aria2() {
         &torrent,
         &source_dir,
         aria2_ip,
-        support::free_port_on(aria2_ip),
+        free_port_on(aria2_ip),
         "512K",
     );
     tracker.wait_for_swarm(&hash, 1, 1, DEADLINE, &[&aria2]);
@@ -1241,10 +1151,10 @@ fn interop_mixed_swarm_with_transmission_and_aria2() {
     let b_ip = own_ip();
     let b_out = dir.path().join("bitfetch");
     let mut args = strings(&["download"]);
-    args.push(path_str(&torrent));
+    args.push(path_arg(&torrent));
     args.extend(strings(&[
         "-o",
-        &path_str(&b_out),
+        &path_arg(&b_out),
         "--bind",
         &b_ip.to_string(),
         "--port",
@@ -1253,7 +1163,7 @@ fn interop_mixed_swarm_with_transmission_and_aria2() {
         "--announce-interval",
         "1",
     ]));
-    let bf = bitfetch("bitfetch (download --seed)", &args);
+    let bf = spawn_bitfetch("bitfetch (download --seed)", &args);
     wait_for_listening(&bf);
     let parts: [&dyn Diagnose; 4] = [&bf, &transmission, &aria2, &tracker];
 

@@ -13,7 +13,6 @@
 //! deadline (a hang guard, not a speed expectation).
 
 mod support;
-mod tracker_support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -21,13 +20,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::{
-    ChildGuard, DEADLINE, Diagnose, Opentracker, assert_exit_code, files_equal, next_loopback,
-    poll_until, report, wait_for_listening, wait_for_stderr,
+use support::bencode::B;
+use support::cli::{
+    ChildGuard, assert_exit_code, spawn_bitfetch_env, wait_for_listening, wait_for_stderr,
 };
-use tracker_support::{
-    B, Fixture, HttpAction, HttpRequest, HttpTracker, Nginx, TestCa, Trap, UdpAction, UdpTracker,
-    announce_reply, compact4, compact6, ip4, show_bytes, spawn_bitfetch_env, strings, to_hex, v4,
+use support::clients::{Nginx, Opentracker, TestCa};
+use support::fake_tracker::{
+    HttpAction, HttpRequest, HttpTracker, UdpAction, UdpTracker, announce_reply, compact4, compact6,
+};
+use support::files::files_equal;
+use support::net::{Trap, ip4, next_loopback, v4};
+use support::torrent::Payload as Fixture;
+use support::{
+    DEADLINE, Diagnose, fail, hex as to_hex, path_arg, poll_until, report, show_bytes, strings,
 };
 
 /// Payload size: several 32 KiB pieces and a short last one.
@@ -36,14 +41,6 @@ const SIZE: u64 = 20 * 32 * 1024 + 1234;
 const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 /// How long to wait for announces that a 1 s `--announce-interval` should produce quickly.
 const ANNOUNCE_DEADLINE: Duration = Duration::from_secs(30);
-
-fn fail(why: &str, parts: &[&dyn Diagnose]) -> ! {
-    panic!("{}", report(why, parts))
-}
-
-fn path_arg(p: &Path) -> String {
-    p.to_str().expect("UTF-8 path").to_owned()
-}
 
 // =============================================================================================
 // bitfetch processes
@@ -88,7 +85,7 @@ fn start_leecher_env(
     extra: &[String],
     env: &[(&str, &Path)],
 ) -> Leecher {
-    let out = fx.out_dir(label);
+    let out = fx.dir_for(&format!("out-{label}"));
     let mut args = strings(&["download"]);
     args.push(path_arg(&fx.torrent));
     args.push("-o".into());
@@ -109,7 +106,7 @@ fn finish_leecher(fx: &Fixture, leecher: &Leecher, parts: &[&dyn Diagnose]) {
     let context = || report("other parties:", parts);
     leecher.guard.wait_with_deadline(DEADLINE, &context);
     assert_exit_code(&leecher.guard, 0, parts);
-    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out)) {
+    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out, "")) {
         let mut all: Vec<&dyn Diagnose> = vec![leecher];
         all.extend_from_slice(parts);
         fail(&format!("the download is wrong: {e}"), &all);
@@ -149,9 +146,32 @@ fn wait_seeding_complete(
             &all,
         );
     }
-    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out)) {
+    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out, "")) {
         fail(&format!("the download is wrong: {e}"), &all);
     }
+}
+
+/// A `--seed` leecher dialling `seeder` directly; waits until it has announced `completed`
+/// (as `completed` tells from its listening port) and checks what it downloaded.
+fn seeding_leecher(
+    fx: &Fixture,
+    label: &str,
+    seeder: SocketAddr,
+    completed: impl Fn(u16) -> bool,
+    parts: &[&dyn Diagnose],
+) -> Leecher {
+    let extra = ["--seed".into(), "--peer".into(), seeder.to_string()];
+    let leecher = start_leecher(fx, label, Some(ip4(next_loopback())), &extra);
+    wait_seeding_complete(fx, &leecher, completed, parts);
+    leecher
+}
+
+/// Whether `tracker` has had a `completed` announce from the client listening on `port`.
+fn http_completed(tracker: &HttpTracker, port: u16) -> bool {
+    tracker
+        .requests()
+        .iter()
+        .any(|r| r.port() == Some(port) && r.event() == "completed")
 }
 
 /// Runs `bitfetch scrape TORRENT ARGS…` to completion.
@@ -260,7 +280,7 @@ fn check_announce_keys(
 fn opentracker_swarm(label: &str, url_of: fn(&Opentracker) -> String, seed: u64) {
     let tracker = Opentracker::start();
     let url = url_of(&tracker);
-    let fx = Fixture::new(&format!("ot-{label}.bin"), SIZE, seed, &[vec![url.clone()]]);
+    let fx = Fixture::tiers(&format!("ot-{label}.bin"), SIZE, seed, &[vec![url.clone()]]);
     tracker.allow(&fx.hash_hex);
 
     let (seeder, _) = start_seeder(&fx, ip4(next_loopback()), &[]);
@@ -329,7 +349,7 @@ fn https_tracker_needs_the_test_ca() {
     let ca = TestCa::make();
     let nginx = Nginx::start(&ca, tracker.addr());
     let url = nginx.announce_url();
-    let fx = Fixture::new("https.bin", SIZE, 21, &[vec![url.clone()]]);
+    let fx = Fixture::tiers("https.bin", SIZE, 21, &[vec![url.clone()]]);
     tracker.allow(&fx.hash_hex);
     let ca_args = vec!["--ca-file".to_owned(), path_arg(&ca.ca_pem)];
 
@@ -396,7 +416,7 @@ fn https_tracker_needs_the_test_ca() {
             &[&blind, &tracker, &seeder, &nginx],
         );
     }
-    if files_equal(&fx.data, &fx.downloaded(&blind.out)).is_ok() {
+    if files_equal(&fx.data, &fx.downloaded(&blind.out, "")).is_ok() {
         fail(
             "the leecher without a CA got the data: from where?",
             &[&blind, &seeder],
@@ -439,7 +459,7 @@ fn https_tracker_needs_the_test_ca() {
 /// Until the test sets a script, every announce gets an empty peer list.
 fn scripted_swarm(name: &str, seed: u64) -> (HttpTracker, Fixture, ChildGuard, SocketAddr) {
     let tracker = HttpTracker::start(name);
-    let fx = Fixture::new(
+    let fx = Fixture::tiers(
         &format!("{name}.bin"),
         SIZE,
         seed,
@@ -453,7 +473,7 @@ fn scripted_swarm(name: &str, seed: u64) -> (HttpTracker, Fixture, ChildGuard, S
 fn failure_reason_is_shown_no_peers_taken_and_peer_still_works() {
     let (tracker, fx, seeder, seeder_addr) = scripted_swarm("failure", 31);
     // The failure reply also lists a peer: bitfetch must not take it.
-    let trap = Trap::start(Ipv4Addr::LOCALHOST);
+    let trap = Trap::start_on(Ipv4Addr::LOCALHOST);
     let trap_addr = v4(trap.addr());
     tracker.set_script(move |_, _| {
         HttpAction::ok(
@@ -468,19 +488,13 @@ fn failure_reason_is_shown_no_peers_taken_and_peer_still_works() {
             .encode(),
         )
     });
-    let leecher = start_leecher(
+    let leecher = seeding_leecher(
         &fx,
         "failure",
-        Some(ip4(next_loopback())),
-        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+        seeder_addr,
+        |port| http_completed(&tracker, port),
+        &[&tracker, &seeder],
     );
-    let saw_completed = |port: u16| {
-        tracker
-            .requests()
-            .iter()
-            .any(|r| r.port() == Some(port) && r.event() == "completed")
-    };
-    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
     let prefix = format!(
         "bitfetch: tracker {}: tracker says: torrent not registered",
         tracker.announce_url()
@@ -569,7 +583,7 @@ fn dictionary_peers_are_dialled() {
 #[test]
 fn peers6_on_ipv6_loopback() {
     let tracker = HttpTracker::start("peers6");
-    let fx = Fixture::new("peers6.bin", SIZE, 34, &[vec![tracker.announce_url()]]);
+    let fx = Fixture::tiers("peers6.bin", SIZE, 34, &[vec![tracker.announce_url()]]);
     let (seeder, seeder_addr) = start_seeder(&fx, IpAddr::V6(Ipv6Addr::LOCALHOST), &[]);
     let six = SocketAddrV6::new(Ipv6Addr::LOCALHOST, seeder_addr.port(), 0, 0);
     tracker.set_script(move |_, _| {
@@ -590,7 +604,7 @@ fn peers6_on_ipv6_loopback() {
 #[test]
 fn redirect_to_the_real_announce_path_is_followed() {
     let tracker = HttpTracker::start("redirect");
-    let fx = Fixture::new(
+    let fx = Fixture::tiers(
         "redirect.bin",
         SIZE,
         35,
@@ -628,19 +642,13 @@ fn redirect_to_the_real_announce_path_is_followed() {
 fn http_500_is_reported_and_peer_still_works() {
     let (tracker, fx, seeder, seeder_addr) = scripted_swarm("status500", 36);
     tracker.set_script(|_, _| HttpAction::status(500, b"internal trouble"));
-    let leecher = start_leecher(
+    let leecher = seeding_leecher(
         &fx,
         "status500",
-        Some(ip4(next_loopback())),
-        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+        seeder_addr,
+        |port| http_completed(&tracker, port),
+        &[&tracker, &seeder],
     );
-    let saw_completed = |port: u16| {
-        tracker
-            .requests()
-            .iter()
-            .any(|r| r.port() == Some(port) && r.event() == "completed")
-    };
-    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
     let prefix = format!("bitfetch: tracker {}: ", tracker.announce_url());
     let line = wait_for_stderr(&leecher.guard, &prefix, Duration::from_secs(10));
     eprintln!("tracker notice: {line}");
@@ -658,7 +666,7 @@ fn scrape_replies_and_a_url_without_scrape() {
     let tracker = HttpTracker::start("scrape");
     let with = tracker.announce_url();
     let without = tracker.url("/tracker");
-    let fx = Fixture::new(
+    let fx = Fixture::tiers(
         "scrape.bin",
         SIZE,
         37,
@@ -727,7 +735,7 @@ fn scrape_replies_and_a_url_without_scrape() {
     }
 
     // Only a tracker without scrape: nobody answered, exit 6.
-    let lone = Fixture::new("scrape-none.bin", SIZE, 38, &[vec![without.clone()]]);
+    let lone = Fixture::tiers("scrape-none.bin", SIZE, 38, &[vec![without.clone()]]);
     let none = scrape(&lone, &[], &[]);
     assert_exit_code(&none, 6, &[&tracker]);
     if !none.stdout_text().contains("offers no scrape")
@@ -746,7 +754,7 @@ fn tracker_that_never_answers_times_out_and_next_tier_is_used() {
     let hang = HttpTracker::start("hang");
     hang.set_script(|_, _| HttpAction::Hang);
     let good = HttpTracker::start("good");
-    let fx = Fixture::new(
+    let fx = Fixture::tiers(
         "timeout.bin",
         SIZE,
         41,
@@ -790,7 +798,7 @@ fn dead_trackers_in_the_same_tier_fall_through_and_the_live_one_is_promoted() {
     let good = HttpTracker::start("alive");
     let mut tier: Vec<String> = dead.iter().map(HttpTracker::announce_url).collect();
     tier.push(good.announce_url());
-    let fx = Fixture::new("sametier.bin", SIZE, 42, &[tier]);
+    let fx = Fixture::tiers("sametier.bin", SIZE, 42, &[tier]);
     let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
     let peer = v4(seeder_addr);
     good.set_script(move |_, _| HttpAction::ok(announce_reply(1800, &[peer])));
@@ -816,7 +824,7 @@ fn dead_trackers_in_the_same_tier_fall_through_and_the_live_one_is_promoted() {
             &parts,
         );
     }
-    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out)) {
+    if let Err(e) = files_equal(&fx.data, &fx.downloaded(&leecher.out, "")) {
         fail(&format!("the download is wrong: {e}"), &parts);
     }
     for d in &dead {
@@ -846,7 +854,7 @@ fn dead_trackers_in_the_same_tier_fall_through_and_the_live_one_is_promoted() {
 fn dead_first_tier_falls_through_to_the_second() {
     let dead = dead_tracker("dead-tier1");
     let good = HttpTracker::start("alive-tier2");
-    let fx = Fixture::new(
+    let fx = Fixture::tiers(
         "tiers.bin",
         SIZE,
         43,
@@ -987,7 +995,7 @@ fn announces_carry_events_counters_keys_and_tracker_id() {
 fn seeder_reports_uploaded_bytes_and_stopped_on_sigint() {
     let (tracker, fx, seeder, seeder_addr) = {
         let tracker = HttpTracker::start("uploaded");
-        let fx = Fixture::new("uploaded.bin", SIZE, 52, &[vec![tracker.announce_url()]]);
+        let fx = Fixture::tiers("uploaded.bin", SIZE, 52, &[vec![tracker.announce_url()]]);
         let (seeder, addr) = start_seeder(
             &fx,
             ip4(next_loopback()),
@@ -1065,21 +1073,20 @@ fn udp_error_reply_is_shown_and_peer_still_works() {
     let tracker = UdpTracker::start("udp-error");
     tracker.set_script(|_, _| UdpAction::Error("udp tracker refuses (test)".into()));
     let url = tracker.announce_url();
-    let fx = Fixture::new("udp-error.bin", SIZE, 61, &[vec![url.clone()]]);
+    let fx = Fixture::tiers("udp-error.bin", SIZE, 61, &[vec![url.clone()]]);
     let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
-    let leecher = start_leecher(
+    let leecher = seeding_leecher(
         &fx,
         "udp-error",
-        Some(ip4(next_loopback())),
-        &["--seed".into(), "--peer".into(), seeder_addr.to_string()],
+        seeder_addr,
+        |port| {
+            tracker
+                .announces_from_port(port)
+                .iter()
+                .any(|a| a.event == 1)
+        },
+        &[&tracker, &seeder],
     );
-    let saw_completed = |port: u16| {
-        tracker
-            .announces_from_port(port)
-            .iter()
-            .any(|a| a.event == 1)
-    };
-    wait_seeding_complete(&fx, &leecher, saw_completed, &[&tracker, &seeder]);
     let expected = format!("bitfetch: tracker {url}: tracker says: udp tracker refuses (test)");
     let line = wait_for_stderr(&leecher.guard, &expected, Duration::from_secs(10));
     if line != expected {
@@ -1101,7 +1108,7 @@ fn udp_error_reply_is_shown_and_peer_still_works() {
 #[test]
 fn udp_connection_id_is_reused_within_a_minute() {
     let tracker = UdpTracker::start("udp-reuse");
-    let fx = Fixture::new("udp-reuse.bin", SIZE, 62, &[vec![tracker.announce_url()]]);
+    let fx = Fixture::tiers("udp-reuse.bin", SIZE, 62, &[vec![tracker.announce_url()]]);
     let (seeder, seeder_addr) = start_seeder(
         &fx,
         ip4(next_loopback()),

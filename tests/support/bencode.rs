@@ -1,0 +1,217 @@
+//! An independent bencode writer and reader for the tests (never bitfetch's own code).
+//!
+//! The writer keeps dictionaries in the order they were built: [`dict`] (and [`B::dict`])
+//! sort the keys canonically, [`dict_unsorted`] keeps a deliberately wrong order, [`raw`]
+//! writes malformed or non-canonical tokens verbatim.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// A bencode value to write.
+#[derive(Debug, Clone)]
+pub enum B {
+    Int(i64),
+    Bytes(Vec<u8>),
+    List(Vec<B>),
+    /// Written in exactly this order.
+    Dict(Vec<(Vec<u8>, B)>),
+    /// Written verbatim.
+    Raw(Vec<u8>),
+}
+
+impl B {
+    pub fn bytes(b: impl AsRef<[u8]>) -> B {
+        B::Bytes(b.as_ref().to_vec())
+    }
+
+    pub fn str(s: impl AsRef<[u8]>) -> B {
+        B::bytes(s)
+    }
+
+    /// A dictionary with its keys in canonical (raw byte) order.
+    pub fn dict<K: AsRef<[u8]>>(pairs: impl IntoIterator<Item = (K, B)>) -> B {
+        dict(pairs)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            B::Int(i) => out.extend_from_slice(format!("i{i}e").as_bytes()),
+            B::Bytes(b) => put_bytes(out, b),
+            B::List(items) => {
+                out.push(b'l');
+                for item in items {
+                    item.encode_into(out);
+                }
+                out.push(b'e');
+            }
+            B::Dict(pairs) => {
+                out.push(b'd');
+                for (k, v) in pairs {
+                    put_bytes(out, k);
+                    v.encode_into(out);
+                }
+                out.push(b'e');
+            }
+            B::Raw(r) => out.extend_from_slice(r),
+        }
+    }
+}
+
+pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(b.len().to_string().as_bytes());
+    out.push(b':');
+    out.extend_from_slice(b);
+}
+
+pub fn int(i: i64) -> B {
+    B::Int(i)
+}
+
+pub fn bytes(b: impl AsRef<[u8]>) -> B {
+    B::bytes(b)
+}
+
+pub fn raw(b: impl AsRef<[u8]>) -> B {
+    B::Raw(b.as_ref().to_vec())
+}
+
+pub fn list(items: impl IntoIterator<Item = B>) -> B {
+    B::List(items.into_iter().collect())
+}
+
+/// A dictionary with its keys in canonical (raw byte) order.
+pub fn dict<K: AsRef<[u8]>>(pairs: impl IntoIterator<Item = (K, B)>) -> B {
+    let sorted: BTreeMap<Vec<u8>, B> = pairs
+        .into_iter()
+        .map(|(k, v)| (k.as_ref().to_vec(), v))
+        .collect();
+    B::Dict(sorted.into_iter().collect())
+}
+
+/// A dictionary with its keys in exactly the order given.
+pub fn dict_unsorted<K: AsRef<[u8]>>(pairs: impl IntoIterator<Item = (K, B)>) -> B {
+    B::Dict(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_vec(), v))
+            .collect(),
+    )
+}
+
+/// A list of path elements.
+pub fn path_list(elements: &[&str]) -> B {
+    list(elements.iter().map(bytes))
+}
+
+// =============================================================================================
+// Reader
+// =============================================================================================
+
+/// A decoded bencode value. Dictionary entries keep the byte range their value had in the
+/// input (for hashing an info dictionary as it was written).
+#[derive(Debug, Clone)]
+pub enum Value {
+    Int(i64),
+    Bytes(Vec<u8>),
+    List(Vec<Value>),
+    Dict(Vec<(Vec<u8>, Value, Range<usize>)>),
+}
+
+impl Value {
+    /// Decodes one whole value; `None` if `buf` is not exactly one bencoded value.
+    pub fn decode(buf: &[u8]) -> Option<Value> {
+        let mut at = 0;
+        let value = decode_at(buf, &mut at)?;
+        (at == buf.len()).then_some(value)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.entry(key).map(|(v, _)| v)
+    }
+
+    /// The value under `key` and the byte range it was read from.
+    pub fn entry(&self, key: &str) -> Option<(&Value, Range<usize>)> {
+        match self {
+            Value::Dict(entries) => entries
+                .iter()
+                .find(|(k, _, _)| k == key.as_bytes())
+                .map(|(_, v, span)| (v, span.clone())),
+            _ => None,
+        }
+    }
+
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::Bytes(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn list(&self) -> Option<&[Value]> {
+        match self {
+            Value::List(items) => Some(items),
+            _ => None,
+        }
+    }
+}
+
+fn decode_at(buf: &[u8], at: &mut usize) -> Option<Value> {
+    let until = |at: usize, stop: u8| -> Option<usize> {
+        buf.get(at..)?
+            .iter()
+            .position(|&b| b == stop)
+            .map(|p| at + p)
+    };
+    match *buf.get(*at)? {
+        b'i' => {
+            let end = until(*at + 1, b'e')?;
+            let n = std::str::from_utf8(&buf[*at + 1..end]).ok()?.parse().ok()?;
+            *at = end + 1;
+            Some(Value::Int(n))
+        }
+        b'l' => {
+            *at += 1;
+            let mut items = Vec::new();
+            while *buf.get(*at)? != b'e' {
+                items.push(decode_at(buf, at)?);
+            }
+            *at += 1;
+            Some(Value::List(items))
+        }
+        b'd' => {
+            *at += 1;
+            let mut entries = Vec::new();
+            while *buf.get(*at)? != b'e' {
+                let Value::Bytes(key) = decode_at(buf, at)? else {
+                    return None;
+                };
+                let start = *at;
+                let value = decode_at(buf, at)?;
+                entries.push((key, value, start..*at));
+            }
+            *at += 1;
+            Some(Value::Dict(entries))
+        }
+        b'0'..=b'9' => {
+            let colon = until(*at, b':')?;
+            let len: usize = std::str::from_utf8(&buf[*at..colon]).ok()?.parse().ok()?;
+            let bytes = buf.get(colon + 1..colon + 1 + len)?.to_vec();
+            *at = colon + 1 + len;
+            Some(Value::Bytes(bytes))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,864 @@
+//! The reference clients the interop tests drive, each in a [`ChildGuard`] killed by PID:
+//! opentracker, aria2c, Transmission, nginx as a TLS-terminating proxy (with a test CA made by
+//! openssl); and `ss` snapshots of the kernel's TCP connections.
+
+use std::fmt::Write as _;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::cli::{ChildGuard, describe_status, run_ok};
+use super::files::scratch_dir;
+use super::net::{free_port, free_port_on};
+use super::{DEADLINE, Diagnose, hex_to_bytes, poll_until, report, url_encode};
+
+/// Finds `name` on PATH (and in the sbin directories, which a non-root PATH may lack) or
+/// panics: a test never silently skips because a reference tool is missing.
+pub fn require_tool(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for extra in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        dirs.push(PathBuf::from(extra));
+    }
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if let Ok(meta) = fs::metadata(&candidate)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o111 != 0
+        {
+            return candidate;
+        }
+    }
+    panic!("{name} not found: run scripts/test which installs it");
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+// =============================================================================================
+// opentracker
+// =============================================================================================
+
+/// `GET path` from `addr` over HTTP/1.0; returns the status code and body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| e.to_string())?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {:?}", String::from_utf8_lossy(&response)))?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    Ok((code, response[split + 4..].to_vec()))
+}
+
+/// The integer after `key` (a bencoded key such as `8:complete`) in a bencoded body.
+fn bencode_int_after(body: &[u8], key: &[u8]) -> Option<u64> {
+    let at = body.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = body.get(at..)?.strip_prefix(b"i")?;
+    let end = rest.iter().position(|&b| b == b'e')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// An opentracker on 127.0.0.1 (HTTP and UDP on one port) with a whitelist.
+pub struct Opentracker {
+    guard: ChildGuard,
+    port: u16,
+    whitelist: PathBuf,
+}
+
+impl Opentracker {
+    /// Starts a tracker and waits until it answers HTTP.
+    pub fn start() -> Opentracker {
+        let binary = require_tool("opentracker");
+        let mut last_failure = String::new();
+        // A port found free can be taken by someone else before opentracker binds it: retry.
+        for _attempt in 0..3 {
+            let dir = scratch_dir();
+            let whitelist = dir.path().join("whitelist");
+            // Not empty: opentracker warns "Can't open accesslist file" about an empty one,
+            // which would be a red herring in failure reports.
+            fs::write(&whitelist, format!("{}\n", "0".repeat(40))).expect("create the whitelist");
+            fs::set_permissions(&whitelist, fs::Permissions::from_mode(0o644))
+                .expect("chmod the whitelist");
+            let port = free_port();
+            let mut command = Command::new(&binary);
+            command
+                .args([
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-P",
+                    &port.to_string(),
+                ])
+                .arg("-w")
+                .arg(&whitelist);
+            if is_root() {
+                // opentracker refuses to keep root privileges: it wants a user to drop to.
+                command.args(["-u", &unprivileged_user()]);
+            }
+            let guard = ChildGuard::spawn("opentracker", &mut command).with_scratch(dir);
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let ready = poll_until(DEADLINE, || {
+                if guard.exit_status().is_some() {
+                    return Some(false);
+                }
+                match http_get(addr, "/scrape") {
+                    Ok((200, _)) => Some(true),
+                    _ => None,
+                }
+            });
+            match ready {
+                Some(true) => {
+                    return Opentracker {
+                        guard,
+                        port,
+                        whitelist,
+                    };
+                }
+                Some(false) => last_failure = guard.diagnostics(),
+                None => panic!(
+                    "opentracker did not answer on {addr} within {DEADLINE:?}\n{}",
+                    guard.diagnostics()
+                ),
+            }
+        }
+        panic!("opentracker failed to start three times; last attempt:\n{last_failure}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    pub fn announce_url(&self) -> String {
+        format!("http://127.0.0.1:{}/announce", self.port)
+    }
+
+    pub fn udp_url(&self) -> String {
+        format!("udp://127.0.0.1:{}/announce", self.port)
+    }
+
+    /// Whitelists `info_hash_hex`, makes opentracker reload the list (SIGHUP) and waits until
+    /// it accepts announces for that hash.
+    pub fn allow(&self, info_hash_hex: &str) {
+        let hash = info_hash_hex.to_ascii_lowercase();
+        assert!(
+            hash.len() == 40 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "not an info hash: {info_hash_hex:?}"
+        );
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&self.whitelist)
+            .expect("open the whitelist");
+        writeln!(file, "{hash}").expect("append to the whitelist");
+        drop(file);
+        self.guard.signal(libc::SIGHUP);
+
+        // The reload is asynchronous. Probe with a real announce (a `stopped` one is answered
+        // even for unlisted hashes, so it proves nothing), then withdraw the probe peer so no
+        // client is handed the bogus address 127.0.0.1:1.
+        let probe = |event: &str| {
+            let path = format!(
+                "/announce?info_hash={}&peer_id=-HARNESS-probe000000&port=1&uploaded=0\
+                 &downloaded=0&left=1&compact=1{event}",
+                url_encode(&hex_to_bytes(&hash))
+            );
+            http_get(self.addr(), &path)
+        };
+        let mut last = String::new();
+        let accepted = poll_until(Duration::from_secs(30), || match probe("") {
+            Ok((200, body)) if !body.windows(14).any(|w| w == b"not authorized") => Some(()),
+            Ok((code, body)) => {
+                last = format!("HTTP {code}: {}", String::from_utf8_lossy(&body));
+                None
+            }
+            Err(e) => {
+                last = e;
+                None
+            }
+        });
+        let _ = probe("&event=stopped");
+        if accepted.is_none() {
+            panic!(
+                "opentracker still refuses {hash} after SIGHUP (last reply: {last}); \
+                 is {} readable by the user it runs as?\n{}",
+                self.whitelist.display(),
+                self.guard.diagnostics()
+            );
+        }
+    }
+
+    /// (seeders, leechers) the tracker knows for `info_hash_hex`, from a scrape.
+    pub fn scrape(&self, info_hash_hex: &str) -> Option<(u64, u64)> {
+        let path = format!(
+            "/scrape?info_hash={}",
+            url_encode(&hex_to_bytes(info_hash_hex))
+        );
+        let (code, body) = http_get(self.addr(), &path).ok()?;
+        if code != 200 {
+            return None;
+        }
+        let complete = bencode_int_after(&body, b"8:complete")?;
+        let incomplete = bencode_int_after(&body, b"10:incomplete")?;
+        Some((complete, incomplete))
+    }
+
+    /// Waits until the tracker knows at least `seeders` seeders and `peers` peers in all.
+    pub fn wait_for_swarm(
+        &self,
+        info_hash_hex: &str,
+        seeders: u64,
+        peers: u64,
+        timeout: Duration,
+        parts: &[&dyn Diagnose],
+    ) {
+        let seen = poll_until(timeout, || {
+            self.scrape(info_hash_hex)
+                .filter(|&(c, i)| c >= seeders && c + i >= peers)
+        });
+        if seen.is_none() {
+            let mut all: Vec<&dyn Diagnose> = vec![self];
+            all.extend_from_slice(parts);
+            panic!(
+                "{}",
+                report(
+                    &format!(
+                        "the tracker never saw {seeders} seeder(s) and {peers} peer(s) for \
+                         {info_hash_hex} within {timeout:?} (last scrape: {:?})",
+                        self.scrape(info_hash_hex)
+                    ),
+                    &all
+                )
+            );
+        }
+    }
+}
+
+impl Diagnose for Opentracker {
+    fn diagnostics(&self) -> String {
+        let whitelist = fs::read_to_string(&self.whitelist).unwrap_or_default();
+        format!(
+            "{}----- opentracker whitelist -----\n{whitelist}",
+            self.guard.diagnostics()
+        )
+    }
+}
+
+/// A user opentracker can drop privileges to; its files must be world-readable.
+fn unprivileged_user() -> String {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for candidate in ["nobody", "daemon"] {
+        if passwd
+            .lines()
+            .any(|line| line.split(':').next() == Some(candidate))
+        {
+            return candidate.to_owned();
+        }
+    }
+    panic!("running as root but neither `nobody` nor `daemon` exists for opentracker -u");
+}
+
+// =============================================================================================
+// aria2
+// =============================================================================================
+
+/// Flags common to every aria2c run: loopback only, no DHT/LPD/PEX, no user config, a log.
+fn aria2_command(torrent: &Path, dir: &Path, bind_ip: Ipv4Addr, port: u16, log: &Path) -> Command {
+    let mut command = Command::new(require_tool("aria2c"));
+    command
+        .arg("--no-conf=true")
+        .arg(format!("--dir={}", dir.display()))
+        .arg(format!("--interface={bind_ip}"))
+        .arg(format!("--listen-port={port}"))
+        .args([
+            "--disable-ipv6=true",
+            "--enable-dht=false",
+            "--enable-dht6=false",
+            "--bt-enable-lpd=false",
+            "--enable-peer-exchange=false",
+            "--bt-tracker-interval=2",
+            "--seed-ratio=0.0",
+            "--summary-interval=0",
+            "--show-console-readout=false",
+            "--console-log-level=warn",
+            "--log-level=info",
+        ])
+        .arg(format!("--log={}", log.display()))
+        .arg(torrent);
+    command
+}
+
+/// aria2c seeding the data of `torrent` found in `data_parent_dir` (which holds NAME), bound
+/// to `bind_ip`, listening on `port`. Runs until dropped.
+pub fn aria2_seed(
+    torrent: &Path,
+    data_parent_dir: &Path,
+    bind_ip: Ipv4Addr,
+    port: u16,
+) -> ChildGuard {
+    aria2_seed_with(torrent, data_parent_dir, bind_ip, port, &[])
+}
+
+/// [`aria2_seed`] uploading at most `upload_limit` (aria2 syntax, e.g. "512K") in all.
+pub fn aria2_seed_limited(
+    torrent: &Path,
+    data_parent_dir: &Path,
+    bind_ip: Ipv4Addr,
+    port: u16,
+    upload_limit: &str,
+) -> ChildGuard {
+    let limit = format!("--max-overall-upload-limit={upload_limit}");
+    aria2_seed_with(torrent, data_parent_dir, bind_ip, port, &[&limit])
+}
+
+fn aria2_seed_with(
+    torrent: &Path,
+    data_parent_dir: &Path,
+    bind_ip: Ipv4Addr,
+    port: u16,
+    extra: &[&str],
+) -> ChildGuard {
+    let scratch = scratch_dir();
+    let log = scratch.path().join("aria2-seed.log");
+    let mut command = aria2_command(torrent, data_parent_dir, bind_ip, port, &log);
+    command
+        .args(["--bt-seed-unverified=true", "--check-integrity=false"])
+        .args(extra);
+    ChildGuard::spawn(&format!("aria2c seeder {bind_ip}:{port}"), &mut command)
+        .with_stop_signal(libc::SIGTERM, Duration::from_secs(5))
+        .with_log(log)
+        .with_scratch(scratch)
+}
+
+/// aria2c downloading `torrent` into `out_dir`, bound to `bind_ip`, listening on `port`.
+/// With `--seed-time=0` it exits once complete: wait for exit code 0 with
+/// [`ChildGuard::wait_with_deadline`].
+pub fn aria2_download(torrent: &Path, out_dir: &Path, bind_ip: Ipv4Addr, port: u16) -> ChildGuard {
+    let scratch = scratch_dir();
+    let log = scratch.path().join("aria2-download.log");
+    let mut command = aria2_command(torrent, out_dir, bind_ip, port, &log);
+    command.args(["--seed-time=0", "--file-allocation=falloc"]);
+    ChildGuard::spawn(&format!("aria2c downloader {bind_ip}:{port}"), &mut command)
+        .with_stop_signal(libc::SIGTERM, Duration::from_secs(5))
+        .with_log(log)
+        .with_scratch(scratch)
+}
+
+// =============================================================================================
+// Transmission
+// =============================================================================================
+
+/// A `transmission-daemon -f -g CONFIG` on its own loopback address, driven with
+/// `transmission-remote` over RPC on 127.0.0.1.
+pub struct Transmission {
+    guard: ChildGuard,
+    bind_ip: Ipv4Addr,
+    peer_port: u16,
+    rpc_port: u16,
+}
+
+/// What `transmission-remote -i` says about the (single) torrent.
+#[derive(Debug, Clone)]
+pub struct TransmissionStatus {
+    pub percent_done: f64,
+    pub state: String,
+}
+
+impl Transmission {
+    /// Starts the daemon bound to `bind_ip`, downloading into `download_dir`, and waits until
+    /// its RPC answers.
+    pub fn start(bind_ip: Ipv4Addr, download_dir: &Path) -> Transmission {
+        let daemon = require_tool("transmission-daemon");
+        require_tool("transmission-remote");
+        let config = scratch_dir();
+        let log = config.path().join("transmission.log");
+        let peer_port = free_port_on(bind_ip);
+        let rpc_port = free_port();
+        let settings = format!(
+            r#"{{
+    "alt-speed-enabled": false,
+    "bind-address-ipv4": "{bind_ip}",
+    "bind-address-ipv6": "::1",
+    "blocklist-enabled": false,
+    "dht-enabled": false,
+    "download-dir": "{download_dir}",
+    "download-queue-enabled": false,
+    "encryption": 0,
+    "idle-seeding-limit-enabled": false,
+    "incomplete-dir-enabled": false,
+    "lpd-enabled": false,
+    "message-level": 2,
+    "peer-port": {peer_port},
+    "peer-port-random-on-start": false,
+    "pex-enabled": false,
+    "port-forwarding-enabled": false,
+    "queue-stalled-enabled": false,
+    "ratio-limit-enabled": false,
+    "rename-partial-files": true,
+    "rpc-authentication-required": false,
+    "rpc-bind-address": "127.0.0.1",
+    "rpc-enabled": true,
+    "rpc-host-whitelist-enabled": false,
+    "rpc-port": {rpc_port},
+    "rpc-whitelist-enabled": false,
+    "scrape-paused-torrents-enabled": false,
+    "seed-queue-enabled": false,
+    "speed-limit-down-enabled": false,
+    "speed-limit-up-enabled": false,
+    "start-added-torrents": true,
+    "utp-enabled": false,
+    "watch-dir-enabled": false
+}}
+"#,
+            download_dir = json_escape(&download_dir.display().to_string()),
+        );
+        fs::write(config.path().join("settings.json"), settings).expect("write settings.json");
+        let mut command = Command::new(daemon);
+        command
+            .arg("-f")
+            .arg("-g")
+            .arg(config.path())
+            .arg("--logfile")
+            .arg(&log);
+        // SIGTERM lets it send its `stopped` announces; SIGKILL if it takes too long.
+        let guard = ChildGuard::spawn(
+            &format!("transmission-daemon {bind_ip}:{peer_port}"),
+            &mut command,
+        )
+        .with_stop_signal(libc::SIGTERM, Duration::from_secs(15))
+        .with_log(log)
+        .with_scratch(config);
+        let transmission = Transmission {
+            guard,
+            bind_ip,
+            peer_port,
+            rpc_port,
+        };
+        let up = poll_until(DEADLINE, || {
+            if transmission.guard.exit_status().is_some() {
+                return Some(false);
+            }
+            transmission.remote(&["-l"]).ok().map(|_| true)
+        });
+        if up != Some(true) {
+            panic!(
+                "transmission-daemon RPC on 127.0.0.1:{rpc_port} never answered\n{}",
+                transmission.guard.diagnostics()
+            );
+        }
+        transmission
+    }
+
+    pub fn peer_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.bind_ip, self.peer_port)
+    }
+
+    pub fn guard(&self) -> &ChildGuard {
+        &self.guard
+    }
+
+    /// Runs `transmission-remote 127.0.0.1:RPC ARGS…`; `Err` holds its output on failure.
+    pub fn remote(&self, args: &[&str]) -> Result<String, String> {
+        let mut command = Command::new(require_tool("transmission-remote"));
+        command
+            .arg(format!("127.0.0.1:{}", self.rpc_port))
+            .args(args);
+        let guard = ChildGuard::spawn("transmission-remote", &mut command);
+        let Some(status) = guard.wait_timeout(Duration::from_secs(30)) else {
+            return Err(format!("transmission-remote {args:?} timed out"));
+        };
+        let stdout = guard.stdout_text();
+        if status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "transmission-remote {args:?}: {}\n{stdout}{}",
+                describe_status(Some(status)),
+                guard.stderr_text()
+            ))
+        }
+    }
+
+    /// Adds `torrent`, with its data in (or to be downloaded to) `dir`.
+    pub fn add(&self, torrent: &Path, dir: &Path) {
+        let torrent = torrent.to_str().expect("UTF-8 torrent path");
+        let dir = dir.to_str().expect("UTF-8 directory path");
+        if let Err(e) = self.remote(&["-a", torrent, "-w", dir]) {
+            panic!("adding {torrent} failed: {e}\n{}", self.diagnostics());
+        }
+    }
+
+    /// Percent done and state of the torrent, if the daemon reports them.
+    pub fn status(&self) -> Option<TransmissionStatus> {
+        let info = self.remote(&["-t", "all", "-i"]).ok()?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.trim().strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        let percent_done = field("Percent Done:")?.trim_end_matches('%').parse().ok()?;
+        let state = field("State:")?;
+        Some(TransmissionStatus {
+            percent_done,
+            state,
+        })
+    }
+
+    /// Waits until the torrent is 100 % verified and seeding (after adding existing data).
+    pub fn wait_seeding(&self, timeout: Duration, parts: &[&dyn Diagnose]) {
+        let ready = poll_until(timeout, || {
+            self.status().filter(|s| {
+                s.percent_done >= 100.0
+                    && !s.state.starts_with("Verif")
+                    && !s.state.starts_with("Queued")
+                    && !s.state.starts_with("Stopped")
+            })
+        });
+        if ready.is_none() {
+            self.fail(
+                "Transmission never reported 100 % verified and seeding",
+                parts,
+            );
+        }
+    }
+
+    /// Waits until the torrent is 100 % done and `final_path` exists under its final name
+    /// (Transmission flushes and closes a file before renaming it from NAME.part).
+    pub fn wait_complete(&self, final_path: &Path, timeout: Duration, parts: &[&dyn Diagnose]) {
+        let done = poll_until(timeout, || {
+            if self.guard.exit_status().is_some() {
+                return Some(false);
+            }
+            let status = self.status()?;
+            (status.percent_done >= 100.0 && final_path.is_file()).then_some(true)
+        });
+        if done != Some(true) {
+            self.fail(
+                &format!(
+                    "Transmission did not complete {} within {timeout:?}",
+                    final_path.display()
+                ),
+                parts,
+            );
+        }
+    }
+
+    fn fail(&self, why: &str, parts: &[&dyn Diagnose]) -> ! {
+        let mut all: Vec<&dyn Diagnose> = vec![self];
+        all.extend_from_slice(parts);
+        panic!("{}", report(why, &all))
+    }
+}
+
+impl Diagnose for Transmission {
+    fn diagnostics(&self) -> String {
+        let mut out = self.guard.diagnostics();
+        if self.guard.is_running() {
+            for (what, args) in [
+                ("torrent", ["-t", "all", "-i"]),
+                ("peers", ["-t", "all", "-pi"]),
+            ] {
+                let text = self.remote(&args).unwrap_or_else(|e| e);
+                let _ = writeln!(out, "----- transmission-remote {what} -----\n{text}");
+            }
+        }
+        out
+    }
+}
+
+fn json_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+// =============================================================================================
+// TLS: a test CA with openssl, nginx as a TLS-terminating proxy
+// =============================================================================================
+
+/// A CA and a server certificate for IP 127.0.0.1 signed by it.
+pub struct TestCa {
+    pub dir: TempDir,
+    pub ca_pem: PathBuf,
+    pub server_pem: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestCa {
+    pub fn make() -> TestCa {
+        let openssl = require_tool("openssl");
+        let dir = scratch_dir();
+        let p = |n: &str| dir.path().join(n);
+        let run = |what: &str, args: &[&str]| {
+            let mut command = Command::new(&openssl);
+            command.args(args).current_dir(dir.path());
+            run_ok(&format!("openssl {what}"), &mut command);
+        };
+        // A new P-256 key in KEY and a request (or, with `extra` -x509, a certificate) in OUT.
+        let new_key = |what: &str, key: &str, out: &str, extra: &[&str]| {
+            let mut args = vec![
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                out,
+            ];
+            args.extend_from_slice(extra);
+            run(what, &args);
+        };
+        new_key(
+            "req (CA)",
+            "ca.key",
+            "ca.pem",
+            &[
+                "-x509",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=bitfetch test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        new_key(
+            "req (server)",
+            "server.key",
+            "server.csr",
+            &["-subj", "/CN=127.0.0.1"],
+        );
+        fs::write(
+            p("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write server.ext");
+        run(
+            "x509 (sign)",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        TestCa {
+            ca_pem: p("ca.pem"),
+            server_pem: p("server.pem"),
+            server_key: p("server.key"),
+            dir,
+        }
+    }
+}
+
+/// nginx in the foreground, one process (`master_process off`), terminating TLS on
+/// 127.0.0.1:PORT and proxying to `upstream`.
+pub struct Nginx {
+    guard: ChildGuard,
+    port: u16,
+}
+
+impl Nginx {
+    pub fn start(ca: &TestCa, upstream: SocketAddr) -> Nginx {
+        let nginx = require_tool("nginx");
+        let mut last = String::new();
+        // A port found free can be taken before nginx binds it: retry.
+        for _ in 0..3 {
+            let dir = scratch_dir();
+            let d = dir.path().display().to_string();
+            fs::create_dir_all(dir.path().join("tmp")).expect("nginx temp dir");
+            let port = free_port();
+            let conf = format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log {d}/error.log info;\nevents {{ worker_connections 64; }}\nhttp {{\n\
+                 access_log {d}/access.log;\n\
+                 client_body_temp_path {d}/tmp/body;\nproxy_temp_path {d}/tmp/proxy;\n\
+                 fastcgi_temp_path {d}/tmp/fastcgi;\nuwsgi_temp_path {d}/tmp/uwsgi;\n\
+                 scgi_temp_path {d}/tmp/scgi;\n\
+                 server {{\n listen 127.0.0.1:{port} ssl;\n\
+                 ssl_certificate {cert};\n ssl_certificate_key {key};\n\
+                 location / {{ proxy_pass http://{upstream}; }}\n}}\n}}\n",
+                cert = ca.server_pem.display(),
+                key = ca.server_key.display(),
+            );
+            let conf_path = dir.path().join("nginx.conf");
+            fs::write(&conf_path, conf).expect("write nginx.conf");
+            let log = dir.path().join("error.log");
+            let mut command = Command::new(&nginx);
+            command
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-e")
+                .arg(&log)
+                .arg("-c")
+                .arg(&conf_path);
+            let guard = ChildGuard::spawn(&format!("nginx 127.0.0.1:{port}"), &mut command)
+                .with_log(log)
+                .with_scratch(dir);
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let up = poll_until(DEADLINE, || {
+                if guard.exit_status().is_some() {
+                    return Some(false);
+                }
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                    .ok()
+                    .map(|_| true)
+            });
+            match up {
+                Some(true) => return Nginx { guard, port },
+                Some(false) => last = guard.diagnostics(),
+                None => panic!(
+                    "nginx did not listen on {addr} within {DEADLINE:?}\n{}",
+                    guard.diagnostics()
+                ),
+            }
+        }
+        panic!("nginx failed to start three times; last attempt:\n{last}");
+    }
+
+    pub fn announce_url(&self) -> String {
+        format!("https://127.0.0.1:{}/announce", self.port)
+    }
+}
+
+impl Diagnose for Nginx {
+    fn diagnostics(&self) -> String {
+        self.guard.diagnostics()
+    }
+}
+
+// =============================================================================================
+// TCP connections as `ss` sees them
+// =============================================================================================
+
+/// One TCP socket from `ss -Htain`: state, addresses and the kernel's byte counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Socket {
+    pub state: String,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// Bytes this end sent that the other end acknowledged.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+/// Every IPv4 TCP socket on the machine (this network namespace), as `ss` reports them.
+pub fn tcp_sockets() -> Vec<Socket> {
+    let output = Command::new("ss")
+        .args(["-H", "-t", "-a", "-i", "-n", "-4"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ss (iproute2): {e}"));
+    assert!(
+        output.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut sockets: Vec<Socket> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with(char::is_whitespace) {
+            // The info line of the socket above it.
+            if let Some(last) = sockets.last_mut() {
+                for word in line.split_whitespace() {
+                    if let Some(v) = word.strip_prefix("bytes_acked:") {
+                        last.bytes_acked = v.parse().unwrap_or(0);
+                    } else if let Some(v) = word.strip_prefix("bytes_received:") {
+                        last.bytes_received = v.parse().unwrap_or(0);
+                    }
+                }
+            }
+            continue;
+        }
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 5 {
+            continue;
+        }
+        let (Ok(local), Ok(peer)) = (cols[3].parse(), cols[4].parse()) else {
+            continue;
+        };
+        sockets.push(Socket {
+            state: cols[0].to_owned(),
+            local,
+            peer,
+            bytes_acked: 0,
+            bytes_received: 0,
+        });
+    }
+    sockets
+}
+
+/// Sockets of connections between `a` and `b` (either end, any state but LISTEN).
+pub fn sockets_between(a: Ipv4Addr, b: Ipv4Addr) -> Vec<Socket> {
+    tcp_sockets()
+        .into_iter()
+        .filter(|s| {
+            s.state != "LISTEN"
+                && ((s.local.ip() == IpAddr::V4(a) && s.peer.ip() == IpAddr::V4(b))
+                    || (s.local.ip() == IpAddr::V4(b) && s.peer.ip() == IpAddr::V4(a)))
+        })
+        .collect()
+}
+
+/// A connection named by its two ends, the same from either side.
+pub fn connection_key(s: &Socket) -> (SocketAddr, SocketAddr) {
+    if s.local < s.peer {
+        (s.local, s.peer)
+    } else {
+        (s.peer, s.local)
+    }
+}
