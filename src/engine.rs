@@ -149,6 +149,9 @@ pub struct Config {
     pub seed_after: bool,
     pub seed_limits: SeedLimits,
     pub max_peers: usize,
+    /// Connections to or from any one IP address at most (in and out together): one host
+    /// cannot take every slot.
+    pub max_peers_per_ip: usize,
     /// Regular upload slots; one optimistic slot comes on top.
     pub upload_slots: usize,
     /// Bytes per second.
@@ -175,6 +178,7 @@ impl Default for Config {
             seed_after: false,
             seed_limits: SeedLimits::default(),
             max_peers: 50,
+            max_peers_per_ip: 8,
             upload_slots: 4,
             max_upload_rate: None,
             max_download_rate: None,

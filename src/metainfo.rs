@@ -313,9 +313,10 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
             file: i,
             source: path_safety::Error::Empty,
         })?;
-        let key = clean.join("/").to_lowercase();
+        // Names that some file system would merge into one file count as duplicates.
+        let key = path_safety::collision_key(&clean.join("/"));
         for depth in 1..clean.len() {
-            dirs.insert(clean[..depth].join("/").to_lowercase());
+            dirs.insert(path_safety::collision_key(&clean[..depth].join("/")));
         }
         if !seen.insert(key) {
             return Err(Error::DuplicatePath(path.to_string_lossy().into_owned()));
@@ -401,6 +402,29 @@ mod tests {
         let m = Metainfo::from_bytes(doc.as_bytes()).unwrap();
         let want: [u8; 20] = Sha1::digest(info.as_bytes()).into();
         assert_eq!(m.info_hash, want);
+    }
+
+    #[test]
+    fn names_one_file_system_would_merge_are_duplicates() {
+        let pairs = [
+            ("caf\u{e9}", "cafe\u{301}"),
+            ("A", "\u{ff21}"),
+            ("stra\u{df}e", "STRASSE"),
+            ("x", "X"),
+        ];
+        for (a, b) in pairs {
+            let doc = format!(
+                "d4:infod5:filesld6:lengthi1e4:pathl{}:{a}eed6:lengthi1e4:pathl{}:{b}eee4:name1:t12:piece lengthi16384e6:pieces20:{}ee",
+                a.len(),
+                b.len(),
+                "x".repeat(20)
+            );
+            let err = Metainfo::from_bytes(doc.as_bytes()).unwrap_err();
+            assert!(
+                matches!(err, Error::DuplicatePath(_)),
+                "{a:?} / {b:?}: {err}"
+            );
+        }
     }
 
     #[test]

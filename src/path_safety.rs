@@ -107,6 +107,21 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// The form under which two names count as the same file: compatibility-normalised (NFKC:
+/// precomposed and decomposed accents, full- and half-width forms agree) and case-folded
+/// (upper- then lower-casing maps `ß` and `SS` alike). File systems differ in which of these
+/// they merge (APFS normalises, NTFS and case-insensitive mounts fold case), and two entries
+/// of one torrent that land on one file would overwrite each other's data.
+pub fn collision_key(name: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded = name
+        .nfkc()
+        .collect::<String>()
+        .to_uppercase()
+        .to_lowercase();
+    folded.nfkc().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +193,21 @@ mod tests {
     fn escape_shows_bidi_overrides() {
         assert_eq!(escape("abc\u{202e}exe.txt"), "abc\\u{202e}exe.txt");
         assert_eq!(escape("a\nb"), "a\\u{a}b");
+    }
+
+    #[test]
+    fn names_that_one_file_system_or_another_merges_have_one_key() {
+        let same = [
+            ("caf\u{e9}", "cafe\u{301}"),
+            ("A.txt", "\u{ff21}.txt"),
+            ("stra\u{df}e", "STRASSE"),
+            ("Readme", "README"),
+            ("\u{3a3}\u{3a3}", "\u{3c3}\u{3c2}"),
+        ];
+        for (a, b) in same {
+            assert_eq!(collision_key(a), collision_key(b), "{a:?} / {b:?}");
+        }
+        assert_ne!(collision_key("a"), collision_key("b"));
+        assert_ne!(collision_key("cafe"), collision_key("caf\u{e9}"));
     }
 }

@@ -28,6 +28,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,10 @@ pub enum Error {
     },
     Symlink(PathBuf),
     NotADirectory(PathBuf),
+    /// A FIFO, device or directory where a data file belongs.
+    NotAFile(PathBuf),
+    /// A data file to be written that has other names.
+    HardLinked(PathBuf),
     LargerThanTorrent {
         path: PathBuf,
         len: u64,
@@ -93,6 +98,16 @@ impl fmt::Display for Error {
                 p.display()
             ),
             Error::NotADirectory(p) => write!(f, "{} is in the way of a directory", p.display()),
+            Error::NotAFile(p) => write!(
+                f,
+                "{} is not a regular file (a FIFO, device or directory?); not touching it",
+                p.display()
+            ),
+            Error::HardLinked(p) => write!(
+                f,
+                "{} has other names (hard links); writing it would change them too, so it is left alone",
+                p.display()
+            ),
             Error::LargerThanTorrent {
                 path,
                 len,
@@ -177,6 +192,9 @@ pub struct Storage {
     known_good: OnceLock<Vec<Stamp>>,
     /// Write rights per block; empty when the files are opened read-only.
     claims: Claims,
+    /// The download directory as opened at start: files we remove later are removed through
+    /// it, so a directory swapped for a symbolic link meanwhile leads nowhere else.
+    root: Option<File>,
 }
 
 const FREE: u8 = 0;
@@ -305,7 +323,9 @@ impl fmt::Debug for Storage {
 /// Checks every directory between `root` and `rel`'s parent, creating missing ones when
 /// `create` is set, and refusing symlinks so a link planted in the output directory cannot
 /// lead writes out of it.
-fn check_dirs(root: &Path, rel: &Path, create: bool) -> Result<(), Error> {
+fn check_dirs(root: &Path, rel: &Path, created: Option<&mut Undo>) -> Result<(), Error> {
+    let create = created.is_some();
+    let mut created = created;
     let mut cur = root.to_path_buf();
     let Some(parent) = rel.parent() else {
         return Ok(());
@@ -317,7 +337,11 @@ fn check_dirs(root: &Path, rel: &Path, create: bool) -> Result<(), Error> {
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(Error::NotADirectory(cur)),
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => match fs::create_dir(&cur) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(undo) = created.as_deref_mut() {
+                        undo.dirs.push(cur.clone());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io(&cur, e)),
             },
@@ -328,21 +352,73 @@ fn check_dirs(root: &Path, rel: &Path, create: bool) -> Result<(), Error> {
     Ok(())
 }
 
-fn open_no_follow(path: &Path, write: bool) -> io::Result<File> {
-    OpenOptions::new()
+/// Opens a data file without following a symbolic link, and only if it is a regular file:
+/// a FIFO or a device planted where a data file belongs would block or misbehave, so it is
+/// opened non-blocking (which regular files ignore) and refused. A file we would write that
+/// has other names (hard links) is refused too: writing would change those other files.
+fn open_no_follow(path: &Path, write: bool) -> Result<File, Error> {
+    let file = OpenOptions::new()
         .read(true)
         .write(write)
         .create(write)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::Symlink(path.to_path_buf()),
+            // A FIFO opened for writing with no reader.
+            Some(libc::ENXIO) => Error::NotAFile(path.to_path_buf()),
+            _ => Error::io(path, e),
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::NotAFile(path.to_path_buf()));
+    }
+    if write && meta.nlink() > 1 {
+        return Err(Error::HardLinked(path.to_path_buf()));
+    }
+    Ok(file)
 }
 
-fn symlink_error(path: &Path, e: io::Error) -> Error {
-    if e.raw_os_error() == Some(libc::ELOOP) {
-        Error::Symlink(path.to_path_buf())
-    } else {
-        Error::io(path, e)
+/// What `create_selected` made, so that a failure can take it back and leave the disk as it
+/// found it: files it created, files it extended (with their old length), directories.
+#[derive(Default)]
+struct Undo {
+    files: Vec<PathBuf>,
+    extended: Vec<(File, u64)>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Undo {
+    fn undo(self) {
+        for path in &self.files {
+            let _ = fs::remove_file(path);
+        }
+        for (file, len) in &self.extended {
+            // A failed reservation may have left blocks past the end without moving it;
+            // growing by a byte and shrinking back makes the file system free them all.
+            let _ = file.set_len(len + 1);
+            let _ = file.set_len(*len);
+        }
+        for dir in self.dirs.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
     }
+}
+
+/// Bytes free for us on the file system holding `dir`, if it can be asked.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a buffer of the right type that
+    // statvfs fills completely when it returns 0.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so `st` is initialised.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Reserves real blocks for `[0, len)`. A sparse file would let the map fault on a full disk.
@@ -383,6 +459,7 @@ fn spill_slot(
     spill_path: &Path,
     spill: &mut Option<File>,
     layout: &Layout,
+    undo: &mut Undo,
 ) -> Result<FileSlot, Error> {
     let start = g.file_start(file);
     let len = g.file_len(file);
@@ -398,7 +475,10 @@ fn spill_slot(
         return Ok(FileSlot::plain(layout.full_path(file), None, None));
     }
     if spill.is_none() {
-        let f = open_no_follow(spill_path, true).map_err(|e| symlink_error(spill_path, e))?;
+        if fs::symlink_metadata(spill_path).is_err() {
+            undo.files.push(spill_path.to_path_buf());
+        }
+        let f = open_no_follow(spill_path, true)?;
         let total = g.total_len();
         if f.metadata().map_err(|e| Error::io(spill_path, e))?.len() < total {
             f.set_len(total).map_err(|e| Error::io(spill_path, e))?;
@@ -442,23 +522,79 @@ impl Storage {
         geometry: &Geometry,
         selection: Option<(&[bool], &Path)>,
     ) -> Result<(Arc<Storage>, Writer), Error> {
-        let mut slots = Vec::with_capacity(layout.files.len());
         let wanted = selection.map(|(sel, _)| geometry.pieces_touching(sel));
+        let is_selected = |i: usize| selection.is_none_or(|(sel, _)| sel[i]);
+        // Check the space first: some file systems (ext4) keep what a failed reservation
+        // took, and a full disk is best refused before anything is written.
+        let needed: u64 = (0..layout.files.len())
+            .filter(|&i| is_selected(i))
+            .map(|i| {
+                let have = fs::symlink_metadata(layout.full_path(i)).map_or(0, |m| m.len());
+                geometry.file_len(i).saturating_sub(have)
+            })
+            .sum();
+        if let Some(free) = free_space(&layout.root)
+            && needed > free
+        {
+            return Err(Error::NoSpace {
+                path: layout.root.clone(),
+                needed,
+            });
+        }
+        let mut undo = Undo::default();
+        match Storage::open_for_download(layout, geometry, selection, wanted.as_deref(), &mut undo)
+        {
+            Ok(slots) => {
+                let root = File::open(&layout.root).ok();
+                let storage = Arc::new(Storage {
+                    geometry: geometry.clone(),
+                    slots,
+                    known_good: OnceLock::new(),
+                    claims: Claims::new(geometry),
+                    root,
+                });
+                let writer = Writer {
+                    storage: Arc::clone(&storage),
+                };
+                Ok((storage, writer))
+            }
+            Err(e) => {
+                undo.undo();
+                Err(e)
+            }
+        }
+    }
+
+    fn open_for_download(
+        layout: &Layout,
+        geometry: &Geometry,
+        selection: Option<(&[bool], &Path)>,
+        wanted: Option<&[bool]>,
+        undo: &mut Undo,
+    ) -> Result<Vec<FileSlot>, Error> {
+        let mut slots = Vec::with_capacity(layout.files.len());
         let mut spill: Option<File> = None;
         for (i, rel) in layout.files.iter().enumerate() {
-            if let (Some((sel, spill_path)), Some(wanted)) = (selection, &wanted)
+            if let (Some((sel, spill_path)), Some(wanted)) = (selection, wanted)
                 && !sel[i]
             {
                 slots.push(spill_slot(
-                    geometry, i, wanted, spill_path, &mut spill, layout,
+                    geometry, i, wanted, spill_path, &mut spill, layout, undo,
                 )?);
                 continue;
             }
-            check_dirs(&layout.root, rel, true)?;
+            check_dirs(&layout.root, rel, Some(undo))?;
             let path = layout.full_path(i);
-            let file = open_no_follow(&path, true).map_err(|e| symlink_error(&path, e))?;
+            let existed = fs::symlink_metadata(&path).is_ok();
+            let file = open_no_follow(&path, true)?;
             let expected = geometry.file_len(i);
             let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+            if !existed {
+                undo.files.push(path.clone());
+            } else if len < expected {
+                let again = file.try_clone().map_err(|e| Error::io(&path, e))?;
+                undo.extended.push((again, len));
+            }
             if len > expected {
                 return Err(Error::LargerThanTorrent {
                     path,
@@ -474,16 +610,7 @@ impl Storage {
             };
             slots.push(FileSlot::plain(path, Some(file), map));
         }
-        let storage = Arc::new(Storage {
-            geometry: geometry.clone(),
-            slots,
-            known_good: OnceLock::new(),
-            claims: Claims::new(geometry),
-        });
-        let writer = Writer {
-            storage: Arc::clone(&storage),
-        };
-        Ok((storage, writer))
+        Ok(slots)
     }
 
     /// Opens existing files read-only (verify, seed). Missing files are allowed: their pieces
@@ -491,12 +618,12 @@ impl Storage {
     pub fn open_existing(layout: &Layout, geometry: &Geometry) -> Result<Storage, Error> {
         let mut slots = Vec::with_capacity(layout.files.len());
         for (i, rel) in layout.files.iter().enumerate() {
-            check_dirs(&layout.root, rel, false)?;
+            check_dirs(&layout.root, rel, None)?;
             let path = layout.full_path(i);
             let file = match open_no_follow(&path, false) {
                 Ok(f) => Some(f),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => return Err(symlink_error(&path, e)),
+                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
             };
             // Map only a file of exactly the expected length, so every span of the
             // geometry lies inside its map. Others are read with pread (and fail cleanly).
@@ -512,6 +639,7 @@ impl Storage {
             slots,
             known_good: OnceLock::new(),
             claims: Claims::default(),
+            root: None,
         })
     }
 
@@ -538,6 +666,23 @@ impl Storage {
         let g = &self.geometry;
         g.spans(g.piece_offset(piece), u64::from(g.piece_len(piece)))
             .all(|span| good[span.file].is_some() && self.stamp(span.file) == good[span.file])
+    }
+
+    /// Removes the file `name` from the download directory opened at start (`unlinkat`),
+    /// never through a path that may have been redirected since.
+    pub fn remove_in_root(&self, name: &str) -> io::Result<()> {
+        let root = self
+            .root
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no download directory"))?;
+        let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+        // SAFETY: a descriptor we own and a valid NUL-terminated name; no memory is kept.
+        let rc = unsafe { libc::unlinkat(root.as_raw_fd(), name.as_ptr(), 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -1098,6 +1243,87 @@ mod tests {
         let (dir, g) = one_file("keep", b"hello");
         let (_s, _w) = Storage::create(&layout(&dir, &["a"]), &g).unwrap();
         assert_eq!(fs::read(dir.join("a")).unwrap(), b"hello\0\0\0\0\0");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn a_fifo_where_a_data_file_belongs_is_refused_at_once() {
+        let dir = tmpdir("fifo");
+        mkfifo(&dir.join("a"));
+        let g = Geometry::new(16384, &[10], 1).unwrap();
+        // Neither read-only (verify, seed) nor for writing may block on it.
+        let err = Storage::open_existing(&layout(&dir, &["a"]), &g).unwrap_err();
+        assert!(matches!(err, Error::NotAFile(_)), "{err}");
+        let err = Storage::create(&layout(&dir, &["a"]), &g).unwrap_err();
+        assert!(matches!(err, Error::NotAFile(_)), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_hard_linked_file_is_not_written_through() {
+        let (dir, g) = one_file("hardlink", b"other");
+        fs::hard_link(dir.join("a"), dir.join("elsewhere")).unwrap();
+        let err = Storage::create(&layout(&dir, &["a"]), &g).unwrap_err();
+        assert!(matches!(err, Error::HardLinked(_)), "{err}");
+        assert_eq!(fs::read(dir.join("elsewhere")).unwrap(), b"other");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_torrent_larger_than_the_free_space_is_refused_before_anything_is_made() {
+        let dir = tmpdir("nospace");
+        // 1 PiB: more than any test machine has free.
+        let big = 1u64 << 50;
+        let g = Geometry::new(1 << 24, &[10, big], big.div_ceil(1 << 24) + 1).unwrap();
+        let err = Storage::create(&layout(&dir, &["t/a", "t/b"]), &g).unwrap_err();
+        assert!(
+            matches!(err, Error::NoSpace { needed, .. } if needed > big),
+            "{err}"
+        );
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing created");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failure_half_way_takes_back_what_it_made() {
+        let dir = tmpdir("undo");
+        fs::create_dir(dir.join("t")).unwrap();
+        fs::write(dir.join("t/kept"), b"12").unwrap();
+        mkfifo(&dir.join("t/c"));
+        let g = Geometry::new(16384, &[10, 10, 10, 10], 1).unwrap();
+        let names = ["t/new/a", "t/kept", "t/b", "t/c"];
+        let err = Storage::create(&layout(&dir, &names), &g).unwrap_err();
+        assert!(matches!(err, Error::NotAFile(_)), "{err}");
+        assert!(!dir.join("t/new").exists(), "the directory it made is gone");
+        assert!(!dir.join("t/b").exists(), "the file it made is gone");
+        assert_eq!(fs::read(dir.join("t/kept")).unwrap(), b"12", "shrunk back");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_is_removed_through_the_directory_opened_at_start() {
+        let dir = tmpdir("unlinkat");
+        let out = dir.join("out");
+        fs::create_dir(&out).unwrap();
+        let g = Geometry::new(16384, &[10], 1).unwrap();
+        let (storage, _w) = Storage::create(&layout(&out, &["a"]), &g).unwrap();
+        fs::write(out.join("spill"), b"x").unwrap();
+        // The directory is swapped for a link to somewhere else holding the same name.
+        let elsewhere = dir.join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::write(elsewhere.join("spill"), b"keep").unwrap();
+        fs::rename(&out, dir.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &out).unwrap();
+        storage.remove_in_root("spill").unwrap();
+        assert_eq!(fs::read(elsewhere.join("spill")).unwrap(), b"keep");
+        assert!(!dir.join("moved/spill").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

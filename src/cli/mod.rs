@@ -3,8 +3,8 @@
 //! nothing below it imports it.
 
 pub mod exit;
+pub mod process;
 mod render;
-pub mod signals;
 mod transfer;
 
 use std::fs;
@@ -122,6 +122,9 @@ macro_rules! with_session_options {
             /// most peers to be connected to at once (default 50)
             #[argh(option, default = "50")]
             pub max_peers: usize,
+            /// most connections to or from one IP address (default 8)
+            #[argh(option, default = "8")]
+            pub max_peers_per_ip: usize,
             /// regular upload slots; one optimistic slot comes on top (default 4)
             #[argh(option, default = "4")]
             pub upload_slots: usize,
@@ -260,7 +263,8 @@ pub fn main() -> std::process::ExitCode {
             };
         }
     };
-    signals::install_sigbus_guard();
+    process::install_sigbus_guard();
+    process::raise_open_file_limit();
     match run(args) {
         Ok(()) => Code::SUCCESS,
         Err(e) => {
@@ -397,6 +401,7 @@ pub struct SessionOptions<'a> {
     pub ca_file: Option<&'a Path>,
     pub announce_interval: Option<u64>,
     pub max_peers: usize,
+    pub max_peers_per_ip: usize,
     pub upload_slots: usize,
     pub max_upload_rate: Option<&'a str>,
     pub max_download_rate: Option<&'a str>,
@@ -417,6 +422,7 @@ macro_rules! session_options {
             ca_file: $a.ca_file.as_deref(),
             announce_interval: $a.announce_interval,
             max_peers: $a.max_peers,
+            max_peers_per_ip: $a.max_peers_per_ip,
             upload_slots: $a.upload_slots,
             max_upload_rate: $a.max_upload_rate.as_deref(),
             max_download_rate: $a.max_download_rate.as_deref(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use super::render::{Mode, Render};
-use super::{DownloadArgs, SeedArgs, SessionOptions, load_torrent_with, signals};
+use super::{DownloadArgs, SeedArgs, SessionOptions, load_torrent_with, process};
 use crate::engine::{Config, Engine, Source, StreamTo, Target};
 use crate::error::Error;
 use crate::metainfo::Metainfo;
@@ -124,7 +124,7 @@ pub(super) fn seed(a: &SeedArgs) -> Result<(), Error> {
 
 /// Runs the engine to its end, rendering its events; SIGINT/SIGTERM stop it in order.
 fn drive(meta: Metainfo, target: Target, config: Config, mode: Mode) -> Result<(), Error> {
-    signals::install_stop_handler();
+    process::install_stop_handler();
     let (handle, events) = Engine::start(Source::Torrent(meta), target, config);
     let mut render = Render::new(mode);
     let mut stop_sent = false;
@@ -134,7 +134,7 @@ fn drive(meta: Metainfo, target: Target, config: Config, mode: Mode) -> Result<(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        if !stop_sent && signals::stop_requested() {
+        if !stop_sent && process::stop_requested() {
             handle.stop();
             stop_sent = true;
         }
@@ -158,8 +158,10 @@ pub(super) fn session_config(
             .transpose()
             .map_err(Error::Usage)
     };
-    if o.max_peers == 0 {
-        return Err(Error::Usage("--max-peers must be at least 1".into()));
+    if o.max_peers == 0 || o.max_peers_per_ip == 0 {
+        return Err(Error::Usage(
+            "--max-peers and --max-peers-per-ip must be at least 1".into(),
+        ));
     }
     let config = Config {
         peers: super::parse_peers(o.peer)?,
@@ -178,6 +180,7 @@ pub(super) fn session_config(
             time: duration(o.seed_time)?,
         },
         max_peers: o.max_peers,
+        max_peers_per_ip: o.max_peers_per_ip,
         upload_slots: o.upload_slots,
         max_upload_rate: rate(o.max_upload_rate)?,
         max_download_rate: rate(o.max_download_rate)?,

@@ -75,8 +75,9 @@ struct Prepared {
     /// Full paths of the files fetched, reported when the download completes.
     paths: Vec<PathBuf>,
     stream: Option<StreamTo>,
-    /// The file that keeps the boundary bytes of unselected files; removed after success.
-    spill: Option<PathBuf>,
+    /// The file (in the download directory) that keeps the boundary bytes of unselected
+    /// files; removed after success.
+    spill: Option<String>,
 }
 
 /// The session thread's body: prepares the storage, runs the transfer, shuts down.
@@ -84,12 +85,13 @@ pub(crate) fn run(r: Run) -> Result<(), Error> {
     let Source::Torrent(meta) = r.source;
     let prepared = prepare(&meta, r.target, &r.config)?;
     let spill = prepared.spill.clone();
+    let storage = Arc::clone(&prepared.storage);
     let result = transfer(meta, prepared, r.config, r.events, r.stop, r.stats, r.input);
     if result.is_ok()
         && let Some(spill) = spill
     {
         // The boundary bytes of unselected files have served their purpose.
-        let _ = fs::remove_file(&spill);
+        let _ = storage.remove_in_root(&spill);
     }
     result
 }
@@ -118,7 +120,8 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
             fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             let layout = Layout::in_dir(&dir, meta);
-            let spill = dir.join(format!(".bitfetch-{}.parts", &meta.info_hash_hex()[..16]));
+            let spill_name = format!(".bitfetch-{}.parts", &meta.info_hash_hex()[..16]);
+            let spill = dir.join(&spill_name);
             let is_selected = |i: usize| selected.as_ref().is_none_or(|s| s[i]);
             // Only data that was there before us needs checking; fresh files are all zeros.
             let resuming = spill.exists()
@@ -145,7 +148,7 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
                 storage,
                 writer: Some(writer),
                 have,
-                spill: selected.is_some().then_some(spill),
+                spill: selected.is_some().then_some(spill_name),
                 selected,
                 paths,
                 stream,
@@ -221,6 +224,10 @@ struct Session {
     next_key: u64,
     /// Addresses: candidates, back-offs, bans, which are held by connections.
     table: PeerTable,
+    /// Connections per remote IP (for `max_peers_per_ip`).
+    per_ip: HashMap<IpAddr, usize>,
+    /// When an idle connection last made way for a dial (see `dial`).
+    last_made_room: Option<Instant>,
     /// Pieces found changed on disk while serving (reported once each).
     corrupt_on_disk: HashSet<PieceIndex>,
     input_tx: Sender<Input>,
@@ -515,6 +522,8 @@ fn transfer(
         peers: HashMap::new(),
         next_key: 0,
         table: PeerTable::new(own_addrs, &cfg.peers),
+        per_ip: HashMap::new(),
+        last_made_room: None,
         corrupt_on_disk: HashSet::new(),
         input_tx,
         hash_tx,

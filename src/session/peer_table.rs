@@ -88,9 +88,15 @@ impl PeerTable {
             .any(|a| self.failures.get(a).is_none_or(|f| f.0 < MAX_DIAL_FAILURES))
     }
 
-    /// Up to `room` addresses to dial now, each held from here on. Those in back-off stay
-    /// queued; banned or held ones are dropped from the queue.
-    pub fn take_dialable(&mut self, room: usize, now: Instant) -> Vec<SocketAddr> {
+    /// Up to `room` addresses to dial now, each held from here on. Those in back-off, or
+    /// that `allow` refuses for now (a per-host cap), stay queued; banned or held ones are
+    /// dropped from the queue.
+    pub fn take_dialable(
+        &mut self,
+        room: usize,
+        now: Instant,
+        mut allow: impl FnMut(SocketAddr) -> bool,
+    ) -> Vec<SocketAddr> {
         let mut out = Vec::new();
         let mut deferred = Vec::new();
         while out.len() < room {
@@ -100,16 +106,26 @@ impl PeerTable {
             if self.is_held(addr) || self.is_banned(addr) {
                 continue;
             }
-            match self.failures.get(&addr) {
-                Some((_, retry_at)) if *retry_at > now => deferred.push(addr),
-                _ => {
-                    self.hold(addr);
-                    out.push(addr);
-                }
+            if self.in_backoff(addr, now) || !allow(addr) {
+                deferred.push(addr);
+            } else {
+                self.hold(addr);
+                out.push(addr);
             }
         }
         self.candidates.extend(deferred);
         out
+    }
+
+    fn in_backoff(&self, addr: SocketAddr, now: Instant) -> bool {
+        self.failures.get(&addr).is_some_and(|f| f.1 > now)
+    }
+
+    /// Whether some candidate could be dialled now.
+    pub fn has_dialable(&self, now: Instant) -> bool {
+        self.candidates
+            .iter()
+            .any(|a| !self.is_held(*a) && !self.is_banned(*a) && !self.in_backoff(*a, now))
     }
 
     pub fn is_held(&self, addr: SocketAddr) -> bool {
@@ -229,7 +245,7 @@ mod tests {
     /// A table that dialled `a` (the only candidate) and saw the connection end `how`.
     fn dialled_and_ended(a: SocketAddr, how: Ended, now: Instant) -> PeerTable {
         let mut t = PeerTable::new(vec![], &[a]);
-        assert_eq!(t.take_dialable(1, now), vec![a]);
+        assert_eq!(t.take_dialable(1, now, |_| true), vec![a]);
         if how.handshaken {
             t.connected(a);
         }
@@ -273,18 +289,40 @@ mod tests {
         t.ban(addr(4), None);
         t.add([addr(3), addr(4), addr(5), addr(2)]);
         let now = Instant::now();
-        assert_eq!(t.take_dialable(10, now), vec![addr(2), addr(5)]);
+        assert_eq!(t.take_dialable(10, now, |_| true), vec![addr(2), addr(5)]);
         assert!(t.is_held(addr(2)) && t.is_held(addr(5)));
         assert!(!t.has_candidates());
+    }
+
+    #[test]
+    fn addresses_refused_for_now_stay_queued() {
+        let other = SocketAddr::from(([127, 0, 0, 9], 1));
+        let mut t = PeerTable::new(vec![], &[addr(2), addr(3), other]);
+        let now = Instant::now();
+        assert!(t.has_dialable(now));
+        // At most one connection to 127.0.0.2.
+        let mut seen = 0;
+        let first = t.take_dialable(10, now, |a| {
+            if a.ip() == addr(2).ip() {
+                seen += 1;
+                seen <= 1
+            } else {
+                true
+            }
+        });
+        assert_eq!(first, vec![addr(2), other]);
+        assert!(t.has_candidates(), "the refused one waits");
+        assert_eq!(t.take_dialable(10, now, |_| true), vec![addr(3)]);
+        assert!(!t.has_dialable(now));
     }
 
     #[test]
     fn dialling_respects_the_room_given() {
         let mut t = PeerTable::new(vec![], &[addr(2), addr(3), addr(4)]);
         let now = Instant::now();
-        assert_eq!(t.take_dialable(2, now), vec![addr(2), addr(3)]);
-        assert_eq!(t.take_dialable(0, now), vec![]);
-        assert_eq!(t.take_dialable(5, now), vec![addr(4)]);
+        assert_eq!(t.take_dialable(2, now, |_| true), vec![addr(2), addr(3)]);
+        assert_eq!(t.take_dialable(0, now, |_| true), vec![]);
+        assert_eq!(t.take_dialable(5, now, |_| true), vec![addr(4)]);
     }
 
     #[test]
@@ -294,11 +332,11 @@ mod tests {
         let mut now = start;
         let mut waits = Vec::new();
         for _ in 0..MAX_DIAL_FAILURES {
-            assert_eq!(t.take_dialable(1, now), vec![addr(2)]);
+            assert_eq!(t.take_dialable(1, now, |_| true), vec![addr(2)]);
             t.release(addr(2));
             t.ended(addr(2), FAILED_DIAL, now);
             assert!(
-                t.take_dialable(1, now).is_empty(),
+                t.take_dialable(1, now, |_| true).is_empty(),
                 "in back-off right after failing"
             );
             let retry = t.failures[&addr(2)].1;
@@ -312,7 +350,7 @@ mod tests {
             "after {MAX_DIAL_FAILURES} failures it is no longer a hope"
         );
         assert_eq!(
-            t.take_dialable(1, now),
+            t.take_dialable(1, now, |_| true),
             vec![addr(2)],
             "but it is still tried, at the longest back-off"
         );
@@ -326,12 +364,15 @@ mod tests {
     fn a_peer_that_left_is_redialled_after_a_pause_unless_we_are_complete() {
         let now = Instant::now();
         let mut t = dialled_and_ended(addr(2), LEFT, now);
-        assert!(t.take_dialable(1, now).is_empty());
+        assert!(t.take_dialable(1, now, |_| true).is_empty());
         assert!(
-            t.take_dialable(1, now + REDIAL_AFTER - Duration::from_millis(1))
+            t.take_dialable(1, now + REDIAL_AFTER - Duration::from_millis(1), |_| true)
                 .is_empty()
         );
-        assert_eq!(t.take_dialable(1, now + REDIAL_AFTER), vec![addr(2)]);
+        assert_eq!(
+            t.take_dialable(1, now + REDIAL_AFTER, |_| true),
+            vec![addr(2)]
+        );
 
         let complete = Ended {
             complete: true,
@@ -356,7 +397,7 @@ mod tests {
             "a tracker naming it again changes nothing"
         );
         assert!(
-            t.take_dialable(1, now + Duration::from_secs(1 << 20))
+            t.take_dialable(1, now + Duration::from_secs(1 << 20), |_| true)
                 .is_empty()
         );
         assert!(t.is_banned(addr(2)));
@@ -394,7 +435,7 @@ mod tests {
             !t.is_banned_id(elsewhere, &[9; 20]),
             "a copied id never bans a connection from another address"
         );
-        assert!(t.take_dialable(5, Instant::now()).is_empty());
+        assert!(t.take_dialable(5, Instant::now(), |_| true).is_empty());
     }
 
     #[test]

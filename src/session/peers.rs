@@ -20,6 +20,10 @@ use crate::picker::PeerKey;
 
 /// A connection younger than this is not pruned to make room.
 const PRUNE_GRACE: Duration = Duration::from_secs(60);
+/// A connection that moved no payload (either way) for this long may be pruned to make room.
+const IDLE_FOR_PRUNING: Duration = Duration::from_secs(60);
+/// How often a full table of idle connections makes room for a peer we still have to dial.
+const MAKE_ROOM_EVERY: Duration = Duration::from_secs(5);
 /// Blocks nobody asked for before a peer is dropped.
 pub const MAX_UNREQUESTED: u32 = 32;
 /// Failed pieces a peer may take part in before it is banned.
@@ -55,6 +59,8 @@ pub struct Peer {
     pub recent_rate: u64,
     pub tick_mark: u64,
     pub last_block_at: Instant,
+    /// Last time a block moved either way (for pruning: interest alone is free to claim).
+    pub last_payload_at: Instant,
     pub unchoked_rounds: u32,
     pub allowed_fast: HashSet<PieceIndex>,
     /// Pieces this peer rejected while unchoking us (BEP 6), not asked of it again until the
@@ -93,6 +99,7 @@ impl Peer {
             recent_rate: 0,
             tick_mark: 0,
             last_block_at: Instant::now(),
+            last_payload_at: Instant::now(),
             unchoked_rounds: 0,
             allowed_fast: HashSet::new(),
             rejected: HashMap::new(),
@@ -125,6 +132,7 @@ impl Session {
                     // Dialled addresses are held from the moment they are picked.
                     self.table.hold(addr);
                 }
+                *self.per_ip.entry(addr.ip()).or_insert(0) += 1;
                 self.peers.insert(key, Peer::new(addr, outbound, thread));
             }
             Err(e) => {
@@ -144,37 +152,82 @@ impl Session {
         self.dial();
     }
 
-    /// Dials candidates while there is room (the table skips those in back-off or banned).
+    /// Dials candidates while there is room (the table skips those in back-off or banned),
+    /// and no more than the per-IP cap to any one host. A full table of idle connections
+    /// must not keep a download from the peers it still has to reach: then one idle
+    /// connection makes way, at most every [`MAKE_ROOM_EVERY`].
     pub(super) fn dial(&mut self) {
+        let now = Instant::now();
+        if self.peers.len() >= self.cfg.max_peers
+            && !self.picker.is_complete()
+            && self.table.has_dialable(now)
+            && self
+                .last_made_room
+                .is_none_or(|t| t.elapsed() >= MAKE_ROOM_EVERY)
+            && self.prune_one(false)
+        {
+            self.last_made_room = Some(now);
+        }
         let room = self.cfg.max_peers.saturating_sub(self.peers.len());
-        for addr in self.table.take_dialable(room, Instant::now()) {
+        let cap = self.cfg.max_peers_per_ip;
+        let mut per_ip = self.per_ip.clone();
+        let dials = self.table.take_dialable(room, now, |a| {
+            let n = per_ip.entry(a.ip()).or_insert(0);
+            *n += 1;
+            *n <= cap
+        });
+        for addr in dials {
             self.start_peer(Dial::Outbound(addr), addr, true);
         }
     }
 
+    /// Inbound connections may take at most this many slots: the rest stay free for the
+    /// connections we dial, so an inbound flood never stops us reaching our own peers.
+    fn inbound_cap(&self) -> usize {
+        (self.cfg.max_peers - self.cfg.max_peers / 4).max(1)
+    }
+
     pub(super) fn on_accepted(&mut self, stream: TcpStream, addr: SocketAddr) {
-        if self.table.is_banned(addr) {
+        if self.table.is_banned(addr)
+            || self
+                .per_ip
+                .get(&addr.ip())
+                .is_some_and(|n| *n >= self.cfg.max_peers_per_ip)
+        {
             return;
         }
-        if self.peers.len() >= self.cfg.max_peers && !self.prune_one() {
+        let inbound = self.peers.values().filter(|p| !p.outbound).count();
+        let full = self.peers.len() >= self.cfg.max_peers || inbound >= self.inbound_cap();
+        // At a cap, an idle inbound connection makes way for the newcomer.
+        if full && !self.prune_one(true) {
             return;
         }
         self.start_peer(Dial::Inbound(stream, addr), addr, false);
     }
 
-    /// At the cap, drops one connection that is useless both ways (not interested in us, not
-    /// interesting to us) and old enough to have shown it. Returns whether one was dropped.
-    fn prune_one(&mut self) -> bool {
+    /// Drops the least useful connection that is old enough to have shown its use and has
+    /// moved no payload either way lately ([`IDLE_FOR_PRUNING`]): preferably one we have no
+    /// interest in, then one not interested in us, then the one that moved the fewest bytes.
+    /// Claiming interest is free, so it protects nobody by itself; moving data does.
+    /// `inbound_only`: make room among inbound connections. Returns whether one was dropped.
+    fn prune_one(&mut self, inbound_only: bool) -> bool {
         let victim = self
             .peers
             .iter()
             .filter(|(_, p)| {
                 p.is_connected()
-                    && !p.peer_interested
-                    && !p.am_interested
+                    && !p.dropped_by_us
+                    && (!inbound_only || !p.outbound)
                     && p.connected_at.elapsed() >= PRUNE_GRACE
+                    && p.last_payload_at.elapsed() >= IDLE_FOR_PRUNING
             })
-            .min_by_key(|(_, p)| p.down_total + p.up_total)
+            .min_by_key(|(_, p)| {
+                (
+                    p.am_interested,
+                    p.peer_interested,
+                    p.down_total + p.up_total,
+                )
+            })
             .map(|(k, _)| *k);
         match victim {
             Some(k) => {
@@ -293,6 +346,12 @@ impl Session {
         self.picker.remove_peer(key);
         for addr in std::iter::once(p.addr).chain(p.listen_addr) {
             self.table.release(addr);
+        }
+        if let Some(n) = self.per_ip.get_mut(&p.addr.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&p.addr.ip());
+            }
         }
         if let Some(t) = p.thread.take() {
             let _ = t.join();

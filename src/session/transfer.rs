@@ -126,7 +126,9 @@ impl Session {
             PeerEvent::Uploaded(n) => {
                 let n = u64::from(n);
                 self.stats.uploaded.fetch_add(n, Ordering::Relaxed);
-                self.peer_mut(key).up_total += n;
+                let p = self.peer_mut(key);
+                p.up_total += n;
+                p.last_payload_at = Instant::now();
                 if self.picker.is_complete() {
                     self.uploaded += n;
                 }
@@ -224,6 +226,7 @@ impl Session {
             let p = self.peer_mut(key);
             p.down_total += len;
             p.last_block_at = Instant::now();
+            p.last_payload_at = p.last_block_at;
             p.snubbed = false;
         }
         match self.picker.block_received(key, block, written) {

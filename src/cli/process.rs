@@ -1,8 +1,8 @@
-//! Process-wide signal handling, which belongs to the program, not to the engine: SIGINT and
-//! SIGTERM become a flag the CLI turns into `Handle::stop`, and SIGBUS (a mapped file
-//! truncated under us) becomes a clear message instead of a crash.
+//! Process-wide settings, which belong to the program, not to the engine: SIGINT and SIGTERM
+//! become a flag the CLI turns into `Handle::stop`, SIGBUS (a mapped file truncated under us)
+//! becomes a clear message instead of a crash, and the open-file limit is raised.
 //!
-//! Besides storage, this is the one module with `unsafe`: installing handlers is.
+//! Besides storage, this is the one module with `unsafe`: these are all FFI calls.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -45,4 +45,21 @@ pub fn install_stop_handler() {
 
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
+}
+
+/// Raises the soft limit on open files to the hard limit. Every data file of a torrent stays
+/// open while it runs (plus a socket per peer), and the usual soft limit of 1024 is below
+/// what a torrent of a thousand files needs; the hard limit is ours to take.
+pub fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass; setrlimit only reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
