@@ -320,63 +320,139 @@ impl fmt::Debug for Storage {
     }
 }
 
-/// Checks every directory between `root` and `rel`'s parent, creating missing ones when
-/// `create` is set, and refusing symlinks so a link planted in the output directory cannot
-/// lead writes out of it.
-fn check_dirs(root: &Path, rel: &Path, created: Option<&mut Undo>) -> Result<(), Error> {
-    let create = created.is_some();
-    let mut created = created;
-    let mut cur = root.to_path_buf();
-    let Some(parent) = rel.parent() else {
-        return Ok(());
-    };
-    for comp in parent.components() {
-        cur.push(comp);
-        match fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => return Err(Error::Symlink(cur)),
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(Error::NotADirectory(cur)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create => match fs::create_dir(&cur) {
-                Ok(()) => {
-                    if let Some(undo) = created.as_deref_mut() {
-                        undo.dirs.push(cur.clone());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(&cur, e)),
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(&cur, e)),
-        }
-    }
-    Ok(())
+/// Opens a directory handle on `root` (following a link there: the user named it).
+fn open_root(root: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(root)
+        .map_err(|e| Error::io(root, e))
 }
 
-/// Opens a data file without following a symbolic link, and only if it is a regular file:
-/// a FIFO or a device planted where a data file belongs would block or misbehave, so it is
-/// opened non-blocking (which regular files ignore) and refused. A file we would write that
-/// has other names (hard links) is refused too: writing would change those other files.
-fn open_no_follow(path: &Path, write: bool) -> Result<File, Error> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .create(write)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
+/// `openat(dir, name, flags)`, for names from the torrent (already sanitised: one normal
+/// path element each).
+fn openat(dir: &File, name: &std::ffi::OsStr, flags: libc::c_int) -> io::Result<File> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::FromRawFd;
+    let c = std::ffi::CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a descriptor we own and a valid NUL-terminated name; on success the returned
+    // descriptor is new and ours, so `File` may own it.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, 0o666) };
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: see above.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+fn mkdirat(dir: &File, name: &std::ffi::OsStr) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a descriptor we own and a valid NUL-terminated name.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o777) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Opens the data file `rel` below the directory handle `root`, one path element at a time
+/// (`openat` with `O_NOFOLLOW`): no element may be a symbolic link, so a link planted in the
+/// tree, or a directory swapped for one while we work, cannot lead reads or writes out of
+/// it. Directories are created on the way when `undo` is given (a download), and recorded
+/// there. The file must be a regular file (a FIFO or device planted where a data file
+/// belongs would block or misbehave: it is opened non-blocking, which regular files ignore,
+/// and refused), and a file we write must have no other names (writing through a hard link
+/// would change another file). Read-only, a missing file is `Ok(None)`.
+fn open_below(
+    root: &File,
+    root_path: &Path,
+    rel: &Path,
+    mut undo: Option<&mut Undo>,
+) -> Result<Option<File>, Error> {
+    let write = undo.is_some();
+    let mut path = root_path.to_path_buf();
+    let mut dir: Option<File> = None;
+    let mut elements = rel.components().peekable();
+    while let Some(element) = elements.next() {
+        let name = element.as_os_str();
+        path.push(name);
+        let parent = dir.as_ref().unwrap_or(root);
+        let fail = |e: io::Error, path: &Path| match e.raw_os_error() {
             Some(libc::ELOOP) => Error::Symlink(path.to_path_buf()),
-            // A FIFO opened for writing with no reader.
             Some(libc::ENXIO) => Error::NotAFile(path.to_path_buf()),
             _ => Error::io(path, e),
-        })?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::NotAFile(path.to_path_buf()));
+        };
+        if elements.peek().is_some() {
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            let opened = match openat(parent, name, flags) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && write => {
+                    match mkdirat(parent, name) {
+                        Ok(()) => {
+                            if let Some(u) = undo.as_deref_mut() {
+                                u.dirs.push(path.clone());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(Error::io(&path, e)),
+                    }
+                    openat(parent, name, flags)
+                }
+                other => other,
+            };
+            dir = Some(match opened {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                // O_NOFOLLOW with O_DIRECTORY reports a link as "not a directory".
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    let link = fs::symlink_metadata(&path).is_ok_and(|m| m.is_symlink());
+                    return Err(if link {
+                        Error::Symlink(path)
+                    } else {
+                        Error::NotADirectory(path)
+                    });
+                }
+                Err(e) => return Err(fail(e, &path)),
+            });
+            continue;
+        }
+        let base = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let file = if write {
+            // Exclusive first, to know whether this run made the file.
+            match openat(
+                parent,
+                name,
+                base | libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            ) {
+                Ok(f) => {
+                    if let Some(u) = undo.as_deref_mut() {
+                        u.files.push(path.clone());
+                    }
+                    f
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    openat(parent, name, base | libc::O_RDWR).map_err(|e| fail(e, &path))?
+                }
+                Err(e) => return Err(fail(e, &path)),
+            }
+        } else {
+            match openat(parent, name, base | libc::O_RDONLY) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(fail(e, &path)),
+            }
+        };
+        let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
+        if !meta.is_file() {
+            return Err(Error::NotAFile(path));
+        }
+        if write && meta.nlink() > 1 {
+            return Err(Error::HardLinked(path));
+        }
+        return Ok(Some(file));
     }
-    if write && meta.nlink() > 1 {
-        return Err(Error::HardLinked(path.to_path_buf()));
-    }
-    Ok(file)
+    Err(Error::NotAFile(path))
 }
 
 /// What `create_selected` made, so that a failure can take it back and leave the disk as it
@@ -450,17 +526,24 @@ fn allocate_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<(),
     }
 }
 
+/// The file holding the boundary bytes of unselected files, opened when first needed.
+struct Spill<'a> {
+    path: &'a Path,
+    file: Option<File>,
+}
+
 /// The slot of an unselected file: backed by the spill file where a wanted piece needs its
 /// bytes, by nothing otherwise.
 fn spill_slot(
     g: &Geometry,
     file: usize,
     wanted: &[bool],
-    spill_path: &Path,
-    spill: &mut Option<File>,
+    spill: &mut Spill,
     layout: &Layout,
+    root: &File,
     undo: &mut Undo,
 ) -> Result<FileSlot, Error> {
+    let spill_path = spill.path;
     let start = g.file_start(file);
     let len = g.file_len(file);
     let ranges: Vec<(u64, u64)> = g
@@ -474,18 +557,17 @@ fn spill_slot(
     if ranges.is_empty() {
         return Ok(FileSlot::plain(layout.full_path(file), None, None));
     }
-    if spill.is_none() {
-        if fs::symlink_metadata(spill_path).is_err() {
-            undo.files.push(spill_path.to_path_buf());
-        }
-        let f = open_no_follow(spill_path, true)?;
+    if spill.file.is_none() {
+        let rel = Path::new(spill_path.file_name().unwrap_or_default());
+        let f = open_below(root, &layout.root, rel, Some(undo))?
+            .ok_or_else(|| Error::NotAFile(spill_path.to_path_buf()))?;
         let total = g.total_len();
         if f.metadata().map_err(|e| Error::io(spill_path, e))?.len() < total {
             f.set_len(total).map_err(|e| Error::io(spill_path, e))?;
         }
-        *spill = Some(f);
+        spill.file = Some(f);
     }
-    let f = spill.as_ref().expect("opened above");
+    let f = spill.file.as_ref().expect("opened above");
     for (off, n) in ranges {
         allocate_range(f, spill_path, start + off, n)?;
     }
@@ -544,8 +626,8 @@ impl Storage {
         let mut undo = Undo::default();
         match Storage::open_for_download(layout, geometry, selection, wanted.as_deref(), &mut undo)
         {
-            Ok(slots) => {
-                let root = File::open(&layout.root).ok();
+            Ok((slots, root)) => {
+                let root = Some(root);
                 let storage = Arc::new(Storage {
                     geometry: geometry.clone(),
                     slots,
@@ -571,27 +653,29 @@ impl Storage {
         selection: Option<(&[bool], &Path)>,
         wanted: Option<&[bool]>,
         undo: &mut Undo,
-    ) -> Result<Vec<FileSlot>, Error> {
+    ) -> Result<(Vec<FileSlot>, File), Error> {
+        let root = open_root(&layout.root)?;
         let mut slots = Vec::with_capacity(layout.files.len());
-        let mut spill: Option<File> = None;
+        let mut spill = Spill {
+            path: selection.map_or(Path::new(""), |(_, p)| p),
+            file: None,
+        };
         for (i, rel) in layout.files.iter().enumerate() {
-            if let (Some((sel, spill_path)), Some(wanted)) = (selection, wanted)
+            if let (Some((sel, _)), Some(wanted)) = (selection, wanted)
                 && !sel[i]
             {
                 slots.push(spill_slot(
-                    geometry, i, wanted, spill_path, &mut spill, layout, undo,
+                    geometry, i, wanted, &mut spill, layout, &root, undo,
                 )?);
                 continue;
             }
-            check_dirs(&layout.root, rel, Some(undo))?;
             let path = layout.full_path(i);
-            let existed = fs::symlink_metadata(&path).is_ok();
-            let file = open_no_follow(&path, true)?;
+            let file = open_below(&root, &layout.root, rel, Some(undo))?
+                .ok_or_else(|| Error::NotAFile(path.clone()))?;
             let expected = geometry.file_len(i);
             let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-            if !existed {
-                undo.files.push(path.clone());
-            } else if len < expected {
+            let created = undo.files.last() == Some(&path);
+            if !created && len < expected {
                 let again = file.try_clone().map_err(|e| Error::io(&path, e))?;
                 undo.extended.push((again, len));
             }
@@ -610,20 +694,24 @@ impl Storage {
             };
             slots.push(FileSlot::plain(path, Some(file), map));
         }
-        Ok(slots)
+        Ok((slots, root))
     }
 
     /// Opens existing files read-only (verify, seed). Missing files are allowed: their pieces
     /// simply fail to verify.
     pub fn open_existing(layout: &Layout, geometry: &Geometry) -> Result<Storage, Error> {
         let mut slots = Vec::with_capacity(layout.files.len());
+        // No directory at all: every file is missing.
+        let root = match open_root(&layout.root) {
+            Ok(r) => Some(r),
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
         for (i, rel) in layout.files.iter().enumerate() {
-            check_dirs(&layout.root, rel, None)?;
             let path = layout.full_path(i);
-            let file = match open_no_follow(&path, false) {
-                Ok(f) => Some(f),
-                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e),
+            let file = match &root {
+                Some(root) => open_below(root, &layout.root, rel, None)?,
+                None => None,
             };
             // Map only a file of exactly the expected length, so every span of the
             // geometry lies inside its map. Others are read with pread (and fail cleanly).
