@@ -23,7 +23,7 @@
 //! let meta = Metainfo::from_bytes(&torrent)?;
 //!
 //! let loopback = Config {
-//!     port: 0,
+//!     port: Some(0),
 //!     bind: Some("127.0.0.1".parse()?),
 //!     ..Config::default()
 //! };
@@ -127,14 +127,14 @@ impl SeedLimits {
     }
 }
 
-/// How a run behaves. `Config::default()` is what the CLI does with no options, except the
-/// port, which the CLI sets to 6881.
+/// How a run behaves. `Config::default()` is what the CLI does with no options.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Peers to dial besides those the trackers name.
     pub peers: Vec<SocketAddr>,
-    /// Port to listen on; 0 picks a free one (see [`Event::Listening`]).
-    pub port: u16,
+    /// Port to listen on; 0 picks a free one (see [`Event::Listening`]). `None`: the first
+    /// free port of 6881–6889, else any free port.
+    pub port: Option<u16>,
     /// Local address for listening and outgoing connections (both families when `None`).
     pub bind: Option<IpAddr>,
     /// PEM file of certificate authorities for HTTPS trackers (built-in roots when `None`).
@@ -170,7 +170,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             peers: Vec::new(),
-            port: 0,
+            port: None,
             bind: None,
             ca_file: None,
             announce_interval: None,
@@ -256,6 +256,8 @@ pub struct Progress {
 #[non_exhaustive]
 pub enum NoticeKind {
     Tracker,
+    /// A peer the user named could not be reached (once per peer).
+    PeerUnreachable,
     PeerBanned,
     HashFailed,
     DiskChanged,
@@ -329,7 +331,7 @@ impl Handle {
 
     /// More peers to dial.
     pub fn add_peers(&self, peers: Vec<SocketAddr>) {
-        let _ = self.input.send(Input::Peers(peers));
+        let _ = self.input.send(Input::NamedPeers(peers));
     }
 
     pub fn stats(&self) -> Stats {

@@ -51,11 +51,11 @@ impl fmt::Display for Error {
         match self {
             Error::Usage(m) => write!(f, "{m}"),
             Error::ReadTorrent { path, source } => {
-                write!(f, "cannot read {}: {source}", path.display())
+                write!(f, "cannot read {}: {}", path.display(), reason(source))
             }
             Error::Torrent { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Storage(e) => write!(f, "{e}"),
-            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Io { context, source } => write!(f, "{context}: {}", reason(source)),
             Error::Incomplete { bad, total } => {
                 write!(f, "{bad} of {total} pieces are missing or corrupt")
             }
@@ -71,8 +71,42 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// An I/O error as people read it: the system's words without the " (os error N)" that
+/// `io::Error` appends, first letter lower-cased to sit after a colon.
+pub(crate) fn reason(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => &text[..i],
+        _ => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) if chars.clone().next().is_some_and(char::is_lowercase) => {
+            c.to_lowercase().chain(chars).collect()
+        }
+        _ => text.to_string(),
+    }
+}
+
 impl From<storage::Error> for Error {
     fn from(e: storage::Error) -> Error {
         Error::Storage(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_reasons_read_as_words() {
+        let e = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(reason(&e), "connection refused");
+        let e = io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(reason(&e), "no such file or directory");
+        assert_eq!(
+            reason(&io::Error::other("HTTP status 404")),
+            "HTTP status 404"
+        );
     }
 }

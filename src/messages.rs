@@ -15,8 +15,11 @@ pub enum Input {
     Peer { key: PeerKey, event: PeerEvent },
     /// From the listener: an inbound connection, not yet handshaken.
     Accepted { stream: TcpStream, addr: SocketAddr },
-    /// From the tracker thread: candidate peers.
+    /// From the tracker thread (and later other sources): candidate peers.
     Peers(Vec<SocketAddr>),
+    /// From the front end (`Handle::add_peers`): peers the user named, whose failures are
+    /// reported.
+    NamedPeers(Vec<SocketAddr>),
     /// From the tracker thread: an announce failed or warned (already formatted for people).
     TrackerNotice(String),
     /// From the tracker thread: a whole round of announces failed and no tracker has ever

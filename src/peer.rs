@@ -142,8 +142,8 @@ impl PeerError {
 impl fmt::Display for PeerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PeerError::Connect(e) => write!(f, "connect failed: {e}"),
-            PeerError::Io(e) => write!(f, "{e}"),
+            PeerError::Connect(e) => write!(f, "cannot connect: {}", crate::error::reason(e)),
+            PeerError::Io(e) => write!(f, "{}", crate::error::reason(e)),
             PeerError::Timeout(what) => write!(f, "timed out {what}"),
             PeerError::Protocol(e) => write!(f, "protocol error: {e}"),
             PeerError::WrongTorrent => write!(f, "peer is on another torrent"),

@@ -83,7 +83,9 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::Io { path, source } => {
+                write!(f, "{}: {}", path.display(), crate::error::reason(source))
+            }
             Error::NoSpace { path, needed } if *needed > 0 => write!(
                 f,
                 "no space left on device for {} ({needed} bytes needed)",
@@ -456,16 +458,18 @@ fn open_below(
 }
 
 /// What `create_selected` made, so that a failure can take it back and leave the disk as it
-/// found it: files it created, files it extended (with their old length), directories.
+/// found it: files it created, files it extended (with their old length), directories. A
+/// run that ends without verifying anything takes it back too ([`Undo::undo`]): its files
+/// hold nothing but zeros.
 #[derive(Default)]
-struct Undo {
+pub struct Undo {
     files: Vec<PathBuf>,
     extended: Vec<(File, u64)>,
     dirs: Vec<PathBuf>,
 }
 
 impl Undo {
-    fn undo(self) {
+    pub fn undo(self) {
         for path in &self.files {
             let _ = fs::remove_file(path);
         }
@@ -593,7 +597,7 @@ impl Storage {
     /// Opens (creating as needed) every file for download: directories made, space reserved,
     /// files mapped. Existing data is kept; a file larger than the torrent says is refused.
     pub fn create(layout: &Layout, geometry: &Geometry) -> Result<(Arc<Storage>, Writer), Error> {
-        Storage::create_selected(layout, geometry, None)
+        Storage::create_selected(layout, geometry, None).map(|(s, w, _)| (s, w))
     }
 
     /// Like [`Storage::create`] for a selection of files: unselected files are not created.
@@ -603,25 +607,28 @@ impl Storage {
         layout: &Layout,
         geometry: &Geometry,
         selection: Option<(&[bool], &Path)>,
-    ) -> Result<(Arc<Storage>, Writer), Error> {
+    ) -> Result<(Arc<Storage>, Writer, Undo), Error> {
         let wanted = selection.map(|(sel, _)| geometry.pieces_touching(sel));
         let is_selected = |i: usize| selection.is_none_or(|(sel, _)| sel[i]);
         // Check the space first: some file systems (ext4) keep what a failed reservation
         // took, and a full disk is best refused before anything is written.
-        let needed: u64 = (0..layout.files.len())
-            .filter(|&i| is_selected(i))
-            .map(|i| {
+        if let Some(free) = free_space(&layout.root) {
+            let mut needed = 0u64;
+            let mut first_short = None;
+            for i in (0..layout.files.len()).filter(|&i| is_selected(i)) {
                 let have = fs::symlink_metadata(layout.full_path(i)).map_or(0, |m| m.len());
-                geometry.file_len(i).saturating_sub(have)
-            })
-            .sum();
-        if let Some(free) = free_space(&layout.root)
-            && needed > free
-        {
-            return Err(Error::NoSpace {
-                path: layout.root.clone(),
-                needed,
-            });
+                needed += geometry.file_len(i).saturating_sub(have);
+                if needed > free && first_short.is_none() {
+                    first_short = Some(i);
+                }
+            }
+            if let Some(i) = first_short {
+                // Named by the first file that does not fit.
+                return Err(Error::NoSpace {
+                    path: layout.full_path(i),
+                    needed,
+                });
+            }
         }
         let mut undo = Undo::default();
         match Storage::open_for_download(layout, geometry, selection, wanted.as_deref(), &mut undo)
@@ -638,7 +645,7 @@ impl Storage {
                 let writer = Writer {
                     storage: Arc::clone(&storage),
                 };
-                Ok((storage, writer))
+                Ok((storage, writer, undo))
             }
             Err(e) => {
                 undo.undo();
@@ -1259,7 +1266,7 @@ mod tests {
         let g = Geometry::new(16384, &[10_000, 20_000, 10_000], 3).unwrap();
         let l = layout(&dir, &["t/a", "t/b", "t/c"]);
         let spill = dir.join(".spill");
-        let (storage, mut w) =
+        let (storage, mut w, _) =
             Storage::create_selected(&l, &g, Some((&[false, true, false], &spill))).unwrap();
         assert!(!dir.join("t/a").exists() && !dir.join("t/c").exists());
         assert_eq!(fs::metadata(dir.join("t/b")).unwrap().len(), 20_000);

@@ -106,9 +106,10 @@ macro_rules! with_session_options {
             /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
             #[argh(option)]
             pub peer: Vec<String>,
-            /// port to listen on for incoming peers (default 6881; 0 picks any free port)
-            #[argh(option, default = "6881")]
-            pub port: u16,
+            /// port to listen on for incoming peers (default: the first free of 6881-6889, else
+            /// any free port; 0 picks any free port)
+            #[argh(option)]
+            pub port: Option<u16>,
             /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
             #[argh(option)]
             pub bind: Option<IpAddr>,
@@ -396,7 +397,7 @@ pub fn parse_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Error> {
 /// The options `download` and `seed` share, borrowed from either.
 pub struct SessionOptions<'a> {
     pub peer: &'a [String],
-    pub port: u16,
+    pub port: Option<u16>,
     pub bind: Option<IpAddr>,
     pub ca_file: Option<&'a Path>,
     pub announce_interval: Option<u64>,

@@ -226,6 +226,7 @@ impl Render {
 fn json_kind(kind: NoticeKind) -> &'static str {
     match kind {
         NoticeKind::Tracker => "tracker_error",
+        NoticeKind::PeerUnreachable => "peer_error",
         NoticeKind::PeerBanned => "peer_banned",
         NoticeKind::HashFailed => "hash_failed",
         NoticeKind::DiskChanged => "disk_changed",

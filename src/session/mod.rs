@@ -37,7 +37,7 @@ use crate::peer;
 use crate::picker::{PeerKey, Picker};
 use crate::ratelimit::TokenBucket;
 use crate::rng::{self, Rng};
-use crate::storage::{Layout, Storage, Writer};
+use crate::storage::{Layout, Storage, Undo, Writer};
 use crate::tracker::{Stats, Tracker, TrackerCommand};
 
 use peer_table::PeerTable;
@@ -50,6 +50,8 @@ pub(crate) const INPUT_CAPACITY: usize = 1024;
 const HASH_BACKLOG: u64 = 2 * 1024 * 1024;
 const TICK: Duration = Duration::from_millis(250);
 const RECHOKE_EVERY: Duration = Duration::from_secs(10);
+/// Peers named by the front end that are followed by name (for failure reports).
+const MAX_NAMED: usize = 1024;
 /// Below this many connections the tracker is asked for more peers early.
 const WANT_PEERS: usize = 10;
 
@@ -72,26 +74,40 @@ struct Prepared {
     have: Vec<bool>,
     /// Which files are fetched (all when `None`).
     selected: Option<Vec<bool>>,
-    /// Full paths of the files fetched, reported when the download completes.
-    paths: Vec<PathBuf>,
+    /// Per file of the torrent, its full path when it is fetched to disk (not when
+    /// unselected or streamed): reported as it completes, and all together at the end.
+    paths: Vec<Option<PathBuf>>,
     stream: Option<StreamTo>,
     /// The file (in the download directory) that keeps the boundary bytes of unselected
     /// files; removed after success.
     spill: Option<String>,
+    /// What preparing the download created: taken back when the run ends having verified
+    /// nothing (its files hold only zeros).
+    created: Option<Undo>,
 }
 
 /// The session thread's body: prepares the storage, runs the transfer, shuts down.
 pub(crate) fn run(r: Run) -> Result<(), Error> {
     let Source::Torrent(meta) = r.source;
-    let prepared = prepare(&meta, r.target, &r.config)?;
+    let mut prepared = prepare(&meta, r.target, &r.config)?;
     let spill = prepared.spill.clone();
+    let created = prepared.created.take();
     let storage = Arc::clone(&prepared.storage);
-    let result = transfer(meta, prepared, r.config, r.events, r.stop, r.stats, r.input);
-    if result.is_ok()
-        && let Some(spill) = spill
-    {
-        // The boundary bytes of unselected files have served their purpose.
-        let _ = storage.remove_in_root(&spill);
+    let (result, progressed) =
+        transfer(meta, prepared, r.config, r.events, r.stop, r.stats, r.input);
+    match (&result, created) {
+        (Ok(()), _) => {
+            if let Some(spill) = spill {
+                // The boundary bytes of unselected files have served their purpose.
+                let _ = storage.remove_in_root(&spill);
+            }
+        }
+        // Nothing verified: what this run made holds nothing worth resuming from.
+        (Err(_), Some(created)) if !progressed => {
+            drop(storage);
+            created.undo();
+        }
+        (Err(_), _) => {}
     }
     result
 }
@@ -130,7 +146,7 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
                         && fs::symlink_metadata(layout.full_path(i))
                             .is_ok_and(|m| m.is_file() && m.len() > 0)
                 });
-            let (storage, writer) = Storage::create_selected(
+            let (storage, writer, created) = Storage::create_selected(
                 &layout,
                 &meta.geometry,
                 selected.as_deref().map(|s| (s, spill.as_path())),
@@ -141,14 +157,14 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
                 vec![false; meta.geometry.piece_count() as usize]
             };
             let paths = (0..layout.files.len())
-                .filter(|&i| is_selected(i) && stream.is_none())
-                .map(|i| layout.full_path(i))
+                .map(|i| (is_selected(i) && stream.is_none()).then(|| layout.full_path(i)))
                 .collect();
             Ok(Prepared {
                 storage,
                 writer: Some(writer),
                 have,
                 spill: selected.is_some().then_some(spill_name),
+                created: Some(created),
                 selected,
                 paths,
                 stream,
@@ -173,6 +189,7 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
                 paths: Vec::new(),
                 stream: None,
                 spill: None,
+                created: None,
             })
         }
     }
@@ -239,8 +256,8 @@ struct Session {
     events: Sender<Event>,
     stop: Arc<AtomicBool>,
     threads: Helpers,
-    /// Full paths of the torrent's files, reported when the download completes.
-    paths: Vec<PathBuf>,
+    /// Per file, its full path when it is fetched to disk (see `Prepared::paths`).
+    paths: Vec<Option<PathBuf>>,
     /// Streaming one file (`-O -`), while it lasts.
     stream: Option<stream::Stream>,
     /// Per file, pieces not yet verified (for `FileCompleted` events).
@@ -249,6 +266,13 @@ struct Session {
     completed_at: Option<Instant>,
     /// Last time a piece was verified (for `--stall-timeout`).
     last_progress: Instant,
+    /// Peers named by the user (`--peer`, `Handle::add_peers`) that could not be reached,
+    /// with why: each reported once as it happens, and all of them if the run gives up.
+    unreachable: HashMap<SocketAddr, String>,
+    /// Peers named by the user rather than found.
+    named: HashSet<SocketAddr>,
+    /// Pieces verified in this run (a run that verified none takes back what it created).
+    verified_this_run: u32,
     cfg: Config,
     downloaded: u64,
     /// Bytes uploaded since the torrent was complete in this run (for the seed ratio).
@@ -291,25 +315,45 @@ impl Listener {
     }
 }
 
-/// Listens on the `--bind` address, or on both IPv4 and IPv6 (one dual-stack socket) when
-/// none is given, falling back to IPv4 where IPv6 is unavailable.
+/// The ports tried when none is given: BitTorrent's usual range, then any free port, so two
+/// runs at once (two CI jobs on one runner) both start.
+const DEFAULT_PORTS: std::ops::RangeInclusive<u16> = 6881..=6889;
+
+/// Listens on the configured port, or on the first free one of [`DEFAULT_PORTS`] (then any
+/// free port) when none is configured.
 fn bind_listener(cfg: &Config) -> Result<TcpListener, Error> {
+    let Some(port) = cfg.port else {
+        let mut last = None;
+        for port in DEFAULT_PORTS.chain([0]) {
+            match bind_port(cfg.bind, port) {
+                Ok(l) => return Ok(l),
+                Err(e) => last = Some(e),
+            }
+        }
+        return Err(last.expect("at least one port was tried"));
+    };
+    bind_port(cfg.bind, port)
+}
+
+/// Listens on `bind`, or on both IPv4 and IPv6 (one dual-stack socket) when none is given,
+/// falling back to IPv4 where IPv6 is unavailable.
+fn bind_port(bind: Option<IpAddr>, port: u16) -> Result<TcpListener, Error> {
     use socket2::{Domain, Socket, Type};
-    let fail = |ip: IpAddr, e| Error::io(format!("listening on {ip} port {}", cfg.port), e);
-    if let Some(ip) = cfg.bind {
-        return TcpListener::bind((ip, cfg.port)).map_err(|e| fail(ip, e));
+    let fail = |ip: IpAddr, e| Error::io(format!("listening on {ip} port {port}"), e);
+    if let Some(ip) = bind {
+        return TcpListener::bind((ip, port)).map_err(|e| fail(ip, e));
     }
     let dual = (|| -> std::io::Result<TcpListener> {
         let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
         s.set_only_v6(false)?;
         s.set_reuse_address(true)?;
-        s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), cfg.port).into())?;
+        s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into())?;
         s.listen(128)?;
         Ok(s.into())
     })();
     dual.or_else(|_| {
         let ip = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        TcpListener::bind((ip, cfg.port)).map_err(|e| fail(ip, e))
+        TcpListener::bind((ip, port)).map_err(|e| fail(ip, e))
     })
 }
 
@@ -388,6 +432,7 @@ fn spawn_hashers(
     Ok((tx, threads))
 }
 
+/// Runs the transfer; also says whether any piece was verified in this run.
 fn transfer(
     meta: Metainfo,
     prepared: Prepared,
@@ -395,7 +440,27 @@ fn transfer(
     events: Sender<Event>,
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
+    input: (Sender<Input>, Receiver<Input>),
+) -> (Result<(), Error>, bool) {
+    let mut progressed = false;
+    let result = run_transfer(
+        meta,
+        prepared,
+        cfg,
+        (events, stop, stats),
+        input,
+        &mut progressed,
+    );
+    (result, progressed)
+}
+
+fn run_transfer(
+    meta: Metainfo,
+    prepared: Prepared,
+    cfg: Config,
+    (events, stop, stats): (Sender<Event>, Arc<AtomicBool>, Arc<Stats>),
     (input_tx, input_rx): (Sender<Input>, Receiver<Input>),
+    progressed: &mut bool,
 ) -> Result<(), Error> {
     let Prepared {
         storage,
@@ -409,14 +474,6 @@ fn transfer(
     let meta = Arc::new(meta);
     let mut rng = Rng::from_os();
     let our_id = rng::peer_id(&mut rng);
-    let listener = bind_listener(&cfg)?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::io("reading the listening address", e))?;
-    let mut threads = Helpers {
-        listener: Some(spawn_listener(listener, &input_tx)?),
-        ..Helpers::default()
-    };
 
     let geometry = meta.geometry.clone();
     let wanted = match &selected {
@@ -433,18 +490,36 @@ fn transfer(
     }
     let picker = Picker::with_wanted(geometry.clone(), have, wanted, rng.next_u64());
     stats.left.store(picker.bytes_left(), Ordering::Relaxed);
+    // A download whose data is all there already (a rerun, a cache hit) needs nobody: it
+    // reports its files and ends without a listener, a tracker or a dial.
+    let offline = writer.is_some() && picker.is_complete() && !cfg.seed_after;
 
-    let (tracker_tx, tracker_rx) = crossbeam_channel::unbounded();
-    let tracker = Tracker {
-        tiers: meta.trackers.clone(),
-        info_hash: meta.info_hash,
-        peer_id: our_id,
-        port: local.port(),
-        stats: Arc::clone(&stats),
-        interval_override: cfg.announce_interval,
-        net: cfg.net(),
+    let mut threads = Helpers::default();
+    let local = if offline {
+        None
+    } else {
+        let listener = bind_listener(&cfg)?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the listening address", e))?;
+        threads.listener = Some(spawn_listener(listener, &input_tx)?);
+        Some(local)
     };
-    {
+    let listen_port = local.map_or(0, |l| l.port());
+
+    let tracker_tx = if offline {
+        None
+    } else {
+        let (tracker_tx, tracker_rx) = crossbeam_channel::unbounded();
+        let tracker = Tracker {
+            tiers: meta.trackers.clone(),
+            info_hash: meta.info_hash,
+            peer_id: our_id,
+            port: listen_port,
+            stats: Arc::clone(&stats),
+            interval_override: cfg.announce_interval,
+            net: cfg.net(),
+        };
         let out = input_tx.clone();
         threads.tracker = Some(spawn_reporting(
             "tracker",
@@ -456,7 +531,8 @@ fn transfer(
                 let _ = out.send(Input::TrackerDone);
             },
         )?);
-    }
+        Some(tracker_tx)
+    };
 
     let hash_tx = match &writer {
         Some(_) => {
@@ -469,8 +545,8 @@ fn transfer(
     let total = geometry.total_len();
     let max_hashing = (HASH_BACKLOG / u64::from(geometry.nominal_piece_len())).max(2) as usize;
     let verified = total - picker.bytes_left();
-    let mut own_addrs = vec![local];
-    if local.ip().is_unspecified() {
+    let mut own_addrs: Vec<SocketAddr> = local.into_iter().collect();
+    if let Some(local) = local.filter(|l| l.ip().is_unspecified()) {
         own_addrs.push(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             local.port(),
@@ -489,7 +565,9 @@ fn transfer(
         files: meta.files.len(),
         verified,
     });
-    let _ = events.send(Event::Listening(local));
+    if let Some(local) = local {
+        let _ = events.send(Event::Listening(local));
+    }
     let files_left = (0..geometry.file_count())
         .map(|f| {
             geometry
@@ -506,7 +584,7 @@ fn transfer(
             geometry,
             storage,
             bind: cfg.bind,
-            listen_port: local.port(),
+            listen_port,
             upload_limit: cfg
                 .max_upload_rate
                 .map(|r| Arc::new(TokenBucket::per_second(r))),
@@ -521,14 +599,14 @@ fn transfer(
         choker: Choker::new(cfg.upload_slots, rng.next_u64()),
         peers: HashMap::new(),
         next_key: 0,
-        table: PeerTable::new(own_addrs, &cfg.peers),
+        table: PeerTable::new(own_addrs, if offline { &[] } else { &cfg.peers }),
         per_ip: HashMap::new(),
         last_made_room: None,
         corrupt_on_disk: HashSet::new(),
         input_tx,
         hash_tx,
         max_hashing,
-        tracker_tx: Some(tracker_tx),
+        tracker_tx,
         stats,
         events,
         stop,
@@ -539,6 +617,9 @@ fn transfer(
         started: Instant::now(),
         completed_at: None,
         last_progress: Instant::now(),
+        verified_this_run: 0,
+        unreachable: HashMap::new(),
+        named: cfg.peers.iter().copied().collect(),
         downloaded: 0,
         uploaded: 0,
         last_need_peers: Instant::now(),
@@ -554,11 +635,15 @@ fn transfer(
         // Everything was verified at start-up (a seeder): uploads may trust unchanged files.
         s.ctx.storage.mark_known_good();
     }
+    if s.writer.is_some() {
+        s.report_files_complete_at_start();
+    }
     let result = s.main_loop(&input_rx);
     s.shutdown(&input_rx);
     if s.finish_pending && result.is_ok() {
         s.report_finished();
     }
+    *progressed = s.verified_this_run > 0;
     // Threads still sending to the session see it gone and end; then they can be joined.
     drop(input_rx);
     s.join_helpers();
@@ -590,7 +675,13 @@ impl Session {
                 .timeout
                 .is_some_and(|t| self.started.elapsed() >= t)
             {
-                return Err(Error::Timeout);
+                // A limit on the download never fails a finished download: it ends the
+                // seeding that follows.
+                return if self.picker.is_complete() && self.stream.is_none() {
+                    Ok(())
+                } else {
+                    Err(Error::Timeout)
+                };
             }
             if !self.picker.is_complete()
                 && self
@@ -668,9 +759,21 @@ impl Session {
             && self.peers.is_empty()
             && !self.table.has_candidates()
         {
-            return Err(Error::NoPeers(
-                "no tracker answered and no peer is known (add --peer HOST:PORT?)".into(),
-            ));
+            let message = if self.unreachable.is_empty() {
+                "no tracker answered and no peer is known (add --peer HOST:PORT?)".to_string()
+            } else {
+                let mut failed: Vec<String> = self
+                    .unreachable
+                    .iter()
+                    .map(|(addr, why)| format!("{addr} ({why})"))
+                    .collect();
+                failed.sort();
+                format!(
+                    "no tracker answered and no peer could be reached: {}",
+                    failed.join(", ")
+                )
+            };
+            return Err(Error::NoPeers(message));
         }
         Ok(())
     }
@@ -680,6 +783,10 @@ impl Session {
             Input::Peer { key, event } => self.on_peer_event(key, event)?,
             Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
             Input::Peers(list) => self.add_candidates(list),
+            Input::NamedPeers(list) => {
+                self.named.extend(list.iter().take(MAX_NAMED));
+                self.add_candidates(list);
+            }
             Input::TrackerNotice(m) => self.notice(NoticeKind::Tracker, m),
             // The tracker thread ended by itself (a torrent without trackers ends it at
             // once): the shutdown must not wait for it to say so a second time.

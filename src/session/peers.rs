@@ -356,6 +356,22 @@ impl Session {
         if let Some(t) = p.thread.take() {
             let _ = t.join();
         }
+        if let Some(e) = error
+            && p.outbound
+            && p.peer_id.is_none()
+            && self.named.contains(&p.addr)
+            && !self.unreachable.contains_key(&p.addr)
+        {
+            self.unreachable.insert(p.addr, e.to_string());
+            self.notice(
+                NoticeKind::PeerUnreachable,
+                format!("cannot reach peer {}: {e}; will retry", p.addr),
+            );
+        }
+        if p.peer_id.is_some() {
+            // It answered once: its earlier failure no longer stands.
+            self.unreachable.remove(&p.addr);
+        }
         if error.is_some_and(PeerError::is_violation) {
             // Its id is banned too (on its IP only), so it cannot come back inbound from
             // another port.

@@ -286,6 +286,7 @@ impl Session {
         let len = u64::from(self.picker.geometry().piece_len(piece));
         self.stats.left.fetch_sub(len, Ordering::Relaxed);
         self.last_progress = Instant::now();
+        self.verified_this_run += 1;
         self.count_file_progress(piece);
         self.advance_stream();
         // A seed has every piece: a have would only wake both ends (a write here, a read
@@ -320,12 +321,36 @@ impl Session {
         for f in files {
             self.files_left[f] -= 1;
             if self.files_left[f] == 0
-                && let Some(path) = self.paths.get(f)
+                && let Some(Some(path)) = self.paths.get(f)
             {
                 let _ = self.events.send(Event::FileCompleted {
                     path: path.clone(),
                     size: g.file_len(f),
                 });
+            }
+        }
+    }
+
+    /// A download that starts with files complete (resumed, or a rerun on complete data)
+    /// reports them as a fresh download would; when everything is there, it finishes now.
+    pub(super) fn report_files_complete_at_start(&mut self) {
+        let g = self.picker.geometry().clone();
+        for (f, path) in self.paths.iter().enumerate() {
+            if let Some(path) = path
+                && self.files_left[f] == 0
+            {
+                let _ = self.events.send(Event::FileCompleted {
+                    path: path.clone(),
+                    size: g.file_len(f),
+                });
+            }
+        }
+        if self.picker.is_complete() {
+            self.completed_at = Some(Instant::now());
+            if self.cfg.seed_after {
+                self.report_finished();
+            } else {
+                self.finish_pending = true;
             }
         }
     }
@@ -390,7 +415,7 @@ impl Session {
             downloaded: self.downloaded,
             uploaded,
             elapsed: end.duration_since(self.started),
-            paths: self.paths.clone(),
+            paths: self.paths.iter().flatten().cloned().collect(),
         });
     }
 
