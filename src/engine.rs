@@ -233,8 +233,10 @@ pub enum Event {
     },
     /// The download is complete and the files are in place.
     Finished {
-        /// Bytes received from peers in this run.
-        downloaded: u64,
+        /// Bytes verified against their hashes (all that was wanted, now).
+        verified: u64,
+        /// Bytes received from peers in this run (resumed data is not among them).
+        transferred: u64,
         uploaded: u64,
         /// From the start of the transfer to completion.
         elapsed: Duration,
@@ -245,11 +247,19 @@ pub enum Event {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
-    /// Bytes verified against their hashes.
+    /// Bytes verified against their hashes (resumed data included).
     pub verified: u64,
+    /// The torrent's size.
     pub total: u64,
+    /// Bytes received from peers in this run.
+    pub transferred: u64,
+    /// Bytes sent to peers in this run.
+    pub uploaded: u64,
+    /// Connected peers, and how many of them have everything.
     pub peers: usize,
     pub seeds: usize,
+    /// Everything wanted is verified (the run is seeding, or about to end).
+    pub complete: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

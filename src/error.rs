@@ -27,6 +27,9 @@ pub enum Error {
         bad: u32,
         total: u32,
     },
+    /// The data path holds none of the torrent's files (the message says what was looked
+    /// for).
+    NoData(String),
     NoPeers(String),
     Timeout,
     Stalled,
@@ -59,7 +62,7 @@ impl fmt::Display for Error {
             Error::Incomplete { bad, total } => {
                 write!(f, "{bad} of {total} pieces are missing or corrupt")
             }
-            Error::NoPeers(m) => write!(f, "{m}"),
+            Error::NoPeers(m) | Error::NoData(m) => write!(f, "{m}"),
             Error::Timeout => write!(f, "timed out"),
             Error::Stalled => write!(f, "no progress for too long (stalled)"),
             Error::Interrupted => write!(f, "interrupted"),

@@ -375,6 +375,15 @@ fn open_below(
 ) -> Result<Option<File>, Error> {
     let write = undo.is_some();
     let mut path = root_path.to_path_buf();
+    // openat would reach deeper than PATH_MAX, but the paths we print could not be opened
+    // by anyone else.
+    let full = root_path.join(rel);
+    if full.as_os_str().len() >= libc::PATH_MAX as usize {
+        return Err(Error::io(
+            &full,
+            io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+        ));
+    }
     let mut dir: Option<File> = None;
     let mut elements = rel.components().peekable();
     while let Some(element) = elements.next() {
@@ -778,6 +787,11 @@ impl Storage {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+
+    /// How many of the torrent's files exist (opened read-only: verify, seed).
+    pub fn files_present(&self) -> usize {
+        self.slots.iter().filter(|s| s.file.is_some()).count()
     }
 
     pub fn geometry(&self) -> &Geometry {

@@ -262,7 +262,7 @@ fn seed_and_download(fixture: &Fixture, pieces: u64) {
         .next()
         .expect("a `finished` event");
     assert_eq!(
-        field_u64(finished, "downloaded"),
+        field_u64(finished, "transferred"),
         fixture.size(),
         "a fresh download from one seeder should receive each byte once\n{}",
         download.diagnostics()
@@ -522,7 +522,7 @@ fn killed_download_resumes_from_verified_data() {
         of_kind(&events, "finished")
             .next()
             .expect("a `finished` event"),
-        "downloaded",
+        "transferred",
     );
     assert!(
         fetched <= total - verified,

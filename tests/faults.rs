@@ -276,7 +276,7 @@ fn only_seeder_corrupting_every_piece_is_banned_nothing_counts_and_the_run_stall
     let ev = events(&resume);
     let fetched = of_kind(&ev, "finished")
         .next()
-        .map(|e| field(e, "downloaded"));
+        .map(|e| field(e, "transferred"));
     let first = progress(&ev).first().copied();
     if fetched.is_none_or(|f| f < fx.size) || first.is_some_and(|f| f > fetched.unwrap_or(0)) {
         fail(
@@ -975,7 +975,7 @@ fn disk_full_is_a_clear_error_with_exit_5_and_a_bigger_disk_resumes() {
     let first = progress(&resume_events).first().copied();
     let received = of_kind(&resume_events, "finished")
         .next()
-        .map(|e| field(e, "downloaded"));
+        .map(|e| field(e, "transferred"));
     let slack = 3 * fx.pieces.piece_len;
     if first.is_some_and(|f| f < partial) || received.is_none_or(|r| r > fx.size - partial + slack)
     {

@@ -53,7 +53,7 @@ pub fn of(e: &crate::error::Error) -> ExitCode {
             ExitCode::DiskFull
         }
         Error::Io { .. } | Error::Internal(_) => ExitCode::Io,
-        Error::Incomplete { .. } => ExitCode::Incomplete,
+        Error::Incomplete { .. } | Error::NoData(_) => ExitCode::Incomplete,
         Error::NoPeers(_) => ExitCode::NoPeers,
         Error::Timeout => ExitCode::Timeout,
         Error::Stalled => ExitCode::Stalled,

@@ -63,3 +63,16 @@ pub fn raise_open_file_limit() {
         }
     }
 }
+
+/// The width of the terminal on stderr, in columns, if stderr is one.
+pub fn terminal_width() -> Option<usize> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ fills the winsize we pass; fd 2 is only queried.
+    let rc = unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut size) };
+    (rc == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}

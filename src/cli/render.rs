@@ -2,20 +2,20 @@
 //! for people or written as JSON. Only the CLI's main thread calls it.
 //!
 //! Three modes:
-//! - a person at a terminal: a progress bar on stderr, notes above it, a summary at the end;
-//! - a script (stderr not a terminal, or `--quiet`): no bar; notes and summary unless quiet;
+//! - a person (`Human`): on a terminal, one status line redrawn in place on stderr, fitted to
+//!   the terminal's width, notes printed above it, a summary at the end; when stderr is not a
+//!   terminal (a CI log), a plain progress line every `--progress-interval` instead;
+//! - `--quiet`: errors only (main prints those);
 //! - `--json`: newline-delimited events on stdout (schema in the README), nothing else there.
 //!
 //! Without `--json`, stdout carries only the paths of the downloaded files, one per line, once
 //! the download is complete.
 
-use std::io::{IsTerminal, Stderr, Write};
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use pbr::{ProgressBar, Units};
-
 use super::human_bytes;
-use crate::engine::{Event, NoticeKind};
+use crate::engine::{Event, NoticeKind, Progress};
 use crate::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,27 +25,84 @@ pub enum Mode {
     Json,
 }
 
-pub struct Render {
-    bar: Option<ProgressBar<Stderr>>,
-    mode: Mode,
-    last_draw: Instant,
-    last_json: Instant,
-    /// (time, bytes) at the previous JSON progress event, for its rate.
-    last_sample: (Instant, u64),
-}
-
+/// How often the status line is redrawn on a terminal.
+const REDRAW: Duration = Duration::from_millis(200);
 /// Progress events in JSON mode come at this steady interval.
 const JSON_INTERVAL: Duration = Duration::from_secs(1);
+/// Rates are measured over about this long.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+pub struct Render {
+    mode: Mode,
+    /// stderr is a terminal: the status line is redrawn in place.
+    tty: bool,
+    /// Plain progress lines when stderr is not a terminal (`None`: never).
+    interval: Option<Duration>,
+    /// A status line is on screen (to clear before printing anything else).
+    drawn: bool,
+    last_draw: Option<Instant>,
+    last_json: Instant,
+    last_line: Instant,
+    rates: Rates,
+    size: u64,
+    /// Bytes verified at start (resumed data): not counted as transfer.
+    verified_at_start: u64,
+    last: Option<Progress>,
+    finished: bool,
+    started: Instant,
+}
+
+/// Download and upload rates over the last few seconds, from cumulative counters.
+struct Rates {
+    samples: std::collections::VecDeque<(Instant, u64, u64)>,
+}
+
+impl Rates {
+    fn new() -> Rates {
+        Rates {
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Records the counters now; returns (download, upload) bytes per second.
+    fn sample(&mut self, now: Instant, down: u64, up: u64) -> (u64, u64) {
+        self.samples.push_back((now, down, up));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|s| now.duration_since(s.0) >= RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let (t0, d0, u0) = self.samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs < 0.2 {
+            return (0, 0);
+        }
+        let rate = |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs) as u64;
+        (rate(down, d0), rate(up, u0))
+    }
+}
 
 impl Render {
-    pub fn new(mode: Mode) -> Render {
+    /// `interval`: plain progress lines when stderr is not a terminal (`None` or zero: off).
+    pub fn new(mode: Mode, interval: Option<Duration>) -> Render {
         let now = Instant::now();
         Render {
-            bar: None,
             mode,
-            last_draw: now,
+            tty: std::io::stderr().is_terminal(),
+            interval: interval.filter(|d| !d.is_zero()),
+            drawn: false,
+            last_draw: None,
             last_json: now,
-            last_sample: (now, 0),
+            last_line: now,
+            rates: Rates::new(),
+            size: 0,
+            verified_at_start: 0,
+            last: None,
+            finished: false,
+            started: now,
         }
     }
 
@@ -61,27 +118,38 @@ impl Render {
                 verified,
             } => self.start(name, info_hash, *size, *pieces, *files, *verified),
             Event::Listening(addr) => self.listening(*addr),
-            Event::Progress(p) => self.update(p.verified, p.total, p.peers, p.seeds),
+            Event::Progress(p) => self.update(p),
             Event::FileCompleted { path, size } => {
                 self.file_completed(&path.display().to_string(), *size)
             }
             Event::Notice { kind, message } => self.note_kind(json_kind(*kind), message),
             Event::Finished {
-                downloaded,
+                verified,
+                transferred,
                 uploaded,
                 elapsed,
                 paths,
-            } => self.finish(*downloaded, *uploaded, *elapsed, paths),
+            } => self.finish(*verified, *transferred, *uploaded, *elapsed, paths),
             // Events of later versions of the engine are not ours to show.
             #[allow(unreachable_patterns)]
             _ => {}
         }
     }
 
-    /// The run ended (with or without `Finished`): a bar left open is closed.
+    /// The run ended (with or without `Finished`): the status line is cleared, and a run
+    /// that was seeding says what it gave.
     pub fn close(&mut self) {
-        if let Some(mut pb) = self.bar.take() {
-            pb.finish_print("");
+        self.clear();
+        if self.mode != Mode::Human {
+            return;
+        }
+        if let Some(p) = self.last.filter(|p| p.complete && p.uploaded > 0) {
+            stderr_line(&format!(
+                "bitfetch: uploaded {} (ratio {:.2}) in {}",
+                human_bytes(p.uploaded),
+                ratio(p.uploaded, p.total),
+                duration(self.started.elapsed())
+            ));
         }
     }
 
@@ -101,31 +169,20 @@ impl Render {
         files: usize,
         verified: u64,
     ) {
-        let now = Instant::now();
-        self.last_sample = (now, verified);
-        self.last_json = now;
+        self.size = size;
+        self.verified_at_start = verified;
+        self.started = Instant::now();
         if self.mode == Mode::Json {
             let info_hash: String = info_hash.iter().map(|b| format!("{b:02x}")).collect();
             self.emit(&format!(
-                "{{\"event\":\"start\",\"name\":{},\"info_hash\":\"{info_hash}\",\"size\":{size},\"pieces\":{pieces},\"files\":{files}}}",
+                "{{\"event\":\"start\",\"name\":{},\"info_hash\":\"{info_hash}\",\"size\":{size},\"pieces\":{pieces},\"files\":{files},\"verified\":{verified}}}",
                 json::string(name)
             ));
         }
-        // No bar for data that is complete already (a seeder, a finished resume).
-        let show = self.mode == Mode::Human && verified < size && std::io::stderr().is_terminal();
-        self.bar = show.then(|| {
-            let mut pb = ProgressBar::on(std::io::stderr(), size);
-            pb.set_units(Units::Bytes);
-            pb.set_max_refresh_rate(Some(Duration::from_millis(200)));
-            pb.show_speed = true;
-            pb.show_time_left = true;
-            pb.set(verified);
-            pb
-        });
     }
 
-    /// The listening address: a JSON event, or a stderr line (kept even with `--quiet`
-    /// suppressed: scripts that seed need the port).
+    /// The listening address: a JSON event, or a stderr line (scripts that seed need the
+    /// port).
     fn listening(&self, addr: std::net::SocketAddr) {
         match self.mode {
             Mode::Json => self.emit(&format!(
@@ -136,25 +193,55 @@ impl Render {
         }
     }
 
-    fn update(&mut self, done: u64, total: u64, peers: usize, seeds: usize) {
+    fn update(&mut self, p: &Progress) {
         let now = Instant::now();
-        if self.mode == Mode::Json && now.duration_since(self.last_json) >= JSON_INTERVAL {
-            let (t0, b0) = self.last_sample;
-            let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
-            let rate = (done.saturating_sub(b0) as f64 / secs) as u64;
-            self.last_json = now;
-            self.last_sample = (now, done);
-            self.emit(&format!(
-                "{{\"event\":\"progress\",\"downloaded\":{done},\"total\":{total},\"rate\":{rate},\"peers\":{peers},\"seeders\":{seeds}}}"
-            ));
+        let (down, up) = self.rates.sample(now, p.transferred, p.uploaded);
+        self.last = Some(*p);
+        match self.mode {
+            Mode::Json if now.duration_since(self.last_json) >= JSON_INTERVAL => {
+                self.last_json = now;
+                self.emit(&format!(
+                    "{{\"event\":\"progress\",\"downloaded\":{},\"total\":{},\"transferred\":{},\"uploaded\":{},\"rate\":{down},\"upload_rate\":{up},\"peers\":{},\"seeders\":{}}}",
+                    p.verified, p.total, p.transferred, p.uploaded, p.peers, p.seeds
+                ));
+            }
+            Mode::Human if self.tty && !self.finished => {
+                if self
+                    .last_draw
+                    .is_some_and(|t| now.duration_since(t) < REDRAW)
+                {
+                    return;
+                }
+                self.last_draw = Some(now);
+                let width = super::process::terminal_width().unwrap_or(80);
+                let line = status_line(p, down, up, width);
+                // One write: carriage return, the line, clear to its end.
+                let _ = std::io::stderr()
+                    .lock()
+                    .write_all(format!("\r{line}\x1b[K").as_bytes());
+                self.drawn = true;
+            }
+            Mode::Human if !self.tty => {
+                let Some(every) = self.interval else { return };
+                if now.duration_since(self.last_line) < every {
+                    return;
+                }
+                self.last_line = now;
+                stderr_line(&format!(
+                    "bitfetch: {}",
+                    status_line(p, down, up, usize::MAX)
+                ));
+            }
+            _ => {}
         }
-        if now.duration_since(self.last_draw) < Duration::from_millis(200) {
-            return;
-        }
-        self.last_draw = now;
-        if let Some(pb) = &mut self.bar {
-            pb.message(&format!("{peers} peers ({seeds} seeds) "));
-            pb.set(done);
+    }
+
+    /// Clears the status line, if one is drawn.
+    fn clear(&mut self) {
+        if self.drawn {
+            let _ = std::io::stderr().lock().write_all(b"\r\x1b[K");
+            self.drawn = false;
+            self.last_draw = None;
         }
     }
 
@@ -168,9 +255,8 @@ impl Render {
             )),
             Mode::Quiet => {}
             Mode::Human => {
-                // Clear the bar's line first, in the same write.
-                let clear = if self.bar.is_some() { "\r\x1b[2K" } else { "" };
-                stderr_line(&format!("{clear}bitfetch: {msg}"));
+                self.clear();
+                stderr_line(&format!("bitfetch: {msg}"));
             }
         }
     }
@@ -184,33 +270,44 @@ impl Render {
         }
     }
 
-    /// The download is complete: the bar closes; a person gets a summary on stderr, a script
-    /// gets the file paths on stdout, JSON gets a `finished` event.
+    /// The download is complete: the status line goes; a person gets a summary on stderr, a
+    /// script gets the file paths on stdout, JSON gets a `finished` event.
     fn finish(
         &mut self,
-        downloaded: u64,
+        verified: u64,
+        transferred: u64,
         uploaded: u64,
         elapsed: Duration,
         paths: &[std::path::PathBuf],
     ) {
-        self.close();
+        self.clear();
+        self.finished = true;
         let secs = elapsed.as_secs_f64();
         match self.mode {
             Mode::Json => self.emit(&format!(
-                "{{\"event\":\"finished\",\"downloaded\":{downloaded},\"uploaded\":{uploaded},\"elapsed\":{secs:.3}}}"
+                "{{\"event\":\"finished\",\"downloaded\":{verified},\"transferred\":{transferred},\"uploaded\":{uploaded},\"elapsed\":{secs:.3}}}"
             )),
             Mode::Human | Mode::Quiet => {
                 if self.mode == Mode::Human {
-                    let rate = if secs > 0.0 {
-                        downloaded as f64 / secs
+                    let summary = if transferred == 0 && verified > 0 {
+                        format!(
+                            "bitfetch: downloaded nothing: all {} were already here",
+                            human_bytes(verified)
+                        )
                     } else {
-                        0.0
+                        let rate = if secs > 0.0 {
+                            transferred as f64 / secs
+                        } else {
+                            0.0
+                        };
+                        format!(
+                            "bitfetch: downloaded {} in {} ({}/s)",
+                            human_bytes(transferred),
+                            duration(elapsed),
+                            human_bytes(rate as u64)
+                        )
                     };
-                    stderr_line(&format!(
-                        "bitfetch: downloaded {} in {secs:.1} s ({}/s)",
-                        human_bytes(downloaded),
-                        human_bytes(rate as u64)
-                    ));
+                    stderr_line(&summary);
                 }
                 let mut out = std::io::stdout().lock();
                 for p in paths {
@@ -219,6 +316,111 @@ impl Render {
                 let _ = out.flush();
             }
         }
+    }
+}
+
+/// `uploaded / total`, for a seed ratio.
+fn ratio(uploaded: u64, total: u64) -> f64 {
+    uploaded as f64 / total.max(1) as f64
+}
+
+/// `1h 02m`, `3m 05s`, `12.3 s`.
+fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h {:02}m", s / 3600, s / 60 % 60)
+    } else if s >= 60 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+fn peers_text(n: usize) -> String {
+    if n == 1 {
+        "1 peer".into()
+    } else {
+        format!("{n} peers")
+    }
+}
+
+/// The status line, fitted to `width` columns: the parts that matter most first, a bar only
+/// where there is room for a useful one.
+///
+/// Downloading: `[#####-----]  45%  45.2 MiB / 100.0 MiB  12.3 MiB/s  3 peers  ETA 5s`.
+/// Seeding: `seeding  up 1.20 MiB/s  3 peers  ratio 0.42`.
+fn status_line(p: &Progress, down: u64, up: u64, width: usize) -> String {
+    if p.complete {
+        let parts = [
+            "seeding".to_string(),
+            format!("up {}/s", human_bytes(up)),
+            peers_text(p.peers),
+            format!("ratio {:.2}", ratio(p.uploaded, p.total)),
+        ];
+        return fit(&parts, width);
+    }
+    let pct = if p.total == 0 {
+        100.0
+    } else {
+        p.verified as f64 * 100.0 / p.total as f64
+    };
+    let eta = (down > 0).then(|| {
+        let secs = p.total.saturating_sub(p.verified) / down.max(1);
+        format!("ETA {}", short_duration(secs))
+    });
+    let parts: Vec<String> = [
+        Some(format!("{pct:.0}%")),
+        Some(format!(
+            "{} / {}",
+            human_bytes(p.verified),
+            human_bytes(p.total)
+        )),
+        Some(format!("{}/s", human_bytes(down))),
+        Some(peers_text(p.peers)),
+        eta,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let text = fit(&parts, width);
+    // A bar in what is left, when at least 10 columns are.
+    let room = width
+        .saturating_sub(1)
+        .saturating_sub(text.chars().count() + 1);
+    if width == usize::MAX || room < 12 {
+        return text;
+    }
+    let inner = (room - 2).min(30);
+    let filled = ((pct / 100.0) * inner as f64) as usize;
+    format!(
+        "[{}{}] {text}",
+        "#".repeat(filled.min(inner)),
+        "-".repeat(inner - filled.min(inner))
+    )
+}
+
+/// Joins `parts` with two spaces, dropping parts from the end until the line fits `width`
+/// (a terminal's last column is left free, so the line never wraps).
+fn fit(parts: &[String], width: usize) -> String {
+    let limit = width.saturating_sub(1);
+    let mut n = parts.len();
+    loop {
+        let line = parts[..n].join("  ");
+        if line.chars().count() <= limit || n == 1 {
+            return line.chars().take(limit).collect();
+        }
+        n -= 1;
+    }
+}
+
+/// `45s`, `3m 05s`, `2h 10m`.
+fn short_duration(secs: u64) -> String {
+    if secs >= 3600 {
+        format!("{}h {:02}m", secs / 3600, secs / 60 % 60)
+    } else if secs >= 60 {
+        format!("{}m {:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
     }
 }
 
@@ -250,4 +452,63 @@ pub fn stderr_line(line: &str) {
     buf.push_str(line);
     buf.push('\n');
     let _ = std::io::stderr().lock().write_all(buf.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(verified: u64, complete: bool) -> Progress {
+        Progress {
+            verified,
+            total: 100 << 20,
+            transferred: verified,
+            uploaded: 3 << 20,
+            peers: 1,
+            seeds: 1,
+            complete,
+        }
+    }
+
+    #[test]
+    fn the_status_line_fits_narrow_and_wide_terminals() {
+        let p = progress(45 << 20, false);
+        for width in [20, 40, 80, 120, 200] {
+            let line = status_line(&p, 12 << 20, 0, width);
+            assert!(line.chars().count() < width, "{width}: {line:?}");
+            assert!(line.contains("45%"), "{width}: {line:?}");
+        }
+        let wide = status_line(&p, 12 << 20, 0, 120);
+        assert!(wide.starts_with('[') && wide.contains("] 45%"), "{wide}");
+        for part in ["45.00 MiB / 100.00 MiB", "12.00 MiB/s", "1 peer ", "ETA 4s"] {
+            assert!(wide.contains(part), "{part} in {wide}");
+        }
+        assert!(!wide.contains("peers"), "one peer is a peer: {wide}");
+        let narrow = status_line(&p, 12 << 20, 0, 40);
+        assert!(!narrow.contains('['), "no room for a bar: {narrow}");
+    }
+
+    #[test]
+    fn seeding_shows_upload_rate_peers_and_ratio() {
+        let line = status_line(&progress(100 << 20, true), 0, 1 << 20, 120);
+        assert_eq!(line, "seeding  up 1.00 MiB/s  1 peer  ratio 0.03");
+    }
+
+    #[test]
+    fn resumed_data_is_not_a_transfer_rate() {
+        let mut rates = Rates::new();
+        let t0 = Instant::now();
+        // 2 TB verified at start is not in the counters at all: only transfers are.
+        assert_eq!(rates.sample(t0, 0, 0), (0, 0));
+        let (down, _) = rates.sample(t0 + Duration::from_secs(1), 1 << 20, 0);
+        assert_eq!(down, 1 << 20);
+    }
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(short_duration(45), "45s");
+        assert_eq!(short_duration(185), "3m 05s");
+        assert_eq!(short_duration(7800), "2h 10m");
+        assert_eq!(duration(Duration::from_millis(12_340)), "12.3 s");
+    }
 }

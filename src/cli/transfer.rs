@@ -14,6 +14,8 @@ use crate::engine::{Config, Engine, Source, StreamTo, Target};
 use crate::error::Error;
 use crate::metainfo::Metainfo;
 
+/// Progress lines in a log (stderr not a terminal), like aria2c's summary interval.
+const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the CLI looks at the signal flag while waiting for events.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
@@ -75,9 +77,9 @@ fn private_temp_dir(meta: &Metainfo) -> Result<PathBuf, Error> {
 pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
     let meta = load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
     if a.list {
-        return super::list_files(&meta);
+        return super::commands::list_files(&meta, a.json);
     }
-    let (mut config, mode) = session_config(&a.options(), a.seeding())?;
+    let (mut config, mode, interval) = session_config(&a.options(), a.seeding())?;
     config.fsync = a.fsync;
     let streaming = a.streaming()?;
     let selection = a.selection(&meta)?;
@@ -92,6 +94,14 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
         Some(f) => Some((0..meta.files.len()).map(|i| i == f).collect::<Vec<_>>()),
         None => selection,
     };
+    if let Some(out) = &a.output
+        && fs::metadata(out).is_ok_and(|m| !m.is_dir())
+    {
+        return Err(Error::Usage(format!(
+            "-o {}: that is a file; -o takes the directory to download into",
+            out.display()
+        )));
+    }
     // Streaming without -o keeps the data in a temporary directory, removed at the end.
     let (dir, temporary) = match (&a.output, streaming) {
         (Some(d), _) => (d.clone(), false),
@@ -106,7 +116,7 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
             out: Box::new(std::io::stdout()),
         }),
     };
-    let result = drive(meta, target, config, mode);
+    let result = drive(meta, target, config, (mode, interval));
     if temporary {
         let _ = fs::remove_dir_all(&dir);
     }
@@ -115,18 +125,23 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
 
 pub(super) fn seed(a: &SeedArgs) -> Result<(), Error> {
     let meta = load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
-    let (config, mode) = session_config(&a.options(), true)?;
+    let (config, mode, interval) = session_config(&a.options(), true)?;
     let target = Target::Seed {
         data: a.data.clone(),
     };
-    drive(meta, target, config, mode)
+    drive(meta, target, config, (mode, interval))
 }
 
 /// Runs the engine to its end, rendering its events; SIGINT/SIGTERM stop it in order.
-fn drive(meta: Metainfo, target: Target, config: Config, mode: Mode) -> Result<(), Error> {
+fn drive(
+    meta: Metainfo,
+    target: Target,
+    config: Config,
+    (mode, interval): (Mode, Option<Duration>),
+) -> Result<(), Error> {
     process::install_stop_handler();
     let (handle, events) = Engine::start(Source::Torrent(meta), target, config);
-    let mut render = Render::new(mode);
+    let mut render = Render::new(mode, interval);
     let mut stop_sent = false;
     loop {
         match events.recv_timeout(SIGNAL_POLL) {
@@ -143,15 +158,20 @@ fn drive(meta: Metainfo, target: Target, config: Config, mode: Mode) -> Result<(
     handle.wait()
 }
 
-/// The engine's configuration and the output mode from the options `download` and `seed`
-/// share.
+/// The engine's configuration, the output mode and the progress-line interval from the
+/// options `download` and `seed` share.
 pub(super) fn session_config(
     o: &SessionOptions,
     seed_after: bool,
-) -> Result<(Config, Mode), Error> {
+) -> Result<(Config, Mode, Option<Duration>), Error> {
+    // `0` means no limit, as in aria2c and curl.
     let rate = |r: Option<&str>| -> Result<Option<u64>, Error> {
-        r.map(|r| crate::ratelimit::parse_rate(r).map_err(Error::Usage))
-            .transpose()
+        match r.map(str::trim) {
+            None | Some("0") => Ok(None),
+            Some(r) => crate::ratelimit::parse_rate(r)
+                .map(Some)
+                .map_err(Error::Usage),
+        }
     };
     let duration = |d: Option<&str>| -> Result<Option<Duration>, Error> {
         d.map(super::parse_duration)
@@ -195,5 +215,6 @@ pub(super) fn session_config(
     } else {
         Mode::Human
     };
-    Ok((config, mode))
+    let interval = duration(o.progress_interval)?.or(Some(DEFAULT_PROGRESS_INTERVAL));
+    Ok((config, mode, interval))
 }

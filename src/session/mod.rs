@@ -173,6 +173,9 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
         Target::Seed { data } => {
             let layout = Layout::for_data_path(&data, meta);
             let storage = Storage::open_existing(&layout, &meta.geometry)?;
+            if storage.files_present() == 0 {
+                return Err(no_data(&data, meta, &layout));
+            }
             let have = storage.verify_all(meta, cfg.hashers);
             let bad = have.iter().filter(|h| !**h).count() as u32;
             if bad > 0 {
@@ -193,6 +196,23 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
             })
         }
     }
+}
+
+/// The error for a data path that holds none of the torrent's files: what was looked for,
+/// and for a multi-file torrent, that the path is the directory holding its top directory.
+pub(crate) fn no_data(data: &std::path::Path, meta: &Metainfo, layout: &Layout) -> Error {
+    if !meta.multi_file {
+        return Error::NoData(format!("no file at {}", layout.full_path(0).display()));
+    }
+    let given = data.display();
+    let name = &meta.name;
+    Error::NoData(if data.file_name().is_some_and(|n| *n == **name) {
+        format!(
+            "{given} holds the torrent's files themselves; give the directory that holds {name}/ (its parent)"
+        )
+    } else {
+        format!("no {name}/ in {given}: give the directory that holds the torrent's {name}/")
+    })
 }
 
 /// Tells the session that one of its helper threads died on a panic, so the run ends with
@@ -744,8 +764,11 @@ impl Session {
         let _ = self.events.send(Event::Progress(crate::engine::Progress {
             verified,
             total,
+            transferred: self.downloaded,
+            uploaded: self.stats.uploaded.load(Ordering::Relaxed),
             peers,
             seeds,
+            complete: self.picker.is_complete(),
         }));
     }
 

@@ -411,8 +411,10 @@ impl Session {
         self.finish_pending = false;
         let uploaded = self.stats.uploaded.load(Ordering::Relaxed);
         let end = self.completed_at.unwrap_or_else(Instant::now);
+        let total = self.picker.geometry().total_len();
         let _ = self.events.send(Event::Finished {
-            downloaded: self.downloaded,
+            verified: total - self.stats.left.load(Ordering::Relaxed),
+            transferred: self.downloaded,
             uploaded,
             elapsed: end.duration_since(self.started),
             paths: self.paths.iter().flatten().cloned().collect(),
