@@ -372,6 +372,12 @@ fn parse_url_list(top: &Dict) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// Parses `doc` with `{pieces}` standing for one piece hash.
+    fn with_pieces(doc: &str) -> Metainfo {
+        let doc = doc.replace("{pieces}", &"x".repeat(20));
+        Metainfo::from_bytes(doc.as_bytes()).unwrap()
+    }
+
     fn single(extra_info: &str) -> Vec<u8> {
         let pieces = "x".repeat(60);
         format!(
@@ -429,11 +435,9 @@ mod tests {
 
     #[test]
     fn multi_file_paths_are_prefixed_and_checked() {
-        let pieces = "x".repeat(20);
-        let doc = format!(
-            "d4:infod5:filesld6:lengthi3e4:pathl3:sub1:aeed6:lengthi0e4:pathl1:beee4:name3:top12:piece lengthi16384e6:pieces20:{pieces}ee"
+        let m = with_pieces(
+            "d4:infod5:filesld6:lengthi3e4:pathl3:sub1:aeed6:lengthi0e4:pathl1:beee4:name3:top12:piece lengthi16384e6:pieces20:{pieces}ee",
         );
-        let m = Metainfo::from_bytes(doc.as_bytes()).unwrap();
         assert!(m.multi_file);
         assert_eq!(m.files[0].path, PathBuf::from("top/sub/a"));
         assert_eq!(m.files[1].path, PathBuf::from("top/b"));
@@ -519,11 +523,9 @@ mod tests {
 
     #[test]
     fn announce_list_takes_precedence() {
-        let pieces = "x".repeat(20);
-        let doc = format!(
-            "d8:announce5:http:13:announce-listll3:a:/3:b:/el3:c:/ee4:infod4:name1:a6:lengthi5e12:piece lengthi16384e6:pieces20:{pieces}e7:privatei1ee"
+        let m = with_pieces(
+            "d8:announce5:http:13:announce-listll3:a:/3:b:/el3:c:/ee4:infod4:name1:a6:lengthi5e12:piece lengthi16384e6:pieces20:{pieces}e7:privatei1ee",
         );
-        let m = Metainfo::from_bytes(doc.as_bytes()).unwrap();
         assert_eq!(m.trackers, vec![vec!["a:/", "b:/"], vec!["c:/"]]);
     }
 }

@@ -644,6 +644,14 @@ mod tests {
         Picker::new(g, vec![false; pieces as usize], 7)
     }
 
+    /// A picker with one peer, A, that has everything.
+    fn one_seed(pieces: u64) -> Picker {
+        let mut p = picker(pieces);
+        p.add_peer(A);
+        p.peer_has_all(A);
+        p
+    }
+
     /// A picker with two peers, A and B, that have everything.
     fn two_seeds(pieces: u64) -> Picker {
         let mut p = picker(pieces);
@@ -713,9 +721,7 @@ mod tests {
 
     #[test]
     fn filtered_assignment_stays_inside_the_filter() {
-        let mut p = picker(6);
-        p.add_peer(A);
-        p.peer_has_all(A);
+        let mut p = one_seed(6);
         let only = p.geometry().piece(4).unwrap();
         let got = p.assign_filtered(A, 10, &|piece| piece == only);
         assert_eq!(got.len(), 2);
@@ -742,9 +748,7 @@ mod tests {
 
     #[test]
     fn streaming_window_fetches_in_order() {
-        let mut p = picker(10);
-        p.add_peer(A);
-        p.peer_has_all(A);
+        let mut p = one_seed(10);
         p.set_window(2, 3);
         let got = p.assign(A, 100);
         let pieces: Vec<u32> = got.iter().map(|b| b.piece.get()).collect();
@@ -771,9 +775,7 @@ mod tests {
 
     #[test]
     fn block_in_piece_ok_and_piece_bad() {
-        let mut p = picker(2);
-        p.add_peer(A);
-        p.peer_has_all(A);
+        let mut p = one_seed(2);
         let blocks = p.assign(A, 2);
         let piece = blocks[0].piece;
         assert_eq!(
@@ -866,9 +868,7 @@ mod tests {
 
     #[test]
     fn unwritten_blocks_go_back_to_the_pool_and_written_ones_revive_a_failed_piece() {
-        let mut p = picker(1);
-        p.add_peer(A);
-        p.peer_has_all(A);
+        let mut p = one_seed(1);
         let a = p.assign(A, 2);
         // A's reader could not write the block (say another copy was being written): the
         // request is open again and nothing is counted.
