@@ -838,7 +838,7 @@ fn observe_run(
     }
     let finished = of_kind(&ev, "finished").next();
     if let Some(f) = finished {
-        let received = field(f, "downloaded");
+        let received = field(f, "transferred");
         if received > total - on_disk + slack {
             bad(format!(
                 "the run that completed received {received} bytes, but only {} were missing \

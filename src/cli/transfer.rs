@@ -97,10 +97,13 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
     if let Some(out) = &a.output
         && fs::metadata(out).is_ok_and(|m| !m.is_dir())
     {
-        return Err(Error::Usage(format!(
-            "-o {}: that is a file; -o takes the directory to download into",
-            out.display()
-        )));
+        return Err(Error::io(
+            format!("-o {}", out.display()),
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "that is a file; -o takes the directory to download into",
+            ),
+        ));
     }
     // Streaming without -o keeps the data in a temporary directory, removed at the end.
     let (dir, temporary) = match (&a.output, streaming) {
