@@ -79,7 +79,13 @@ fn create_refuses_to_overwrite_anything_and_above_all_its_input() {
 
 /// Downloads `p` from a seeder into a fresh directory and returns (out dir, stdout).
 fn download_once(p: &Payload, extra: &[&str]) -> (PathBuf, String) {
-    let (seeder, addr) = start_seeder("seeder", &p.torrent, &p.data, next_loopback(), &[]);
+    // A multi-file torrent is seeded from the directory that holds its top directory.
+    let data = if p.multi {
+        p.data.parent().unwrap()
+    } else {
+        &p.data
+    };
+    let (seeder, addr) = start_seeder("seeder", &p.torrent, data, next_loopback(), &[]);
     let out = p.dir.path().join(format!("out-{}", free_port()));
     let mut args = download_args(&p.torrent, &out, next_loopback(), &[addr]);
     args.extend(extra.iter().map(|a| a.to_string()));
