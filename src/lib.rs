@@ -37,6 +37,7 @@ mod http;
 mod json;
 mod messages;
 mod metainfo;
+mod outbox;
 mod path_safety;
 mod peer;
 mod ratelimit;

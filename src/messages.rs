@@ -3,9 +3,8 @@
 
 use std::net::{SocketAddr, TcpStream};
 
-use crossbeam_channel::Sender;
-
 use crate::geometry::{BlockRef, PieceIndex};
+use crate::outbox::Outbox;
 use crate::picker::PeerKey;
 
 /// Everything the session thread receives, from all other threads, on one bounded channel.
@@ -41,24 +40,29 @@ pub enum Input {
 
 #[derive(Debug)]
 pub enum PeerEvent {
-    /// Handshake done; `commands` reaches this connection's writer. `fast` says whether both
-    /// sides support BEP 6.
+    /// Handshake done; `commands` reaches this connection's writer (it never blocks: see
+    /// [`Outbox`]). `fast` says whether both sides support BEP 6.
     Connected {
         addr: SocketAddr,
         peer_id: [u8; 20],
         fast: bool,
-        commands: Sender<Command>,
+        commands: Outbox,
     },
     /// The peer's BEP 10 handshake.
     Extended(crate::extension::Info),
-    /// BEP 6: the peer will not serve this request.
+    /// BEP 6: the peer will not serve this request (one we made; each at most once).
     Rejected(BlockRef),
-    /// BEP 6: we may request this piece even while choked.
+    /// BEP 6: we may request this piece even while choked (each piece once, a few at most).
     AllowedFast(PieceIndex),
+    /// What the peer has: at most one of `Bitfield`, `HaveAll` and `HaveNone` per connection
+    /// (a second is a protocol violation that ends it).
     Bitfield(Vec<u8>),
+    /// A piece the peer had not announced yet (repeats are dropped by the reader).
     Have(PieceIndex),
     HaveAll,
     HaveNone,
+    /// The peer's choke and interest, only when they change: repeats are dropped, and a burst
+    /// of flips read in one go is told as its outcome.
     Choke,
     Unchoke,
     Interested,
@@ -84,8 +88,10 @@ pub enum PeerEvent {
     },
 }
 
-/// What a connection's writer thread is told to do: by the session, or (`Serve`,
-/// `CancelServe`, `Shutdown`) by its own reader.
+/// What the session tells a connection's writer, through its [`Outbox`]. The outbox keeps
+/// state, not a log: only the latest `Choke` and `Interested` count, and a `Cancel` of a
+/// request not yet sent removes it. (Requests *from* the peer reach the writer from its
+/// reader, through the same outbox.)
 #[derive(Debug)]
 pub enum Command {
     Request(Vec<BlockRef>),
@@ -94,12 +100,8 @@ pub enum Command {
     /// true = choke, false = unchoke.
     Choke(bool),
     Have(PieceIndex),
-    /// The first message after the handshake: what we have.
+    /// The first message after the handshake: what we have. Nothing else goes out before it.
     Intro(HaveSummary),
-    /// Requests from the peer, in the order they came: all those the reader could decode
-    /// without waiting on the socket, so a burst of requests costs one wake-up.
-    Serve(Vec<BlockRef>),
-    CancelServe(BlockRef),
     Shutdown,
 }
 

@@ -2,13 +2,28 @@
 //!
 //! The reader owns the receiving half: it does the handshake, then decodes frames with
 //! [`wire::Decoder`] (each length checked before its payload is read) and turns them into
-//! [`PeerEvent`]s for the session. Requests from the peer go straight to the writer as
-//! [`Command::Serve`], so uploads never wait on the session. The writer owns the sending half:
-//! it blocks on its command channel (so an idle connection costs no CPU), batches what it has
+//! [`PeerEvent`]s for the session. Requests from the peer go straight to the writer through
+//! its [`Outbox`], so uploads never wait on the session. The writer owns the sending half: it
+//! sleeps on its inbox's doorbell (so an idle connection costs no CPU), batches what it has
 //! into one write, and sends a keep-alive when it has been quiet for a while.
 //!
-//! Both halves are generic over `Read`/`Write`: the connection runs them over the socket, the
-//! unit tests and the fuzz target ([`replay_reader`]) over bytes in memory.
+//! Both halves are generic over their byte streams: the connection runs them over the socket,
+//! the unit tests and the fuzz target ([`replay_reader`]) over bytes in memory.
+//!
+//! # Hostile peers
+//! Nothing a peer sends or fails to read may grow our memory or the session's work without
+//! bound, and no wait is open-ended:
+//! - *Queues carry state.* The writer's [`Outbox`] keeps the latest choke and interest, not
+//!   every flip; each of its lists has a cap, and a connection that reaches one is ended.
+//! - *Progress, not per-call timeouts.* Dialling, both handshakes and the peer's first whole
+//!   message share one deadline ([`HANDSHAKE_DEADLINE`]); each flush of the writer must be
+//!   taken within [`FLUSH_DEADLINE`] plus a second per [`MIN_SEND_RATE`] bytes. A byte now
+//!   and then keeps neither alive.
+//! - *The session hears news only.* The reader drops repeated haves, chokes and interests,
+//!   tells a burst of flips as its outcome, passes on rejects only of requests we made (once
+//!   each) and a few allowed-fast pieces; a second bitfield (or have all / have none) ends the
+//!   connection as a violation (BEP 3, BEP 6). So no small message costs the session a walk
+//!   over every piece more than once per connection.
 //!
 //! Per-peer faults end this connection only. Whichever half stops first says why (the other
 //! half's failure that follows, a read on a socket the writer shut, is only a consequence), and
@@ -16,17 +31,17 @@
 //! can act on. Both threads catch their own panics, so a `Gone` goes out whatever happens and
 //! the session never loses a connection slot to a thread that died silently.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
 use crate::extension;
@@ -34,6 +49,7 @@ use sha1::{Digest, Sha1};
 
 use crate::geometry::{BlockRef, Geometry, PieceIndex};
 use crate::messages::{Command, HaveSummary, Input, PeerEvent};
+use crate::outbox::{self, CancelServe, Inbox, Outbox, Pending, Wake};
 use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
 use crate::recv::RecvBuf;
@@ -41,20 +57,35 @@ use crate::storage::Storage;
 use crate::wire::{self, Body, Handshake, Message, reserved};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// From the start of a connection (dialling included) until both handshakes are through and
+/// the peer's first whole message is in. A total, not a per-read timeout: a peer dribbling a
+/// byte now and then cannot hold a connection slot past it.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(20);
 /// A peer that sends nothing, not even a keep-alive, for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(90);
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Each flush of the writer (pending messages and at most [`MAX_SERVES_PER_WRITE`] blocks)
+/// must be taken by the peer within this, plus one second per [`MIN_SEND_RATE`] bytes it
+/// holds. A peer that reads a little now and then does not keep a stuck writer alive.
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(20);
+/// Bytes per second: see [`FLUSH_DEADLINE`].
+pub const MIN_SEND_RATE: u64 = 4096;
 /// Requests from one peer that we queue before calling it a flood.
 pub const MAX_QUEUED_SERVES: usize = 512;
 /// Requests a peer may send while we choke it before we call it abuse (a few are normal:
 /// they were in flight when we choked).
 pub const MAX_REQUESTS_WHILE_CHOKED: u32 = 1024;
+/// Distinct allowed-fast pieces passed on per connection (BEP 6 suggests 10; libtorrent
+/// sends 5); more are ignored, as the BEP allows.
+pub const MAX_ALLOWED_FAST: usize = 32;
+/// Extended handshakes read per connection (BEP 10 allows updates); later ones are skipped
+/// unread.
+pub const MAX_EXTENDED_HANDSHAKES: u32 = 4;
 const THREAD_STACK: usize = 256 * 1024;
 /// Blocks the reader remembers asking for (outstanding, or voided by a choke, cancel or
-/// reject, whose answers may still come). Past this the memory starts afresh: a late block
-/// from before then is dropped and asked again, which only wastes its transfer.
+/// reject, whose answers may still come), in two generations: when the newer half is full,
+/// the older is forgotten. A block asked that long ago and answered only now is dropped and
+/// asked again, which only wastes its transfer.
 const MAX_ASKED: usize = 8192;
 /// A request frame's size on the wire: length prefix, id, index, begin, length.
 const REQUEST_FRAME_LEN: usize = 17;
@@ -68,9 +99,12 @@ const MAX_SERVES_PER_WRITE: usize = 16;
 const REPORT_EVERY: u32 = 1024 * 1024;
 /// How long an idle writer keeps a smaller count to itself.
 const REPORT_DELAY: Duration = Duration::from_millis(50);
+/// A message buffer larger than this (a big extended handshake) is freed after use.
+const KEEP_PAYLOAD: usize = 16 * 1024;
 
+const STARTING: &str = "for the handshake and the first message (deadline passed)";
 const WAITING: &str = "waiting for the peer (silent too long)";
-const SENDING: &str = "sending to the peer";
+const SENDING: &str = "sending to the peer (it takes too little, too slowly)";
 
 /// Test-only: peer keys whose reader or writer thread panics on purpose, to show the guards
 /// report it.
@@ -86,18 +120,47 @@ fn inject_panic(key: PeerKey, at: PeerKey) {
     }
 }
 
+/// A connection's deadlines ([`Timeouts::DEFAULT`] in production; tests shorten them).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub connect: Duration,
+    pub handshake: Duration,
+    pub idle: Duration,
+    pub flush: Duration,
+    pub min_send_rate: u64,
+}
+
+impl Timeouts {
+    pub const DEFAULT: Timeouts = Timeouts {
+        connect: CONNECT_TIMEOUT,
+        handshake: HANDSHAKE_DEADLINE,
+        idle: IDLE_TIMEOUT,
+        flush: FLUSH_DEADLINE,
+        min_send_rate: MIN_SEND_RATE,
+    };
+
+    /// How long a flush of `bytes` may take.
+    fn flush_deadline(&self, bytes: usize) -> Duration {
+        self.flush + Duration::from_secs(bytes as u64 / self.min_send_rate.max(1))
+    }
+}
+
 /// Why a connection ended: what [`PeerEvent::Gone`] carries (`None` there is a clean close,
 /// by either side). [`is_violation`](PeerError::is_violation) and
 /// [`may_redial`](PeerError::may_redial) say what the session should make of it.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum PeerError {
     /// Dialling failed.
     Connect(io::Error),
     Io(io::Error),
-    /// Which wait timed out.
+    /// Which wait or deadline ran out.
     Timeout(&'static str),
     /// A malformed handshake or frame.
     Protocol(wire::Error),
+    /// A well-formed message the protocol does not allow where it came: a second bitfield, or
+    /// one after have all (BEP 3, BEP 6).
+    OutOfOrder(&'static str),
     WrongTorrent,
     SelfConnection,
     /// A piece index or block range outside the torrent, in the named message.
@@ -108,18 +171,22 @@ pub enum PeerError {
     RequestsWhileChoked,
     /// A message of an extension the handshake did not agree on.
     NotNegotiated(&'static str),
+    /// The writer has not taken its work for so long that the named list reached its cap
+    /// (the peer does not read what we send): see [`Outbox`].
+    Backlog(&'static str),
     SessionGone,
     /// A bug of ours: one of the connection's threads panicked (its message went to stderr).
     Panicked,
 }
 
 impl PeerError {
-    /// The peer broke the protocol or abused it: malformed frames, out-of-range indices,
-    /// request floods, messages it did not negotiate. It must never be dialled again.
+    /// The peer broke the protocol or abused it: malformed or misplaced frames, out-of-range
+    /// indices, request floods, messages it did not negotiate. It must never be dialled again.
     pub fn is_violation(&self) -> bool {
         matches!(
             self,
             PeerError::Protocol(_)
+                | PeerError::OutOfOrder(_)
                 | PeerError::BadIndex(_)
                 | PeerError::RequestFlood
                 | PeerError::RequestsWhileChoked
@@ -128,13 +195,16 @@ impl PeerError {
     }
 
     /// Whether dialling the address again could go better: only after a mere failure (connect
-    /// refused, reset, timeout). Not after a violation, not for a peer on another torrent or
-    /// ourselves (neither is misbehaviour, and neither changes), not after a panic (the same
-    /// bytes would hit the same bug), and not while shutting down.
+    /// refused, reset, timeout, a peer too slow to read). Not after a violation, not for a
+    /// peer on another torrent or ourselves (neither is misbehaviour, and neither changes),
+    /// not after a panic (the same bytes would hit the same bug), and not while shutting down.
     pub fn may_redial(&self) -> bool {
         matches!(
             self,
-            PeerError::Connect(_) | PeerError::Io(_) | PeerError::Timeout(_)
+            PeerError::Connect(_)
+                | PeerError::Io(_)
+                | PeerError::Timeout(_)
+                | PeerError::Backlog(_)
         )
     }
 }
@@ -146,12 +216,14 @@ impl fmt::Display for PeerError {
             PeerError::Io(e) => write!(f, "{}", crate::error::reason(e)),
             PeerError::Timeout(what) => write!(f, "timed out {what}"),
             PeerError::Protocol(e) => write!(f, "protocol error: {e}"),
+            PeerError::OutOfOrder(what) => write!(f, "sent {what}"),
             PeerError::WrongTorrent => write!(f, "peer is on another torrent"),
             PeerError::SelfConnection => write!(f, "connected to ourselves"),
             PeerError::BadIndex(what) => write!(f, "out-of-range {what}"),
             PeerError::RequestFlood => write!(f, "too many queued requests"),
             PeerError::RequestsWhileChoked => write!(f, "kept requesting while choked"),
             PeerError::NotNegotiated(what) => write!(f, "sent {what} without negotiating it"),
+            PeerError::Backlog(what) => write!(f, "does not read what we send ({what} piled up)"),
             PeerError::SessionGone => write!(f, "shutting down"),
             PeerError::Panicked => write!(f, "connection thread panicked (a bug)"),
         }
@@ -182,18 +254,18 @@ fn io_err(what: &'static str) -> impl Fn(io::Error) -> PeerError {
     }
 }
 
-/// How a connection ended: set once, by whichever half stopped first. The writer records
-/// before it shuts the socket, and the reader before it tears the writer down, so the other
-/// half's failure that follows is never taken for the cause.
+/// How a connection ended: set once, by whichever stopped it first (the writer, the reader,
+/// or the outbox when a cap is reached). Each records before it shuts the socket or tears the
+/// other half down, so the failure that follows is never taken for the cause.
 #[derive(Default)]
-struct Ending(Mutex<Option<Result<(), PeerError>>>);
+pub(crate) struct Ending(Mutex<Option<Result<(), PeerError>>>);
 
 impl Ending {
-    fn record(&self, outcome: Result<(), PeerError>) {
+    pub fn record(&self, outcome: Result<(), PeerError>) {
         self.0.lock().get_or_insert(outcome);
     }
 
-    fn take(&self) -> Result<(), PeerError> {
+    pub fn take(&self) -> Result<(), PeerError> {
         self.0.lock().take().unwrap_or(Ok(()))
     }
 }
@@ -227,6 +299,17 @@ pub fn spawn(
     ctx: Arc<Context>,
     events: Sender<Input>,
 ) -> io::Result<JoinHandle<()>> {
+    spawn_with(key, dial, ctx, events, Timeouts::DEFAULT)
+}
+
+/// [`spawn`] with other deadlines.
+pub(crate) fn spawn_with(
+    key: PeerKey,
+    dial: Dial,
+    ctx: Arc<Context>,
+    events: Sender<Input>,
+    timeouts: Timeouts,
+) -> io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name(format!("peer-{}", key.0))
         .stack_size(THREAD_STACK)
@@ -234,7 +317,9 @@ pub fn spawn(
             // A panic is a bug of ours, but it must not cost the session a connection slot:
             // the Gone event goes out whatever happens. The connection's own teardown ran
             // while unwinding (see `Teardown`).
-            let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(key, dial, &ctx, &events)));
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+                run(key, dial, &ctx, &events, &timeouts)
+            }));
             let error = outcome.unwrap_or(Err(PeerError::Panicked)).err();
             let _ = events.send(Input::Peer {
                 key,
@@ -243,13 +328,14 @@ pub fn spawn(
         })
 }
 
-fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+fn connect(addr: SocketAddr, bind: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
     use socket2::{Domain, SockAddr, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if let Some(ip) = bind.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
         socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
-    socket.connect_timeout(&SockAddr::from(addr), CONNECT_TIMEOUT)?;
+    // socket2's timeout bounds the whole connect, not each wait inside it.
+    socket.connect_timeout(&SockAddr::from(addr), timeout)?;
     Ok(socket.into())
 }
 
@@ -273,9 +359,7 @@ fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
 
 fn read_handshake(stream: &mut impl Read, ctx: &Context) -> Result<Handshake, PeerError> {
     let mut buf = [0u8; wire::HANDSHAKE_LEN];
-    stream
-        .read_exact(&mut buf)
-        .map_err(io_err("waiting for the handshake"))?;
+    stream.read_exact(&mut buf).map_err(io_err(STARTING))?;
     let h = Handshake::decode(&buf)?;
     if h.info_hash != ctx.info_hash {
         return Err(PeerError::WrongTorrent);
@@ -286,74 +370,202 @@ fn read_handshake(stream: &mut impl Read, ctx: &Context) -> Result<Handshake, Pe
     Ok(h)
 }
 
+/// Time left until `deadline`; a `TimedOut` error once there is none.
+fn left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(io::Error::from(io::ErrorKind::TimedOut))
+    } else {
+        Ok(left)
+    }
+}
+
+/// Where a reader's bytes come from. The socket ([`Clocked`]) holds every read to the start-up
+/// deadline until [`settle`](Source::settle) says the first whole message is in.
+pub(crate) trait Source: Read {
+    fn settle(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for &[u8] {}
+
+/// The reader's socket, with a total deadline over every read until it is settled (each read
+/// waits at most what is left of it), and the idle timeout per read after that.
+struct Clocked<'a> {
+    stream: &'a TcpStream,
+    deadline: Option<Instant>,
+    idle: Duration,
+}
+
+impl Clocked<'_> {
+    fn arm(&self) -> io::Result<()> {
+        match self.deadline {
+            Some(d) => self.stream.set_read_timeout(Some(left(d)?)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Read for Clocked<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        (&*self.stream).read(buf)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.arm()?;
+        (&*self.stream).read_vectored(bufs)
+    }
+}
+
+impl Source for Clocked<'_> {
+    fn settle(&mut self) -> io::Result<()> {
+        if self.deadline.take().is_some() {
+            self.stream.set_read_timeout(Some(self.idle))?;
+        }
+        Ok(())
+    }
+}
+
+/// The writer's end of a connection: a socket, or bytes in memory for tests.
+trait SendHalf: Write {
+    /// Bounds each following write call (a socket's send timeout); in memory, a no-op.
+    fn limit_calls(&mut self, _: Duration) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SendHalf for Vec<u8> {}
+
+/// The writer's socket, shared with the outbox (which shuts it when a cap is reached).
+struct Socket(Arc<TcpStream>);
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&*self.0).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SendHalf for Socket {
+    fn limit_calls(&mut self, d: Duration) -> io::Result<()> {
+        self.0.set_write_timeout(Some(d))
+    }
+}
+
+/// Blocks the writer asked this peer for, for the reader: only these are written into storage,
+/// and only their rejects are passed on. Two generations (see [`MAX_ASKED`]).
+#[derive(Default)]
+struct Asked {
+    new: HashSet<BlockRef>,
+    old: HashSet<BlockRef>,
+}
+
+impl Asked {
+    fn insert(&mut self, blocks: &[BlockRef]) {
+        for &b in blocks {
+            if self.new.len() >= MAX_ASKED / 2 {
+                std::mem::swap(&mut self.old, &mut self.new);
+                self.new.clear();
+            }
+            self.new.insert(b);
+        }
+    }
+
+    /// Whether `b` was asked (and not yet answered); forgets it.
+    fn take(&mut self, b: &BlockRef) -> bool {
+        self.new.remove(b) || self.old.remove(b)
+    }
+}
+
 /// `Ok(())` is a clean close: the peer hung up between frames, or the session closed us.
 fn run(
     key: PeerKey,
     dial: Dial,
     ctx: &Arc<Context>,
     events: &Sender<Input>,
+    t: &Timeouts,
 ) -> Result<(), PeerError> {
     #[cfg(test)]
     inject_panic(key, PANIC_IN_READER);
-    let (mut stream, addr, outbound) = match dial {
+    let deadline = Instant::now() + t.handshake;
+    let (stream, addr, outbound) = match dial {
         Dial::Outbound(addr) => (
-            connect(addr, ctx.bind).map_err(PeerError::Connect)?,
+            connect(addr, ctx.bind, t.connect.min(t.handshake)).map_err(PeerError::Connect)?,
             addr,
             true,
         ),
         Dial::Inbound(s, addr) => (s, addr, false),
     };
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(PeerError::Io)?;
-    stream
-        .set_write_timeout(Some(WRITE_TIMEOUT))
-        .map_err(PeerError::Io)?;
+    let mut clocked = Clocked {
+        stream: &stream,
+        deadline: Some(deadline),
+        idle: t.idle,
+    };
+    let send_handshake = || -> Result<(), PeerError> {
+        let sending = io_err(STARTING);
+        stream
+            .set_write_timeout(Some(left(deadline).map_err(&sending)?))
+            .map_err(PeerError::Io)?;
+        (&stream).write_all(&our_handshake(ctx)).map_err(sending)
+    };
     // The dialler speaks first; the answerer checks the info hash before revealing anything.
     let theirs = if outbound {
-        stream
-            .write_all(&our_handshake(ctx))
-            .map_err(io_err("sending the handshake"))?;
-        read_handshake(&mut stream, ctx)?
+        send_handshake()?;
+        read_handshake(&mut clocked, ctx)?
     } else {
-        let h = read_handshake(&mut stream, ctx)?;
-        stream
-            .write_all(&our_handshake(ctx))
-            .map_err(io_err("sending the handshake"))?;
+        let h = read_handshake(&mut clocked, ctx)?;
+        send_handshake()?;
         h
     };
     stream.set_nodelay(true).map_err(PeerError::Io)?;
-    stream
-        .set_read_timeout(Some(IDLE_TIMEOUT))
-        .map_err(PeerError::Io)?;
     // A feature is on only when both sides set its bit (we always set ours).
     let fast = reserved::has(&theirs.reserved, reserved::FAST);
     let extended = reserved::has(&theirs.reserved, reserved::EXTENSION);
 
-    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    let ending = Arc::new(Ending::default());
+    let write_half = Arc::new(stream.try_clone().map_err(PeerError::Io)?);
+    let (outbox, inbox) = outbox::outbox(
+        Arc::clone(&ending),
+        Some(Arc::clone(&write_half)),
+        ctx.geometry.piece_count(),
+    );
     // The writer tells the reader what it asked for before the requests go out, so the answer
     // never arrives before the reader knows it may keep it.
-    let (asked_tx, asked_rx) = crossbeam_channel::unbounded();
+    let asked = Arc::new(Mutex::new(Asked::default()));
     let queued = Arc::new(AtomicUsize::new(0));
-    let ending = Arc::new(Ending::default());
     let writer = {
-        let stream = stream.try_clone().map_err(PeerError::Io)?;
         let ctx = Arc::clone(ctx);
         let events = events.clone();
         let queued = Arc::clone(&queued);
+        let asked = Arc::clone(&asked);
         let ending = Arc::clone(&ending);
+        let t = *t;
         let ext_handshake = extended.then(|| extension::our_handshake(ctx.listen_port, addr.ip()));
         thread::Builder::new()
             .name(format!("peer-{}-w", key.0))
             .stack_size(THREAD_STACK)
             .spawn(move || {
+                let socket = Socket(Arc::clone(&write_half));
                 let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
                     #[cfg(test)]
                     inject_panic(key, PANIC_IN_WRITER);
-                    let mut w =
-                        WriterState::new(&ctx, &stream, key, events, queued, fast, ext_handshake);
-                    w.asked = Some(asked_tx);
-                    let result = w.run(&cmd_rx);
+                    let links = WriterLinks {
+                        key,
+                        events,
+                        queued,
+                        asked,
+                    };
+                    let mut w = WriterState::new(&ctx, socket, links, fast, ext_handshake, &t);
+                    let result = w.run(&inbox);
                     // Bytes sent before a broken write still count.
                     w.report();
                     result
@@ -361,13 +573,13 @@ fn run(
                 ending.record(outcome.unwrap_or(Err(PeerError::Panicked)));
                 // Told to stop, or the socket broke, or a panic: either way wake the reader so
                 // the connection ends and its Gone event reaches the session.
-                let _ = stream.shutdown(Shutdown::Both);
+                let _ = write_half.shutdown(Shutdown::Both);
             })
             .map_err(PeerError::Io)?
     };
     let teardown = Teardown {
         stream: &stream,
-        commands: cmd_tx.clone(),
+        commands: outbox.clone(),
         writer: Some(writer),
     };
     let connected = Input::Peer {
@@ -376,7 +588,7 @@ fn run(
             addr,
             peer_id: theirs.peer_id,
             fast,
-            commands: cmd_tx.clone(),
+            commands: outbox.clone(),
         },
     };
     let result = if events.send(connected).is_err() {
@@ -385,12 +597,12 @@ fn run(
         let links = Links {
             key,
             events,
-            writer: &cmd_tx,
+            writer: &outbox,
             queued: &queued,
-            asked: asked_rx,
+            asked: &asked,
         };
         Reader::new(
-            &stream,
+            clocked,
             &ctx.storage,
             ctx.download_limit.as_deref(),
             fast,
@@ -408,29 +620,56 @@ fn run(
 /// joined, so no thread outlives its connection's Gone event.
 struct Teardown<'a> {
     stream: &'a TcpStream,
-    commands: Sender<Command>,
+    commands: Outbox,
     writer: Option<JoinHandle<()>>,
 }
 
 impl Drop for Teardown<'_> {
     fn drop(&mut self) {
         let _ = self.stream.shutdown(Shutdown::Both);
-        let _ = self.commands.send(Command::Shutdown);
+        self.commands.send(Command::Shutdown);
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
     }
 }
 
-/// A reader's ends of its channels: events to the session, requests to its writer, and the
-/// writer's word on which blocks it asked for.
+/// A reader's links: events to the session, requests to its writer, and the writer's word on
+/// which blocks it asked for.
 struct Links<'a> {
     key: PeerKey,
     events: &'a Sender<Input>,
-    writer: &'a Sender<Command>,
+    writer: &'a Outbox,
     /// Requests handed to the writer and not yet served or dropped (the writer counts down).
     queued: &'a AtomicUsize,
-    asked: Receiver<Vec<BlockRef>>,
+    asked: &'a Mutex<Asked>,
+}
+
+/// What the peer has told us it has, as far as the reader needs to drop repeats.
+#[derive(Default)]
+struct Announced {
+    /// A bitfield, have all or have none came (only one may).
+    summary: bool,
+    /// It has everything: every have is a repeat.
+    all: bool,
+    /// Pieces it announced, as a bitfield (allocated at the first have or bitfield).
+    bits: Vec<u8>,
+}
+
+impl Announced {
+    /// Records `piece`; false if it was known already.
+    fn have(&mut self, piece: PieceIndex, bitfield_len: usize) -> bool {
+        if self.all {
+            return false;
+        }
+        if self.bits.is_empty() {
+            self.bits = vec![0; bitfield_len];
+        }
+        let (byte, bit) = (piece.usize() / 8, 0x80 >> (piece.usize() % 8));
+        let new = self.bits[byte] & bit == 0;
+        self.bits[byte] |= bit;
+        new
+    }
 }
 
 struct Reader<'a, R> {
@@ -438,17 +677,28 @@ struct Reader<'a, R> {
     decoder: wire::Decoder,
     storage: &'a Storage,
     download_limit: Option<&'a TokenBucket>,
-    /// Blocks we asked this peer for: only these may be written into storage.
-    asked: HashSet<BlockRef>,
     links: Links<'a>,
     payload: Vec<u8>,
     fast: bool,
-    /// Requests decoded but not yet handed to the writer: passed on in one command when the
-    /// next read could block, or before any other message (so a cancel follows its request).
+    /// Requests decoded but not yet handed to the writer: passed on together when the next
+    /// read could block, or before any other message (so a cancel follows its request).
     serves: Vec<BlockRef>,
+    /// The first whole message is in (the start-up deadline no longer applies).
+    settled: bool,
+    /// What a timeout of the next read means.
+    waiting: &'static str,
+    announced: Announced,
+    /// The peer's choke and interest as last read, and as last told to the session: told
+    /// when they differ and the reader is about to wait or to tell anything else.
+    choking: bool,
+    interested: bool,
+    told_choking: bool,
+    told_interested: bool,
+    allowed_fast: Vec<PieceIndex>,
+    extended_handshakes: u32,
 }
 
-impl<'a, R: Read> Reader<'a, R> {
+impl<'a, R: Source> Reader<'a, R> {
     fn new(
         src: R,
         storage: &'a Storage,
@@ -461,26 +711,33 @@ impl<'a, R: Read> Reader<'a, R> {
             decoder: wire::Decoder::new(storage.geometry().piece_count()),
             storage,
             download_limit,
-            asked: HashSet::new(),
             links,
             payload: Vec::new(),
             fast,
-            serves: Vec::new(),
+            serves: Vec::with_capacity(MAX_SERVE_BATCH),
+            settled: false,
+            waiting: STARTING,
+            announced: Announced::default(),
+            choking: true,
+            interested: false,
+            told_choking: true,
+            told_interested: false,
+            allowed_fast: Vec::new(),
+            extended_handshakes: 0,
         }
     }
 
-    fn pass_serves(&mut self) -> Result<(), PeerError> {
-        if self.serves.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::replace(&mut self.serves, Vec::with_capacity(MAX_SERVE_BATCH));
-        self.links
-            .writer
-            .send(Command::Serve(batch))
-            .map_err(|_| PeerError::SessionGone)
+    fn pass_serves(&mut self) {
+        self.links.writer.serve(&mut self.serves);
     }
 
-    fn emit(&self, event: PeerEvent) -> Result<(), PeerError> {
+    /// Tells the session an event, after any change of choke or interest read before it.
+    fn emit(&mut self, event: PeerEvent) -> Result<(), PeerError> {
+        self.tell_state()?;
+        self.send(event)
+    }
+
+    fn send(&self, event: PeerEvent) -> Result<(), PeerError> {
         self.links
             .events
             .send(Input::Peer {
@@ -490,51 +747,121 @@ impl<'a, R: Read> Reader<'a, R> {
             .map_err(|_| PeerError::SessionGone)
     }
 
+    /// Tells the session where choke and interest ended up since it last heard: a burst of
+    /// flips read in one go costs it nothing, or one event each.
+    fn tell_state(&mut self) -> Result<(), PeerError> {
+        if self.choking != self.told_choking {
+            self.told_choking = self.choking;
+            self.send(if self.choking {
+                PeerEvent::Choke
+            } else {
+                PeerEvent::Unchoke
+            })?;
+        }
+        if self.interested != self.told_interested {
+            self.told_interested = self.interested;
+            self.send(if self.interested {
+                PeerEvent::Interested
+            } else {
+                PeerEvent::NotInterested
+            })?;
+        }
+        Ok(())
+    }
+
     fn read(&mut self, buf: &mut [u8]) -> Result<(), PeerError> {
-        self.stream.read_exact(buf).map_err(io_err(WAITING))
+        self.stream.read_exact(buf).map_err(io_err(self.waiting))
     }
 
     /// Reads frames until the connection ends; `Ok(())` when the peer hangs up between frames.
     fn run(&mut self) -> Result<(), PeerError> {
         loop {
             if self.stream.buffered() < REQUEST_FRAME_LEN {
-                self.pass_serves()?;
+                self.pass_serves();
+                self.tell_state()?;
             }
-            if self.stream.at_eof().map_err(io_err(WAITING))? {
+            if self.stream.at_eof().map_err(io_err(self.waiting))? {
                 return Ok(());
             }
-            let mut prefix = [0u8; wire::LEN_PREFIX];
-            self.read(&mut prefix)?;
-            let Some(len) = self.decoder.frame_len(prefix)? else {
-                continue;
-            };
-            let mut id = [0u8; 1];
-            self.read(&mut id)?;
-            match self.decoder.body(len, id[0])? {
-                Body::Piece { len } => {
-                    self.pass_serves()?;
-                    self.read_piece(len)?;
-                }
-                Body::Message { id, len } => {
-                    if id != wire::ID_REQUEST {
-                        self.pass_serves()?;
-                    }
-                    self.read_message(id, len)?;
-                }
+            self.read_frame()?;
+            if !self.settled {
+                self.settled = true;
+                self.waiting = WAITING;
+                self.stream.get_mut().settle().map_err(PeerError::Io)?;
             }
         }
     }
 
+    fn read_frame(&mut self) -> Result<(), PeerError> {
+        let mut prefix = [0u8; wire::LEN_PREFIX];
+        self.read(&mut prefix)?;
+        let Some(len) = self.decoder.frame_len(prefix)? else {
+            return Ok(());
+        };
+        let mut id = [0u8; 1];
+        self.read(&mut id)?;
+        match self.decoder.body(len, id[0])? {
+            Body::Piece { len } => {
+                self.pass_serves();
+                self.read_piece(len)
+            }
+            Body::Message { id, len } => {
+                if id != wire::ID_REQUEST {
+                    self.pass_serves();
+                }
+                if !wire::is_known(id) {
+                    // Ignored: read past, never buffered.
+                    return self.skip(len);
+                }
+                if id == wire::ID_EXTENDED {
+                    return self.read_extended(len);
+                }
+                self.read_message(id, len)
+            }
+        }
+    }
+
+    fn skip(&mut self, len: usize) -> Result<(), PeerError> {
+        self.stream.skip(len).map_err(io_err(self.waiting))
+    }
+
     fn read_message(&mut self, id: u8, len: usize) -> Result<(), PeerError> {
-        // One buffer for the connection's life: `len` is bounded by the decoder, and a
-        // bitfield or extension message does not cost an allocation each.
+        // One buffer for the connection's life (a big one is freed after use): `len` is
+        // bounded by the decoder, and a message does not cost an allocation each.
         let mut payload = std::mem::take(&mut self.payload);
         payload.resize(len, 0);
         let msg = self
             .read(&mut payload)
             .and_then(|()| self.decoder.decode(id, &payload).map_err(PeerError::from));
-        self.payload = payload;
+        if payload.capacity() <= KEEP_PAYLOAD {
+            self.payload = payload;
+        }
         self.handle(msg?)
+    }
+
+    /// Only the peer's extended handshake is ours to read, and only the first few of them;
+    /// any other extended message is read past.
+    fn read_extended(&mut self, len: usize) -> Result<(), PeerError> {
+        let mut ext = [0u8; 1];
+        self.read(&mut ext)?;
+        if ext[0] != extension::HANDSHAKE_ID || self.extended_handshakes >= MAX_EXTENDED_HANDSHAKES
+        {
+            return self.skip(len - 1);
+        }
+        self.extended_handshakes += 1;
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.resize(len - 1, 0);
+        let read = self.read(&mut payload);
+        // A malformed handshake is ignored, not fatal.
+        let info = read.is_ok().then(|| extension::parse_handshake(&payload));
+        if payload.capacity() <= KEEP_PAYLOAD {
+            self.payload = payload;
+        }
+        read?;
+        match info {
+            Some(Ok(info)) => self.emit(PeerEvent::Extended(info)),
+            _ => Ok(()),
+        }
     }
 
     fn read_piece(&mut self, data_len: u32) -> Result<(), PeerError> {
@@ -549,15 +876,9 @@ impl<'a, R: Read> Reader<'a, R> {
         if let Some(limit) = self.download_limit {
             limit.acquire(u64::from(data_len));
         }
-        for batch in self.links.asked.try_iter() {
-            if self.asked.len() + batch.len() > MAX_ASKED {
-                self.asked.clear();
-            }
-            self.asked.extend(batch);
-        }
         // Straight from the socket into the file map when the block is ours to write;
         // otherwise read past it.
-        let claim = if self.asked.remove(&block) {
+        let claim = if self.links.asked.lock().take(&block) {
             storage.claim(block)
         } else {
             None
@@ -567,8 +888,18 @@ impl<'a, R: Read> Reader<'a, R> {
             Some(claim) => claim.fill(&mut self.stream),
             None => self.stream.skip(data_len as usize),
         }
-        .map_err(io_err(WAITING))?;
+        .map_err(io_err(self.waiting))?;
         self.emit(PeerEvent::Block { block, written })
+    }
+
+    /// The first bitfield, have all or have none; a second is a violation (BEP 3: the
+    /// bitfield comes first if at all; BEP 6: one of the three, first). A late first one is
+    /// tolerated (aria2 sends its bitfield after haves).
+    fn summary(&mut self, what: &'static str) -> Result<(), PeerError> {
+        if std::mem::replace(&mut self.announced.summary, true) {
+            return Err(PeerError::OutOfOrder(what));
+        }
+        Ok(())
     }
 
     fn handle(&mut self, msg: Message) -> Result<(), PeerError> {
@@ -576,26 +907,44 @@ impl<'a, R: Read> Reader<'a, R> {
         let g = storage.geometry();
         match msg {
             Message::KeepAlive | Message::Port(_) | Message::Unknown(_) => Ok(()),
-            Message::Extended { id, payload } => {
-                // Only the handshake is ours to read; a malformed one is ignored, not fatal.
-                if id == extension::HANDSHAKE_ID
-                    && let Ok(info) = extension::parse_handshake(&payload)
-                {
-                    return self.emit(PeerEvent::Extended(info));
-                }
+            // Read by `read_extended`; not reached.
+            Message::Extended { .. } => Ok(()),
+            Message::Choke => {
+                self.choking = true;
                 Ok(())
             }
-            Message::Choke => self.emit(PeerEvent::Choke),
-            Message::Unchoke => self.emit(PeerEvent::Unchoke),
-            Message::Interested => self.emit(PeerEvent::Interested),
-            Message::NotInterested => self.emit(PeerEvent::NotInterested),
+            Message::Unchoke => {
+                self.choking = false;
+                Ok(())
+            }
+            Message::Interested => {
+                self.interested = true;
+                Ok(())
+            }
+            Message::NotInterested => {
+                self.interested = false;
+                Ok(())
+            }
             Message::Have(i) => {
                 let piece = g.piece(i).ok_or(PeerError::BadIndex("have"))?;
-                self.emit(PeerEvent::Have(piece))
+                if self.announced.have(piece, self.decoder_bitfield_len()) {
+                    self.emit(PeerEvent::Have(piece))
+                } else {
+                    Ok(())
+                }
             }
-            // A bitfield may come late or twice (aria2 sends one after haves); the session
-            // merges it.
-            Message::Bitfield(bits) => self.emit(PeerEvent::Bitfield(bits)),
+            Message::Bitfield(bits) => {
+                self.summary("a second bitfield (or one after have all / have none)")?;
+                let known = &mut self.announced.bits;
+                if known.is_empty() {
+                    known.extend_from_slice(&bits);
+                } else {
+                    for (k, b) in known.iter_mut().zip(&bits) {
+                        *k |= b;
+                    }
+                }
+                self.emit(PeerEvent::Bitfield(bits))
+            }
             Message::Request { index, begin, len } => {
                 let block = g
                     .request(index, begin, len)
@@ -605,34 +954,62 @@ impl<'a, R: Read> Reader<'a, R> {
                 }
                 self.serves.push(block);
                 if self.serves.len() >= MAX_SERVE_BATCH {
-                    self.pass_serves()?;
+                    self.pass_serves();
                 }
                 Ok(())
             }
             Message::Cancel { index, begin, len } => {
-                if let Some(block) = g.request(index, begin, len) {
-                    let _ = self.links.writer.send(Command::CancelServe(block));
+                // Nothing queued, nothing to cancel: a storm of cancels costs nothing.
+                if let Some(block) = g.request(index, begin, len)
+                    && self.links.queued.load(Ordering::Relaxed) > 0
+                    && self.links.writer.cancel_serve(block, MAX_QUEUED_SERVES)
+                        == CancelServe::Overflow
+                {
+                    return Err(PeerError::Backlog("the peer's cancels"));
                 }
                 Ok(())
             }
             fast if !self.fast && is_fast_message(&fast) => {
                 Err(PeerError::NotNegotiated("a Fast extension message"))
             }
-            Message::HaveAll => self.emit(PeerEvent::HaveAll),
-            Message::HaveNone => self.emit(PeerEvent::HaveNone),
+            Message::HaveAll => {
+                self.summary("have all after a bitfield, have all or have none")?;
+                self.announced.all = true;
+                self.announced.bits = Vec::new();
+                self.emit(PeerEvent::HaveAll)
+            }
+            Message::HaveNone => {
+                self.summary("have none after a bitfield, have all or have none")?;
+                self.emit(PeerEvent::HaveNone)
+            }
             Message::Reject { index, begin, len } => {
                 let block = g
                     .aligned_block(index, begin, len)
                     .ok_or(PeerError::BadIndex("reject"))?;
-                self.emit(PeerEvent::Rejected(block))
+                // Only a request we made can be rejected, once: the rest would only make the
+                // session look for other work in vain.
+                if self.links.asked.lock().take(&block) {
+                    self.emit(PeerEvent::Rejected(block))
+                } else {
+                    Ok(())
+                }
             }
             Message::AllowedFast(i) => {
                 let piece = g.piece(i).ok_or(PeerError::BadIndex("allowed fast"))?;
+                if self.allowed_fast.len() >= MAX_ALLOWED_FAST || self.allowed_fast.contains(&piece)
+                {
+                    return Ok(());
+                }
+                self.allowed_fast.push(piece);
                 self.emit(PeerEvent::AllowedFast(piece))
             }
             // A hint we may ignore; still checked.
             Message::Suggest(i) => g.piece(i).map(|_| ()).ok_or(PeerError::BadIndex("suggest")),
         }
+    }
+
+    fn decoder_bitfield_len(&self) -> usize {
+        self.storage.geometry().piece_count().div_ceil(8) as usize
     }
 }
 
@@ -644,34 +1021,39 @@ pub(crate) struct Replay {
     pub result: Result<(), PeerError>,
     /// What it told the session, in order.
     pub events: Vec<PeerEvent>,
-    /// What it told its writer, in order.
-    pub commands: Vec<Command>,
+    /// What it left its writer: the peer's requests and cancels.
+    pub pending: Pending,
 }
 
 /// Runs a connection's reader over `src` to its end, as the connection runs it after the
-/// handshake, with the session and the writer replaced by channels read afterwards. `asked`:
-/// blocks the writer has asked for (a block is written into `storage` only if asked and
-/// claimable). The fuzz target and the unit tests drive the connection's own code through this.
+/// handshake, with the session and the writer replaced by a channel and an outbox read
+/// afterwards. `asked`: blocks the writer has asked for (a block is written into `storage`
+/// only if asked and claimable). The fuzz target and the unit tests drive the connection's own
+/// code through this.
 #[cfg(any(test, feature = "fuzz"))]
 pub(crate) fn replay_reader(
-    src: impl Read,
+    src: impl Source,
     storage: &Storage,
     fast: bool,
     asked: Vec<BlockRef>,
 ) -> Replay {
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
-    let (writer_tx, writer_rx) = crossbeam_channel::unbounded();
-    let (asked_tx, asked_rx) = crossbeam_channel::unbounded();
-    let _ = asked_tx.send(asked);
+    let ending = Arc::new(Ending::default());
+    let (outbox, inbox) = outbox::outbox(ending, None, storage.geometry().piece_count());
+    let mut remembered = Asked::default();
+    remembered.insert(&asked);
+    let asked = Mutex::new(remembered);
     let queued = AtomicUsize::new(0);
     let links = Links {
         key: PeerKey(0),
         events: &events_tx,
-        writer: &writer_tx,
+        writer: &outbox,
         queued: &queued,
-        asked: asked_rx,
+        asked: &asked,
     };
     let result = Reader::new(src, storage, None, fast, links).run();
+    let mut pending = Pending::default();
+    inbox.take(&mut pending);
     Replay {
         result,
         events: events_rx
@@ -681,7 +1063,7 @@ pub(crate) fn replay_reader(
                 _ => None,
             })
             .collect(),
-        commands: writer_rx.try_iter().collect(),
+        pending,
     }
 }
 
@@ -696,11 +1078,18 @@ fn is_fast_message(m: &Message) -> bool {
     )
 }
 
-struct WriterState<W> {
-    stream: W,
+/// A writer's ends: events to the session, the count of the peer's queued requests (shared
+/// with the reader), and the blocks asked for (read by the reader).
+struct WriterLinks {
     key: PeerKey,
     events: Sender<Input>,
     queued: Arc<AtomicUsize>,
+    asked: Arc<Mutex<Asked>>,
+}
+
+struct WriterState<W> {
+    stream: W,
+    links: WriterLinks,
     storage: Arc<Storage>,
     upload_limit: Option<Arc<TokenBucket>>,
     /// BEP 6: every request gets exactly one answer (a piece or a reject).
@@ -715,39 +1104,41 @@ struct WriterState<W> {
     /// Pieces found not to match their hash on disk: rejected at once rather than re-read
     /// and re-hashed for every request.
     damaged: HashSet<PieceIndex>,
+    /// What the peer was last told.
     choking: bool,
+    interested: bool,
+    /// The first message has gone out; nothing else may go before it.
+    introduced: bool,
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
     serves: VecDeque<BlockRef>,
+    /// Work taken from the inbox; kept so its lists' capacity is reused.
+    work: Pending,
     /// Blocks waiting in the next write: each goes, straight from `cache`, after the first
     /// `at` bytes of `out` (the messages before it, its own header included). `cache` does
     /// not change while this is non-empty.
     blocks: Vec<QueuedBlock>,
     /// Bytes of blocks written and not yet reported to the session.
     unreported: u32,
-    /// Requests that came before the intro was sent (bounded by `MAX_QUEUED_SERVES`).
-    before_intro: Option<Vec<Command>>,
     out: Vec<u8>,
-    /// Tells this connection's reader which blocks we asked for.
-    asked: Option<Sender<Vec<BlockRef>>>,
+    timeouts: Timeouts,
+    /// The per-call write timeout last set on the stream.
+    call_limit: Option<Duration>,
 }
 
-impl<W: Write> WriterState<W> {
+impl<W: SendHalf> WriterState<W> {
     /// `ext_handshake`: our BEP 10 handshake, when both sides support the extension protocol.
     fn new(
         ctx: &Context,
         stream: W,
-        key: PeerKey,
-        events: Sender<Input>,
-        queued: Arc<AtomicUsize>,
+        links: WriterLinks,
         fast: bool,
         ext_handshake: Option<Vec<u8>>,
+        timeouts: &Timeouts,
     ) -> WriterState<W> {
         WriterState {
             stream,
-            key,
-            events,
-            queued,
+            links,
             storage: Arc::clone(&ctx.storage),
             upload_limit: ctx.upload_limit.clone(),
             fast,
@@ -758,44 +1149,38 @@ impl<W: Write> WriterState<W> {
             cache: Vec::new(),
             damaged: HashSet::new(),
             choking: true,
+            interested: false,
+            introduced: false,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
-            before_intro: Some(Vec::new()),
+            work: Pending::default(),
             out: Vec::with_capacity(4096),
-            asked: None,
             blocks: Vec::with_capacity(MAX_SERVES_PER_WRITE),
             unreported: 0,
+            timeouts: *timeouts,
+            call_limit: None,
         }
     }
 
     /// Sends until told to stop (`Ok`) or the peer fails us.
-    fn run(&mut self, commands: &Receiver<Command>) -> Result<(), PeerError> {
+    fn run(&mut self, inbox: &Inbox) -> Result<(), PeerError> {
         loop {
-            if self.serves.is_empty() {
+            let mut look = inbox.rung();
+            if !look && self.serves.is_empty() {
                 let wait = if self.unreported > 0 {
                     REPORT_DELAY
                 } else {
                     KEEPALIVE_INTERVAL
                 };
-                match commands.recv_timeout(wait) {
-                    Ok(cmd) => {
-                        if !self.apply(cmd) {
-                            return self.flush().map_err(io_err(SENDING));
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) if self.unreported > 0 => self.report(),
-                    Err(RecvTimeoutError::Timeout) => {
-                        wire::encode(&Message::KeepAlive, &mut self.out)
-                    }
-                    Err(RecvTimeoutError::Disconnected) => {
-                        return self.flush().map_err(io_err(SENDING));
-                    }
+                match inbox.wait(wait) {
+                    Wake::Rung => look = true,
+                    Wake::TimedOut if self.unreported > 0 => self.report(),
+                    Wake::TimedOut => wire::encode(&Message::KeepAlive, &mut self.out),
+                    Wake::Closed => return self.flush().map_err(io_err(SENDING)),
                 }
             }
-            while let Ok(cmd) = commands.try_recv() {
-                if !self.apply(cmd) {
-                    return self.flush().map_err(io_err(SENDING));
-                }
+            if look && !self.take(inbox) {
+                return self.flush().map_err(io_err(SENDING));
             }
             if self.requests_while_choked > MAX_REQUESTS_WHILE_CHOKED {
                 return Err(PeerError::RequestsWhileChoked);
@@ -812,11 +1197,31 @@ impl<W: Write> WriterState<W> {
                 let Some(block) = self.serves.pop_front() else {
                     break;
                 };
-                self.queued.fetch_sub(1, Ordering::Relaxed);
+                self.links.queued.fetch_sub(1, Ordering::Relaxed);
                 self.serve(block).map_err(io_err(SENDING))?;
             }
             self.flush().map_err(io_err(SENDING))?;
         }
+    }
+
+    /// Applies what is pending; false means stop. Until the intro is out, nothing else is
+    /// looked at (the peer's early requests wait in the outbox).
+    fn take(&mut self, inbox: &Inbox) -> bool {
+        if !self.introduced {
+            match inbox.take_intro() {
+                (Some(summary), _) => {
+                    self.intro(summary);
+                    self.introduced = true;
+                }
+                (None, shutdown) => return !shutdown,
+            }
+        }
+        let mut work = std::mem::take(&mut self.work);
+        inbox.take(&mut work);
+        self.apply(&work);
+        let go_on = !work.shutdown;
+        self.work = work;
+        go_on
     }
 
     /// The first message after the handshake: have all / have none / bitfield, then our
@@ -857,102 +1262,104 @@ impl<W: Write> WriterState<W> {
         }
     }
 
-    /// Applies one command; false means stop.
-    fn apply(&mut self, cmd: Command) -> bool {
-        // The reader hands requests straight to us, and one may arrive before the session has
-        // sent the intro; answering it first would put a reject before the bitfield.
-        if let Some(early) = &mut self.before_intro {
-            match cmd {
-                Command::Serve(_) | Command::CancelServe(_) => {
-                    early.push(cmd);
-                    return true;
-                }
-                Command::Intro(summary) => {
-                    self.intro(summary);
-                    for c in self.before_intro.take().unwrap_or_default() {
-                        self.apply(c);
-                    }
-                    return true;
-                }
-                _ => {}
-            }
+    /// Applies one batch of pending work, in an order that keeps every meaning: our choke
+    /// before the peer's requests it refuses, haves before the requests they allow, cancels
+    /// before the requests that may ask the same block again.
+    fn apply(&mut self, work: &Pending) {
+        if let Some(choke) = work.choke
+            && choke != self.choking
+        {
+            self.set_choke(choke);
         }
-        let out = &mut self.out;
-        match cmd {
-            Command::Intro(summary) => self.intro(summary),
-            Command::Request(blocks) => {
-                for &b in &blocks {
-                    wire::encode(&request_msg(b, false), out);
-                }
-                if let Some(asked) = &self.asked {
-                    let _ = asked.send(blocks);
-                }
-            }
-            Command::Cancel(b) => wire::encode(&request_msg(b, true), out),
-            Command::Interested(yes) => wire::encode(
-                if yes {
-                    &Message::Interested
-                } else {
-                    &Message::NotInterested
-                },
-                out,
-            ),
-            Command::Choke(choke) => {
-                self.choking = choke;
-                wire::encode(
-                    if choke {
-                        &Message::Choke
-                    } else {
-                        &Message::Unchoke
-                    },
-                    out,
-                );
-                if choke {
-                    // BEP 3: a choke discards the peer's pending requests; BEP 6 peers are
-                    // told so, one reject each.
-                    self.requests_while_choked = 0;
-                    self.queued.fetch_sub(self.serves.len(), Ordering::Relaxed);
-                    for b in std::mem::take(&mut self.serves) {
-                        if self.fast {
-                            wire::encode(&reject_msg(b), out);
-                        }
-                    }
-                    // A choked peer gets nothing more for a while: free the cache.
-                    self.cached_piece = None;
-                    self.cache = Vec::new();
-                }
-            }
-            Command::Have(p) => {
-                self.have[p.usize()] = true;
-                wire::encode(&Message::Have(p.get()), out);
-            }
-            Command::Serve(batch) => {
-                for b in batch {
-                    if !self.choking && self.have[b.piece.usize()] {
-                        self.serves.push_back(b);
-                    } else {
-                        self.queued.fetch_sub(1, Ordering::Relaxed);
-                        if self.choking {
-                            self.requests_while_choked += 1;
-                        }
-                        if self.fast {
-                            wire::encode(&reject_msg(b), out);
-                        }
-                    }
-                }
-            }
-            Command::CancelServe(b) => {
-                let before = self.serves.len();
-                self.serves.retain(|s| *s != b);
-                let removed = before - self.serves.len();
-                self.queued.fetch_sub(removed, Ordering::Relaxed);
-                if self.fast && removed > 0 {
-                    wire::encode(&reject_msg(b), out);
-                }
-            }
-            Command::Shutdown => return false,
+        if let Some(yes) = work.interested
+            && yes != self.interested
+        {
+            self.interested = yes;
+            let msg = if yes {
+                Message::Interested
+            } else {
+                Message::NotInterested
+            };
+            wire::encode(&msg, &mut self.out);
         }
-        true
+        for &p in &work.haves {
+            self.have[p.usize()] = true;
+            wire::encode(&Message::Have(p.get()), &mut self.out);
+        }
+        for &b in &work.cancels {
+            wire::encode(&request_msg(b, true), &mut self.out);
+        }
+        if !work.requests.is_empty() {
+            for &b in &work.requests {
+                wire::encode(&request_msg(b, false), &mut self.out);
+            }
+            self.links.asked.lock().insert(&work.requests);
+        }
+        self.cancel_serves(&work.cancel_serves);
+        for (i, &b) in work.serves.iter().enumerate() {
+            let cancelled = work.cancel_serves.get(&b).is_some_and(|&after| i < after);
+            self.add_serve(b, cancelled);
+        }
+    }
+
+    fn set_choke(&mut self, choke: bool) {
+        self.choking = choke;
+        let msg = if choke {
+            Message::Choke
+        } else {
+            Message::Unchoke
+        };
+        wire::encode(&msg, &mut self.out);
+        if choke {
+            // BEP 3: a choke discards the peer's pending requests; BEP 6 peers are told so,
+            // one reject each.
+            self.requests_while_choked = 0;
+            self.links
+                .queued
+                .fetch_sub(self.serves.len(), Ordering::Relaxed);
+            for b in std::mem::take(&mut self.serves) {
+                if self.fast {
+                    wire::encode(&reject_msg(b), &mut self.out);
+                }
+            }
+            // A choked peer gets nothing more for a while: free the cache.
+            self.cached_piece = None;
+            self.cache = Vec::new();
+        }
+    }
+
+    /// The peer's cancels, on the requests already queued here.
+    fn cancel_serves(&mut self, cancels: &HashMap<BlockRef, usize>) {
+        if cancels.is_empty() || self.serves.is_empty() {
+            return;
+        }
+        let (out, fast, queued) = (&mut self.out, self.fast, &self.links.queued);
+        self.serves.retain(|s| {
+            let keep = !cancels.contains_key(s);
+            if !keep {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                if fast {
+                    wire::encode(&reject_msg(*s), out);
+                }
+            }
+            keep
+        });
+    }
+
+    /// One request from the peer: queued, or refused (cancelled, choked, a piece we have not
+    /// announced) with a reject under BEP 6.
+    fn add_serve(&mut self, b: BlockRef, cancelled: bool) {
+        if !cancelled && !self.choking && self.have[b.piece.usize()] {
+            self.serves.push_back(b);
+            return;
+        }
+        self.links.queued.fetch_sub(1, Ordering::Relaxed);
+        if self.choking && !cancelled {
+            self.requests_while_choked += 1;
+        }
+        if self.fast {
+            wire::encode(&reject_msg(b), &mut self.out);
+        }
     }
 
     /// Loads `piece` into the serve cache and checks it against its hash. Data on disk can
@@ -1001,8 +1408,8 @@ impl<W: Write> WriterState<W> {
             if self.fast {
                 wire::encode(&reject_msg(block), &mut self.out);
             }
-            let _ = self.events.send(Input::Peer {
-                key: self.key,
+            let _ = self.links.events.send(Input::Peer {
+                key: self.links.key,
                 event: PeerEvent::CorruptOnDisk(block.piece),
             });
             return Ok(());
@@ -1025,13 +1432,9 @@ impl<W: Write> WriterState<W> {
 
     /// Writes what is queued: messages from `out` with the queued blocks between them, taken
     /// from the cache without copying, in one vectored write (more only when the socket
-    /// takes it in parts).
+    /// takes it in parts). The whole flush has one deadline (see [`FLUSH_DEADLINE`]).
     fn flush(&mut self) -> io::Result<()> {
-        if self.blocks.is_empty() {
-            if !self.out.is_empty() {
-                self.stream.write_all(&self.out)?;
-                self.out.clear();
-            }
+        if self.blocks.is_empty() && self.out.is_empty() {
             return Ok(());
         }
         let mut iov = Vec::with_capacity(2 * self.blocks.len() + 1);
@@ -1043,8 +1446,23 @@ impl<W: Write> WriterState<W> {
         }
         iov.push(IoSlice::new(&self.out[from..]));
         iov.retain(|s| !s.is_empty());
+        let total: usize = iov.iter().map(|s| s.len()).sum();
+        let deadline = Instant::now() + self.timeouts.flush_deadline(total);
         let mut rest = &mut iov[..];
         while !rest.is_empty() {
+            // Each call may wait what is left of the flush's time (capped at the base
+            // deadline). The limit is set again only when it is off by more than a twentieth
+            // of that, so quick flushes, which all start with the full base, cost no extra
+            // system call.
+            let limit = left(deadline)?.min(self.timeouts.flush);
+            let slack = self.timeouts.flush / 20;
+            if self
+                .call_limit
+                .is_none_or(|set| set.abs_diff(limit) > slack)
+            {
+                self.stream.limit_calls(limit)?;
+                self.call_limit = Some(limit);
+            }
             match self.stream.write_vectored(rest) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
                 Ok(n) => IoSlice::advance_slices(&mut rest, n),
@@ -1064,8 +1482,8 @@ impl<W: Write> WriterState<W> {
 
     fn report(&mut self) {
         if self.unreported > 0 {
-            let _ = self.events.send(Input::Peer {
-                key: self.key,
+            let _ = self.links.events.send(Input::Peer {
+                key: self.links.key,
                 event: PeerEvent::Uploaded(std::mem::take(&mut self.unreported)),
             });
         }
@@ -1100,9 +1518,12 @@ mod tests {
     use std::net::TcpListener;
     use std::ops::Range;
 
+    use crossbeam_channel::Receiver;
+
     use super::*;
     use crate::geometry::BLOCK_LEN;
     use crate::metainfo::Metainfo;
+    use crate::outbox::MAX_PENDING_BLOCKS;
     use crate::storage::Layout;
     use crate::wire::Frame;
 
@@ -1227,6 +1648,8 @@ mod tests {
             Ok(n)
         }
     }
+
+    impl Source for Parts {}
 
     // ---------------------------------------------------------------------------------------
     // reader
@@ -1398,7 +1821,7 @@ mod tests {
     }
 
     #[test]
-    fn requests_reach_the_writer_in_batches_and_cancels_after_their_request() {
+    fn requests_reach_the_writer_in_order_and_cancels_after_their_request() {
         let f = Fixture::new(false);
         let [a, b, c, d, e] = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)].map(|(p, n)| f.block(p, n));
         let parts = Parts(VecDeque::from([
@@ -1408,17 +1831,9 @@ mod tests {
         ]));
         let r = replay_reader(parts, &f.ctx.storage, false, Vec::new());
         assert!(r.result.is_ok(), "{:?}", r.result);
-        let got: Vec<String> = r.commands.iter().map(|c| format!("{c:?}")).collect();
-        let want: Vec<String> = [
-            Command::Serve(vec![a, b, c]),
-            Command::Serve(vec![d]),
-            Command::CancelServe(d),
-            Command::Serve(vec![e]),
-        ]
-        .iter()
-        .map(|c| format!("{c:?}"))
-        .collect();
-        assert_eq!(got, want);
+        assert_eq!(r.pending.serves, [a, b, c, d, e]);
+        // The cancel covers the four requests before it, not a later one for the same block.
+        assert_eq!(r.pending.cancel_serves, HashMap::from([(d, 4)]));
     }
 
     #[test]
@@ -1431,16 +1846,244 @@ mod tests {
             "{:?}",
             r.result
         );
-        let passed: usize = r
-            .commands
-            .iter()
-            .map(|c| match c {
-                Command::Serve(batch) => batch.len(),
-                other => panic!("{other:?}"),
-            })
-            .sum();
+        let passed = r.pending.serves.len();
         // The batch in hand when the flood was seen is dropped with the connection.
         assert!(passed > 0 && passed <= MAX_QUEUED_SERVES, "{passed}");
+    }
+
+    /// Read-only storage of `pieces` pieces of two blocks, no file behind it: enough for a
+    /// reader that writes nothing.
+    fn bare_storage(pieces: u32) -> Storage {
+        let g = Geometry::new(
+            2 * BLOCK_LEN,
+            &[u64::from(pieces) * u64::from(2 * BLOCK_LEN)],
+            u64::from(pieces),
+        )
+        .unwrap();
+        let layout = Layout {
+            root: std::path::PathBuf::from("/nonexistent/bitfetch-peer-test"),
+            files: vec![std::path::PathBuf::from("f")],
+        };
+        Storage::open_existing(&layout, &g).unwrap()
+    }
+
+    fn block_of(storage: &Storage, piece: u32, n: u32) -> BlockRef {
+        let g = storage.geometry();
+        g.block(g.piece(piece).unwrap(), n).unwrap()
+    }
+
+    #[test]
+    fn repeated_haves_and_have_alls_cost_the_session_nothing() {
+        let f = Fixture::new(false);
+        let p1 = f.ctx.geometry.piece(1).unwrap();
+        // Haves: each piece once, also when a bitfield already told it.
+        let bytes = frames(&[
+            Message::Have(1),
+            Message::Have(1),
+            Message::Bitfield(vec![0b1100_0000]),
+            Message::Have(0),
+            Message::Have(1),
+            Message::Have(2),
+        ]);
+        let r = f.replay(&bytes, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(
+            matches!(
+                r.events[..],
+                [PeerEvent::Have(a), PeerEvent::Bitfield(_), PeerEvent::Have(c)]
+                    if a == p1 && c.get() == 2
+            ),
+            "{:?}",
+            r.events
+        );
+        // After have all, no have is news.
+        let mut bytes = frame(&Message::HaveAll);
+        bytes.extend(frame(&Message::Have(0)).repeat(10_000));
+        let r = f.replay(&bytes, true, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(
+            matches!(r.events[..], [PeerEvent::HaveAll]),
+            "{:?}",
+            r.events
+        );
+    }
+
+    #[test]
+    fn a_second_bitfield_or_have_all_is_a_violation() {
+        use Message::{Bitfield, HaveAll, HaveNone};
+        let f = Fixture::new(false);
+        let bits = || Bitfield(vec![0b1010_0000]);
+        for twice in [
+            [bits(), bits()],
+            [HaveAll, HaveAll],
+            [bits(), HaveAll],
+            [HaveAll, bits()],
+            [HaveNone, bits()],
+            [HaveAll, HaveNone],
+        ] {
+            let r = f.replay(&frames(&twice), true, Vec::new());
+            let err = r.result.unwrap_err();
+            assert!(
+                matches!(err, PeerError::OutOfOrder(_)),
+                "{twice:?}: {err:?}"
+            );
+            assert!(err.is_violation() && !err.may_redial());
+            assert_eq!(r.events.len(), 1, "the first is told: {twice:?}");
+        }
+        // A late first bitfield, after haves, is merged (aria2 sends one).
+        let r = f.replay(&frames(&[Message::Have(2), bits()]), false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+    }
+
+    #[test]
+    fn choke_and_interest_flips_reach_the_session_as_their_outcome() {
+        let f = Fixture::new(false);
+        let flips = frames(&[
+            Message::Unchoke,
+            Message::Interested,
+            Message::Choke,
+            Message::NotInterested,
+        ]);
+        let count = 20_000;
+        let mut bytes = flips.repeat(count);
+        bytes.extend(frames(&[Message::Unchoke, Message::Interested]));
+        let r = f.replay(&bytes, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        // The reader reads at most a few hundred bytes at a time: at most a few events per
+        // read reach the session, not one per message.
+        let reads = bytes.len() / 512 + 1;
+        assert!(r.events.len() <= 4 * reads, "{} events", r.events.len());
+        assert!(r.events.len() < 4 * count / 10);
+        let last_choke = r
+            .events
+            .iter()
+            .rev()
+            .find(|e| matches!(e, PeerEvent::Choke | PeerEvent::Unchoke));
+        assert!(
+            matches!(last_choke, Some(PeerEvent::Unchoke)),
+            "{:?}",
+            r.events
+        );
+        assert!(matches!(r.events.last(), Some(PeerEvent::Interested)));
+
+        // Repeats are not news at all; the first choke is what we assumed already.
+        let same = frames(&[Message::Choke, Message::Interested]).repeat(5_000);
+        let r = f.replay(&same, false, Vec::new());
+        assert!(
+            matches!(r.events[..], [PeerEvent::Interested]),
+            "{:?}",
+            r.events
+        );
+
+        // Order with other events is kept: the unchoke comes before the have that follows.
+        let r = f.replay(
+            &frames(&[Message::Unchoke, Message::Have(0)]),
+            false,
+            Vec::new(),
+        );
+        assert!(matches!(
+            r.events[..],
+            [PeerEvent::Unchoke, PeerEvent::Have(_)]
+        ));
+    }
+
+    #[test]
+    fn only_rejects_of_our_own_requests_pass_and_once_each() {
+        let f = Fixture::new(false);
+        let (ours, other) = (f.block(0, 0), f.block(1, 0));
+        let reject = |b: BlockRef| reject_msg(b);
+        let mut bytes = frame(&reject(other)).repeat(1000);
+        bytes.extend(frame(&reject(ours)).repeat(1000));
+        let r = f.replay(&bytes, true, vec![ours]);
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(
+            matches!(r.events[..], [PeerEvent::Rejected(b)] if b == ours),
+            "{:?}",
+            r.events
+        );
+    }
+
+    #[test]
+    fn allowed_fast_pieces_are_passed_once_each_and_a_few_at_most() {
+        let storage = bare_storage(1000);
+        let mut bytes = frame(&Message::AllowedFast(7)).repeat(100);
+        for i in 0..1000 {
+            bytes.extend(frame(&Message::AllowedFast(i)));
+        }
+        let r = replay_reader(&bytes[..], &storage, true, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert_eq!(r.events.len(), MAX_ALLOWED_FAST);
+        let pieces: HashSet<u32> = r
+            .events
+            .iter()
+            .map(|e| match e {
+                PeerEvent::AllowedFast(p) => p.get(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(pieces.len(), MAX_ALLOWED_FAST, "no piece twice");
+    }
+
+    #[test]
+    fn a_cancel_storm_costs_nothing_without_requests_and_is_capped_with_them() {
+        let storage = bare_storage(4096);
+        let cancels: Vec<u8> = (0..4096)
+            .flat_map(|i| (0..2).map(move |n| (i, n)))
+            .flat_map(|(i, n)| frame(&request_msg(block_of(&storage, i, n), true)))
+            .collect();
+        // Nothing requested: nothing can be cancelled, nothing is kept.
+        let r = replay_reader(&cancels[..], &storage, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(r.pending.cancel_serves.is_empty());
+        // One request waiting behind a writer that does not take its work: distinct cancels
+        // fill a bounded set, then the connection ends.
+        let mut bytes = frame(&request(block_of(&storage, 0, 0)));
+        bytes.extend(&cancels);
+        let r = replay_reader(&bytes[..], &storage, false, Vec::new());
+        assert!(
+            matches!(r.result, Err(PeerError::Backlog(_))),
+            "{:?}",
+            r.result
+        );
+        assert_eq!(r.pending.cancel_serves.len(), MAX_QUEUED_SERVES);
+        // The same cancel repeated costs one entry.
+        let mut bytes = frame(&request(block_of(&storage, 0, 0)));
+        bytes.extend(frame(&request_msg(block_of(&storage, 9, 1), true)).repeat(10_000));
+        let r = replay_reader(&bytes[..], &storage, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert_eq!(r.pending.cancel_serves.len(), 1);
+    }
+
+    #[test]
+    fn unknown_messages_and_extra_extended_handshakes_are_read_past() {
+        let f = Fixture::new(false);
+        let handshake = Message::Extended {
+            id: extension::HANDSHAKE_ID,
+            payload: extension::our_handshake(7000, IpAddr::from([10, 0, 0, 2])),
+        };
+        let mut bytes = frame(&handshake).repeat(10);
+        // An unknown id with a frame near the cap, and an extension message we never
+        // registered: neither is buffered or told.
+        bytes.extend(frame_with(99, &vec![0; wire::MAX_FRAME as usize - 1]));
+        bytes.extend(frame(&Message::Extended {
+            id: 3,
+            payload: vec![1; 1000],
+        }));
+        let r = f.replay(&bytes, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert_eq!(r.events.len(), MAX_EXTENDED_HANDSHAKES as usize);
+        assert!(
+            r.events
+                .iter()
+                .all(|e| matches!(e, PeerEvent::Extended(i) if i.listen_port == Some(7000)))
+        );
+    }
+
+    fn frame_with(id: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = (payload.len() as u32 + 1).to_be_bytes().to_vec();
+        v.push(id);
+        v.extend_from_slice(payload);
+        v
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1451,48 +2094,86 @@ mod tests {
         w: WriterState<W>,
         events: Receiver<Input>,
         queued: Arc<AtomicUsize>,
+        outbox: Outbox,
+        inbox: Inbox,
+        ending: Arc<Ending>,
     }
 
-    fn writer_on<W: Write>(f: &Fixture, stream: W, fast: bool, extended: bool) -> TestWriter<W> {
+    /// What reaches a writer: the session's commands, or the reader's requests and cancels.
+    enum Step {
+        Cmd(Command),
+        Serve(Vec<BlockRef>),
+        Cancel(BlockRef),
+    }
+
+    use Step::{Cancel, Cmd, Serve};
+
+    fn writer_on<W: SendHalf>(
+        f: &Fixture,
+        stream: W,
+        fast: bool,
+        extended: bool,
+        timeouts: &Timeouts,
+    ) -> TestWriter<W> {
         let (tx, events) = crossbeam_channel::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
         let ext = extended.then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1])));
-        let w = WriterState::new(
-            &f.ctx,
-            stream,
-            PeerKey(1),
-            tx,
-            Arc::clone(&queued),
-            fast,
-            ext,
-        );
-        TestWriter { w, events, queued }
+        let links = WriterLinks {
+            key: PeerKey(1),
+            events: tx,
+            queued: Arc::clone(&queued),
+            asked: Arc::new(Mutex::new(Asked::default())),
+        };
+        let w = WriterState::new(&f.ctx, stream, links, fast, ext, timeouts);
+        let ending = Arc::new(Ending::default());
+        let (outbox, inbox) =
+            outbox::outbox(Arc::clone(&ending), None, f.ctx.geometry.piece_count());
+        TestWriter {
+            w,
+            events,
+            queued,
+            outbox,
+            inbox,
+            ending,
+        }
     }
 
     fn writer(f: &Fixture, fast: bool, extended: bool) -> TestWriter<Vec<u8>> {
-        writer_on(f, Vec::new(), fast, extended)
+        writer_on(f, Vec::new(), fast, extended, &Timeouts::DEFAULT)
     }
 
-    impl<W: Write> TestWriter<W> {
-        /// Runs the writer over `cmds` until they run out; requests count as the reader
-        /// counts them.
-        fn run(&mut self, cmds: Vec<Command>) -> Result<(), PeerError> {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            for cmd in cmds {
-                if let Command::Serve(batch) = &cmd {
+    impl<W: SendHalf> TestWriter<W> {
+        /// Hands the writer `step`; requests count as the reader counts them.
+        fn push(&self, step: Step) {
+            match step {
+                Cmd(cmd) => self.outbox.send(cmd),
+                Serve(mut batch) => {
                     self.queued.fetch_add(batch.len(), Ordering::Relaxed);
+                    self.outbox.serve(&mut batch);
                 }
-                tx.send(cmd).unwrap();
+                Cancel(b) => {
+                    let noted = self.outbox.cancel_serve(b, MAX_QUEUED_SERVES);
+                    assert_eq!(noted, CancelServe::Noted);
+                }
             }
-            drop(tx);
-            self.w.run(&rx)
         }
 
-        fn apply(&mut self, cmd: Command) {
-            if let Command::Serve(batch) = &cmd {
-                self.queued.fetch_add(batch.len(), Ordering::Relaxed);
+        /// Runs the writer over `steps`, all pending at once, until it has done them all and
+        /// sees its outbox gone.
+        fn run(&mut self, steps: Vec<Step>) -> Result<(), PeerError> {
+            for step in steps {
+                self.push(step);
             }
-            assert!(self.w.apply(cmd));
+            let pieces = self.w.have.len() as u32;
+            let (spare, inbox) = outbox::outbox(Arc::clone(&self.ending), None, pieces);
+            drop(std::mem::replace(&mut self.outbox, spare));
+            self.w.run(&std::mem::replace(&mut self.inbox, inbox))
+        }
+
+        /// Hands the writer one step and lets it take it.
+        fn apply(&mut self, step: Step) {
+            self.push(step);
+            assert!(self.w.take(&self.inbox));
         }
     }
 
@@ -1532,8 +2213,8 @@ mod tests {
         let b = f.block(0, 0);
         let mut t = writer(&f, true, true);
         t.run(vec![
-            Command::Serve(vec![b]),
-            Command::Intro(HaveSummary::All(vec![0b1110_0000])),
+            Serve(vec![b]),
+            Cmd(Command::Intro(HaveSummary::All(vec![0b1110_0000]))),
         ])
         .unwrap();
         let out = sent(&f, &t.w.stream);
@@ -1558,7 +2239,7 @@ mod tests {
             (HaveSummary::None, vec![]),
         ] {
             let mut t = writer(&f, false, false);
-            t.run(vec![Command::Intro(summary)]).unwrap();
+            t.run(vec![Cmd(Command::Intro(summary))]).unwrap();
             assert_eq!(sent(&f, &t.w.stream), want);
         }
     }
@@ -1569,11 +2250,11 @@ mod tests {
         let (b0, b1) = (f.block(0, 0), f.block(0, 1));
         for fast in [true, false] {
             let mut t = writer(&f, fast, false);
-            t.apply(Command::Intro(HaveSummary::All(vec![0b1110_0000])));
-            t.apply(Command::Choke(false));
-            t.apply(Command::Serve(vec![b0, b1]));
+            t.apply(Cmd(Command::Intro(HaveSummary::All(vec![0b1110_0000]))));
+            t.apply(Cmd(Command::Choke(false)));
+            t.apply(Serve(vec![b0, b1]));
             assert_eq!(t.w.serves.len(), 2);
-            t.apply(Command::Choke(true));
+            t.apply(Cmd(Command::Choke(true)));
             assert!(t.w.serves.is_empty());
             assert_eq!(t.queued.load(Ordering::Relaxed), 0);
             t.w.flush().unwrap();
@@ -1600,10 +2281,10 @@ mod tests {
         let (b0, b1) = (f.block(0, 0), f.block(0, 1));
         let mut t = writer(&f, true, false);
         t.run(vec![
-            Command::Intro(HaveSummary::All(vec![0b1110_0000])),
-            Command::Choke(false),
-            Command::Serve(vec![b0, b1]),
-            Command::CancelServe(b0),
+            Cmd(Command::Intro(HaveSummary::All(vec![0b1110_0000]))),
+            Cmd(Command::Choke(false)),
+            Serve(vec![b0, b1]),
+            Cancel(b0),
         ])
         .unwrap();
         let out = sent(&f, &t.w.stream);
@@ -1638,11 +2319,11 @@ mod tests {
         let (p0, p1, p2) = (f.block(0, 0), f.block(1, 0), f.block(2, 1));
         let mut t = writer(&f, true, false);
         t.run(vec![
-            Command::Intro(HaveSummary::Some(vec![0b1000_0000])),
-            Command::Choke(false),
-            Command::Serve(vec![p0, p1]),
-            Command::Have(p2.piece),
-            Command::Serve(vec![p2]),
+            Cmd(Command::Intro(HaveSummary::Some(vec![0b1000_0000]))),
+            Cmd(Command::Choke(false)),
+            Serve(vec![p0, p1]),
+            Cmd(Command::Have(p2.piece)),
+            Serve(vec![p2]),
         ])
         .unwrap();
         assert_eq!(
@@ -1650,8 +2331,8 @@ mod tests {
             [
                 msg(Message::Bitfield(vec![0b1000_0000])),
                 msg(Message::Unchoke),
-                reject(p1),
                 msg(Message::Have(2)),
+                reject(p1),
                 piece(&f, p0),
                 piece(&f, p2),
             ]
@@ -1665,16 +2346,15 @@ mod tests {
         let mut t = writer(&f, false, false);
         let many = vec![b; MAX_REQUESTS_WHILE_CHOKED as usize + 1];
         let err = t
-            .run(vec![
-                Command::Intro(HaveSummary::None),
-                Command::Serve(many),
-            ])
+            .run(vec![Cmd(Command::Intro(HaveSummary::None)), Serve(many)])
             .unwrap_err();
         assert!(matches!(err, PeerError::RequestsWhileChoked) && err.is_violation());
     }
 
     /// Takes at most 1000 bytes per write, as a socket with a full buffer does.
     struct Narrow(Vec<u8>);
+
+    impl SendHalf for Narrow {}
 
     impl Write for Narrow {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -1696,12 +2376,12 @@ mod tests {
             .to_vec();
         let cmds = || {
             vec![
-                Command::Intro(HaveSummary::All(vec![0b1110_0000])),
-                Command::Choke(false),
-                Command::Serve(blocks.clone()),
+                Cmd(Command::Intro(HaveSummary::All(vec![0b1110_0000]))),
+                Cmd(Command::Choke(false)),
+                Serve(blocks.clone()),
             ]
         };
-        let mut narrow = writer_on(&f, Narrow(Vec::new()), true, false);
+        let mut narrow = writer_on(&f, Narrow(Vec::new()), true, false, &Timeouts::DEFAULT);
         narrow.run(cmds()).unwrap();
         let mut wide = writer(&f, true, false);
         wide.run(cmds()).unwrap();
@@ -1709,6 +2389,157 @@ mod tests {
         let out = sent(&f, &wide.w.stream);
         let pieces: Vec<_> = blocks.iter().map(|&b| piece(&f, b)).collect();
         assert_eq!(out[2..], pieces[..]);
+    }
+
+    /// A socket whose first write blocks until the test opens the gate: a peer that does not
+    /// read. Says when a write is stuck.
+    struct Gate {
+        entered: Sender<()>,
+        open: Receiver<()>,
+        out: Vec<u8>,
+    }
+
+    impl SendHalf for Gate {}
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.entered.try_send(());
+            let _ = self.open.recv_timeout(DEADLINE);
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn flips_and_requests_for_a_writer_that_cannot_send_stay_bounded_and_never_block() {
+        let f = Fixture::new(true);
+        let (entered, stuck) = crossbeam_channel::bounded(1);
+        let (gate, open) = crossbeam_channel::bounded(0);
+        let stream = Gate {
+            entered,
+            open,
+            out: Vec::new(),
+        };
+        let t = writer_on(&f, stream, true, false, &Timeouts::DEFAULT);
+        t.push(Cmd(Command::Intro(HaveSummary::All(vec![0b1110_0000]))));
+        let TestWriter {
+            mut w,
+            outbox,
+            inbox,
+            ending,
+            ..
+        } = t;
+        thread::scope(|scope| {
+            let writer = scope.spawn(move || (w.run(&inbox), w.stream.out));
+            stuck
+                .recv_timeout(DEADLINE)
+                .expect("the writer is in a write");
+            // The session flips choke and interest as fast as a peer's interest flips: the
+            // outbox holds one state each, and the session never waits.
+            for i in 0..100_000 {
+                outbox.send(Command::Choke(i % 2 == 1));
+                outbox.send(Command::Interested(i % 2 == 0));
+            }
+            outbox.send(Command::Choke(false));
+            outbox.send(Command::Interested(true));
+            outbox.peek(|p| {
+                assert_eq!((p.choke, p.interested), (Some(false), Some(true)));
+                assert!(p.requests.is_empty() && p.haves.is_empty() && p.cancels.is_empty());
+            });
+            // Requests pile up to the cap; the next one ends the connection.
+            let blocks = vec![f.block(0, 0); 64];
+            for _ in 0..MAX_PENDING_BLOCKS / 64 {
+                outbox.send(Command::Request(blocks.clone()));
+            }
+            assert!(ending.take().is_ok(), "within the cap");
+            outbox.send(Command::Request(blocks));
+            let err = ending.take().unwrap_err();
+            assert!(
+                matches!(err, PeerError::Backlog(_)) && !err.is_violation(),
+                "{err:?}"
+            );
+            drop(gate);
+            let (result, out) = writer.join().unwrap();
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(sent(&f, &out), [msg(Message::HaveAll)], "ended unsent");
+        });
+    }
+
+    /// Takes one byte per write call, a millisecond each; records the call limits set.
+    struct Dribble {
+        out: Vec<u8>,
+        limits: Vec<Duration>,
+    }
+
+    impl SendHalf for Dribble {
+        fn limit_calls(&mut self, d: Duration) -> io::Result<()> {
+            self.limits.push(d);
+            Ok(())
+        }
+    }
+
+    impl Write for Dribble {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            thread::sleep(Duration::from_millis(1));
+            self.out.extend_from_slice(&buf[..buf.len().min(1)]);
+            Ok(buf.len().min(1))
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_flush_the_peer_takes_too_slowly_ends_at_its_deadline() {
+        let f = Fixture::new(true);
+        let base = Duration::from_millis(100);
+        let timeouts = Timeouts {
+            flush: base,
+            // No allowance per byte: the base is the whole deadline.
+            min_send_rate: u64::MAX,
+            ..Timeouts::DEFAULT
+        };
+        let stream = Dribble {
+            out: Vec::new(),
+            limits: Vec::new(),
+        };
+        let mut t = writer_on(&f, stream, true, false, &timeouts);
+        let started = Instant::now();
+        let err = t
+            .run(vec![
+                Cmd(Command::Intro(HaveSummary::All(vec![0b1110_0000]))),
+                Cmd(Command::Choke(false)),
+                Serve(vec![f.block(0, 0)]),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, PeerError::Timeout(SENDING)), "{err:?}");
+        assert!(err.may_redial() && !err.is_violation());
+        // Ended at the deadline, long before the block could have gone a byte at a time.
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(t.w.stream.out.len() < BLOCK_LEN as usize);
+        let limits = &t.w.stream.limits;
+        assert!(
+            !limits.is_empty() && limits.iter().all(|l| *l <= base),
+            "{limits:?}"
+        );
+        // The first flush (intro, unchoke) set the limit once, not per call.
+        assert!(limits.len() < 40, "{} limits set", limits.len());
+    }
+
+    #[test]
+    fn the_flush_deadline_grows_with_what_it_carries() {
+        let t = Timeouts::DEFAULT;
+        assert_eq!(t.flush_deadline(100), FLUSH_DEADLINE);
+        let sixteen_blocks = 16 * BLOCK_LEN as usize;
+        assert_eq!(
+            t.flush_deadline(sixteen_blocks),
+            FLUSH_DEADLINE + Duration::from_secs(sixteen_blocks as u64 / MIN_SEND_RATE)
+        );
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1750,6 +2581,114 @@ mod tests {
             PeerEvent::Gone { error } => error,
             other => panic!("expected Gone, got {other:?}"),
         }
+    }
+
+    /// A fake peer dialled into a connection thread with `timeouts`; no handshake yet.
+    fn dialled(
+        f: &Fixture,
+        key: PeerKey,
+        timeouts: Timeouts,
+    ) -> (TcpStream, Receiver<Input>, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let thread = spawn_with(
+            key,
+            Dial::Inbound(ours, addr),
+            Arc::clone(&f.ctx),
+            tx,
+            timeouts,
+        )
+        .unwrap();
+        peer.set_read_timeout(Some(DEADLINE)).unwrap();
+        (peer, events, thread)
+    }
+
+    /// Writes `bytes` one at a time, `gap` apart, until done or the socket fails; returns
+    /// how many went.
+    fn dribble(mut peer: &TcpStream, bytes: &[u8], gap: Duration) -> usize {
+        for (i, b) in bytes.iter().enumerate() {
+            if peer.write_all(&[*b]).is_err() {
+                return i;
+            }
+            thread::sleep(gap);
+        }
+        bytes.len()
+    }
+
+    fn their_handshake(f: &Fixture) -> [u8; wire::HANDSHAKE_LEN] {
+        Handshake {
+            reserved: [0; 8],
+            info_hash: f.ctx.info_hash,
+            peer_id: THEIR_ID,
+        }
+        .encode()
+    }
+
+    const SHORT_START: Timeouts = Timeouts {
+        handshake: Duration::from_millis(300),
+        ..Timeouts::DEFAULT
+    };
+
+    #[test]
+    fn a_handshake_dribbled_a_byte_at_a_time_fails_at_the_total_deadline() {
+        let f = Fixture::new(false);
+        let (peer, events, thread) = dialled(&f, PeerKey(10), SHORT_START);
+        let started = Instant::now();
+        let gap = Duration::from_millis(25);
+        let hs = their_handshake(&f);
+        thread::scope(|scope| {
+            let dribbler = scope.spawn(|| dribble(&peer, &hs, gap));
+            let error = gone(next_event(&events)).expect("an error");
+            let took = started.elapsed();
+            assert!(matches!(error, PeerError::Timeout(STARTING)), "{error:?}");
+            assert!(took >= SHORT_START.handshake, "{took:?}");
+            // Every read was within a per-read timeout; only the total deadline ends it.
+            assert!(took < gap * wire::HANDSHAKE_LEN as u32, "{took:?}");
+            assert!(dribbler.join().unwrap() < wire::HANDSHAKE_LEN);
+        });
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_first_message_dribbled_after_a_quick_handshake_fails_at_the_same_deadline() {
+        let f = Fixture::new(false);
+        let (mut peer, events, thread) = dialled(&f, PeerKey(11), SHORT_START);
+        peer.write_all(&their_handshake(&f)).unwrap();
+        let mut answer = [0u8; wire::HANDSHAKE_LEN];
+        peer.read_exact(&mut answer).unwrap();
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        let have = frame(&Message::Have(0));
+        let gap = Duration::from_millis(60);
+        thread::scope(|scope| {
+            let dribbler = scope.spawn(|| dribble(&peer, &have, gap));
+            let error = gone(next_event(&events)).expect("an error");
+            assert!(matches!(error, PeerError::Timeout(STARTING)), "{error:?}");
+            assert!(dribbler.join().unwrap() < have.len());
+        });
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn after_a_prompt_first_message_the_start_up_deadline_no_longer_applies() {
+        let f = Fixture::new(false);
+        let (mut peer, events, thread) = dialled(&f, PeerKey(12), SHORT_START);
+        peer.write_all(&their_handshake(&f)).unwrap();
+        peer.write_all(&frame(&Message::Unchoke)).unwrap();
+        // Read, so closing later is a clean FIN and not a reset.
+        let mut answer = [0u8; wire::HANDSHAKE_LEN];
+        peer.read_exact(&mut answer).unwrap();
+        assert!(matches!(next_event(&events), PeerEvent::Connected { .. }));
+        assert!(matches!(next_event(&events), PeerEvent::Unchoke));
+        // Quiet past the start-up deadline, well within the idle timeout.
+        thread::sleep(2 * SHORT_START.handshake);
+        peer.write_all(&frame(&Message::Have(1))).unwrap();
+        assert!(matches!(next_event(&events), PeerEvent::Have(_)));
+        drop(peer);
+        let error = gone(next_event(&events));
+        assert!(error.is_none(), "{error:?}");
+        thread.join().unwrap();
     }
 
     #[test]
@@ -1800,7 +2739,7 @@ mod tests {
         let PeerEvent::Connected { commands, .. } = next_event(&events) else {
             panic!("not connected");
         };
-        commands.send(Command::Shutdown).unwrap();
+        commands.send(Command::Shutdown);
         let error = gone(next_event(&events));
         assert!(error.is_none(), "{error:?}");
         thread.join().unwrap();

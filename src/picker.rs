@@ -88,7 +88,8 @@ pub enum BlockOutcome {
     },
     /// We already have this block (a late endgame duplicate): drop it.
     Duplicate,
-    /// Nobody asked this peer for it, or its piece is not being downloaded.
+    /// Nobody asked this peer for it (also when we have its piece: a seeder asks for
+    /// nothing), or its piece is not being downloaded.
     Unrequested,
 }
 
@@ -108,6 +109,9 @@ pub struct Picker {
     hashing: u32,
     peers: HashMap<PeerKey, PeerState>,
     rng: crate::rng::Rng,
+    /// Test-only: pieces walked by whole-bitfield updates, to show repeats cost nothing.
+    #[cfg(test)]
+    walked: u64,
 }
 
 impl Picker {
@@ -142,6 +146,8 @@ impl Picker {
             rng: crate::rng::Rng::new(seed),
             have,
             geometry,
+            #[cfg(test)]
+            walked: 0,
         }
     }
 
@@ -211,19 +217,37 @@ impl Picker {
         wanted
     }
 
-    /// Records a whole bitfield (or have-all). Bits must already be validated.
+    /// Records a whole bitfield. Bits must already be validated. Walks the pieces only while
+    /// the peer is not known to have them all, so a repeat from a seed costs nothing (the
+    /// reader refuses a second bitfield anyway).
     pub fn peer_has_bits(&mut self, peer: PeerKey, bits: &[u8]) {
+        if self.peer_is_seed(peer) {
+            return;
+        }
         for p in self.geometry.pieces() {
             let i = p.usize();
             if bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0) {
                 self.peer_has(peer, p);
             }
         }
+        #[cfg(test)]
+        {
+            self.walked += u64::from(self.geometry.piece_count());
+        }
     }
 
+    /// Records that the peer has everything: a walk over the pieces the first time, nothing
+    /// after that.
     pub fn peer_has_all(&mut self, peer: PeerKey) {
+        if self.peer_is_seed(peer) {
+            return;
+        }
         for p in self.geometry.pieces() {
             self.peer_has(peer, p);
+        }
+        #[cfg(test)]
+        {
+            self.walked += u64::from(self.geometry.piece_count());
         }
     }
 
@@ -456,7 +480,13 @@ impl Picker {
         let asked = outstanding || state.voided.remove(&block);
         let i = block.piece.usize();
         if self.have[i] {
-            return BlockOutcome::Duplicate;
+            // A late copy of what we asked for, or (a seeder asks for nothing) a block pushed
+            // at us: the caller counts those against the peer.
+            return if asked {
+                BlockOutcome::Duplicate
+            } else {
+                BlockOutcome::Unrequested
+            };
         }
         if !written {
             if outstanding {
@@ -890,6 +920,54 @@ mod tests {
             }
         ));
         assert_eq!(p.assign(A, 2), vec![a[0]]);
+        p.check_invariants();
+    }
+
+    #[test]
+    fn repeated_have_all_and_bitfields_walk_the_pieces_once() {
+        let mut p = picker(1000);
+        p.add_peer(A);
+        p.peer_has_all(A);
+        assert_eq!(p.walked, 1000);
+        for _ in 0..10_000 {
+            p.peer_has_all(A);
+            p.peer_has_bits(A, &[0xff; 125]);
+        }
+        assert_eq!(p.walked, 1000, "repeats cost nothing");
+        assert!(p.peer_is_seed(A));
+        assert_eq!(p.availability.iter().sum::<u32>(), 1000, "counted once");
+        // A bitfield that makes a peer a seed ends the walks too.
+        p.add_peer(B);
+        p.peer_has_bits(B, &[0xff; 125]);
+        p.peer_has_all(B);
+        assert_eq!(p.walked, 2000);
+        assert_eq!(p.availability.iter().sum::<u32>(), 2000);
+        p.check_invariants();
+    }
+
+    #[test]
+    fn unasked_blocks_of_pieces_we_have_are_unrequested_so_a_seeder_counts_them() {
+        let g = Geometry::new(32 * 1024, &[4 * 32 * 1024], 4).unwrap();
+        let mut seeder = Picker::new(g.clone(), vec![true; 4], 3);
+        seeder.add_peer(A);
+        let b = g.block(g.piece(2).unwrap(), 1).unwrap();
+        assert_eq!(seeder.block_received(A, b, false), BlockOutcome::Unrequested);
+
+        // A downloader: a block asked of A and B in endgame, B's copy first. A's late copy
+        // after the piece verified is a duplicate; the same block from a stranger is not.
+        let mut p = two_seeds(1);
+        p.add_peer(PeerKey(3));
+        let a = p.assign(A, 2);
+        assert_eq!(p.assign(B, 2), a);
+        for x in &a {
+            p.block_received(B, *x, true);
+        }
+        p.piece_verified(a[0].piece);
+        assert_eq!(p.block_received(A, a[0], false), BlockOutcome::Duplicate);
+        assert_eq!(
+            p.block_received(PeerKey(3), a[0], false),
+            BlockOutcome::Unrequested
+        );
         p.check_invariants();
     }
 

@@ -29,6 +29,11 @@ impl<R: Read> RecvBuf<R> {
         }
     }
 
+    /// The source, for settings that do not touch its bytes (a socket's timeout).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.src
+    }
+
     /// Bytes read from the source and not yet consumed: what can be had without a system call.
     pub fn buffered(&self) -> usize {
         self.end - self.start

@@ -234,6 +234,14 @@ impl Decoder {
     }
 }
 
+/// Whether `id` is a message we read (any other is skipped unread, whatever its payload).
+pub fn is_known(id: u8) -> bool {
+    matches!(
+        id,
+        ID_CHOKE..=ID_PORT | ID_SUGGEST..=ID_ALLOWED_FAST | ID_EXTENDED
+    )
+}
+
 /// Checks a frame's declared length for message `id`. `bitfield_len` is ceil(pieces / 8).
 fn check_len(id: u8, len: u32, bitfield_len: usize) -> Result<(), Error> {
     let ok = match id {

@@ -27,7 +27,7 @@ use sha1::{Digest, Sha1};
 use crate::bencode::{self, Limits};
 use crate::extension;
 use crate::geometry::{BLOCK_LEN, Geometry, PieceIndex};
-use crate::messages::{Command, PeerEvent};
+use crate::messages::PeerEvent;
 use crate::metainfo::{self, Metainfo};
 use crate::path_safety;
 use crate::peer::{self, PeerError};
@@ -331,25 +331,25 @@ fn check_reader(frames: &[u8], piece_count: u32, fast: bool, end: &StreamEnd) {
     for event in &replay.events {
         check_event(event, &geometry, fast);
     }
-    let mut served = 0;
-    for cmd in &replay.commands {
-        let blocks = match cmd {
-            Command::Serve(batch) => {
-                assert!(!batch.is_empty(), "an empty serve batch");
-                served += batch.len();
-                batch.clone()
-            }
-            Command::CancelServe(b) => vec![*b],
-            other => panic!("the reader told its writer {other:?}"),
-        };
-        for b in blocks {
-            let again = geometry.request(b.piece.get(), b.offset, b.len);
-            assert_eq!(again, Some(b), "the writer was asked to serve a bad range");
-        }
+    let pending = &replay.pending;
+    let cancelled = pending.cancel_serves.keys();
+    for b in pending.serves.iter().chain(cancelled) {
+        let again = geometry.request(b.piece.get(), b.offset, b.len);
+        assert_eq!(again, Some(*b), "the writer was asked to serve a bad range");
     }
     assert!(
-        served <= peer::MAX_QUEUED_SERVES,
-        "{served} requests queued"
+        pending.serves.len() <= peer::MAX_QUEUED_SERVES,
+        "{} requests queued",
+        pending.serves.len()
+    );
+    assert!(
+        pending.cancel_serves.len() <= peer::MAX_QUEUED_SERVES,
+        "{} cancels queued",
+        pending.cancel_serves.len()
+    );
+    assert!(
+        pending.intro.is_none() && pending.choke.is_none() && pending.requests.is_empty(),
+        "the reader gave its writer a session's command"
     );
 }
 

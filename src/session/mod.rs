@@ -2,10 +2,10 @@
 //! choker.
 //!
 //! Every other thread talks to it through [`Input`] on one bounded channel, and it answers
-//! peers through each connection's [`Command`] channel. It never blocks on a peer: command
-//! channels are unbounded (their volume is bounded by the pipeline depth), while the input
-//! channel is bounded so that fast peers feel back-pressure through TCP instead of growing our
-//! memory.
+//! peers through each connection's outbox of [`Command`]s. It never blocks on a peer: an
+//! outbox keeps state (the latest choke and interest, capped lists of requests and haves) and
+//! ends its connection when a cap is reached, while the input channel is bounded so that fast
+//! peers feel back-pressure through TCP instead of growing our memory.
 //!
 //! `mod.rs` holds start-up, the main loop, seeding limits and shutdown; `peers.rs` the peer
 //! table (dialling, duplicates, bans, pruning); `transfer.rs` what flows over connections

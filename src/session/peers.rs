@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
-
 use super::peer_table::{Ended, are_twins, keep_new_twin};
 use super::{Session, bitfield};
 use crate::engine::NoticeKind;
 use crate::geometry::PieceIndex;
 use crate::messages::{Command, HaveSummary};
+use crate::outbox::Outbox;
 use crate::peer::{self, Dial, PeerError};
 use crate::picker::PeerKey;
 
@@ -39,7 +38,7 @@ pub struct Peer {
     pub outbound: bool,
     pub thread: Option<JoinHandle<()>>,
     /// Set once the handshake is done.
-    pub commands: Option<Sender<Command>>,
+    pub commands: Option<Outbox>,
     pub peer_id: Option<[u8; 20]>,
     pub fast: bool,
     pub reqq: Option<usize>,
@@ -112,8 +111,9 @@ impl Peer {
 
     pub fn send(&self, cmd: Command) {
         if let Some(c) = &self.commands {
-            // A closed channel means the connection is ending; its Gone event will follow.
-            let _ = c.send(cmd);
+            // Never blocks; a connection whose outbox overflows ends, and its Gone event
+            // follows as for any other ending.
+            c.send(cmd);
         }
     }
 
@@ -271,7 +271,7 @@ impl Session {
         addr: SocketAddr,
         peer_id: [u8; 20],
         fast: bool,
-        commands: Sender<Command>,
+        commands: Outbox,
     ) {
         self.table.connected(addr);
         {
