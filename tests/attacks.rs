@@ -241,7 +241,14 @@ fn repeated(unit: &[u8]) -> Vec<u8> {
 }
 
 /// The memory, drop and completion verdict of a flood.
-fn flood_problems(label: &str, f: &Flood, wire: &mut Wire, mem: &MemWatch) -> Vec<String> {
+/// A victim that closes the connection only when it exits has not dropped the attacker.
+fn flood_problems(
+    label: &str,
+    f: &Flood,
+    wire: &mut Wire,
+    mem: &MemWatch,
+    victim: &ChildGuard,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let peak = mem.peak_kib();
     eprintln!(
@@ -255,10 +262,15 @@ fn flood_problems(label: &str, f: &Flood, wire: &mut Wire, mem: &MemWatch) -> Ve
             f.bytes
         ));
     }
-    if f.closed.is_none()
-        && let Err(e) = wire.expect_closed(CLOSE_DEADLINE)
-    {
-        problems.push(format!("the attacker was not dropped: {e}"));
+    if f.closed.is_none() {
+        match wire.expect_closed(CLOSE_DEADLINE) {
+            Err(e) => problems.push(format!("the attacker was not dropped: {e}")),
+            Ok(_) if !victim.is_running() => problems.push(
+                "the attacker was not dropped: its connection closed only when the victim exited"
+                    .into(),
+            ),
+            Ok(_) => {}
+        }
     }
     problems
 }
@@ -267,8 +279,8 @@ fn flood_problems(label: &str, f: &Flood, wire: &mut Wire, mem: &MemWatch) -> Ve
 /// `prepare` (while still reading), then floods `unit` without reading. Three seconds in, an
 /// honest downloader starts; it must complete from the seeder, whose memory must stay bounded
 /// and which must drop the attacker.
-fn flood_seeder(label: &str, prepare: impl FnOnce(&mut Wire), unit: &[u8]) {
-    let t = Torrent::new(label, SIZE, PIECE_LEN, &[]);
+fn flood_seeder(label: &str, size: usize, prepare: impl FnOnce(&mut Wire), unit: &[u8]) {
+    let t = Torrent::new(label, size, PIECE_LEN, &[]);
     let (seeder, s_addr) = t.seeder(next_loopback(), &[]);
     let mem = MemWatch::start(&seeder);
     let mut wire = dial_small_window(next_loopback(), s_addr);
@@ -282,7 +294,7 @@ fn flood_seeder(label: &str, prepare: impl FnOnce(&mut Wire), unit: &[u8]) {
         let f = attack.join().expect("the flood thread");
         (f, d, out)
     });
-    let mut problems = flood_problems(label, &f, &mut wire, &mem);
+    let mut problems = flood_problems(label, &f, &mut wire, &mem, &seeder);
     problems.extend(t.download_problem(&d, &out, DEADLINE));
     verdict(label, &problems, &[&seeder, &d]);
 }
@@ -297,25 +309,30 @@ fn interest_flapping() -> Vec<u8> {
 
 #[test]
 fn queue_interest_flapping_peer_that_never_reads_cannot_grow_a_seeder() {
-    flood_seeder("interest flapping vs seeder", |_| {}, &interest_flapping());
+    flood_seeder(
+        "interest flapping vs seeder",
+        SIZE,
+        |_| {},
+        &interest_flapping(),
+    );
 }
 
 #[test]
 fn queue_cancel_storm_against_a_writer_that_cannot_send_cannot_grow_a_seeder() {
-    let pieces = SIZE.div_ceil(PIECE_LEN as usize) as u32;
-    let storm: Vec<u8> = (0..pieces - 1)
-        .flat_map(|p| {
-            [
-                msg_request(p, 0, BLOCK),
-                frame(id::CANCEL, &triple(p, 0, BLOCK)),
-            ]
-            .concat()
-        })
+    // 300 blocks asked for (4.7 MiB, more than the kernel's largest send buffer, fewer than
+    // a seeder may queue), so the writer is stuck on them; then cancels of those same blocks,
+    // over and over.
+    let asked: Vec<(u32, u32, u32)> = (0..150)
+        .flat_map(|p| [(p, 0, BLOCK), (p, BLOCK, BLOCK)])
+        .collect();
+    let storm: Vec<u8> = asked
+        .iter()
+        .flat_map(|&(p, o, l)| frame(id::CANCEL, &triple(p, o, l)))
         .collect();
     flood_seeder(
         "cancel storm vs seeder",
+        8 << 20,
         |wire| {
-            // Unchoked, so requests are queued for a writer that the small window soon stops.
             wire.send(&frame(id::INTERESTED, &[]))
                 .expect("send interested");
             let unchoked = wire
@@ -325,6 +342,14 @@ fn queue_cancel_storm_against_a_writer_that_cannot_send_cannot_grow_a_seeder() {
                 unchoked.is_some(),
                 "the seeder never unchoked an interested peer"
             );
+            let requests: Vec<u8> = asked
+                .iter()
+                .flat_map(|&(p, o, l)| msg_request(p, o, l))
+                .collect();
+            wire.send(&requests).expect("send the requests");
+            // Not reading from here on: give the seeder a moment to pass the requests to its
+            // writer and fill the window, so the writer is stuck before the storm starts.
+            thread::sleep(Duration::from_secs(2));
         },
         &storm,
     );
@@ -348,10 +373,15 @@ fn queue_interest_flapping_peer_that_never_reads_cannot_grow_a_downloader() {
         let attack = scope.spawn(|| flood(&mut wire, &unit, d.pid()));
         thread::sleep(Duration::from_secs(3));
         let target_arg = target.to_string();
-        let (seeder, _) = t.seeder(next_loopback(), &["--peer", &target_arg]);
+        // Slowed (2 MiB at 32 KiB/s, about a minute), so the downloader is still running when
+        // the drop is checked: a close at its exit is not a drop.
+        let (seeder, _) = t.seeder(
+            next_loopback(),
+            &["--peer", &target_arg, "--max-upload-rate", "32K"],
+        );
         (attack.join().expect("the flood thread"), seeder)
     });
-    let mut problems = flood_problems(label, &f, &mut wire, &mem);
+    let mut problems = flood_problems(label, &f, &mut wire, &mem, &d);
     problems.extend(t.download_problem(&d, &out, DEADLINE));
     verdict(label, &problems, &[&d, &seeder]);
 }
