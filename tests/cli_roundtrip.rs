@@ -179,6 +179,21 @@ struct Tmp {
     path: PathBuf,
 }
 
+/// A fresh directory holding `data/NAME`: `size` pseudo-random bytes from `seed`.
+fn tmp_with_data_file(name: &str, size: usize, seed: u64) -> (Tmp, PathBuf) {
+    let t = tmp();
+    let file = t.path.join("data").join(name);
+    write_file(&file, &pseudo_random(size, seed));
+    (t, file)
+}
+
+/// `t` with the test tree written to `t/tree` (returned).
+fn tmp_with_tree(t: Tmp) -> (Tmp, PathBuf) {
+    let root = t.path.join("tree");
+    write_tree(&root);
+    (t, root)
+}
+
 fn tmp() -> Tmp {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().canonicalize().unwrap();
@@ -268,9 +283,7 @@ fn roundtrip_single_several_mib_last_piece_one_byte() {
 
 #[test]
 fn verify_missing_single_file_is_incomplete() {
-    let t = tmp();
-    let file = t.path.join("data").join("f.bin");
-    write_file(&file, &pseudo_random(40000, 1));
+    let (t, file) = tmp_with_data_file("f.bin", 40000, 1);
     let torrent = t.path.join("t.torrent");
     create(&t.path, &file, &torrent, &["--piece-length", "16384"]);
     std::fs::remove_file(&file).unwrap();
@@ -341,9 +354,7 @@ fn roundtrip_directory_with_nested_dirs_and_empty_files() {
 
 #[test]
 fn info_json_fields_for_a_multi_file_torrent() {
-    let t = tmp();
-    let root = t.path.join("tree");
-    write_tree(&root);
+    let (t, root) = tmp_with_tree(tmp());
 
     let private = t.path.join("private.torrent");
     let mut args = vec![
@@ -434,9 +445,7 @@ fn info_json_fields_for_a_multi_file_torrent() {
 
 #[test]
 fn create_writes_name_torrent_in_cwd_by_default() {
-    let t = tmp();
-    let file = t.path.join("data").join("thing.iso");
-    write_file(&file, &pseudo_random(20000, 3));
+    let (t, file) = tmp_with_data_file("thing.iso", 20000, 3);
     let cwd = t.path.join("cwd");
     std::fs::create_dir(&cwd).unwrap();
     let run = run_in(
@@ -530,35 +539,64 @@ fn check_foreign_torrent(cwd: &Path, torrent: &Path, data_path: &Path, corrupt: 
     verify(cwd, torrent, Some(data_path)).assert_success();
 }
 
+/// What a foreign maker is given: one file (name, size, seed) or the tree.
+enum Source {
+    File(&'static str, usize, u64),
+    Tree,
+}
+
+/// A fresh directory holding `source`, in which `maker` (the first of `tools`, all required)
+/// has made `torrent` with `args`: (the directory, the torrent's path).
+fn made_by(tools: &[&str], source: Source, args: &[&str], torrent: &str) -> (Tmp, PathBuf) {
+    for name in tools {
+        require_tool(name);
+    }
+    let t = tmp();
+    match source {
+        Source::File(name, size, seed) => {
+            write_file(&t.path.join(name), &pseudo_random(size, seed))
+        }
+        Source::Tree => {
+            write_tree(&t.path.join("tree"));
+        }
+    }
+    tool(tools[0], &t.path, args).assert_success();
+    let torrent = t.path.join(torrent);
+    (t, torrent)
+}
+
+/// A single-file torrent made by a foreign tool: checked with the directory and with the
+/// file itself as the data path.
+fn foreign_single_file(
+    tools: &[&str],
+    (name, size, seed): (&'static str, usize, u64),
+    args: &[&str],
+    torrent: &str,
+) {
+    let (t, torrent) = made_by(tools, Source::File(name, size, seed), args, torrent);
+    let file = t.path.join(name);
+    check_foreign_torrent(&t.path, &torrent, &t.path, &file, size as u64);
+    check_foreign_torrent(&t.path, &torrent, &file, &file, size as u64);
+}
+
 #[test]
 fn interop_mktorrent_single_file() {
-    require_tool("mktorrent");
-    let t = tmp();
-    let file = t.path.join("m.bin");
-    write_file(&file, &pseudo_random(200_001, 11));
-    tool(
-        "mktorrent",
-        &t.path,
-        ["-a", DEAD_TRACKER, "-l", "15", "-o", "m.torrent", "m.bin"],
-    )
-    .assert_success();
-    let torrent = t.path.join("m.torrent");
-    check_foreign_torrent(&t.path, &torrent, &t.path, &file, 200_001);
-    check_foreign_torrent(&t.path, &torrent, &file, &file, 200_001);
+    foreign_single_file(
+        &["mktorrent"],
+        ("m.bin", 200_001, 11),
+        &["-a", DEAD_TRACKER, "-l", "15", "-o", "m.torrent", "m.bin"],
+        "m.torrent",
+    );
 }
 
 #[test]
 fn interop_mktorrent_directory() {
-    require_tool("mktorrent");
-    let t = tmp();
-    write_tree(&t.path.join("tree"));
-    tool(
-        "mktorrent",
-        &t.path,
-        ["-a", DEAD_TRACKER, "-l", "15", "-o", "m.torrent", "tree"],
-    )
-    .assert_success();
-    let torrent = t.path.join("m.torrent");
+    let (t, torrent) = made_by(
+        &["mktorrent"],
+        Source::Tree,
+        &["-a", DEAD_TRACKER, "-l", "15", "-o", "m.torrent", "tree"],
+        "m.torrent",
+    );
     check_foreign_torrent(
         &t.path,
         &torrent,
@@ -578,40 +616,30 @@ fn interop_mktorrent_directory() {
     );
 }
 
+const TRANSMISSION_CREATE: &[&str] = &["transmission-create", "transmission-show"];
+
 #[test]
 fn interop_transmission_create_single_file() {
-    require_tool("transmission-create");
-    require_tool("transmission-show");
-    let t = tmp();
-    let file = t.path.join("t.bin");
-    write_file(&file, &pseudo_random(100_000, 12));
-    tool(
-        "transmission-create",
-        &t.path,
-        ["-o", "t.torrent", "-t", DEAD_TRACKER, "-s", "32", "t.bin"],
-    )
-    .assert_success();
-    let torrent = t.path.join("t.torrent");
-    check_foreign_torrent(&t.path, &torrent, &t.path, &file, 100_000);
-    check_foreign_torrent(&t.path, &torrent, &file, &file, 100_000);
+    foreign_single_file(
+        TRANSMISSION_CREATE,
+        ("t.bin", 100_000, 12),
+        &["-o", "t.torrent", "-t", DEAD_TRACKER, "-s", "32", "t.bin"],
+        "t.torrent",
+    );
 }
 
 #[test]
 fn interop_transmission_create_directory() {
-    require_tool("transmission-create");
-    require_tool("transmission-show");
-    let t = tmp();
-    write_tree(&t.path.join("tree"));
-    tool(
-        "transmission-create",
-        &t.path,
-        ["-o", "t.torrent", "-t", DEAD_TRACKER, "-s", "16", "tree"],
-    )
-    .assert_success();
+    let (t, torrent) = made_by(
+        TRANSMISSION_CREATE,
+        Source::Tree,
+        &["-o", "t.torrent", "-t", DEAD_TRACKER, "-s", "16", "tree"],
+        "t.torrent",
+    );
     // transmission-create leaves zero-length files out; the total is the same.
     check_foreign_torrent(
         &t.path,
-        &t.path.join("t.torrent"),
+        &torrent,
         &t.path,
         &t.path.join("tree/a.bin"),
         tree_total(),
@@ -621,6 +649,13 @@ fn interop_transmission_create_directory() {
 // ---------------------------------------------------------------------------------------------
 // Interoperability: torrents bitfetch makes, read by other tools
 // ---------------------------------------------------------------------------------------------
+
+/// A fresh directory, once the tools of [`check_others_accept`] are known to be there.
+fn tmp_for_others() -> Tmp {
+    require_tool("transmission-show");
+    require_tool("aria2c");
+    tmp()
+}
 
 fn check_others_accept(cwd: &Path, torrent: &Path, expect_paths: &[String], private: bool) {
     let ours = info_json(cwd, torrent)["info_hash"]
@@ -668,9 +703,7 @@ fn check_others_accept(cwd: &Path, torrent: &Path, expect_paths: &[String], priv
 
 #[test]
 fn others_accept_bitfetch_single_file_torrent() {
-    require_tool("transmission-show");
-    require_tool("aria2c");
-    let t = tmp();
+    let t = tmp_for_others();
     let file = t.path.join("single.bin");
     write_file(&file, &pseudo_random(1_000_001, 21));
     let torrent = t.path.join("s.torrent");
@@ -680,11 +713,7 @@ fn others_accept_bitfetch_single_file_torrent() {
 
 #[test]
 fn others_accept_bitfetch_directory_torrent() {
-    require_tool("transmission-show");
-    require_tool("aria2c");
-    let t = tmp();
-    let root = t.path.join("tree");
-    write_tree(&root);
+    let (t, root) = tmp_with_tree(tmp_for_others());
     let torrent = t.path.join("d.torrent");
     create(
         &t.path,

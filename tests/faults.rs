@@ -127,22 +127,28 @@ fn assert_progress_sane(guard: &ChildGuard, total: u64, parts: &[&dyn Diagnose])
     }
 }
 
+/// A scripted tracker (`tracker_name`) and a payload of one file announcing to it.
+fn tracked_payload(
+    tracker_name: &str,
+    name: &str,
+    size: u64,
+    seed: u64,
+    piece_log2: u32,
+) -> (HttpTracker, Payload) {
+    let tracker = HttpTracker::start(tracker_name);
+    let fx = Payload::new(name, size, seed, piece_log2, &tracker.announce_url());
+    (tracker, fx)
+}
+
 // =============================================================================================
 // 1. A seeder killed mid-piece
 // =============================================================================================
 
 #[test]
 fn seeder_killed_mid_piece_download_completes_from_the_other() {
-    let tracker = HttpTracker::start("kill-seeder");
     // 256 KiB pieces (16 blocks each): with two seeders sharing the requests, the killed one
     // leaves pieces half received.
-    let fx = Payload::new(
-        "two-seeders.bin",
-        4 * MIB + 4321,
-        101,
-        18,
-        &tracker.announce_url(),
-    );
+    let (_tracker, fx) = tracked_payload("kill-seeder", "two-seeders.bin", 4 * MIB + 4321, 101, 18);
     let (a, a_addr) = start_seeder("seeder A", &fx.torrent, &fx.data, next_loopback(), &[]);
     let (b, b_addr) = start_seeder("seeder B", &fx.torrent, &fx.data, next_loopback(), &[]);
     let (out, d) = download_from_two(&fx, a_addr, b_addr);
@@ -201,8 +207,7 @@ fn seeder_killed_mid_piece_download_completes_from_the_other() {
 
 #[test]
 fn only_seeder_corrupting_every_piece_is_banned_nothing_counts_and_the_run_stalls() {
-    let tracker = HttpTracker::start("corrupt");
-    let fx = Payload::new("corrupt.bin", MIB + 3333, 201, 15, &tracker.announce_url());
+    let (tracker, fx) = tracked_payload("corrupt", "corrupt.bin", MIB + 3333, 201, 15);
     let fake = SeedSpec::new(fx.bytes().to_vec(), fx.pieces.piece_len)
         .misbehave(Misbehaviour::FlipFirstByte)
         .start(next_loopback());
@@ -616,14 +621,7 @@ fn kill_9_at_random_moments_resume_keeps_verified_pieces_and_refetches_none() {
     /// hashed, plus a spare. A refetched verified piece would show as more.
     const SLACK_PIECES: u64 = 3;
     let _cpu = cpu_lock();
-    let tracker = HttpTracker::start("kill9");
-    let fx = Payload::new(
-        "kill9.bin",
-        4 * MIB + 1234,
-        401,
-        15,
-        &tracker.announce_url(),
-    );
+    let (tracker, fx) = tracked_payload("kill9", "kill9.bin", 4 * MIB + 1234, 401, 15);
     let map = fx.pieces.clone();
     let total = fx.size;
     let slack = SLACK_PIECES * map.piece_len;
@@ -893,8 +891,7 @@ fn json_lines(path: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn disk_full_is_a_clear_error_with_exit_5_and_a_bigger_disk_resumes() {
     let unshare = require_tool("unshare");
-    let tracker = HttpTracker::start("disk-full");
-    let fx = Payload::new("big.bin", 2 * MIB + 777, 501, 15, &tracker.announce_url());
+    let (_tracker, fx) = tracked_payload("disk-full", "big.bin", 2 * MIB + 777, 501, 15);
     let (seeder, seeder_addr) = start_seeder("seeder", &fx.torrent, &fx.data, next_loopback(), &[]);
     let work = scratch_dir();
     // 16 good pieces already there, then room for less than the rest.
@@ -995,14 +992,7 @@ fn disk_full_is_a_clear_error_with_exit_5_and_a_bigger_disk_resumes() {
 
 #[test]
 fn seeded_file_changed_under_the_seeder_never_yields_a_bad_piece() {
-    let tracker = HttpTracker::start("changed");
-    let fx = Payload::new(
-        "changed.bin",
-        2 * MIB + 555,
-        601,
-        15,
-        &tracker.announce_url(),
-    );
+    let (_tracker, fx) = tracked_payload("changed", "changed.bin", 2 * MIB + 555, 601, 15);
     let damaged = fx.copy_data("damaged");
     // A is throttled so it still has most of its queue to serve when its file changes; B is
     // an honest, untouched seeder.
@@ -1103,8 +1093,7 @@ fn a_seeder_rejecting_every_request_is_not_asked_again_in_a_loop() {
     /// retrying, not looping.
     const MAX_ASKS_PER_BLOCK: u64 = 3;
     let _cpu = cpu_lock();
-    let tracker = HttpTracker::start("rejecting");
-    let fx = Payload::new("rejected.bin", MIB, 602, 15, &tracker.announce_url());
+    let (_tracker, fx) = tracked_payload("rejecting", "rejected.bin", MIB, 602, 15);
     let fake = SeedSpec::new(fx.bytes().to_vec(), fx.pieces.piece_len)
         .misbehave(Misbehaviour::RejectAll)
         .start(next_loopback());

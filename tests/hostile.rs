@@ -418,6 +418,11 @@ fn bidi_name_in_an_error() {
     if dl.code() != Some(0) && dl.error_line().is_none() {
         problems.push("failed without a `bitfetch: error:` line".into());
     }
+    assert_no_problems(problems, &sb, &dl);
+}
+
+/// Fails with every problem (the sentinel's too) and what the run printed.
+fn assert_no_problems(mut problems: Vec<String>, sb: &Sandbox, dl: &Run) {
     problems.extend(sb.sentinel_problem());
     assert!(
         problems.is_empty(),
@@ -558,13 +563,7 @@ fn path_over_path_max() {
     if let Some(stray) = walk(&sb.out).iter().find(|p| !p.starts_with("dir")) {
         problems.push(format!("{stray:?} is in OUT but outside OUT/dir"));
     }
-    problems.extend(sb.sentinel_problem());
-    assert!(
-        problems.is_empty(),
-        "{}\n\n{}",
-        problems.join("\n"),
-        dl.dump()
-    );
+    assert_no_problems(problems, &sb, &dl);
 }
 
 #[test]
@@ -676,71 +675,78 @@ fn link(target: &Path, at: &Path) {
         .unwrap_or_else(|e| panic!("symlink {} -> {}: {e}", at.display(), target.display()));
 }
 
+/// Where a link is planted, in which torrent (`true`: the tree, else one file), with which extra
+/// arguments.
+type Planted = (
+    &'static str,
+    bool,
+    &'static [&'static str],
+    fn(&Sandbox, &[u8; 20]),
+);
+
 #[test]
 fn symlinks_planted_in_the_output_directory_are_not_followed() {
-    let one = || single_case(b"file.bin");
-    let tree = || multi_case(b"dir", &[&[b"sub", b"f"], &[b"g"]]);
-    run_parallel(vec![
-        case("the file is a link to a file outside", move || {
-            link_is_not_followed(
-                "the file is a link to a file outside",
-                one(),
-                &[],
-                |sb, _| link(&sb.outside.join("victim"), &sb.out.join("file.bin")),
-            )
-        }),
-        case("the file is a dangling link to outside", move || {
-            link_is_not_followed(
-                "the file is a dangling link to outside",
-                one(),
-                &[],
-                |sb, _| {
-                    link(
-                        &sb.outside.join("created-through-the-link"),
-                        &sb.out.join("file.bin"),
-                    )
-                },
-            )
-        }),
-        case("the file is a relative link to the sentinel", move || {
-            link_is_not_followed(
-                "the file is a relative link to the sentinel",
-                one(),
-                &[],
-                |sb, _| link(Path::new("../sentinel"), &sb.out.join("file.bin")),
-            )
-        }),
-        case("the torrent's directory is a link outside", move || {
-            link_is_not_followed(
-                "the torrent's directory is a link outside",
-                tree(),
-                &[],
-                |sb, _| link(&sb.outside.join("dir"), &sb.out.join("dir")),
-            )
-        }),
-        case("a subdirectory is a link outside", move || {
-            link_is_not_followed("a subdirectory is a link outside", tree(), &[], |sb, _| {
-                fs::create_dir(sb.out.join("dir")).expect("mkdir OUT/dir");
-                link(&sb.outside.join("dir"), &sb.out.join("dir").join("sub"))
-            })
-        }),
-        case(
-            "the parts file of a selection is a link outside",
-            move || {
-                // File 1 alone shares its last piece with file 2: that boundary goes to the
-                // hidden parts file.
-                link_is_not_followed(
-                    "the parts file of a selection is a link outside",
-                    tree(),
-                    &["--select", "1"],
-                    |sb, hash| {
-                        let parts = format!(".bitfetch-{}.parts", &hex(hash)[..16]);
-                        link(&sb.outside.join("victim"), &sb.out.join(parts))
-                    },
+    let plants: Vec<Planted> = vec![
+        (
+            "the file is a link to a file outside",
+            false,
+            &[],
+            |sb, _| link(&sb.outside.join("victim"), &sb.out.join("file.bin")),
+        ),
+        (
+            "the file is a dangling link to outside",
+            false,
+            &[],
+            |sb, _| {
+                link(
+                    &sb.outside.join("created-through-the-link"),
+                    &sb.out.join("file.bin"),
                 )
             },
         ),
-    ]);
+        (
+            "the file is a relative link to the sentinel",
+            false,
+            &[],
+            |sb, _| link(Path::new("../sentinel"), &sb.out.join("file.bin")),
+        ),
+        (
+            "the torrent's directory is a link outside",
+            true,
+            &[],
+            |sb, _| link(&sb.outside.join("dir"), &sb.out.join("dir")),
+        ),
+        ("a subdirectory is a link outside", true, &[], |sb, _| {
+            fs::create_dir(sb.out.join("dir")).expect("mkdir OUT/dir");
+            link(&sb.outside.join("dir"), &sb.out.join("dir").join("sub"))
+        }),
+        // File 1 alone shares its last piece with file 2: that boundary goes to the hidden
+        // parts file.
+        (
+            "the parts file of a selection is a link outside",
+            true,
+            &["--select", "1"],
+            |sb, hash| {
+                let parts = format!(".bitfetch-{}.parts", &hex(hash)[..16]);
+                link(&sb.outside.join("victim"), &sb.out.join(parts))
+            },
+        ),
+    ];
+    run_parallel(
+        plants
+            .into_iter()
+            .map(|(label, tree, extra, plant)| {
+                case(label, move || {
+                    let torrent = if tree {
+                        multi_case(b"dir", &[&[b"sub", b"f"], &[b"g"]])
+                    } else {
+                        single_case(b"file.bin")
+                    };
+                    link_is_not_followed(label, torrent, extra, plant)
+                })
+            })
+            .collect(),
+    );
 }
 
 // =============================================================================================
@@ -1393,16 +1399,19 @@ fn peers_that_stall_drip_repeat_or_push_unasked_blocks_do_not_stop_a_download() 
     ]);
 }
 
-/// Has everything, unchokes, and answers the first request at one byte per second.
-fn drip(wire: &mut Wire, ctx: &Hostile) -> Result<String, String> {
+/// Claims every piece, unchokes, and waits for bitfetch's first request.
+fn offer_everything(wire: &mut Wire, ctx: &Hostile) -> Result<Option<Msg>, String> {
     wire.send(&frame(
         id::BITFIELD,
         &full_bitfield(ctx.content.piece_count()),
     ))?;
     wire.send(&frame(id::UNCHOKE, &[]))?;
-    let Some(Msg::Request { piece, offset, len }) =
-        wire.wait_for(DEADLINE, |m| matches!(m, Msg::Request { .. }))?
-    else {
+    wire.wait_for(DEADLINE, |m| matches!(m, Msg::Request { .. }))
+}
+
+/// Has everything, unchokes, and answers the first request at one byte per second.
+fn drip(wire: &mut Wire, ctx: &Hostile) -> Result<String, String> {
+    let Some(Msg::Request { piece, offset, len }) = offer_everything(wire, ctx)? else {
         return Err("bitfetch never asked the drip peer for anything".into());
     };
     (ctx.ready)();
@@ -1428,15 +1437,7 @@ fn drip(wire: &mut Wire, ctx: &Hostile) -> Result<String, String> {
 
 /// Has everything, unchokes, takes requests and never answers them.
 fn silent_after_unchoke(wire: &mut Wire, ctx: &Hostile) -> Result<String, String> {
-    wire.send(&frame(
-        id::BITFIELD,
-        &full_bitfield(ctx.content.piece_count()),
-    ))?;
-    wire.send(&frame(id::UNCHOKE, &[]))?;
-    if wire
-        .wait_for(DEADLINE, |m| matches!(m, Msg::Request { .. }))?
-        .is_none()
-    {
+    if offer_everything(wire, ctx)?.is_none() {
         return Err("bitfetch never asked the silent peer for anything".into());
     }
     (ctx.ready)();

@@ -59,6 +59,20 @@ fn base_torrent() -> Vec<u8> {
     single(|_| {})
 }
 
+/// The base torrent with `key` of its info dict set to `value`.
+fn with(key: &str, value: B) -> Vec<u8> {
+    single(|m| {
+        m.insert(key.into(), value);
+    })
+}
+
+/// The base torrent without `key` in its info dict.
+fn without(key: &str) -> Vec<u8> {
+    single(|m| {
+        m.remove(key);
+    })
+}
+
 fn file(len: i64, path: &[&str]) -> B {
     dict([("length", int(len)), ("path", path_list(path))])
 }
@@ -786,9 +800,7 @@ fn piece_length_missing() {
     let _cases = Cases::begin();
     reject(
         "piece length missing",
-        &single(|m| {
-            m.remove("piece length");
-        }),
+        &without("piece length"),
         KW_PIECE_LEN,
     );
 }
@@ -798,9 +810,7 @@ fn piece_length_zero() {
     let _cases = Cases::begin();
     reject(
         "piece length 0",
-        &single(|m| {
-            m.insert("piece length".into(), int(0));
-        }),
+        &with("piece length", int(0)),
         KW_PIECE_LEN,
     );
 }
@@ -810,9 +820,7 @@ fn piece_length_negative() {
     let _cases = Cases::begin();
     reject(
         "piece length -16384",
-        &single(|m| {
-            m.insert("piece length".into(), int(-16384));
-        }),
+        &with("piece length", int(-16384)),
         KW_PIECE_LEN,
     );
 }
@@ -821,22 +829,16 @@ fn piece_length_negative() {
 fn piece_length_absurd() {
     let _cases = Cases::begin();
     // 2^40: one piece would be a terabyte. The hashes still match the length.
-    reject(
-        "piece length 2^40",
-        &single(|m| {
-            m.insert("piece length".into(), int(1 << 40));
+    for (label, len) in [
+        ("piece length 2^40", 1 << 40),
+        ("piece length i64::MAX", i64::MAX),
+    ] {
+        let torrent = single(|m| {
+            m.insert("piece length".into(), int(len));
             m.insert("pieces".into(), piece_hashes(1));
-        }),
-        KW_PIECE_LEN,
-    );
-    reject(
-        "piece length i64::MAX",
-        &single(|m| {
-            m.insert("piece length".into(), int(i64::MAX));
-            m.insert("pieces".into(), piece_hashes(1));
-        }),
-        KW_PIECE_LEN,
-    );
+        });
+        reject(label, &torrent, KW_PIECE_LEN);
+    }
 }
 
 #[test]
@@ -844,16 +846,12 @@ fn piece_length_not_an_integer() {
     let _cases = Cases::begin();
     reject(
         "piece length is a string",
-        &single(|m| {
-            m.insert("piece length".into(), bytes("16384"));
-        }),
+        &with("piece length", bytes("16384")),
         KW_PIECE_LEN,
     );
     reject(
         "piece length is a list",
-        &single(|m| {
-            m.insert("piece length".into(), list([int(16384)]));
-        }),
+        &with("piece length", list([int(16384)])),
         KW_PIECE_LEN,
     );
 }
@@ -863,16 +861,12 @@ fn pieces_not_a_multiple_of_20() {
     let _cases = Cases::begin();
     reject(
         "pieces is 59 bytes",
-        &single(|m| {
-            m.insert("pieces".into(), bytes(pseudo_random(59, 1)));
-        }),
+        &with("pieces", bytes(pseudo_random(59, 1))),
         KW_PIECES,
     );
     reject(
         "pieces is 61 bytes",
-        &single(|m| {
-            m.insert("pieces".into(), bytes(pseudo_random(61, 1)));
-        }),
+        &with("pieces", bytes(pseudo_random(61, 1))),
         KW_PIECES,
     );
 }
@@ -880,20 +874,8 @@ fn pieces_not_a_multiple_of_20() {
 #[test]
 fn pieces_missing_or_not_a_string() {
     let _cases = Cases::begin();
-    reject(
-        "pieces missing",
-        &single(|m| {
-            m.remove("pieces");
-        }),
-        KW_PIECES,
-    );
-    reject(
-        "pieces is an integer",
-        &single(|m| {
-            m.insert("pieces".into(), int(60));
-        }),
-        KW_PIECES,
-    );
+    reject("pieces missing", &without("pieces"), KW_PIECES);
+    reject("pieces is an integer", &with("pieces", int(60)), KW_PIECES);
 }
 
 #[test]
@@ -901,18 +883,10 @@ fn pieces_too_few_for_length() {
     let _cases = Cases::begin();
     reject(
         "2 hashes for 3 pieces",
-        &single(|m| {
-            m.insert("pieces".into(), piece_hashes(2));
-        }),
+        &with("pieces", piece_hashes(2)),
         KW_PIECES,
     );
-    reject(
-        "no hashes at all",
-        &single(|m| {
-            m.insert("pieces".into(), bytes(""));
-        }),
-        KW_PIECES,
-    );
+    reject("no hashes at all", &with("pieces", bytes("")), KW_PIECES);
 }
 
 #[test]
@@ -920,9 +894,7 @@ fn pieces_too_many_for_length() {
     let _cases = Cases::begin();
     reject(
         "4 hashes for 3 pieces",
-        &single(|m| {
-            m.insert("pieces".into(), piece_hashes(4));
-        }),
+        &with("pieces", piece_hashes(4)),
         KW_PIECES,
     );
 }
@@ -935,13 +907,7 @@ fn pieces_too_many_for_length() {
 fn length_negative() {
     let _cases = Cases::begin();
     let kw = &["negative", "length"];
-    reject(
-        "single-file length -1",
-        &single(|m| {
-            m.insert("length".into(), int(-1));
-        }),
-        kw,
-    );
+    reject("single-file length -1", &with("length", int(-1)), kw);
     reject(
         "multi-file length -40000",
         &multi(vec![file(80000, &["a"]), file(-40000, &["b"])], 40000),
@@ -954,9 +920,7 @@ fn length_not_an_integer() {
     let _cases = Cases::begin();
     reject(
         "length is a string",
-        &single(|m| {
-            m.insert("length".into(), bytes("40000"));
-        }),
+        &with("length", bytes("40000")),
         &["length"],
     );
 }
@@ -1004,16 +968,12 @@ fn length_absurd() {
     let _cases = Cases::begin();
     reject(
         "single file of 2^60 bytes",
-        &single(|m| {
-            m.insert("length".into(), int(1 << 60));
-        }),
+        &with("length", int(1 << 60)),
         KW_SIZE,
     );
     reject(
         "single file of i64::MAX bytes",
-        &single(|m| {
-            m.insert("length".into(), int(i64::MAX));
-        }),
+        &with("length", int(i64::MAX)),
         KW_SIZE,
     );
 }
@@ -1119,9 +1079,7 @@ fn empty_name() {
     let _cases = Cases::begin();
     reject(
         "empty name (single file)",
-        &single(|m| {
-            m.insert("name".into(), bytes(""));
-        }),
+        &with("name", bytes("")),
         &["name"],
     );
     reject(
@@ -1134,13 +1092,7 @@ fn empty_name() {
 #[test]
 fn name_missing() {
     let _cases = Cases::begin();
-    reject(
-        "no name",
-        &single(|m| {
-            m.remove("name");
-        }),
-        &["name"],
-    );
+    reject("no name", &without("name"), &["name"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1178,13 +1130,7 @@ fn traversal_dotdot_element() {
 fn traversal_name_dotdot() {
     let _cases = Cases::begin();
     let kw = &[KW_TRAVERSAL, &["name"][..]].concat();
-    reject(
-        "name .. (single file)",
-        &single(|m| {
-            m.insert("name".into(), bytes(".."));
-        }),
-        kw,
-    );
+    reject("name .. (single file)", &with("name", bytes("..")), kw);
     // OUT/../evil is beside the sentinel.
     reject(
         "name .. (multi-file)",
@@ -1210,9 +1156,7 @@ fn traversal_absolute_element() {
     );
     reject_info_only(
         "name /etc/passwd (single file)",
-        &single(|m| {
-            m.insert("name".into(), bytes("/etc/passwd"));
-        }),
+        &with("name", bytes("/etc/passwd")),
         &[kw, &["name"][..]].concat(),
     );
     // The same attack aimed inside the sandbox, so `download` can be run and checked.
@@ -1260,9 +1204,7 @@ fn traversal_windows_drive_element() {
     );
     reject(
         r"name C:\evil",
-        &single(|m| {
-            m.insert("name".into(), bytes(r"C:\evil"));
-        }),
+        &with("name", bytes(r"C:\evil")),
         &[KW_ABSOLUTE, &["name"][..]].concat(),
     );
 }

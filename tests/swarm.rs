@@ -73,6 +73,25 @@ impl Tracked<Tracker> {
             .start(own_ip())
     }
 
+    /// A fake seeder (`fast`, `have_all`, misbehaving as `how`) and a downloader (`dl_name`,
+    /// plus `extra`) that knows only it: (the fake, OUT, the downloader).
+    fn download_from_fake(
+        &self,
+        fake_name: &str,
+        how: Misbehaviour,
+        fast_have_all: (bool, bool),
+        dl_name: &str,
+        extra: &[&str],
+    ) -> (FakeSeeder, PathBuf, ChildGuard) {
+        let fake = self.fake(fake_name, how, fast_have_all.0, fast_have_all.1);
+        let out = self.out_dir("out");
+        let mut args = extra.to_vec();
+        let addr = fake.addr.to_string();
+        args.extend(["--peer", &addr]);
+        let dl = self.download(dl_name, &out, own_ip(), &args);
+        (fake, out, dl)
+    }
+
     /// `bitfetch seed` of the original data on `ip`, any port, plus `extra`.
     fn seed(&self, name: &str, ip: Ipv4Addr, extra: &[&str]) -> ChildGuard {
         let mut args = strings(&["seed"]);
@@ -311,18 +330,12 @@ fn corrupting_peer_alone_never_completes_a_piece() {
         3,
         PeerPolicy::Nobody,
     );
-    let fake = fx.fake(
+    let (fake, out, dl) = fx.download_from_fake(
         "corrupting fake seeder",
         Misbehaviour::CorruptEveryBlock,
-        false,
-        false,
-    );
-    let out = fx.out_dir("out");
-    let dl = fx.download(
+        (false, false),
         "downloader",
-        &out,
-        own_ip(),
-        &["--peer", &fake.addr.to_string()],
+        &[],
     );
     let parts: [&dyn Diagnose; 3] = [&dl, &fake, &fx.tracker];
     wait_for_stderr(&dl, &format!("banned peer {}", fake.addr), DEADLINE);
@@ -362,13 +375,12 @@ fn corrupting_peer_alone_never_completes_a_piece() {
 #[test]
 fn have_all_seeder_is_downloaded_from() {
     let fx = fixture("haveall.bin", MIB + 333, 15, 4, PeerPolicy::Nobody);
-    let fake = fx.fake("have-all fake seeder", Misbehaviour::Honest, true, true);
-    let out = fx.out_dir("out");
-    let dl = fx.download(
+    let (fake, out, dl) = fx.download_from_fake(
+        "have-all fake seeder",
+        Misbehaviour::Honest,
+        (true, true),
         "downloader",
-        &out,
-        own_ip(),
-        &["--peer", &fake.addr.to_string()],
+        &[],
     );
     let parts: [&dyn Diagnose; 3] = [&dl, &fake, &fx.tracker];
     expect_exit(&dl, 0, DEADLINE, &parts);
@@ -401,6 +413,16 @@ fn seeder_and_wire(fx: &Fixture, fast: bool, tag: &str, then: &[u8]) -> (ChildGu
     hello.extend_from_slice(then);
     s.send(&hello).expect("send handshake");
     (seeder, s)
+}
+
+/// Sends a request for each of `blocks` in one write; returns how many went out.
+fn send_requests(wire: &mut Wire, blocks: &[(u32, u32, u32)]) -> usize {
+    let batch: Vec<u8> = blocks
+        .iter()
+        .flat_map(|b| frame(id::REQUEST, &triple(b.0, b.1, b.2)))
+        .collect();
+    wire.send(&batch).expect("send requests");
+    blocks.len()
 }
 
 /// Reads messages until one satisfies `want`, failing on EOF or the deadline.
@@ -489,12 +511,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
     };
 
     // Requests while choked (we have not even said we are interested): one reject each.
-    let mut batch = Vec::new();
-    for b in &choked_requests {
-        batch.extend_from_slice(&frame(id::REQUEST, &triple(b.0, b.1, b.2)));
-    }
-    s.send(&batch).expect("send requests");
-    pending += choked_requests.len();
+    pending += send_requests(&mut s, &choked_requests);
     while pending > 0 {
         let (mid, p) = next_msg(
             &mut s,
@@ -534,12 +551,7 @@ fn seeder_speaks_fast_to_a_fast_peer() {
         let (mid, p) = next_msg(&mut s, deadline, "an unchoke after interested", &parts);
         record(&mut answers, mid, &p, &mut unchoked);
     }
-    let mut batch = Vec::new();
-    for b in &unchoked_requests {
-        batch.extend_from_slice(&frame(id::REQUEST, &triple(b.0, b.1, b.2)));
-    }
-    s.send(&batch).expect("send requests");
-    pending += unchoked_requests.len();
+    pending += send_requests(&mut s, &unchoked_requests);
     while pending > 0 {
         let (mid, p) = next_msg(&mut s, deadline, "answers to requests", &parts);
         if record(&mut answers, mid, &p, &mut unchoked) {
@@ -1050,20 +1062,12 @@ fn upload_rate_limit_holds_over_ten_seconds() {
 #[test]
 fn download_rate_limit_holds_over_ten_seconds() {
     let fx = fixture("downrate.bin", 16 * MIB, 18, 11, PeerPolicy::Nobody);
-    let fake = fx.fake("fast fake seeder", Misbehaviour::Honest, true, false);
-    let out = fx.out_dir("out");
-    let dl = fx.download(
+    let (fake, _out, dl) = fx.download_from_fake(
+        "fast fake seeder",
+        Misbehaviour::Honest,
+        (true, false),
         "downloader (1M/s down)",
-        &out,
-        own_ip(),
-        &[
-            "--max-download-rate",
-            "1M",
-            "--announce-interval",
-            "1",
-            "--peer",
-            &fake.addr.to_string(),
-        ],
+        &["--max-download-rate", "1M", "--announce-interval", "1"],
     );
     let port = wait_for_listening(&dl).port();
     let parts: [&dyn Diagnose; 3] = [&dl, &fake, &fx.tracker];

@@ -749,22 +749,48 @@ fn scrape_replies_and_a_url_without_scrape() {
 // Timeouts and tiers
 // =============================================================================================
 
-#[test]
-fn tracker_that_never_answers_times_out_and_next_tier_is_used() {
-    let hang = HttpTracker::start("hang");
-    hang.set_script(|_, _| HttpAction::Hang);
-    let good = HttpTracker::start("good");
+/// The live tier-2 tracker, the seeder it hands out, and the leecher that completed.
+struct SecondTier {
+    good: HttpTracker,
+    seeder: ChildGuard,
+    leecher: Leecher,
+    _fx: Fixture,
+}
+
+/// A torrent (`name`, `seed`) whose tier 1 is `first` and tier 2 a live tracker (`good_name`)
+/// handing out one bitfetch seeder: a leecher (`label`) must complete through it.
+fn download_via_second_tier(
+    first: &HttpTracker,
+    good_name: &str,
+    (name, seed): (&str, u64),
+    label: &str,
+) -> SecondTier {
+    let good = HttpTracker::start(good_name);
     let fx = Fixture::tiers(
-        "timeout.bin",
+        name,
         SIZE,
-        41,
-        &[vec![hang.announce_url()], vec![good.announce_url()]],
+        seed,
+        &[vec![first.announce_url()], vec![good.announce_url()]],
     );
     let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
     let peer = v4(seeder_addr);
     good.set_script(move |_, _| HttpAction::ok(announce_reply(1800, &[peer])));
-    let leecher = start_leecher(&fx, "timeout", Some(ip4(next_loopback())), &[]);
-    finish_leecher(&fx, &leecher, &[&hang, &good, &seeder]);
+    let leecher = start_leecher(&fx, label, Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[first, &good, &seeder]);
+    SecondTier {
+        good,
+        seeder,
+        leecher,
+        _fx: fx,
+    }
+}
+
+#[test]
+fn tracker_that_never_answers_times_out_and_next_tier_is_used() {
+    let hang = HttpTracker::start("hang");
+    hang.set_script(|_, _| HttpAction::Hang);
+    let SecondTier { good, leecher, .. } =
+        download_via_second_tier(&hang, "good", ("timeout.bin", 41), "timeout");
     let hung = from_client(&hang.requests(), leecher.listen);
     let answered = from_client(&good.requests(), leecher.listen);
     let (Some(h), Some(g)) = (hung.first(), answered.first()) else {
@@ -853,18 +879,12 @@ fn dead_trackers_in_the_same_tier_fall_through_and_the_live_one_is_promoted() {
 #[test]
 fn dead_first_tier_falls_through_to_the_second() {
     let dead = dead_tracker("dead-tier1");
-    let good = HttpTracker::start("alive-tier2");
-    let fx = Fixture::tiers(
-        "tiers.bin",
-        SIZE,
-        43,
-        &[vec![dead.announce_url()], vec![good.announce_url()]],
-    );
-    let (seeder, seeder_addr) = start_seeder(&fx, ip4(next_loopback()), &[]);
-    let peer = v4(seeder_addr);
-    good.set_script(move |_, _| HttpAction::ok(announce_reply(1800, &[peer])));
-    let leecher = start_leecher(&fx, "tiers", Some(ip4(next_loopback())), &[]);
-    finish_leecher(&fx, &leecher, &[&dead, &good, &seeder]);
+    let SecondTier {
+        good,
+        seeder,
+        leecher,
+        ..
+    } = download_via_second_tier(&dead, "alive-tier2", ("tiers.bin", 43), "tiers");
     let parts: [&dyn Diagnose; 4] = [&leecher, &dead, &good, &seeder];
     let listen = leecher.listen;
     let first_dead = from_client(&dead.requests(), listen);

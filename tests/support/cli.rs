@@ -24,9 +24,12 @@ use super::{COMMAND_DEADLINE, DEADLINE, Diagnose, POLL, poll_until, report, show
 /// How much of each captured stream or log a diagnostic report shows (the end of it).
 const DIAG_TAIL: usize = 12 * 1024;
 
-/// The bitfetch binary built by cargo for this test run.
+/// The bitfetch binary built by cargo for this test run, or the one `$BITFETCH_UNDER_TEST`
+/// names (to show that a test fails against an older build).
 pub fn bitfetch() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_bitfetch"))
+    std::env::var_os("BITFETCH_UNDER_TEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bitfetch")))
 }
 
 /// A `Command` for bitfetch with `args`, without `SSL_CERT_FILE` from the environment (so the
