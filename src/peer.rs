@@ -70,6 +70,11 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(90);
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(20);
 /// Bytes per second: see [`FLUSH_DEADLINE`].
 pub const MIN_SEND_RATE: u64 = 4096;
+/// The window over which choke, interest and cancel messages are counted, and how many an
+/// honest peer could send in it (one flip per piece it completes, a cancel per endgame block)
+/// with room to spare; past that the connection is a flood and ends.
+pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
+pub const MAX_CONTROL_PER_WINDOW: u32 = 5000;
 /// Requests from one peer that we queue before calling it a flood.
 pub const MAX_QUEUED_SERVES: usize = 512;
 /// Requests a peer may send while we choke it before we call it abuse (a few are normal:
@@ -171,6 +176,11 @@ pub enum PeerError {
     RequestsWhileChoked,
     /// A message of an extension the handshake did not agree on.
     NotNegotiated(&'static str),
+    /// A `piece` on a connection where we never asked for a block (a seeder's connections,
+    /// say): nothing can explain it but abuse.
+    Unasked,
+    /// More of the named messages than any honest peer sends in [`FLOOD_WINDOW`].
+    Flood(&'static str),
     /// The writer has not taken its work for so long that the named list reached its cap
     /// (the peer does not read what we send): see [`Outbox`].
     Backlog(&'static str),
@@ -191,6 +201,8 @@ impl PeerError {
                 | PeerError::RequestFlood
                 | PeerError::RequestsWhileChoked
                 | PeerError::NotNegotiated(_)
+                | PeerError::Unasked
+                | PeerError::Flood(_)
         )
     }
 
@@ -222,6 +234,8 @@ impl fmt::Display for PeerError {
             PeerError::BadIndex(what) => write!(f, "out-of-range {what}"),
             PeerError::RequestFlood => write!(f, "too many queued requests"),
             PeerError::RequestsWhileChoked => write!(f, "kept requesting while choked"),
+            PeerError::Unasked => write!(f, "sent a block without being asked for any"),
+            PeerError::Flood(what) => write!(f, "flooded us with {what}"),
             PeerError::NotNegotiated(what) => write!(f, "sent {what} without negotiating it"),
             PeerError::Backlog(what) => write!(f, "does not read what we send ({what} piled up)"),
             PeerError::SessionGone => write!(f, "shutting down"),
@@ -467,10 +481,13 @@ impl SendHalf for Socket {
 struct Asked {
     new: HashSet<BlockRef>,
     old: HashSet<BlockRef>,
+    /// We asked this peer for something at least once.
+    ever: bool,
 }
 
 impl Asked {
     fn insert(&mut self, blocks: &[BlockRef]) {
+        self.ever |= !blocks.is_empty();
         for &b in blocks {
             if self.new.len() >= MAX_ASKED / 2 {
                 std::mem::swap(&mut self.old, &mut self.new);
@@ -696,6 +713,9 @@ struct Reader<'a, R> {
     told_interested: bool,
     allowed_fast: Vec<PieceIndex>,
     extended_handshakes: u32,
+    /// Choke, interest and cancel messages in the current [`FLOOD_WINDOW`], and when it
+    /// began: coalescing makes them cheap, a budget makes them end the connection.
+    control: (std::time::Instant, u32),
 }
 
 impl<'a, R: Source> Reader<'a, R> {
@@ -724,7 +744,21 @@ impl<'a, R: Source> Reader<'a, R> {
             told_interested: false,
             allowed_fast: Vec::new(),
             extended_handshakes: 0,
+            control: (std::time::Instant::now(), 0),
         }
+    }
+
+    /// Counts one choke, interest or cancel message against the window's budget.
+    fn control_message(&mut self) -> Result<(), PeerError> {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.control.0) >= FLOOD_WINDOW {
+            self.control = (now, 0);
+        }
+        self.control.1 += 1;
+        if self.control.1 > MAX_CONTROL_PER_WINDOW {
+            return Err(PeerError::Flood("choke, interest or cancel messages"));
+        }
+        Ok(())
     }
 
     fn pass_serves(&mut self) {
@@ -878,10 +912,16 @@ impl<'a, R: Source> Reader<'a, R> {
         }
         // Straight from the socket into the file map when the block is ours to write;
         // otherwise read past it.
-        let claim = if self.links.asked.lock().take(&block) {
-            storage.claim(block)
-        } else {
-            None
+        let claim = {
+            let mut asked = self.links.asked.lock();
+            if !asked.ever {
+                return Err(PeerError::Unasked);
+            }
+            if asked.take(&block) {
+                storage.claim(block)
+            } else {
+                None
+            }
         };
         let written = claim.is_some();
         match claim {
@@ -911,19 +951,19 @@ impl<'a, R: Source> Reader<'a, R> {
             Message::Extended { .. } => Ok(()),
             Message::Choke => {
                 self.choking = true;
-                Ok(())
+                self.control_message()
             }
             Message::Unchoke => {
                 self.choking = false;
-                Ok(())
+                self.control_message()
             }
             Message::Interested => {
                 self.interested = true;
-                Ok(())
+                self.control_message()
             }
             Message::NotInterested => {
                 self.interested = false;
-                Ok(())
+                self.control_message()
             }
             Message::Have(i) => {
                 let piece = g.piece(i).ok_or(PeerError::BadIndex("have"))?;
@@ -959,6 +999,7 @@ impl<'a, R: Source> Reader<'a, R> {
                 Ok(())
             }
             Message::Cancel { index, begin, len } => {
+                self.control_message()?;
                 // Nothing queued, nothing to cancel: a storm of cancels costs nothing.
                 if let Some(block) = g.request(index, begin, len)
                     && self.links.queued.load(Ordering::Relaxed) > 0
@@ -1944,7 +1985,8 @@ mod tests {
             Message::Choke,
             Message::NotInterested,
         ]);
-        let count = 20_000;
+        // Within the flood budget (4 messages a round).
+        let count = (MAX_CONTROL_PER_WINDOW as usize - 2) / 4;
         let mut bytes = flips.repeat(count);
         bytes.extend(frames(&[Message::Unchoke, Message::Interested]));
         let r = f.replay(&bytes, false, Vec::new());
@@ -2031,8 +2073,9 @@ mod tests {
             .flat_map(|i| (0..2).map(move |n| (i, n)))
             .flat_map(|(i, n)| frame(&request_msg(block_of(&storage, i, n), true)))
             .collect();
-        // Nothing requested: nothing can be cancelled, nothing is kept.
-        let r = replay_reader(&cancels[..], &storage, false, Vec::new());
+        // Nothing requested: nothing can be cancelled, nothing is kept (within the budget).
+        let within = &cancels[..REQUEST_FRAME_LEN * MAX_CONTROL_PER_WINDOW as usize];
+        let r = replay_reader(within, &storage, false, Vec::new());
         assert!(r.result.is_ok(), "{:?}", r.result);
         assert!(r.pending.cancel_serves.is_empty());
         // One request waiting behind a writer that does not take its work: distinct cancels
@@ -2048,10 +2091,18 @@ mod tests {
         assert_eq!(r.pending.cancel_serves.len(), MAX_QUEUED_SERVES);
         // The same cancel repeated costs one entry.
         let mut bytes = frame(&request(block_of(&storage, 0, 0)));
-        bytes.extend(frame(&request_msg(block_of(&storage, 9, 1), true)).repeat(10_000));
+        let same = frame(&request_msg(block_of(&storage, 9, 1), true));
+        bytes.extend(same.repeat(MAX_CONTROL_PER_WINDOW as usize - 1));
         let r = replay_reader(&bytes[..], &storage, false, Vec::new());
         assert!(r.result.is_ok(), "{:?}", r.result);
         assert_eq!(r.pending.cancel_serves.len(), 1);
+        // Past the budget the storm is a flood, and the connection ends.
+        let r = replay_reader(&cancels[..], &storage, false, Vec::new());
+        assert!(
+            matches!(r.result, Err(PeerError::Flood(_))),
+            "{:?}",
+            r.result
+        );
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! results, and choking.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -57,12 +56,11 @@ impl Session {
                 ..
             } => self.on_connected(key, addr, peer_id, fast, commands),
             PeerEvent::Extended(info) => {
-                let p = self.peer_mut(key);
-                p.reqq = info.reqq;
-                if let Some(port) = info.listen_port {
-                    let listen = SocketAddr::new(p.addr.ip(), port);
-                    self.set_listen_addr(key, listen);
-                }
+                // The `p` port it claims is not taken on trust: an address is held (not
+                // dialled) only on the evidence of a twin connection, so a claim cannot hide
+                // another peer. Dialling a peer we already have costs one duplicate, which
+                // the twin rule closes and which then holds the address.
+                self.peer_mut(key).reqq = info.reqq;
             }
             PeerEvent::Bitfield(bits) => {
                 self.picker.peer_has_bits(key, &bits);
