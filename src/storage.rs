@@ -174,6 +174,31 @@ struct FileSlot {
 }
 
 impl FileSlot {
+    /// Copies `len` bytes at `offset` of this file out of its map into `dst`, or writes
+    /// zeros there when `dst` is `None`: for files kept as maps only. False without a map or
+    /// outside it.
+    fn fill_map(&self, offset: u64, len: u64, dst: Option<&mut [u8]>) -> bool {
+        let Some(map) = &self.map else {
+            return false;
+        };
+        let at = self.map_delta + offset;
+        if at + len > map.len() as u64 {
+            return false;
+        }
+        // SAFETY: the range is inside the mapping (checked above). Zeros go only to blocks
+        // whose claims the caller holds (see `Storage::prepare`); reads only of verified or
+        // complete pieces, as with `pread` on the file. A file truncated by another program
+        // raises SIGBUS, which the CLI's guard turns into a clear error.
+        unsafe {
+            let p = map.as_mut_ptr().add(at as usize);
+            match dst {
+                Some(dst) => std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), len as usize),
+                None => std::ptr::write_bytes(p, 0, len as usize),
+            }
+        }
+        true
+    }
+
     fn plain(path: PathBuf, file: Option<File>, map: Option<MmapRaw>) -> FileSlot {
         FileSlot {
             path,
@@ -494,6 +519,23 @@ impl Undo {
     }
 }
 
+/// How many data files may stay open: the open-file limit less room for sockets and the
+/// rest. A torrent of more files keeps only maps.
+fn descriptor_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 512;
+    }
+    usize::try_from(lim.rlim_cur)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(512)
+        .max(64)
+}
+
 /// Bytes free for us on the file system holding `dir`, if it can be asked.
 fn free_space(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -671,6 +713,7 @@ impl Storage {
         undo: &mut Undo,
     ) -> Result<(Vec<FileSlot>, File), Error> {
         let root = open_root(&layout.root)?;
+        let many = layout.files.len() > descriptor_budget();
         let mut slots = Vec::with_capacity(layout.files.len());
         let mut spill = Spill {
             path: selection.map_or(Path::new(""), |(_, p)| p),
@@ -708,7 +751,10 @@ impl Storage {
             } else {
                 None
             };
-            slots.push(FileSlot::plain(path, Some(file), map));
+            // A torrent of more files than we may keep open works through its maps alone;
+            // a map needs no descriptor once made.
+            let keep = map.is_none() || !many;
+            slots.push(FileSlot::plain(path, keep.then_some(file), map));
         }
         Ok((slots, root))
     }
@@ -716,6 +762,7 @@ impl Storage {
     /// Opens existing files read-only (verify, seed). Missing files are allowed: their pieces
     /// simply fail to verify.
     pub fn open_existing(layout: &Layout, geometry: &Geometry) -> Result<Storage, Error> {
+        let many = layout.files.len() > descriptor_budget();
         let mut slots = Vec::with_capacity(layout.files.len());
         // No directory at all: every file is missing.
         let root = match open_root(&layout.root) {
@@ -736,6 +783,7 @@ impl Storage {
                 .as_ref()
                 .filter(|f| expected > 0 && f.metadata().is_ok_and(|m| m.len() == expected))
                 .and_then(|f| memmap2::MmapOptions::new().map_raw_read_only(f).ok());
+            let file = if many && map.is_some() { None } else { file };
             slots.push(FileSlot::plain(path, file, map));
         }
         Ok(Storage {
@@ -748,7 +796,13 @@ impl Storage {
     }
 
     fn stamp(&self, file: usize) -> Stamp {
-        let meta = self.slots[file].file.as_ref()?.metadata().ok()?;
+        let slot = &self.slots[file];
+        let meta = match &slot.file {
+            Some(f) => f.metadata().ok()?,
+            // Kept open as a map only (a torrent of very many files): by name.
+            None if slot.map.is_some() => fs::symlink_metadata(&slot.path).ok()?,
+            None => return None,
+        };
         Some((meta.len(), meta.modified().ok()?))
     }
 
@@ -791,7 +845,10 @@ impl Storage {
 
     /// How many of the torrent's files exist (opened read-only: verify, seed).
     pub fn files_present(&self) -> usize {
-        self.slots.iter().filter(|s| s.file.is_some()).count()
+        self.slots
+            .iter()
+            .filter(|s| s.file.is_some() || s.map.is_some())
+            .count()
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -883,6 +940,7 @@ impl Storage {
         for span in self.geometry.spans(offset, len) {
             let slot = &self.slots[span.file];
             let Some(file) = slot.file.as_ref() else {
+                slot.fill_map(span.file_offset, span.len, None);
                 continue;
             };
             let mut at = slot.base + span.file_offset;
@@ -905,6 +963,9 @@ impl Storage {
             let start = span.range_offset as usize;
             let dst = &mut buf[start..start + span.len as usize];
             let Some(file) = &slot.file else {
+                if slot.fill_map(span.file_offset, span.len, Some(dst)) {
+                    continue;
+                }
                 return Err(Error::io(
                     &slot.path,
                     io::Error::from(io::ErrorKind::NotFound),
