@@ -49,8 +49,9 @@ const ATTACK: Duration = Duration::from_secs(10);
 /// How long bitfetch may take to drop a connection it must drop (hang guard).
 const CLOSE_DEADLINE: Duration = Duration::from_secs(60);
 /// How long an honest peer may take to get through once slots are being held (hang guard; it
-/// covers a handshake deadline and two of the downloader's redial back-offs, 10 s then 20 s).
-const SLOT_DEADLINE: Duration = Duration::from_secs(150);
+/// covers a handshake deadline or a 60 s idle rule, and the downloader's redials at 10, 30,
+/// 70 and 150 s after a refused first dial, with a margin).
+const SLOT_DEADLINE: Duration = Duration::from_secs(200);
 /// How long `verify` or `seed` may take to report a FIFO in the data (hang guard).
 const FIFO_DEADLINE: Duration = Duration::from_secs(15);
 
