@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -49,8 +49,9 @@ const ATTACK: Duration = Duration::from_secs(10);
 /// How long bitfetch may take to drop a connection it must drop (hang guard).
 const CLOSE_DEADLINE: Duration = Duration::from_secs(60);
 /// How long an honest peer may take to get through once slots are being held (hang guard; it
-/// covers a handshake deadline and two of the downloader's redial back-offs, 10 s then 20 s).
-const SLOT_DEADLINE: Duration = Duration::from_secs(150);
+/// covers a handshake deadline or a 60 s idle rule, and the downloader's redials at 10, 30,
+/// 70 and 150 s after a refused first dial, with a margin).
+const SLOT_DEADLINE: Duration = Duration::from_secs(200);
 /// How long `verify` or `seed` may take to report a FIFO in the data (hang guard).
 const FIFO_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -403,8 +404,7 @@ fn queue_interest_flapping_peer_that_never_reads_cannot_grow_a_downloader() {
 
 /// Connections an attacker holds open from a thread of its own until dropped.
 struct Siege {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
     what: Arc<Mutex<String>>,
 }
 
@@ -414,31 +414,18 @@ impl Siege {
         mut wires: Vec<Wire>,
         mut tend: impl FnMut(&mut [Wire], Instant) -> String + Send + 'static,
     ) -> Siege {
-        let stop = Arc::new(AtomicBool::new(false));
         let what = Arc::new(Mutex::new(String::new()));
-        let thread = {
-            let (stop, what) = (Arc::clone(&stop), Arc::clone(&what));
-            thread::spawn(move || {
-                let started = Instant::now();
-                while !stop.load(Ordering::SeqCst) {
-                    *lock(&what) = tend(&mut wires, started);
-                    thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
+        let said = Arc::clone(&what);
+        let worker = Worker::spawn(move |stop| {
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                *lock(&said) = tend(&mut wires, started);
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
         Siege {
-            stop,
-            thread: Some(thread),
+            _worker: worker,
             what,
-        }
-    }
-}
-
-impl Drop for Siege {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -456,7 +443,8 @@ impl Diagnose for Siege {
 fn drain_all(wires: &mut [Wire]) -> usize {
     let mut open = 0;
     for w in wires.iter_mut() {
-        if w.next(Instant::now()).is_ok() {
+        // A millisecond's read: enough to see an end of stream, short enough for 50 wires.
+        if w.next(Instant::now() + Duration::from_millis(1)).is_ok() {
             open += 1;
         }
     }
@@ -578,8 +566,7 @@ fn slots_fifty_idle_inbound_sockets_do_not_stop_a_downloader_dialling_its_seeder
 struct Flaky {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl Flaky {
@@ -604,17 +591,7 @@ impl Flaky {
         Flaky {
             addr,
             accepted,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Flaky {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _worker: Worker::watching(stop, thread),
         }
     }
 }
@@ -1147,6 +1124,17 @@ fn multi_torrent(files: &[(Vec<&str>, Vec<u8>)]) -> (Vec<u8>, [u8; 20], Content)
     (bytes, hash, content)
 }
 
+/// A scratch directory holding `NAME` (the torrent's bytes) and an empty `out/`: (it, the
+/// torrent, OUT).
+fn scratch_torrent(name: &str, bytes: &[u8]) -> (TempDir, PathBuf, PathBuf) {
+    let dir = scratch_dir();
+    let torrent = dir.path().join(name);
+    fs::write(&torrent, bytes).expect("write the torrent");
+    let out = dir.path().join("out");
+    fs::create_dir(&out).expect("mkdir OUT");
+    (dir, torrent, out)
+}
+
 /// 1,100 files: every one held open at once cannot fit under `ulimit -n 1024`. The downloader
 /// runs under that limit (hard and soft, set by `sh` before it execs bitfetch) and must
 /// complete from a fake seeder with every file right.
@@ -1160,11 +1148,7 @@ fn fds_a_torrent_of_1100_files_downloads_under_ulimit_n_1024() {
         })
         .collect();
     let (bytes, info_hash, content) = multi_torrent(&files);
-    let dir = scratch_dir();
-    let torrent = dir.path().join("many.torrent");
-    fs::write(&torrent, bytes).expect("write the torrent");
-    let out = dir.path().join("out");
-    fs::create_dir(&out).expect("mkdir OUT");
+    let (_dir, torrent, out) = scratch_torrent("many.torrent", &bytes);
     let seeder = SeedSpec::content(&content, info_hash).start(next_loopback());
     let mut command = Command::new("sh");
     command
@@ -1312,11 +1296,7 @@ fn colliding_names_refused(label: &str, first: &str, second: &str) {
         (vec![second], pseudo_random(1000, 2)),
     ];
     let (bytes, _, _) = multi_torrent(&files);
-    let dir = scratch_dir();
-    let torrent = dir.path().join("names.torrent");
-    fs::write(&torrent, bytes).expect("write the torrent");
-    let out = dir.path().join("out");
-    fs::create_dir(&out).expect("mkdir OUT");
+    let (_dir, torrent, out) = scratch_torrent("names.torrent", &bytes);
     let info = run_bitfetch(
         "bitfetch info",
         ["info".into(), path_arg(&torrent)],

@@ -38,8 +38,9 @@ pub mod wire;
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
-use std::thread;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// Hang guard for one transfer or one start-up. Generous: tests must not depend on speed.
@@ -116,6 +117,38 @@ impl Diagnose for Text {
 /// diagnostics of the others).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A thread that runs until its stop flag is set: set and joined when dropped.
+pub struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `body` with the stop flag it must watch.
+    pub fn spawn(body: impl FnOnce(&AtomicBool) + Send + 'static) -> Worker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        Worker::watching(stop, thread::spawn(move || body(&flag)))
+    }
+
+    /// A thread already running that watches `stop`.
+    pub fn watching(stop: Arc<AtomicBool>, thread: JoinHandle<()>) -> Worker {
+        Worker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 // =============================================================================================
