@@ -1197,6 +1197,14 @@ mod tests {
         d
     }
 
+    /// A scratch directory and an empty `out` inside it.
+    fn with_out_dir(tag: &str) -> (PathBuf, PathBuf) {
+        let dir = tmpdir(tag);
+        let out = dir.join("out");
+        fs::create_dir(&out).unwrap();
+        (dir, out)
+    }
+
     fn layout(root: &Path, names: &[&str]) -> Layout {
         Layout {
             root: root.to_path_buf(),
@@ -1358,11 +1366,9 @@ mod tests {
 
     #[test]
     fn refuses_a_symlinked_directory() {
-        let dir = tmpdir("symlink");
+        let (dir, out) = with_out_dir("symlink");
         let outside = dir.join("outside");
         fs::create_dir(&outside).unwrap();
-        let out = dir.join("out");
-        fs::create_dir(&out).unwrap();
         std::os::unix::fs::symlink(&outside, out.join("t")).unwrap();
         let g = Geometry::new(16384, &[10], 1).unwrap();
         let err = Storage::create(&layout(&out, &["t/a"]), &g).unwrap_err();
@@ -1479,9 +1485,7 @@ mod tests {
 
     #[test]
     fn a_file_is_removed_through_the_directory_opened_at_start() {
-        let dir = tmpdir("unlinkat");
-        let out = dir.join("out");
-        fs::create_dir(&out).unwrap();
+        let (dir, out) = with_out_dir("unlinkat");
         let g = Geometry::new(16384, &[10], 1).unwrap();
         let (storage, _w) = Storage::create(&layout(&out, &["a"]), &g).unwrap();
         fs::write(out.join("spill"), b"x").unwrap();

@@ -252,14 +252,12 @@ fn check_handshake(raw: &[u8; wire::HANDSHAKE_LEN]) {
         assert_eq!(&h.encode(), raw, "handshake does not round-trip");
     }
     // Whatever the bytes, a handshake we build decodes to itself.
-    let mut h = wire::Handshake {
-        reserved: [0; 8],
-        info_hash: [0; 20],
-        peer_id: [0; 20],
+    let part = |at: usize| &raw[at..];
+    let h = wire::Handshake {
+        reserved: part(20)[..8].try_into().expect("68 bytes"),
+        info_hash: part(28)[..20].try_into().expect("68 bytes"),
+        peer_id: part(48)[..20].try_into().expect("68 bytes"),
     };
-    h.reserved.copy_from_slice(&raw[20..28]);
-    h.info_hash.copy_from_slice(&raw[28..48]);
-    h.peer_id.copy_from_slice(&raw[48..68]);
     assert_eq!(wire::Handshake::decode(&h.encode()), Ok(h));
 }
 

@@ -424,16 +424,13 @@ impl Session {
     /// until it delivers again.
     pub(super) fn release_stalled_requests(&mut self) {
         let now = Instant::now();
-        let stalled: Vec<PeerKey> = self
-            .peers
-            .iter()
-            .filter(|(k, p)| {
-                !p.snubbed
-                    && now.duration_since(p.last_block_at) >= REQUEST_TIMEOUT
-                    && self.picker.outstanding(**k) > 0
-            })
-            .map(|(k, _)| *k)
-            .collect();
+        let mut stalled = Vec::new();
+        for (key, p) in &self.peers {
+            let silent = now.duration_since(p.last_block_at) >= REQUEST_TIMEOUT;
+            if !p.snubbed && silent && self.picker.outstanding(*key) > 0 {
+                stalled.push(*key);
+            }
+        }
         for key in &stalled {
             self.peer_mut(*key).snubbed = true;
             for block in self.picker.peer_choked(*key) {
