@@ -665,7 +665,9 @@ struct Links<'a> {
 /// What the peer has told us it has, as far as the reader needs to drop repeats.
 #[derive(Default)]
 struct Announced {
-    /// A bitfield, have all or have none came (only one may).
+    /// A bitfield came (a second one is a violation).
+    bitfield: bool,
+    /// Have none came, or anything that makes it moot.
     summary: bool,
     /// It has everything: every have is a repeat.
     all: bool,
@@ -932,16 +934,6 @@ impl<'a, R: Source> Reader<'a, R> {
         self.emit(PeerEvent::Block { block, written })
     }
 
-    /// The first bitfield, have all or have none; a second is a violation (BEP 3: the
-    /// bitfield comes first if at all; BEP 6: one of the three, first). A late first one is
-    /// tolerated (aria2 sends its bitfield after haves).
-    fn summary(&mut self, what: &'static str) -> Result<(), PeerError> {
-        if std::mem::replace(&mut self.announced.summary, true) {
-            return Err(PeerError::OutOfOrder(what));
-        }
-        Ok(())
-    }
-
     fn handle(&mut self, msg: Message) -> Result<(), PeerError> {
         let storage = self.storage;
         let g = storage.geometry();
@@ -974,7 +966,16 @@ impl<'a, R: Source> Reader<'a, R> {
                 }
             }
             Message::Bitfield(bits) => {
-                self.summary("a second bitfield (or one after have all / have none)")?;
+                // BEP 3 wants it first and once; aria2 sends one after have none or haves,
+                // which carries news. A second one is a violation; one after have all says
+                // nothing new.
+                if std::mem::replace(&mut self.announced.bitfield, true) {
+                    return Err(PeerError::OutOfOrder("a second bitfield"));
+                }
+                self.announced.summary = true;
+                if self.announced.all {
+                    return Ok(());
+                }
                 let known = &mut self.announced.bits;
                 if known.is_empty() {
                     known.extend_from_slice(&bits);
@@ -1014,13 +1015,19 @@ impl<'a, R: Source> Reader<'a, R> {
                 Err(PeerError::NotNegotiated("a Fast extension message"))
             }
             Message::HaveAll => {
-                self.summary("have all after a bitfield, have all or have none")?;
+                // Repeats say nothing new, and cost nothing.
+                if self.announced.all {
+                    return Ok(());
+                }
+                self.announced.summary = true;
                 self.announced.all = true;
                 self.announced.bits = Vec::new();
                 self.emit(PeerEvent::HaveAll)
             }
             Message::HaveNone => {
-                self.summary("have none after a bitfield, have all or have none")?;
+                if std::mem::replace(&mut self.announced.summary, true) {
+                    return Ok(());
+                }
                 self.emit(PeerEvent::HaveNone)
             }
             Message::Reject { index, begin, len } => {
@@ -1950,26 +1957,29 @@ mod tests {
     }
 
     #[test]
-    fn a_second_bitfield_or_have_all_is_a_violation() {
+    fn a_second_bitfield_is_a_violation_and_other_repeats_say_nothing() {
         use Message::{Bitfield, HaveAll, HaveNone};
         let f = Fixture::new(false);
         let bits = || Bitfield(vec![0b1010_0000]);
-        for twice in [
-            [bits(), bits()],
-            [HaveAll, HaveAll],
-            [bits(), HaveAll],
-            [HaveAll, bits()],
-            [HaveNone, bits()],
-            [HaveAll, HaveNone],
+        let r = f.replay(&frames(&[bits(), bits()]), true, Vec::new());
+        let err = r.result.unwrap_err();
+        assert!(matches!(err, PeerError::OutOfOrder(_)), "{err:?}");
+        assert!(err.is_violation() && !err.may_redial());
+        assert_eq!(r.events.len(), 1, "the first is told");
+        // Repeats that carry nothing new are dropped: the session hears the first only.
+        for (twice, told) in [
+            (vec![HaveAll, HaveAll, HaveAll], 1),
+            (vec![HaveAll, bits()], 1),
+            (vec![HaveAll, HaveNone], 1),
+            (vec![HaveNone, HaveNone], 1),
+            (vec![bits(), HaveNone], 1),
+            // aria2 sends a bitfield after have none: news, passed on.
+            (vec![HaveNone, bits()], 2),
+            (vec![bits(), HaveAll], 2),
         ] {
             let r = f.replay(&frames(&twice), true, Vec::new());
-            let err = r.result.unwrap_err();
-            assert!(
-                matches!(err, PeerError::OutOfOrder(_)),
-                "{twice:?}: {err:?}"
-            );
-            assert!(err.is_violation() && !err.may_redial());
-            assert_eq!(r.events.len(), 1, "the first is told: {twice:?}");
+            assert!(r.result.is_ok(), "{twice:?}: {:?}", r.result);
+            assert_eq!(r.events.len(), told, "{twice:?}");
         }
         // A late first bitfield, after haves, is merged (aria2 sends one).
         let r = f.replay(&frames(&[Message::Have(2), bits()]), false, Vec::new());

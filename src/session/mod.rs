@@ -749,6 +749,7 @@ impl Session {
         }
         self.release_stalled_requests();
         self.retry_after_backoff();
+        self.distrust_idle_claims();
         if self.last_rechoke.elapsed() >= RECHOKE_EVERY {
             self.last_rechoke = Instant::now();
             self.rechoke();

@@ -16,6 +16,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 pub(super) const REDIAL_AFTER: Duration = Duration::from_secs(30);
 /// Back-off after the first failed dial; it doubles with each failure.
 const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+/// Bans and hopeless addresses remembered at most (each needs a connection to earn).
+const MAX_BANS: usize = 4096;
 /// Candidates kept at most: a flood of tracker or peer-source addresses must not grow memory.
 pub(super) const MAX_CANDIDATES: usize = 4096;
 
@@ -160,8 +162,13 @@ impl PeerTable {
     /// Bans an address, and the id it handshook with on that IP: never dialled or accepted
     /// again.
     pub fn ban(&mut self, addr: SocketAddr, id: Option<[u8; 20]>) {
-        self.banned_addrs.insert(addr);
-        self.banned_ids.extend(id.map(|id| (addr.ip(), id)));
+        // Bounded: past the cap a ban still ends the connection, it is just not remembered.
+        if self.banned_addrs.len() < MAX_BANS {
+            self.banned_addrs.insert(addr);
+        }
+        if self.banned_ids.len() < MAX_BANS {
+            self.banned_ids.extend(id.map(|id| (addr.ip(), id)));
+        }
         self.candidates.retain(|c| *c != addr);
     }
 
@@ -174,7 +181,9 @@ impl PeerTable {
     /// Queues the address again when that is worth it.
     pub fn ended(&mut self, addr: SocketAddr, how: Ended, now: Instant) {
         if how.never_again {
-            self.violators.insert(addr);
+            if self.violators.len() < MAX_BANS {
+                self.violators.insert(addr);
+            }
             self.candidates.retain(|c| *c != addr);
             return;
         }

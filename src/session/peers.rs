@@ -21,6 +21,8 @@ use crate::picker::PeerKey;
 const PRUNE_GRACE: Duration = Duration::from_secs(60);
 /// A connection that moved no payload (either way) for this long may be pruned to make room.
 const IDLE_FOR_PRUNING: Duration = Duration::from_secs(60);
+/// How long a peer's claim of its listening address is trusted while it is of no use.
+const CLAIM_TRUST: Duration = Duration::from_secs(10);
 /// How often a full table of idle connections makes room for a peer we still have to dial.
 const MAKE_ROOM_EVERY: Duration = Duration::from_secs(5);
 /// Blocks nobody asked for before a peer is dropped.
@@ -58,6 +60,8 @@ pub struct Peer {
     pub recent_rate: u64,
     pub tick_mark: u64,
     pub last_block_at: Instant,
+    /// `listen_addr` is only the peer's claim (not seen from a twin we dialled).
+    pub listen_claimed: bool,
     /// Last time a block moved either way (for pruning: interest alone is free to claim).
     pub last_payload_at: Instant,
     pub unchoked_rounds: u32,
@@ -99,6 +103,7 @@ impl Peer {
             tick_mark: 0,
             last_block_at: Instant::now(),
             last_payload_at: Instant::now(),
+            listen_claimed: false,
             unchoked_rounds: 0,
             allowed_fast: HashSet::new(),
             rejected: HashMap::new(),
@@ -305,7 +310,7 @@ impl Session {
             };
             if self.peers[&loser].outbound && !self.peers[&winner].outbound {
                 let dialled = self.peers[&loser].addr;
-                self.set_listen_addr(winner, dialled);
+                self.set_listen_addr(winner, dialled, true);
             }
             self.drop_peer(loser);
             if !keep_this {
@@ -324,17 +329,44 @@ impl Session {
     }
 
     /// Records where an inbound peer listens, so we do not dial it while connected.
-    pub(super) fn set_listen_addr(&mut self, key: PeerKey, addr: SocketAddr) {
+    /// `proven`: seen from a twin connection we dialled; otherwise only claimed (BEP 10 `p`).
+    pub(super) fn set_listen_addr(&mut self, key: PeerKey, addr: SocketAddr, proven: bool) {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
         if p.outbound || addr == p.addr || addr.port() == 0 || p.listen_addr == Some(addr) {
+            p.listen_claimed &= !proven;
             return;
         }
+        p.listen_claimed = !proven;
         if let Some(old) = p.listen_addr.replace(addr) {
             self.table.release(old);
         }
         self.table.hold(addr);
+    }
+
+    /// A listening address held only on a peer's claim is let go once the claimant has been
+    /// of no use to an unfinished download for [`CLAIM_TRUST`]: it may be another peer's
+    /// address (a claim costs nothing), and that peer is dialled after all.
+    pub(super) fn distrust_idle_claims(&mut self) {
+        if self.picker.is_complete() {
+            return;
+        }
+        let mut released = Vec::new();
+        for p in self.peers.values_mut() {
+            if p.listen_claimed
+                && !p.am_interested
+                && p.connected_at.elapsed() >= CLAIM_TRUST
+                && let Some(addr) = p.listen_addr.take()
+            {
+                p.listen_claimed = false;
+                released.push(addr);
+            }
+        }
+        for addr in released {
+            self.table.release(addr);
+            self.table.add([addr]);
+        }
     }
 
     /// A connection ended: its addresses are released, its thread joined, and its address
@@ -372,10 +404,19 @@ impl Session {
             // It answered once: its earlier failure no longer stands.
             self.unreachable.remove(&p.addr);
         }
-        if error.is_some_and(PeerError::is_violation) {
+        // Only after a handshake: a garbled one (say an encrypted handshake we do not speak,
+        // which aria2 tries first) is no proof of bad faith, and names nobody.
+        if let Some(e) = error.filter(|e| e.is_violation())
+            && p.peer_id.is_some()
+            && !self.table.is_banned(p.addr)
+        {
             // Its id is banned too (on its IP only), so it cannot come back inbound from
             // another port.
             self.table.ban(p.addr, p.peer_id);
+            self.notice(
+                NoticeKind::PeerBanned,
+                format!("banned peer {}: {e}", p.addr),
+            );
         }
         let how = Ended {
             outbound: p.outbound,

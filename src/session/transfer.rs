@@ -56,11 +56,14 @@ impl Session {
                 ..
             } => self.on_connected(key, addr, peer_id, fast, commands),
             PeerEvent::Extended(info) => {
-                // The `p` port it claims is not taken on trust: an address is held (not
-                // dialled) only on the evidence of a twin connection, so a claim cannot hide
-                // another peer. Dialling a peer we already have costs one duplicate, which
-                // the twin rule closes and which then holds the address.
-                self.peer_mut(key).reqq = info.reqq;
+                let p = self.peer_mut(key);
+                p.reqq = info.reqq;
+                if let Some(port) = info.listen_port {
+                    // Held on the claim's word for now; `distrust_idle_claims` lets go of it
+                    // if the claimant proves of no use, so a false claim cannot hide a peer.
+                    let listen = std::net::SocketAddr::new(p.addr.ip(), port);
+                    self.set_listen_addr(key, listen, false);
+                }
             }
             PeerEvent::Bitfield(bits) => {
                 self.picker.peer_has_bits(key, &bits);
