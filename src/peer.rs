@@ -163,9 +163,6 @@ pub enum PeerError {
     Timeout(&'static str),
     /// A malformed handshake or frame.
     Protocol(wire::Error),
-    /// A well-formed message the protocol does not allow where it came: a second bitfield, or
-    /// one after have all (BEP 3, BEP 6).
-    OutOfOrder(&'static str),
     WrongTorrent,
     SelfConnection,
     /// A piece index or block range outside the torrent, in the named message.
@@ -196,7 +193,6 @@ impl PeerError {
         matches!(
             self,
             PeerError::Protocol(_)
-                | PeerError::OutOfOrder(_)
                 | PeerError::BadIndex(_)
                 | PeerError::RequestFlood
                 | PeerError::RequestsWhileChoked
@@ -228,7 +224,6 @@ impl fmt::Display for PeerError {
             PeerError::Io(e) => write!(f, "{}", crate::error::reason(e)),
             PeerError::Timeout(what) => write!(f, "timed out {what}"),
             PeerError::Protocol(e) => write!(f, "protocol error: {e}"),
-            PeerError::OutOfOrder(what) => write!(f, "sent {what}"),
             PeerError::WrongTorrent => write!(f, "peer is on another torrent"),
             PeerError::SelfConnection => write!(f, "connected to ourselves"),
             PeerError::BadIndex(what) => write!(f, "out-of-range {what}"),
@@ -967,10 +962,30 @@ impl<'a, R: Source> Reader<'a, R> {
             }
             Message::Bitfield(bits) => {
                 // BEP 3 wants it first and once; aria2 sends one after have none or haves,
-                // which carries news. A second one is a violation; one after have all says
-                // nothing new.
+                // and again later. Only what is new is news: a later one becomes haves of
+                // its new pieces, and counts against the flood budget.
                 if std::mem::replace(&mut self.announced.bitfield, true) {
-                    return Err(PeerError::OutOfOrder("a second bitfield"));
+                    self.control_message()?;
+                    if self.announced.all {
+                        return Ok(());
+                    }
+                    let len = self.decoder_bitfield_len();
+                    let mut news = Vec::new();
+                    for (i, byte) in bits.iter().enumerate().filter(|(_, b)| **b != 0) {
+                        for bit in 0..8u32 {
+                            let index = i as u32 * 8 + bit;
+                            if byte & (0x80 >> bit) != 0
+                                && let Some(piece) = g.piece(index)
+                                && self.announced.have(piece, len)
+                            {
+                                news.push(piece);
+                            }
+                        }
+                    }
+                    for piece in news {
+                        self.emit(PeerEvent::Have(piece))?;
+                    }
+                    return Ok(());
                 }
                 self.announced.summary = true;
                 if self.announced.all {
@@ -1957,15 +1972,23 @@ mod tests {
     }
 
     #[test]
-    fn a_second_bitfield_is_a_violation_and_other_repeats_say_nothing() {
+    fn repeated_summaries_pass_on_only_news() {
         use Message::{Bitfield, HaveAll, HaveNone};
         let f = Fixture::new(false);
         let bits = || Bitfield(vec![0b1010_0000]);
+        // aria2 sends its bitfield again: the same one says nothing, a fuller one its new
+        // pieces as haves.
         let r = f.replay(&frames(&[bits(), bits()]), true, Vec::new());
-        let err = r.result.unwrap_err();
-        assert!(matches!(err, PeerError::OutOfOrder(_)), "{err:?}");
-        assert!(err.is_violation() && !err.may_redial());
+        assert!(r.result.is_ok(), "{:?}", r.result);
         assert_eq!(r.events.len(), 1, "the first is told");
+        let more = Bitfield(vec![0b1110_0000]);
+        let r = f.replay(&frames(&[bits(), more]), true, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(
+            matches!(r.events[..], [PeerEvent::Bitfield(_), PeerEvent::Have(p)] if p.get() == 1),
+            "{:?}",
+            r.events
+        );
         // Repeats that carry nothing new are dropped: the session hears the first only.
         for (twice, told) in [
             (vec![HaveAll, HaveAll, HaveAll], 1),

@@ -417,6 +417,16 @@ impl Session {
                 NoticeKind::PeerBanned,
                 format!("banned peer {}: {e}", p.addr),
             );
+            // The same peer may have come back while this connection wound down.
+            let back: Vec<PeerKey> = self
+                .peers
+                .iter()
+                .filter(|(_, q)| q.addr.ip() == p.addr.ip() && q.peer_id == p.peer_id)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in back {
+                self.drop_peer(k);
+            }
         }
         let how = Ended {
             outbound: p.outbound,
