@@ -302,6 +302,9 @@ impl Engine {
         let stats = Arc::new(tracker::Stats::default());
         // Events are few (progress four times a second, one per file, notices), so an
         // unbounded channel stays small, and the session never waits on a slow front end.
+        // What a stranger can cause is paid for in kind: a ban or an unreachable peer is
+        // reported once per address (bans remembered up to 4,096), a hash failure costs the
+        // sender a whole piece of traffic.
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let (input_tx, input_rx) = crossbeam_channel::bounded(session::INPUT_CAPACITY);
         let run = session::Run {

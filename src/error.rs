@@ -41,6 +41,27 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error for a data path that holds none of the torrent's files: what was looked for,
+    /// and for a multi-file torrent, that the path is the directory holding its top directory.
+    pub(crate) fn no_data(
+        data: &std::path::Path,
+        meta: &metainfo::Metainfo,
+        layout: &storage::Layout,
+    ) -> Error {
+        if !meta.multi_file {
+            return Error::NoData(format!("no file at {}", layout.full_path(0).display()));
+        }
+        let given = data.display();
+        let name = &meta.name;
+        Error::NoData(if data.file_name().is_some_and(|n| *n == **name) {
+            format!(
+                "{given} holds the torrent's files themselves; give the directory that holds {name}/ (its parent)"
+            )
+        } else {
+            format!("no {name}/ in {given}: give the directory that holds the torrent's {name}/")
+        })
+    }
+
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
             context: context.into(),

@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStrea
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -215,7 +215,7 @@ struct Flood {
 /// Writes `unit` (whole frames) over and over for [`ATTACK`] without reading a byte, never
 /// splitting a frame; stops early when bitfetch closes the connection or the victim (`pid`)
 /// has used more than [`MEMORY_LIMIT_KIB`].
-fn flood(wire: &mut Wire, unit: &[u8], pid: u32) -> Flood {
+fn flood(wire: &mut Wire, unit: &[u8], pid: u32, sent: &AtomicU64) -> Flood {
     let _ = wire
         .stream
         .set_write_timeout(Some(Duration::from_millis(200)));
@@ -234,6 +234,7 @@ fn flood(wire: &mut Wire, unit: &[u8], pid: u32) -> Flood {
             }
             Ok(n) => {
                 f.bytes += n as u64;
+                sent.store(f.bytes, Ordering::SeqCst);
                 at = (at + n) % unit.len();
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
@@ -245,6 +246,23 @@ fn flood(wire: &mut Wire, unit: &[u8], pid: u32) -> Flood {
         }
     }
     f
+}
+
+/// Waits until the flood is under way (1 MiB sent), with a hang guard.
+fn wait_for_flood(sent: &AtomicU64) {
+    let started = poll_until(Duration::from_secs(30), || {
+        (sent.load(Ordering::SeqCst) >= 1 << 20).then_some(())
+    });
+    assert!(started.is_some(), "the flood never got under way");
+}
+
+/// Bytes waiting to be read on `stream` (FIONREAD).
+fn unread_bytes(stream: &TcpStream) -> usize {
+    use std::os::unix::io::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into `n`; the descriptor is open for the call.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 { n.max(0) as usize } else { 0 }
 }
 
 /// `unit` repeated until it is about 64 KiB: one write's worth.
@@ -299,9 +317,10 @@ fn flood_seeder(label: &str, size: usize, prepare: impl FnOnce(&mut Wire), unit:
     shake(&mut wire, &t.info_hash, &peer_id("ATK"), FAST);
     prepare(&mut wire);
     let unit = repeated(unit);
+    let sent = AtomicU64::new(0);
     let (f, d, out) = thread::scope(|scope| {
-        let attack = scope.spawn(|| flood(&mut wire, &unit, seeder.pid()));
-        thread::sleep(Duration::from_secs(3));
+        let attack = scope.spawn(|| flood(&mut wire, &unit, seeder.pid(), &sent));
+        wait_for_flood(&sent);
         let (d, out) = t.downloader("honest", &[s_addr], &[]);
         let f = attack.join().expect("the flood thread");
         (f, d, out)
@@ -359,9 +378,15 @@ fn queue_cancel_storm_against_a_writer_that_cannot_send_cannot_grow_a_seeder() {
                 .flat_map(|&(p, o, l)| msg_request(p, o, l))
                 .collect();
             wire.send(&requests).expect("send the requests");
-            // Not reading from here on: give the seeder a moment to pass the requests to its
-            // writer and fill the window, so the writer is stuck before the storm starts.
-            thread::sleep(Duration::from_secs(2));
+            // Not reading from here on: the storm starts once the seeder's blocks fill our
+            // small window, so its writer is stuck behind them.
+            let full = poll_until(Duration::from_secs(30), || {
+                (unread_bytes(&wire.stream) >= 4096).then_some(())
+            });
+            assert!(
+                full.is_some(),
+                "the seeder never filled the attacker's window"
+            );
         },
         &storm,
     );
@@ -381,9 +406,10 @@ fn queue_interest_flapping_peer_that_never_reads_cannot_grow_a_downloader() {
     let mut wire = dial_small_window(next_loopback(), target);
     shake(&mut wire, &t.info_hash, &peer_id("ATK"), FAST);
     let unit = repeated(&interest_flapping());
+    let sent = AtomicU64::new(0);
     let (f, seeder) = thread::scope(|scope| {
-        let attack = scope.spawn(|| flood(&mut wire, &unit, d.pid()));
-        thread::sleep(Duration::from_secs(3));
+        let attack = scope.spawn(|| flood(&mut wire, &unit, d.pid(), &sent));
+        wait_for_flood(&sent);
         let target_arg = target.to_string();
         // Slowed (2 MiB at 32 KiB/s, about a minute), so the downloader is still running when
         // the drop is checked: a close at its exit is not a drop.

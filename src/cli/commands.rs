@@ -312,7 +312,7 @@ pub fn verify(a: &VerifyArgs) -> Result<(), Error> {
     let layout = Layout::for_data_path(&a.data, &m);
     let storage = Storage::open_existing(&layout, &m.geometry)?;
     if storage.files_present() == 0 {
-        return Err(crate::session::no_data(&a.data, &m, &layout));
+        return Err(Error::no_data(&a.data, &m, &layout));
     }
     let results = storage.verify_all(&m, crate::engine::cores());
     let bad: Vec<usize> = results

@@ -174,7 +174,7 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
             let layout = Layout::for_data_path(&data, meta);
             let storage = Storage::open_existing(&layout, &meta.geometry)?;
             if storage.files_present() == 0 {
-                return Err(no_data(&data, meta, &layout));
+                return Err(Error::no_data(&data, meta, &layout));
             }
             let have = storage.verify_all(meta, cfg.hashers);
             let bad = have.iter().filter(|h| !**h).count() as u32;
@@ -196,23 +196,6 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
             })
         }
     }
-}
-
-/// The error for a data path that holds none of the torrent's files: what was looked for,
-/// and for a multi-file torrent, that the path is the directory holding its top directory.
-pub(crate) fn no_data(data: &std::path::Path, meta: &Metainfo, layout: &Layout) -> Error {
-    if !meta.multi_file {
-        return Error::NoData(format!("no file at {}", layout.full_path(0).display()));
-    }
-    let given = data.display();
-    let name = &meta.name;
-    Error::NoData(if data.file_name().is_some_and(|n| *n == **name) {
-        format!(
-            "{given} holds the torrent's files themselves; give the directory that holds {name}/ (its parent)"
-        )
-    } else {
-        format!("no {name}/ in {given}: give the directory that holds the torrent's {name}/")
-    })
 }
 
 /// Tells the session that one of its helper threads died on a panic, so the run ends with
@@ -423,6 +406,8 @@ fn spawn_hashers(
     out: &Sender<Input>,
     count: usize,
 ) -> Result<(Sender<PieceIndex>, Vec<JoinHandle<()>>), Error> {
+    // Unbounded but bounded in use: only complete pieces go in, and no new block is asked
+    // for while `HASH_BACKLOG` worth of them wait (see `Session::fill`).
     let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
     let mut threads = Vec::new();
     for i in 0..count.max(1) {
@@ -530,6 +515,7 @@ fn run_transfer(
     let tracker_tx = if offline {
         None
     } else {
+        // The session sends at most a `NeedPeers` every 30 s, one `Completed` and a `Stop`.
         let (tracker_tx, tracker_rx) = crossbeam_channel::unbounded();
         let tracker = Tracker {
             tiers: meta.trackers.clone(),

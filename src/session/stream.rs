@@ -37,6 +37,7 @@ fn spawn_streamer(
     mut sink: Box<dyn Write + Send>,
     out: Sender<Input>,
 ) -> Result<(Sender<PieceIndex>, JoinHandle<()>), Error> {
+    // Each piece of the file goes in once, in order: at most the file's piece count.
     let (tx, rx) = crossbeam_channel::unbounded::<PieceIndex>();
     let report = out.clone();
     let thread = spawn_reporting("stream", "streamer", 128 * 1024, &report, move || {
