@@ -226,7 +226,13 @@ pub enum Event {
         path: PathBuf,
         size: u64,
     },
-    /// Something people should know: tracker trouble, bans, hash failures.
+    /// A tracker failed: once when it starts failing, not on every retry (it is retried with
+    /// back-off all the same).
+    TrackerError {
+        url: String,
+        message: String,
+    },
+    /// Something people should know: tracker warnings, bans, hash failures.
     Notice {
         kind: NoticeKind,
         message: String,
@@ -258,6 +264,8 @@ pub struct Progress {
     /// Connected peers, and how many of them have everything.
     pub peers: usize,
     pub seeds: usize,
+    /// Trackers whose last announce succeeded.
+    pub trackers: usize,
     /// Everything wanted is verified (the run is seeding, or about to end).
     pub complete: bool,
 }

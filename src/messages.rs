@@ -19,10 +19,13 @@ pub enum Input {
     /// From the front end (`Handle::add_peers`): peers the user named, whose failures are
     /// reported.
     NamedPeers(Vec<SocketAddr>),
-    /// From the tracker thread: an announce failed or warned (already formatted for people).
+    /// From the tracker thread: a tracker warned, or the thread could not start (already
+    /// formatted for people).
     TrackerNotice(String),
-    /// From the tracker thread: a whole round of announces failed and no tracker has ever
-    /// answered (or the torrent names none we can use).
+    /// From the tracker thread: a tracker failed (once per run of failures, not per retry).
+    TrackerFailed { url: String, reason: String },
+    /// From the tracker thread: no tracker has answered and none is worth waiting for any
+    /// more (each failed five times in a row, or cannot be used at all).
     TrackersFailed,
     /// From the tracker thread, last: it has sent `stopped` (or given up) and ended.
     TrackerDone,

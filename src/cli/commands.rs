@@ -51,13 +51,10 @@ pub fn scrape(a: &ScrapeArgs) -> Result<(), Error> {
         bind: a.bind,
         ca_file: ca_file(a.ca_file.as_deref()),
     };
-    let mut client = tracker::Client::new(&net, Duration::from_secs(15))
+    let client = tracker::Client::new(&net, Duration::from_secs(15))
         .map_err(|e| Error::Usage(e.to_string()))?;
-    let urls: Vec<&String> = m.trackers.iter().flatten().collect();
-    let results: Vec<(&String, Result<tracker::ScrapeInfo, tracker::Error>)> = urls
-        .into_iter()
-        .map(|u| (u, client.scrape(u, &m.info_hash)))
-        .collect();
+    let urls: Vec<String> = m.trackers.iter().flatten().cloned().collect();
+    let results = tracker::scrape_all(&client, &urls, &m.info_hash);
     // With --json the answer is JSON whatever happened, so a script can always parse it.
     let out = if a.json {
         let items = results.iter().map(|(u, r)| match r {

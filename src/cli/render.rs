@@ -123,6 +123,7 @@ impl Render {
                 self.file_completed(&path.display().to_string(), *size)
             }
             Event::Notice { kind, message } => self.note_kind(json_kind(*kind), message),
+            Event::TrackerError { url, message } => self.tracker_error(url, message),
             Event::Finished {
                 verified,
                 transferred,
@@ -201,8 +202,8 @@ impl Render {
             Mode::Json if now.duration_since(self.last_json) >= JSON_INTERVAL => {
                 self.last_json = now;
                 self.emit(&format!(
-                    "{{\"event\":\"progress\",\"downloaded\":{},\"total\":{},\"transferred\":{},\"uploaded\":{},\"rate\":{down},\"upload_rate\":{up},\"peers\":{},\"seeders\":{}}}",
-                    p.verified, p.total, p.transferred, p.uploaded, p.peers, p.seeds
+                    "{{\"event\":\"progress\",\"downloaded\":{},\"total\":{},\"transferred\":{},\"uploaded\":{},\"rate\":{down},\"upload_rate\":{up},\"peers\":{},\"seeders\":{},\"trackers\":{}}}",
+                    p.verified, p.total, p.transferred, p.uploaded, p.peers, p.seeds, p.trackers
                 ));
             }
             Mode::Human if self.tty && !self.finished => {
@@ -257,6 +258,28 @@ impl Render {
             Mode::Human => {
                 self.clear();
                 stderr_line(&format!("bitfetch: {msg}"));
+            }
+        }
+    }
+
+    /// A tracker failed: `tracker URL: why` for people, the URL as its own field in JSON.
+    fn tracker_error(&mut self, url: &str, message: &str) {
+        match self.mode {
+            Mode::Json => self.emit(&format!(
+                "{{\"event\":\"tracker_error\",\"url\":{},\"message\":{}}}",
+                json::string(url),
+                json::string(&format!(
+                    "tracker {}: {message}",
+                    crate::path_safety::escape(url)
+                ))
+            )),
+            Mode::Quiet => {}
+            Mode::Human => {
+                self.clear();
+                stderr_line(&format!(
+                    "bitfetch: tracker {}: {message}",
+                    crate::path_safety::escape(url)
+                ));
             }
         }
     }
@@ -466,6 +489,7 @@ mod tests {
             uploaded: 3 << 20,
             peers: 1,
             seeds: 1,
+            trackers: 1,
             complete,
         }
     }

@@ -16,7 +16,7 @@ mod peers;
 mod stream;
 mod transfer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -272,6 +272,9 @@ struct Session {
     /// Peers named by the user (`--peer`, `Handle::add_peers`) that could not be reached,
     /// with why: each reported once as it happens, and all of them if the run gives up.
     unreachable: HashMap<SocketAddr, String>,
+    /// Trackers failing now, with why (at most `tracker::plan::MAX_TRACKERS`), for the
+    /// message of a run that gives up.
+    tracker_failures: BTreeMap<String, String>,
     /// Peers named by the user rather than found.
     named: HashSet<SocketAddr>,
     /// Pieces verified in this run (a run that verified none takes back what it created).
@@ -625,6 +628,7 @@ fn run_transfer(
         last_progress: Instant::now(),
         verified_this_run: 0,
         unreachable: HashMap::new(),
+        tracker_failures: BTreeMap::new(),
         named: cfg.peers.iter().copied().collect(),
         downloaded: 0,
         uploaded: 0,
@@ -755,6 +759,7 @@ impl Session {
             uploaded: self.stats.uploaded.load(Ordering::Relaxed),
             peers,
             seeds,
+            trackers: self.stats.trackers_working.load(Ordering::Relaxed),
             complete: self.picker.is_complete(),
         }));
     }
@@ -769,8 +774,25 @@ impl Session {
             && self.peers.is_empty()
             && !self.table.has_candidates()
         {
+            let trackers = if self.tracker_failures.is_empty() {
+                "no tracker answered".to_string()
+            } else {
+                let failed: Vec<String> = self
+                    .tracker_failures
+                    .iter()
+                    .take(5)
+                    .map(|(url, why)| format!("{} ({why})", crate::path_safety::escape(url)))
+                    .collect();
+                let more = self.tracker_failures.len().saturating_sub(failed.len());
+                let more = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                format!("no tracker answered: {}{more}", failed.join(", "))
+            };
             let message = if self.unreachable.is_empty() {
-                "no tracker answered and no peer is known (add --peer HOST:PORT?)".to_string()
+                format!("{trackers}; no peer is known (add --peer HOST:PORT?)")
             } else {
                 let mut failed: Vec<String> = self
                     .unreachable
@@ -779,7 +801,7 @@ impl Session {
                     .collect();
                 failed.sort();
                 format!(
-                    "no tracker answered and no peer could be reached: {}",
+                    "{trackers}; no peer could be reached: {}",
                     failed.join(", ")
                 )
             };
@@ -798,6 +820,13 @@ impl Session {
                 self.add_candidates(list);
             }
             Input::TrackerNotice(m) => self.notice(NoticeKind::Tracker, m),
+            Input::TrackerFailed { url, reason } => {
+                self.tracker_failures.insert(url.clone(), reason.clone());
+                let _ = self.events.send(Event::TrackerError {
+                    url,
+                    message: reason,
+                });
+            }
             // The tracker thread ended by itself (a torrent without trackers ends it at
             // once): the shutdown must not wait for it to say so a second time.
             Input::TrackerDone => self.tracker_tx = None,
@@ -852,6 +881,12 @@ impl Session {
                     }
                 }
                 Ok(Input::TrackerNotice(m)) => self.notice(NoticeKind::Tracker, m),
+                Ok(Input::TrackerFailed { url, reason }) => {
+                    let _ = self.events.send(Event::TrackerError {
+                        url,
+                        message: reason,
+                    });
+                }
                 Ok(Input::TrackerDone) => tracker_running = false,
                 Ok(_) => {}
                 Err(_) => break,

@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use super::http::compact_peers;
 use super::{Announce, AnnounceEvent, Error, Reply, ScrapeInfo, clamp_interval, finish_peers};
@@ -139,14 +142,17 @@ pub fn parse_scrape(body: &[u8]) -> Result<ScrapeInfo, Error> {
     })
 }
 
-/// Talks to UDP trackers, remembering connection ids.
+/// How often a wait for a reply looks whether the request was abandoned.
+const CANCEL_CHECK: Duration = Duration::from_millis(250);
+
+/// Talks to UDP trackers, remembering connection ids. Shared by the request threads: each
+/// request has its own socket and transaction ids; the connection ids are common.
 pub struct UdpClient {
     bind: Option<IpAddr>,
     /// First wait; doubles on every retry (BEP 15: 15 s).
     base_timeout: Duration,
     retries: u32,
-    connections: HashMap<SocketAddr, (u64, Instant)>,
-    rng: Rng,
+    connections: Mutex<HashMap<SocketAddr, (u64, Instant)>>,
 }
 
 impl UdpClient {
@@ -155,56 +161,54 @@ impl UdpClient {
             bind,
             base_timeout,
             retries,
-            connections: HashMap::new(),
-            rng: Rng::from_os(),
+            connections: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn set_timeouts(&mut self, base_timeout: Duration, retries: u32) {
-        self.base_timeout = base_timeout;
-        self.retries = retries;
     }
 
     fn socket(&self, url: &str) -> Result<(UdpSocket, SocketAddr), Error> {
         let (host, port) = host_port(url)?;
         let addr = (host.as_str(), port)
             .to_socket_addrs()
-            .map_err(|e| Error::Io(e.to_string()))?
+            .map_err(|e| Error::Dns(format!("{host}: {}", crate::error::reason(&e))))?
             .find(|a| self.bind.is_none_or(|b| b.is_ipv4() == a.is_ipv4()))
-            .ok_or_else(|| Error::Io(format!("{host}: no usable address")))?;
+            .ok_or_else(|| Error::Dns(format!("{host}: no usable address")))?;
         let local = match (self.bind, addr) {
             (Some(ip), _) => SocketAddr::new(ip, 0),
             (None, SocketAddr::V4(_)) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             (None, SocketAddr::V6(_)) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
         };
-        let socket = UdpSocket::bind(local).map_err(|e| Error::Io(e.to_string()))?;
+        let socket = UdpSocket::bind(local).map_err(Error::io)?;
         // A connected socket hears ICMP "port unreachable" as an error straight away.
-        socket.connect(addr).map_err(|e| Error::Io(e.to_string()))?;
+        socket.connect(addr).map_err(Error::io)?;
         Ok((socket, addr))
     }
 
-    /// Sends `request` and waits for the matching reply, retrying on the BEP 15 schedule.
+    /// Sends `request` and waits for the matching reply, retrying on the BEP 15 schedule
+    /// (`retries` times, each wait twice the one before). Gives up early when `cancel` is set.
     fn transact(
-        &mut self,
+        &self,
         socket: &UdpSocket,
         make: &dyn Fn(u32) -> Vec<u8>,
         action: u32,
+        cancel: &AtomicBool,
     ) -> Result<Vec<u8>, Error> {
         let mut buf = vec![0u8; MAX_PACKET];
+        let mut rng = Rng::from_os();
         for n in 0..=self.retries {
-            let tid = self.rng.next_u64() as u32;
-            socket
-                .send(&make(tid))
-                .map_err(|e| Error::Io(e.to_string()))?;
-            let deadline = Instant::now() + self.base_timeout * (1 << n);
+            let tid = rng.next_u64() as u32;
+            socket.send(&make(tid)).map_err(Error::io)?;
+            let deadline = Instant::now() + self.base_timeout * (1 << n.min(8));
             loop {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
                 socket
-                    .set_read_timeout(Some(left))
-                    .map_err(|e| Error::Io(e.to_string()))?;
+                    .set_read_timeout(Some(left.min(CANCEL_CHECK)))
+                    .map_err(Error::io)?;
                 match socket.recv(&mut buf) {
                     Ok(len) => {
                         if let Some(body) = check_reply(&buf[..len], action, tid)? {
@@ -214,53 +218,64 @@ impl UdpClient {
                     Err(e)
                         if matches!(
                             e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::Io(e.to_string())),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => return Err(Error::io(e)),
                 }
             }
         }
         Err(Error::Timeout)
     }
 
-    fn connection_id(&mut self, socket: &UdpSocket, addr: SocketAddr) -> Result<u64, Error> {
-        if let Some((id, at)) = self.connections.get(&addr)
+    fn connection_id(
+        &self,
+        socket: &UdpSocket,
+        addr: SocketAddr,
+        cancel: &AtomicBool,
+    ) -> Result<u64, Error> {
+        if let Some((id, at)) = self.connections.lock().get(&addr)
             && at.elapsed() < CONNECTION_ID_LIFETIME
         {
             return Ok(*id);
         }
-        let body = self.transact(socket, &|tid| connect_request(tid).to_vec(), ACTION_CONNECT)?;
+        let body = self.transact(
+            socket,
+            &|tid| connect_request(tid).to_vec(),
+            ACTION_CONNECT,
+            cancel,
+        )?;
         let id = parse_connect(&body)?;
-        self.connections.insert(addr, (id, Instant::now()));
+        self.connections.lock().insert(addr, (id, Instant::now()));
         Ok(id)
     }
 
-    pub fn announce(&mut self, url: &str, p: &Announce) -> Result<Reply, Error> {
+    pub fn announce(&self, url: &str, p: &Announce, cancel: &AtomicBool) -> Result<Reply, Error> {
         let (socket, addr) = self.socket(url)?;
-        let conn = self.connection_id(&socket, addr)?;
+        let conn = self.connection_id(&socket, addr, cancel)?;
         let body = self
             .transact(
                 &socket,
                 &|tid| announce_request(conn, tid, p).to_vec(),
                 ACTION_ANNOUNCE,
+                cancel,
             )
             .inspect_err(|_| {
-                self.connections.remove(&addr);
+                self.connections.lock().remove(&addr);
             })?;
         parse_announce(&body, addr.is_ipv6())
     }
 
-    pub fn scrape(&mut self, url: &str, info_hash: &[u8; 20]) -> Result<ScrapeInfo, Error> {
+    pub fn scrape(&self, url: &str, info_hash: &[u8; 20]) -> Result<ScrapeInfo, Error> {
+        let cancel = AtomicBool::new(false);
         let (socket, addr) = self.socket(url)?;
-        let conn = self.connection_id(&socket, addr)?;
+        let conn = self.connection_id(&socket, addr, &cancel)?;
         let body = self.transact(
             &socket,
             &|tid| scrape_request(conn, tid, info_hash).to_vec(),
             ACTION_SCRAPE,
+            &cancel,
         )?;
         parse_scrape(&body)
     }
@@ -360,7 +375,7 @@ mod tests {
             }
             seen
         });
-        let mut client = UdpClient::new(None, Duration::from_millis(200), 3);
+        let client = UdpClient::new(None, Duration::from_millis(200), 3);
         let p = Announce {
             info_hash: &[1; 20],
             peer_id: b"-BF0100-abcdefghijkl",
@@ -373,7 +388,7 @@ mod tests {
             numwant: 50,
             tracker_id: None,
         };
-        let reply = client.announce(&url, &p).unwrap();
+        let reply = client.announce(&url, &p, &AtomicBool::new(false)).unwrap();
         assert_eq!(reply.peers, vec!["127.0.0.2:80".parse().unwrap()]);
         let seen = handle.join().unwrap();
         assert_eq!(seen, vec![(0, 16), (0, 16), (1, 98)]);
@@ -384,7 +399,7 @@ mod tests {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         let url = format!("udp://{}", s.local_addr().unwrap());
         drop(s);
-        let mut client = UdpClient::new(None, Duration::from_secs(5), 0);
+        let client = UdpClient::new(None, Duration::from_secs(5), 0);
         let start = Instant::now();
         assert!(client.scrape(&url, &[0; 20]).is_err());
         assert!(start.elapsed() < Duration::from_secs(5));

@@ -991,3 +991,56 @@ fn serve_udp(socket: &UdpSocket, shared: &UdpShared) {
         }
     }
 }
+
+/// Trackers that never help, of each kind a real torrent's list holds, in turn: UDP that
+/// never replies, TCP that accepts and never answers, TCP refused, names under `.invalid`
+/// (HTTP and UDP). Callers that use the names must be in a private network namespace
+/// (`net::require_private_network`). The sockets live as long as this value.
+pub struct DeadTrackers {
+    pub urls: Vec<String>,
+    silent_udp: Vec<UdpSocket>,
+    hanging: Vec<HttpTracker>,
+}
+
+impl DeadTrackers {
+    pub fn start(count: usize) -> DeadTrackers {
+        let mut dead = DeadTrackers {
+            urls: Vec::new(),
+            silent_udp: Vec::new(),
+            hanging: Vec::new(),
+        };
+        for i in 0..count {
+            let url = match i % 4 {
+                0 => {
+                    let socket =
+                        UdpSocket::bind((next_loopback(), 0)).expect("bind a silent UDP tracker");
+                    let addr = socket.local_addr().expect("local_addr");
+                    dead.silent_udp.push(socket);
+                    format!("udp://{addr}/announce")
+                }
+                1 => {
+                    let t = HttpTracker::start(&format!("hang{i}"));
+                    t.set_script(|_, _| HttpAction::Hang);
+                    let url = t.announce_url();
+                    dead.hanging.push(t);
+                    url
+                }
+                2 => {
+                    let closed = TcpListener::bind((next_loopback(), 0)).expect("bind");
+                    let addr = closed.local_addr().expect("local_addr");
+                    drop(closed);
+                    format!("http://{addr}/announce")
+                }
+                _ if i % 8 == 3 => format!("http://dead-{i}.invalid:6969/announce"),
+                _ => format!("udp://dead-{i}.invalid:6969/announce"),
+            };
+            dead.urls.push(url);
+        }
+        dead
+    }
+
+    /// Announces the hanging HTTP trackers have had so far, each.
+    pub fn hanging_requests(&self) -> Vec<usize> {
+        self.hanging.iter().map(|t| t.requests().len()).collect()
+    }
+}

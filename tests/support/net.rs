@@ -155,3 +155,24 @@ impl Drop for Trap {
         }
     }
 }
+
+/// Fails the test unless this process is in a network namespace whose only interface is
+/// loopback (what `scripts/test` sets up). Tests that resolve names (under `.invalid`, which
+/// must fail) call it first: outside such a namespace the resolver would ask a real DNS
+/// server, and tests send nothing beyond loopback.
+pub fn require_private_network(why: &str) {
+    let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    let others: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .filter(|name| *name != "lo")
+        .collect();
+    assert!(
+        others.is_empty(),
+        "this test {why}, so it runs only in a network namespace with nothing but loopback \
+         (interfaces here: {others:?}); run it through scripts/test, or under \
+         `unshare --net --map-root-user sh -c 'ip link set lo up && cargo test ...'`"
+    );
+}
