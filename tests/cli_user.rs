@@ -431,3 +431,328 @@ fn scrape_json_is_json_even_when_there_is_nothing_to_ask() {
         "{v}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Help screens (issue 17: "--help of every command reads well next to aria2c --help, and the
+// README's usage section matches")
+// ---------------------------------------------------------------------------------------------
+
+/// `bitfetch ARGS`, which must succeed quietly; its stdout.
+fn help_text(args: &[&str]) -> String {
+    let r = run(args);
+    r.assert_success();
+    assert!(r.stderr.is_empty(), "{}", r.dump());
+    r.stdout
+}
+
+/// The commands `bitfetch --help` lists that have options of their own (all but `version`).
+fn commands_in_help() -> Vec<String> {
+    let top = help_text(&["--help"]);
+    let listed: Vec<String> = top
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "version")
+        .collect();
+    assert!(listed.len() >= 6, "{top}");
+    listed
+}
+
+/// One option as a help screen lists it: `-o, --output DIR   text...`.
+#[derive(Debug)]
+struct HelpOption {
+    short: Option<String>,
+    long: String,
+    value: Option<String>,
+    text: String,
+}
+
+impl HelpOption {
+    /// `--output DIR`, or `--seed` for a switch.
+    fn long_form(&self) -> String {
+        match &self.value {
+            Some(v) => format!("{} {v}", self.long),
+            None => self.long.clone(),
+        }
+    }
+
+    /// `-o DIR`, or `-q` for a switch.
+    fn short_form(&self) -> Option<String> {
+        let short = self.short.as_ref()?;
+        Some(match &self.value {
+            Some(v) => format!("{short} {v}"),
+            None => short.clone(),
+        })
+    }
+}
+
+/// The options of a help screen: a line indented by 2 (with a short name) or 6 columns that
+/// starts with `-`; deeper indented lines continue its description.
+fn options_in_help(help: &str) -> Vec<HelpOption> {
+    let mut options: Vec<HelpOption> = Vec::new();
+    for line in help.lines() {
+        let body = line.trim_start();
+        let indent = line.len() - body.len();
+        if (indent == 2 || indent == 6) && body.starts_with('-') {
+            let (head, text) = body.split_once("  ").unwrap_or((body, ""));
+            let mut words = head.split_whitespace();
+            let mut first = words.next().unwrap_or_default();
+            let short = first.strip_suffix(',').map(|s| {
+                let short = s.to_string();
+                first = words.next().unwrap_or_default();
+                short
+            });
+            options.push(HelpOption {
+                short,
+                long: first.to_string(),
+                value: words.next().map(str::to_string),
+                text: text.trim().to_string(),
+            });
+            assert!(
+                words.next().is_none(),
+                "one placeholder per option: {line:?}"
+            );
+        } else if indent > 6
+            && let Some(last) = options.last_mut()
+        {
+            last.text = format!("{} {body}", last.text).trim().to_string();
+        }
+    }
+    options
+}
+
+#[test]
+fn help_reads_the_same_however_it_is_asked_and_fits_80_columns() {
+    let top = help_text(&["--help"]);
+    assert_eq!(help_text(&["-h"]), top);
+    assert_eq!(help_text(&["help"]), top);
+    assert_eq!(top.matches("Exit codes:").count(), 1, "{top}");
+    assert!(top.starts_with("bitfetch "), "{top}");
+    let mut screens = vec![("--help".to_string(), top)];
+    for cmd in commands_in_help() {
+        let text = help_text(&[&cmd, "--help"]);
+        for other in [
+            vec![cmd.as_str(), "-h"],
+            vec!["help", &cmd],
+            vec![&cmd, "x.torrent", "--json", "--help"],
+        ] {
+            assert_eq!(help_text(&other), text, "bitfetch {}", other.join(" "));
+        }
+        assert!(
+            text.starts_with(&format!("Usage: bitfetch {cmd} [OPTIONS] ")),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("Exit codes:").count(),
+            1,
+            "one pointer: {text}"
+        );
+        assert!(!text.contains("130"), "the table itself only once: {text}");
+        screens.push((cmd, text));
+    }
+    for (name, text) in &screens {
+        for line in text.lines() {
+            let cols = line.chars().count();
+            assert!(cols <= 80, "{name}: a line of {cols} columns: {line:?}");
+        }
+        // argh's own wording and layout must not show through.
+        for artefact in [
+            "display usage information",
+            "help, --help",
+            "--help, help",
+            "[--]",
+            "<",
+        ] {
+            assert!(!text.contains(artefact), "{name}: {artefact:?} in:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn every_option_in_help_shows_its_value_as_the_parser_reads_it() {
+    for cmd in commands_in_help() {
+        let help = help_text(&[&cmd, "--help"]);
+        let options = options_in_help(&help);
+        assert!(
+            options.iter().any(|o| o.long == "--help"),
+            "{cmd}: no -h, --help in:\n{help}"
+        );
+        for o in options.iter().filter(|o| o.long != "--help") {
+            assert!(!o.text.is_empty(), "{cmd} {}: no description", o.long);
+            if let Some(v) = &o.value {
+                assert!(
+                    v.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ':'),
+                    "{cmd} {}: placeholder {v:?}",
+                    o.long
+                );
+            }
+            // Given without a value (and without the arguments), an option that takes one
+            // is refused as needing one, by the name the help shows; a switch is accepted
+            // and the missing argument is what is refused.
+            let r = run(&[&cmd, &o.long]);
+            r.assert_code(2);
+            let line = r.error_line().unwrap_or_else(|| panic!("{}", r.dump()));
+            match &o.value {
+                Some(_) => assert_eq!(
+                    line,
+                    format!(
+                        "bitfetch: error: {} needs a value: {}",
+                        o.long,
+                        o.long_form()
+                    ),
+                    "{cmd}: {}",
+                    r.dump()
+                ),
+                None => assert!(
+                    line.starts_with("bitfetch: error: missing "),
+                    "{cmd} {} is a switch in the help: {}",
+                    o.long,
+                    r.dump()
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_readme_documents_every_option_the_help_lists_as_the_help_writes_it() {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("\n## Usage\n").expect("a usage section");
+    let usage = &readme[start..];
+    let usage = &usage[..usage[1..].find("\n## ").map_or(usage.len(), |e| e + 1)];
+    for cmd in commands_in_help() {
+        let help = help_text(&[&cmd, "--help"]);
+        let usage_line = help.lines().next().unwrap_or_default();
+        let synopsis = usage_line.trim_start_matches("Usage: ");
+        assert!(
+            usage.contains(&format!("`{synopsis}`")),
+            "README: no `{synopsis}`"
+        );
+        for o in options_in_help(&help)
+            .into_iter()
+            .filter(|o| o.long != "--help")
+        {
+            // Written as the help writes it, placeholder and all, in backquotes.
+            let forms: Vec<String> = [Some(o.long_form()), o.short_form()]
+                .into_iter()
+                .flatten()
+                .collect();
+            for form in &forms {
+                assert!(
+                    usage.contains(&format!("`{form}`")),
+                    "README's usage section does not show `{form}` ({cmd})"
+                );
+            }
+            // The same default, where the help states one.
+            let Some(at) = o.text.find("default") else {
+                continue;
+            };
+            let default: String = o.text[at..]
+                .chars()
+                .take_while(|c| !matches!(c, ';' | ')' | ','))
+                .collect();
+            if default.trim() == "default" {
+                continue;
+            }
+            let rows: Vec<String> = usage
+                .lines()
+                .filter(|l| l.contains(&format!("`{}`", o.long_form())))
+                .map(|l| l.replace('`', ""))
+                .collect();
+            assert!(
+                rows.iter().any(|r| r.contains(&default)),
+                "{cmd} {}: the help says {default:?}; README's rows: {rows:#?}",
+                o.long
+            );
+        }
+    }
+}
+
+#[test]
+fn mistakes_get_one_error_line_a_suggestion_and_the_usage() {
+    let p = Payload::single("typo.bin", 10_000, 12);
+    let torrent = s(p.torrent.display());
+    for (args, says) in [
+        (
+            vec!["download", &torrent, "--max-peer", "3"],
+            "unknown option '--max-peer'; did you mean '--max-peers'?",
+        ),
+        (
+            vec!["download", &torrent, "--seed-tim=1h"],
+            "unknown option '--seed-tim'; did you mean '--seed-time'?",
+        ),
+        (
+            vec!["seed", &torrent, ".", "-peer", "127.0.0.1:1"],
+            "unknown option '-peer'; did you mean '--peer'?",
+        ),
+        (
+            vec!["info", &torrent, "--peer", "127.0.0.1:1"],
+            "info has no option '--peer' (download and seed have)",
+        ),
+        (vec!["help", "downlod"], "did you mean 'download'?"),
+        (vec!["seed", &torrent], "missing DATA"),
+        (
+            vec!["download", &torrent, "extra"],
+            "unexpected argument 'extra'",
+        ),
+        (
+            vec!["download", &torrent, "--max-peers", "lots"],
+            "--max-peers lots: expected a whole number",
+        ),
+        (
+            vec!["download", &torrent, "--port", "70000"],
+            "--port 70000: expected a port number",
+        ),
+        (
+            vec!["download", &torrent, "--max-upload-rate", "fast"],
+            "--max-upload-rate fast:",
+        ),
+        (
+            vec!["download", &torrent, "--announce-interval", "soon"],
+            "--announce-interval soon: expected a duration",
+        ),
+        (vec![], "no command given"),
+    ] {
+        let r = run(&args);
+        r.assert_code(2);
+        let first = r.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("bitfetch: error: ") && first.contains(says),
+            "{args:?}: wanted {says:?}: {}",
+            r.dump()
+        );
+        assert_eq!(
+            r.stderr.matches("bitfetch: error:").count(),
+            1,
+            "{}",
+            r.dump()
+        );
+        assert!(r.stdout.is_empty(), "{}", r.dump());
+        // argh's capitalised sentences never show through.
+        for argh in [
+            "Unrecognized",
+            "Required",
+            "No value",
+            "Error parsing",
+            "One of",
+        ] {
+            assert!(!r.stderr.contains(argh), "{args:?}: {}", r.dump());
+        }
+    }
+    // The parser's complaints end with the command's usage and where to read more.
+    let r = run(&["download", &torrent, "--max-peer", "3"]);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(
+        lines[1..],
+        [
+            "Usage: bitfetch download [OPTIONS] TORRENT",
+            "Run 'bitfetch download --help' for its options."
+        ],
+        "{}",
+        r.dump()
+    );
+}

@@ -6,37 +6,45 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 
 use crate::error::Error;
 use crate::metainfo::Metainfo;
 
-#[derive(FromArgs, Debug)]
-/// bitfetch: a one-shot BitTorrent downloader and seeder.
-#[argh(
-    note = "A TORRENT is a .torrent path, - for a .torrent on standard input, or an http(s):// URL of one.\nSizes take K, M, G (1024-based); durations look like 90s, 1h30m, 1.5s, 2d."
-)]
+// The help screens (`help.rs`) are drawn from these structures: each option's placeholder is
+// its `arg_name`, its line is its doc comment (what it does, then its default), and each
+// command's examples are its `example`s. Where an option is listed, and under which heading,
+// is `help.rs`'s business.
+
+#[derive(FromArgs, ArgsInfo, Debug)]
+/// A one-shot BitTorrent downloader and seeder.
 pub struct Args {
     #[argh(subcommand)]
     pub command: Command,
 }
 
-#[derive(FromArgs, Debug)]
+/// The commands, most used first (the order of `bitfetch --help`).
+#[derive(FromArgs, ArgsInfo, Debug)]
 #[argh(subcommand)]
 pub enum Command {
-    Info(InfoArgs),
-    Create(CreateArgs),
-    Verify(VerifyArgs),
     Download(DownloadArgs),
     Seed(SeedArgs),
+    Info(InfoArgs),
+    Verify(VerifyArgs),
+    Create(CreateArgs),
     Scrape(ScrapeArgs),
 }
 
-#[derive(FromArgs, Debug)]
-/// Show what a torrent holds.
-#[argh(subcommand, name = "info")]
+#[derive(FromArgs, ArgsInfo, Debug)]
+/// Show what a torrent holds: name, size, files, trackers.
+#[argh(
+    subcommand,
+    name = "info",
+    example = "bitfetch info ubuntu.torrent",
+    example = "bitfetch info x.torrent --json | jq .files"
+)]
 pub struct InfoArgs {
-    /// the torrent: a .torrent path, - for standard input, or an http(s):// URL
+    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
     #[argh(positional, arg_name = "TORRENT")]
     pub torrent: PathBuf,
     /// print one JSON object instead of text
@@ -44,26 +52,34 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
-#[derive(FromArgs, Debug)]
+#[derive(FromArgs, ArgsInfo, Debug)]
 /// Make a .torrent from a file or a directory.
-#[argh(subcommand, name = "create")]
+#[argh(
+    subcommand,
+    name = "create",
+    example = "bitfetch create ./dir -a http://tracker.example/announce",
+    example = "bitfetch create big.iso --piece-length 4M -o big.torrent"
+)]
 pub struct CreateArgs {
     /// the file or directory to share
     #[argh(positional, arg_name = "PATH")]
     pub path: PathBuf,
-    /// tracker announce URL (repeat for backup trackers, each its own tier)
-    #[argh(option, short = 'a', arg_name = "URL")]
-    pub announce: Vec<String>,
-    /// piece length: a power of two from 16K to 256M, e.g. 256K or 1M (default: automatic)
-    #[argh(option, arg_name = "SIZE")]
-    pub piece_length: Option<String>,
     /// where to write the torrent (default: NAME.torrent in the current directory)
     #[argh(option, short = 'o', arg_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// tracker announce URL: http(s):// or udp://; repeat for backup trackers, each in its
+    /// own tier (default: none, for use with --peer)
+    #[argh(option, short = 'a', arg_name = "URL")]
+    pub announce: Vec<String>,
     /// replace the output file if it exists
     #[argh(switch, short = 'f')]
     pub force: bool,
-    /// mark the torrent private (BEP 27: trackers only, no DHT or PEX)
+    /// piece length: a power of two from 16K to 256M, e.g. 256K or 1M (default: chosen
+    /// from the size)
+    #[argh(option, arg_name = "SIZE")]
+    pub piece_length: Option<String>,
+    /// mark the torrent private (BEP 27: clients take peers from its trackers only, no
+    /// DHT or PEX)
     #[argh(switch)]
     pub private: bool,
     /// a comment to store in the torrent
@@ -71,23 +87,28 @@ pub struct CreateArgs {
     pub comment: Option<String>,
 }
 
-#[derive(FromArgs, Debug)]
-/// Check data on disk against a torrent; exit 0 only when complete and correct.
-#[argh(subcommand, name = "verify")]
+#[derive(FromArgs, ArgsInfo, Debug)]
+/// Check data against a torrent; exit 0 only if complete.
+#[argh(
+    subcommand,
+    name = "verify",
+    example = "bitfetch verify x.torrent ~/Downloads && echo complete",
+    example = "bitfetch verify x.torrent big.iso --json"
+)]
 pub struct VerifyArgs {
-    /// the torrent: a .torrent path, - for standard input, or an http(s):// URL
+    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
     #[argh(positional, arg_name = "TORRENT")]
     pub torrent: PathBuf,
-    /// the directory holding the content, or the file itself for a single-file torrent
-    /// (default: .)
+    /// the directory holding the content (as given to download -o), or the file itself
+    /// for a single-file torrent (default: the current directory)
     #[argh(positional, default = "PathBuf::from(\".\")", arg_name = "DATA")]
     pub data: PathBuf,
+    /// print nothing: the exit code says it all (0 complete, 1 not)
+    #[argh(switch, short = 'q')]
+    pub quiet: bool,
     /// print one JSON object instead of text
     #[argh(switch)]
     pub json: bool,
-    /// print nothing: the exit code says it all
-    #[argh(switch, short = 'q')]
-    pub quiet: bool,
 }
 
 /// Declares a command struct with the options `download` and `seed` share after its own
@@ -97,58 +118,63 @@ macro_rules! with_session_options {
         $(#[$meta])*
         pub struct $name {
             $($own)*
-            /// a peer to connect to, HOST:PORT (repeatable); works with or without a tracker
+            /// connect to this peer, with or without a tracker; repeatable
             #[argh(option, arg_name = "HOST:PORT")]
             pub peer: Vec<String>,
-            /// port to listen on for incoming peers (default: the first free of 6881-6889, else
-            /// any free port; 0 picks any free port)
+            /// port to listen on for incoming peers (default: the first free of 6881-6889,
+            /// else any; 0 for any free port)
             #[argh(option, arg_name = "PORT")]
             pub port: Option<u16>,
-            /// local address for listening and for outgoing connections (e.g. 127.0.0.1)
+            /// local address to listen on and connect from, e.g. 127.0.0.1 (default: listen
+            /// on every address, IPv4 and IPv6)
             #[argh(option, arg_name = "IP")]
             pub bind: Option<IpAddr>,
-            /// PEM file of certificate authorities to trust for HTTPS trackers (default: built-in
-            /// roots, or $SSL_CERT_FILE)
+            /// PEM file of certificate authorities to trust for HTTPS (default:
+            /// $SSL_CERT_FILE if set, else the built-in Mozilla roots)
             #[argh(option, arg_name = "FILE")]
             pub ca_file: Option<PathBuf>,
-            /// seconds between announces, overriding the tracker's interval
-            #[argh(option, arg_name = "SECONDS")]
-            pub announce_interval: Option<u64>,
-            /// most peers to be connected to at once (default 50)
+            /// re-announce this often instead of at the tracker's interval, e.g. 30s
+            /// (small swarms, tests)
+            #[argh(option, arg_name = "DURATION")]
+            pub announce_interval: Option<String>,
+            /// most connections at once (default 50)
             #[argh(option, default = "50", arg_name = "N")]
             pub max_peers: usize,
             /// most connections to or from one IP address (default 8)
             #[argh(option, default = "8", arg_name = "N")]
             pub max_peers_per_ip: usize,
-            /// regular upload slots; one optimistic slot comes on top (default 4)
+            /// peers uploaded to at once, plus one optimistic slot (default 4)
             #[argh(option, default = "4", arg_name = "N")]
             pub upload_slots: usize,
-            /// upload limit in bytes per second, e.g. 500K or 2M; 0 for none (the default)
+            /// upload limit in bytes per second, e.g. 500K or 2M (default 0: no limit)
             #[argh(option, arg_name = "RATE")]
             pub max_upload_rate: Option<String>,
-            /// download limit in bytes per second, e.g. 500K or 2M; 0 for none (the default)
+            /// download limit in bytes per second, e.g. 500K or 2M (default 0: no limit)
             #[argh(option, arg_name = "RATE")]
             pub max_download_rate: Option<String>,
-            /// stop seeding once uploaded bytes reach this multiple of the torrent size, e.g. 1.5
+            /// stop seeding once this run has uploaded RATIO times the torrent's size, e.g.
+            /// 1.5; implies --seed
             #[argh(option, arg_name = "RATIO")]
             pub seed_ratio: Option<String>,
-            /// stop seeding after this long, e.g. 90s, 30m, 2h, 1d
+            /// stop seeding after this long, e.g. 30m, 2h, 1d; implies --seed
             #[argh(option, arg_name = "DURATION")]
             pub seed_time: Option<String>,
-            /// give up (exit 7) if the whole run takes longer than this, e.g. 10m
+            /// give up (exit 7) if the download is not complete after this long, e.g. 10m;
+            /// once it is, this only ends the seeding (exit 0)
             #[argh(option, arg_name = "DURATION")]
             pub timeout: Option<String>,
             /// give up (exit 8) if no piece is verified for this long, e.g. 2m
             #[argh(option, arg_name = "DURATION")]
             pub stall_timeout: Option<String>,
-            /// newline-delimited JSON events on stdout instead of text (see the README)
+            /// newline-delimited JSON events on stdout instead of text (fields: see the
+            /// README)
             #[argh(switch)]
             pub json: bool,
             /// no progress output; errors only
             #[argh(switch, short = 'q')]
             pub quiet: bool,
-            /// when stderr is not a terminal (a CI log), a progress line this often, e.g.
-            /// 30s; 0 turns them off (default 10s)
+            /// when stderr is not a terminal (a CI log), a progress line this often; 0 for
+            /// none (default 10s)
             #[argh(option, arg_name = "DURATION")]
             pub progress_interval: Option<String>,
         }
@@ -156,17 +182,26 @@ macro_rules! with_session_options {
 }
 
 with_session_options! {
-#[derive(FromArgs, Debug)]
-/// Download a torrent, then exit (or keep seeding with --seed).
-#[argh(subcommand, name = "download")]
+#[derive(FromArgs, ArgsInfo, Debug)]
+/// Download a torrent and exit (or keep seeding: --seed).
+#[argh(
+    subcommand,
+    name = "download",
+    example = "bitfetch download ubuntu.torrent -o ~/Downloads",
+    example = "bitfetch download x.torrent --peer 192.0.2.7:6881 --seed-time 1h",
+    example = "bitfetch download https://example.org/x.torrent -O - | tar x",
+    example = "bitfetch download x.torrent --timeout 10m --stall-timeout 2m -q"
+)]
 pub struct DownloadArgs {
-    /// the torrent: a .torrent path, - for standard input, or an http(s):// URL
+    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
     #[argh(positional, arg_name = "TORRENT")]
     pub torrent: PathBuf,
-    /// directory to download into (default: ., or a temporary directory with -O -)
+    /// directory to download into (default: the current directory; with -O -, a
+    /// temporary one, removed at the end)
     #[argh(option, short = 'o', arg_name = "DIR")]
     pub output: Option<PathBuf>,
-    /// write the content to stdout ('-'), in order, as pieces verify (one file: see --file)
+    /// stream the content to standard output in order, as pieces verify; FILE must be -
+    /// (for one file of several, see --file)
     #[argh(option, short = 'O', arg_name = "FILE")]
     pub output_document: Option<String>,
     /// same as -O -
@@ -175,55 +210,68 @@ pub struct DownloadArgs {
     /// with -O -: the file of a multi-file torrent to stream, by its --list index
     #[argh(option, arg_name = "N")]
     pub file: Option<usize>,
-    /// list the torrent's files with their index and size, then exit
+    /// wait until the data is on stable storage (msync) before exiting with success
+    #[argh(switch)]
+    pub fsync: bool,
+    /// list the torrent's files (index, size, path), then exit
     #[argh(switch)]
     pub list: bool,
-    /// download only files whose path matches this glob (* and ?; repeatable)
-    #[argh(option, arg_name = "GLOB")]
-    pub only: Vec<String>,
-    /// download only these files, by --list index: e.g. 1,3-5
+    /// download only these files, by --list index, e.g. 1,3-5
     #[argh(option, arg_name = "LIST")]
     pub select: Option<String>,
-    /// keep seeding after the download completes, until a seeding limit or Ctrl-C
+    /// download only files whose path matches GLOB (* and ?; * also matches /);
+    /// repeatable
+    #[argh(option, arg_name = "GLOB")]
+    pub only: Vec<String>,
+    /// keep seeding after the download completes, until a limit below or Ctrl-C
     #[argh(switch)]
     pub seed: bool,
     /// exit as soon as the download is complete (the default)
     #[argh(switch)]
     pub no_seed: bool,
-    /// wait until the data is on stable storage before reporting success (msync)
-    #[argh(switch)]
-    pub fsync: bool,
 }
 }
 
 with_session_options! {
-#[derive(FromArgs, Debug)]
-/// Seed existing data (verified first) until interrupted.
-#[argh(subcommand, name = "seed")]
+#[derive(FromArgs, ArgsInfo, Debug)]
+/// Check data on disk, then seed it until stopped.
+#[argh(
+    subcommand,
+    name = "seed",
+    example = "bitfetch seed x.torrent ~/Downloads",
+    example = "bitfetch seed x.torrent big.iso --seed-ratio 2 --max-upload-rate 1M"
+)]
 pub struct SeedArgs {
-    /// the torrent: a .torrent path, - for standard input, or an http(s):// URL
+    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
     #[argh(positional, arg_name = "TORRENT")]
     pub torrent: PathBuf,
-    /// the directory holding the content, or the file itself for a single-file torrent
+    /// the directory holding the content (as given to download -o), or the file itself
+    /// for a single-file torrent
     #[argh(positional, arg_name = "DATA")]
     pub data: PathBuf,
 }
 }
 
-#[derive(FromArgs, Debug)]
-/// Ask the torrent's trackers how many seeders and leechers they know.
-#[argh(subcommand, name = "scrape")]
+#[derive(FromArgs, ArgsInfo, Debug)]
+/// Ask the trackers for counts of seeders and leechers.
+#[argh(
+    subcommand,
+    name = "scrape",
+    example = "bitfetch scrape x.torrent",
+    example = "bitfetch scrape x.torrent --json | jq '.trackers[].seeders'"
+)]
 pub struct ScrapeArgs {
-    /// the torrent: a .torrent path, - for standard input, or an http(s):// URL
+    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
     #[argh(positional, arg_name = "TORRENT")]
     pub torrent: PathBuf,
     /// print one JSON object instead of text
     #[argh(switch)]
     pub json: bool,
-    /// local address for outgoing connections
+    /// local address to connect from, e.g. 127.0.0.1 (default: chosen by the system)
     #[argh(option, arg_name = "IP")]
     pub bind: Option<IpAddr>,
-    /// PEM file of certificate authorities to trust for HTTPS trackers
+    /// PEM file of certificate authorities to trust for HTTPS (default:
+    /// $SSL_CERT_FILE if set, else the built-in Mozilla roots)
     #[argh(option, arg_name = "FILE")]
     pub ca_file: Option<PathBuf>,
 }
@@ -272,7 +320,7 @@ pub struct SessionOptions<'a> {
     pub port: Option<u16>,
     pub bind: Option<IpAddr>,
     pub ca_file: Option<&'a Path>,
-    pub announce_interval: Option<u64>,
+    pub announce_interval: Option<&'a str>,
     pub max_peers: usize,
     pub max_peers_per_ip: usize,
     pub upload_slots: usize,
@@ -294,7 +342,7 @@ macro_rules! session_options {
             port: $a.port,
             bind: $a.bind,
             ca_file: $a.ca_file.as_deref(),
-            announce_interval: $a.announce_interval,
+            announce_interval: $a.announce_interval.as_deref(),
             max_peers: $a.max_peers,
             max_peers_per_ip: $a.max_peers_per_ip,
             upload_slots: $a.upload_slots,
@@ -485,14 +533,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
-/// Parses a size: bytes (`16384`), or with a 1024-based suffix (`256K`, `1M`, `2G`, also
-/// `256KiB`).
+/// Parses a size or a rate: bytes (`16384`), or a number with a 1024-based suffix (`256K`,
+/// `1.5M`, `2G`; also `KB`/`KiB` and lower case). The one reader of sizes, so every option
+/// takes the same suffixes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let bad = || format!("{s}: expected a size like 16384, 256K or 1M");
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let bad = || format!("{s}: expected bytes, or a number with K, M or G, e.g. 500K or 1.5M");
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| bad())?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -500,7 +550,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(bad()),
     };
-    n.checked_mul(mult).ok_or_else(bad)
+    if !num.contains('.') {
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        return n.checked_mul(mult).ok_or_else(bad);
+    }
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = (n * mult as f64).floor();
+    // Below 2^53 an f64 holds every whole number exactly.
+    if !(0.0..9.0e15).contains(&bytes) {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses a rate in bytes per second, written as a size is (`500K`, `1.5M`, `2MiB`, `64kb`):
+/// the `B`/`iB` that [`parse_size`] allows after a number or a unit is dropped, and the rate
+/// limiter reads the rest.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let unit = |r: &str| r.ends_with(['k', 'm', 'g']);
+    let keep = match lower.strip_suffix("ib") {
+        Some(r) if unit(r) => r.len(),
+        _ => match lower.strip_suffix('b') {
+            Some(r) if unit(r) || r.ends_with(|c: char| c.is_ascii_digit()) => r.len(),
+            _ => t.len(),
+        },
+    };
+    crate::ratelimit::parse_rate(&t[..keep])
 }
 
 /// argh takes every argument that starts with `-` for an option, so `download - -o out` (the
@@ -601,7 +678,15 @@ mod tests {
         assert_eq!(parse_size("256K").unwrap(), 256 << 10);
         assert_eq!(parse_size("1M").unwrap(), 1 << 20);
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        for bad in ["", "1.5M", "M", "1T", "99999999999999999999"] {
+        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        for (rate, bytes) in [("500K", 500 << 10), ("1.5M", 3 << 19), ("2MiB", 2 << 20)] {
+            assert_eq!(parse_rate(rate).unwrap(), bytes, "{rate}");
+            assert_eq!(parse_size(rate).unwrap(), bytes, "{rate}");
+        }
+        assert_eq!(parse_rate("64kb").unwrap(), 64 << 10);
+        assert_eq!(parse_rate("100b").unwrap(), 100);
+        assert_eq!(parse_size("500kb").unwrap(), 500 << 10);
+        for bad in ["", "M", "1T", "1.2.3K", ".", "99999999999999999999"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

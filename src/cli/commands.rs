@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::args::{CreateArgs, InfoArgs, ScrapeArgs, VerifyArgs, parse_size, torrent_relative};
-use super::{ca_file, human_bytes, load_torrent, render, write_stdout};
+use super::{ca_file, human_bytes, load_torrent, load_torrent_with, render, write_stdout};
 use crate::create;
 use crate::error::Error;
 use crate::json;
@@ -46,7 +46,7 @@ pub fn list_files(meta: &Metainfo, as_json: bool) -> Result<(), Error> {
 }
 
 pub fn scrape(a: &ScrapeArgs) -> Result<(), Error> {
-    let m = load_torrent(&a.torrent)?;
+    let m = load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
     let net = NetConfig {
         bind: a.bind,
         ca_file: ca_file(a.ca_file.as_deref()),

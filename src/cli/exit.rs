@@ -29,7 +29,7 @@ impl ExitCode {
 pub const TABLE: &str = "\
 Exit codes:
   0    success
-  1    incomplete: verify found missing or corrupt pieces
+  1    incomplete: missing or corrupt data (verify, seed)
   2    bad command-line arguments
   3    bad torrent file
   4    I/O error (reading or writing files)

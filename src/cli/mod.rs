@@ -5,9 +5,11 @@
 mod args;
 mod commands;
 pub mod exit;
+mod help;
 pub mod process;
 mod render;
 mod transfer;
+mod usage;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -33,6 +35,19 @@ pub fn main() -> std::process::ExitCode {
         .unwrap_or("bitfetch")
         .to_string();
     let rest = normalize_args(argv.collect());
+    if let Some(help) = help_request(&rest) {
+        return match help {
+            // A reader that closed the pipe (`| head`) has what it wanted.
+            Ok(text) => {
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
+                Code::SUCCESS
+            }
+            Err(message) => {
+                stderr_line(&message);
+                Code::from(exit::ExitCode::BadArguments.code())
+            }
+        };
+    }
     if matches!(
         rest.first().map(String::as_str),
         Some("--version" | "-V" | "version")
@@ -48,21 +63,18 @@ pub fn main() -> std::process::ExitCode {
     let rest = lone_dash_last(&strs);
     let args = match Args::from_args(&[&cmd], &rest) {
         Ok(a) => a,
+        // argh's own help word in a positional place (`download help`): the same help.
+        Err(early) if early.status.is_ok() => {
+            let text = strs
+                .first()
+                .and_then(|c| help::command(c))
+                .unwrap_or_else(help::top);
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
+            return Code::SUCCESS;
+        }
         Err(early) => {
-            return if early.status.is_ok() {
-                // The exit-code table once, after the top-level help only. A reader that
-                // closed the pipe (`| head`) has what it wanted.
-                let table = if rest.len() == 1 {
-                    format!("\n\n{}", exit::TABLE)
-                } else {
-                    String::new()
-                };
-                let _ = writeln!(std::io::stdout().lock(), "{}{table}", early.output);
-                Code::SUCCESS
-            } else {
-                stderr_line(&usage_error(&early.output, strs.first().copied()));
-                Code::from(exit::ExitCode::BadArguments.code())
-            };
+            stderr_line(&usage::argh_error(&early.output, &strs));
+            return Code::from(exit::ExitCode::BadArguments.code());
         }
     };
     process::install_sigbus_guard();
@@ -76,55 +88,25 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-/// The commands, for suggestions.
-const COMMANDS: [&str; 7] = [
-    "info", "create", "verify", "download", "seed", "scrape", "version",
-];
-
-/// argh's complaint in our error style, with a suggestion for a misspelt command.
-fn usage_error(argh_says: &str, first: Option<&str>) -> String {
-    let mut text = argh_says.trim_end().to_string();
-    if let Some(c) = first.filter(|c| !c.starts_with('-') && !COMMANDS.contains(c)) {
-        text = match suggest(c) {
-            Some(s) => format!("unknown command '{c}'; did you mean '{s}'?"),
-            None => format!("unknown command '{c}' (commands: {})", COMMANDS.join(", ")),
-        };
-    }
-    let mut first_line = text.lines().next().unwrap_or_default().to_string();
-    if let Some(c) = first_line.chars().next() {
-        first_line = c.to_lowercase().chain(first_line.chars().skip(1)).collect();
-    }
-    let rest: Vec<&str> = text.lines().skip(1).collect();
-    let mut out = format!("bitfetch: error: {first_line}");
-    for line in rest {
-        out += &format!("\n{line}");
-    }
-    out + "\nRun 'bitfetch --help' for usage."
-}
-
-/// The command closest to `typed`, when one is close (at most two edits).
-fn suggest(typed: &str) -> Option<&'static str> {
-    COMMANDS
+/// The help asked for, if any: `help [COMMAND]`, or `--help` (`-h`) anywhere before `--`,
+/// for the command named first or for bitfetch. An unknown command is an error.
+fn help_request(args: &[String]) -> Option<Result<String, String>> {
+    let first = args.first()?;
+    let topic = if first == "help" {
+        args.get(1)
+    } else if args
         .iter()
-        .map(|c| (edit_distance(typed, c), *c))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-        .map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--help")
+    {
+        Some(first).filter(|c| !c.starts_with('-'))
+    } else {
+        return None;
+    };
+    Some(match topic {
+        None => Ok(help::top()),
+        Some(c) => help::command(c).ok_or_else(|| usage::unknown_command(c)),
+    })
 }
 
 /// What argh does not do itself: `--opt=value` split in two (as getopt does), and `-h` as
@@ -331,13 +313,5 @@ mod tests {
             norm(&["info", "--", "--x=y.torrent"]),
             ["info", "--", "--x=y.torrent"]
         );
-    }
-
-    #[test]
-    fn misspelt_commands_get_a_suggestion() {
-        assert_eq!(suggest("downlod"), Some("download"));
-        assert_eq!(suggest("sed"), Some("seed"));
-        assert_eq!(suggest("verfy"), Some("verify"));
-        assert_eq!(suggest("xyzzy"), None);
     }
 }

@@ -168,18 +168,18 @@ pub(super) fn session_config(
     seed_after: bool,
 ) -> Result<(Config, Mode, Option<Duration>), Error> {
     // `0` means no limit, as in aria2c and curl.
-    let rate = |r: Option<&str>| -> Result<Option<u64>, Error> {
+    let rate = |name: &str, r: Option<&str>| -> Result<Option<u64>, Error> {
         match r.map(str::trim) {
             None | Some("0") => Ok(None),
-            Some(r) => crate::ratelimit::parse_rate(r)
+            Some(r) => super::parse_rate(r)
                 .map(Some)
-                .map_err(Error::Usage),
+                .map_err(|why| Error::Usage(format!("{name} {why}"))),
         }
     };
-    let duration = |d: Option<&str>| -> Result<Option<Duration>, Error> {
+    let duration = |name: &str, d: Option<&str>| -> Result<Option<Duration>, Error> {
         d.map(super::parse_duration)
             .transpose()
-            .map_err(Error::Usage)
+            .map_err(|why| Error::Usage(format!("{name} {why}")))
     };
     if o.max_peers == 0 || o.max_peers_per_ip == 0 {
         return Err(Error::Usage(
@@ -191,7 +191,8 @@ pub(super) fn session_config(
         port: o.port,
         bind: o.bind,
         ca_file: super::ca_file(o.ca_file),
-        announce_interval: o.announce_interval.map(|s| Duration::from_secs(s.max(1))),
+        announce_interval: duration("--announce-interval", o.announce_interval)?
+            .map(|d| d.max(Duration::from_secs(1))),
         seed_after,
         fsync: false,
         seed_limits: crate::engine::SeedLimits {
@@ -200,15 +201,15 @@ pub(super) fn session_config(
                 .map(super::parse_ratio)
                 .transpose()
                 .map_err(Error::Usage)?,
-            time: duration(o.seed_time)?,
+            time: duration("--seed-time", o.seed_time)?,
         },
         max_peers: o.max_peers,
         max_peers_per_ip: o.max_peers_per_ip,
         upload_slots: o.upload_slots,
-        max_upload_rate: rate(o.max_upload_rate)?,
-        max_download_rate: rate(o.max_download_rate)?,
-        timeout: duration(o.timeout)?,
-        stall_timeout: duration(o.stall_timeout)?,
+        max_upload_rate: rate("--max-upload-rate", o.max_upload_rate)?,
+        max_download_rate: rate("--max-download-rate", o.max_download_rate)?,
+        timeout: duration("--timeout", o.timeout)?,
+        stall_timeout: duration("--stall-timeout", o.stall_timeout)?,
         ..Config::default()
     };
     let mode = if o.json {
@@ -218,6 +219,7 @@ pub(super) fn session_config(
     } else {
         Mode::Human
     };
-    let interval = duration(o.progress_interval)?.or(Some(DEFAULT_PROGRESS_INTERVAL));
+    let interval =
+        duration("--progress-interval", o.progress_interval)?.or(Some(DEFAULT_PROGRESS_INTERVAL));
     Ok((config, mode, interval))
 }
