@@ -970,10 +970,24 @@ fn redirect_is_an_error(label: &str, location: impl Fn(&HttpRequest) -> String +
     d.wait_with_deadline(DEADLINE, &context);
     assert_exit_code(&d, 6, &[&Text(tracker.describe())]);
     let line = tracker_notice(&d, &tracker);
+    // Up to 4 announces (the first and the retries before giving up), each following at
+    // most a few redirects: bounded, and reported once, not on every retry.
     let requests = tracker.requests().len();
     assert!(
-        (1..=11).contains(&requests),
-        "{label}: {requests} requests for one announce\n{}",
+        (1..=4 * 11).contains(&requests),
+        "{label}: {requests} requests for 4 announces\n{}",
+        context()
+    );
+    let needle = tracker.addr.to_string();
+    let notices = d
+        .stderr_text()
+        .lines()
+        .filter(|l| l.starts_with("bitfetch: tracker ") && l.contains(&needle))
+        .count();
+    assert_eq!(
+        notices,
+        1,
+        "{label}: the failing tracker must be reported once\n{}",
         context()
     );
     assert!(

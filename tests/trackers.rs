@@ -1408,3 +1408,40 @@ fn a_hundred_trackers_keep_the_thread_count_bounded() {
     }
     leecher.guard.stop();
 }
+
+/// A tracker that fails the first announce (a blip: a restart, an overloaded front end) and
+/// then answers: the download retries after a short back-off and completes, instead of giving
+/// up at the first failure with exit 6.
+#[test]
+fn a_tracker_failing_once_is_retried_and_the_download_completes() {
+    let (tracker, fx, seeder, seeder_addr) = scripted_swarm("blip", 66);
+    let peer = v4(seeder_addr);
+    // Each client's first announce fails.
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    tracker.set_script(move |request, _| {
+        if seen.lock().expect("not poisoned").insert(request.port()) {
+            HttpAction::status(503, b"restarting")
+        } else {
+            HttpAction::ok(announce_reply(1800, &[peer]))
+        }
+    });
+    let leecher = start_leecher(&fx, "blip", Some(ip4(next_loopback())), &[]);
+    finish_leecher(&fx, &leecher, &[&tracker, &seeder]);
+    let asked = from_client(&tracker.requests(), leecher.listen);
+    if asked.len() < 2 || asked[0].event() != "started" || asked[1].event() != "started" {
+        fail(
+            &format!(
+                "expected `started` refused, then `started` again; the tracker saw {:?}",
+                events(&asked)
+            ),
+            &[&leecher, &tracker],
+        );
+    }
+    let stderr = leecher.guard.stderr_text();
+    if !stderr.contains(&format!(
+        "tracker {}: HTTP status 503",
+        tracker.announce_url()
+    )) {
+        fail("the failed announce was not reported", &[&leecher]);
+    }
+}
