@@ -67,17 +67,51 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Error;
+use crate::magnet::Magnet;
 use crate::messages::Input;
 use crate::metainfo::Metainfo;
 use crate::session;
 use crate::tracker;
 
-/// What to fetch. Later: a magnet link (info hash, trackers and peers, no info dictionary).
-#[derive(Debug, Clone)]
+/// What to fetch.
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Source {
     /// A parsed .torrent.
     Torrent(Metainfo),
+    /// A magnet link: the info dictionary is fetched from peers first (BEP 9).
+    Magnet(MagnetSource),
+}
+
+/// A magnet link to fetch, and what to do once the torrent is known.
+pub struct MagnetSource {
+    pub magnet: Magnet,
+    /// Called once the metadata is verified and parsed, before anything is written: which
+    /// files to fetch, or to stop there (`--list`, `info MAGNET`). `None`: all files.
+    pub choose: Option<Chooser>,
+}
+
+/// See [`MagnetSource::choose`].
+pub type Chooser = Box<dyn FnOnce(&Metainfo) -> Result<Choice, Error> + Send>;
+
+/// What a [`Chooser`] decided.
+#[derive(Debug)]
+pub enum Choice {
+    /// Download these files (one flag per file; all when `None`).
+    Download(Option<Vec<bool>>),
+    /// Fetch this file alone and stream it (the target has a `stream`).
+    Stream(usize),
+    /// End the run here, successfully.
+    Stop,
+}
+
+impl std::fmt::Debug for MagnetSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MagnetSource")
+            .field("magnet", &self.magnet)
+            .field("choose", &self.choose.is_some())
+            .finish()
+    }
 }
 
 /// Where the data goes, or comes from.
@@ -231,6 +265,20 @@ pub enum Event {
     TrackerError {
         url: String,
         message: String,
+    },
+    /// A magnet's metadata phase, about once a second: connections, and metadata pieces
+    /// received of how many (0 of 0 until a peer says the size).
+    MetadataProgress {
+        peers: usize,
+        received: u32,
+        pieces: u32,
+    },
+    /// A magnet's info dictionary arrived and matches the info hash: `size` bytes in
+    /// `pieces` metadata pieces, with `peers` connections open. `Started` follows.
+    Metadata {
+        size: u64,
+        pieces: u32,
+        peers: usize,
     },
     /// Something people should know: tracker warnings, bans, hash failures.
     Notice {

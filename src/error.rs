@@ -18,6 +18,8 @@ pub enum Error {
         path: PathBuf,
         source: metainfo::Error,
     },
+    /// A malformed magnet link.
+    Magnet(crate::magnet::Error),
     Storage(storage::Error),
     Io {
         context: String,
@@ -78,6 +80,7 @@ impl fmt::Display for Error {
                 write!(f, "cannot read {}: {}", path.display(), reason(source))
             }
             Error::Torrent { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::Magnet(e) => write!(f, "{e}"),
             Error::Storage(e) => write!(f, "{e}"),
             Error::Io { context, source } => write!(f, "{context}: {}", reason(source)),
             Error::Incomplete { bad, total } => {

@@ -22,7 +22,7 @@ macro_rules! internal {
     )*};
 }
 
-internal!(bencode, extension, geometry, picker, wire);
+internal!(bencode, extension, geometry, magnet, metadata, picker, wire);
 
 mod choker;
 #[doc(hidden)]
@@ -36,6 +36,7 @@ pub mod fuzz;
 mod http;
 mod json;
 mod messages;
+mod meta_peer;
 mod metainfo;
 mod outbox;
 mod path_safety;
@@ -49,9 +50,10 @@ mod tracker;
 
 pub use create::{Options as CreateOptions, create as create_torrent};
 pub use engine::{
-    Config, Engine, Event, Handle, NoticeKind, Progress, SeedLimits, Source, Stats, StreamTo,
-    Target,
+    Choice, Chooser, Config, Engine, Event, Handle, MagnetSource, NoticeKind, Progress,
+    SeedLimits, Source, Stats, StreamTo, Target,
 };
+pub use magnet::{Error as MagnetError, Magnet};
 pub use error::Error;
 pub use metainfo::{Error as TorrentError, Metainfo};
 pub use storage::Error as StorageError;

@@ -37,6 +37,11 @@ pub enum Input {
     StreamFailed(std::io::Error),
     /// From a hasher thread: the result of checking a complete piece.
     Hashed { piece: PieceIndex, ok: bool },
+    /// From a connection of the metadata phase (a magnet's, before the torrent is known).
+    Meta {
+        key: PeerKey,
+        event: crate::meta_peer::MetaEvent,
+    },
     /// A helper thread (listener, tracker, hasher, streamer) died on a panic.
     Panicked(&'static str),
 }

@@ -27,6 +27,9 @@ use crate::peer::{Ending, PeerError};
 /// requests outstanding per peer; past this many the writer has been stuck through several
 /// refills (the peer choking and unchoking us while it does not read, say).
 pub const MAX_PENDING_BLOCKS: usize = 1024;
+/// Extended messages (metadata pieces we serve, 16 KiB each) that may wait for the writer;
+/// past this many, more requests are answered by nobody (the peer asks again or elsewhere).
+pub const MAX_PENDING_EXTENDED: usize = 8;
 
 /// The writer's work, as the session and the reader left it.
 #[derive(Debug, Default)]
@@ -47,6 +50,8 @@ pub(crate) struct Pending {
     /// cancel. The cancel applies to those and to everything the writer already queued; a
     /// request for the same block after the cancel stands.
     pub cancel_serves: HashMap<BlockRef, usize>,
+    /// Extended messages to send, as (the peer's id for the extension, payload).
+    pub extended: Vec<(u8, Vec<u8>)>,
     pub shutdown: bool,
 }
 
@@ -60,6 +65,7 @@ impl Pending {
         self.requests.clear();
         self.serves.clear();
         self.cancel_serves.clear();
+        self.extended.clear();
         self.shutdown = false;
     }
 
@@ -74,6 +80,7 @@ impl Pending {
             && self.requests.is_empty()
             && self.serves.is_empty()
             && self.cancel_serves.is_empty()
+            && self.extended.is_empty()
             && !self.shutdown
     }
 }
@@ -216,6 +223,20 @@ impl Outbox {
         }
         self.shared.pending.lock().serves.append(blocks);
         self.ring();
+    }
+
+    /// An extended message for the writer to send (the reader's answer to a metadata
+    /// request). False, and nothing queued, when [`MAX_PENDING_EXTENDED`] already wait.
+    pub(crate) fn extended(&self, id: u8, payload: Vec<u8>) -> bool {
+        {
+            let mut p = self.shared.pending.lock();
+            if p.extended.len() >= MAX_PENDING_EXTENDED {
+                return false;
+            }
+            p.extended.push((id, payload));
+        }
+        self.ring();
+        true
     }
 
     /// The reader's pass of a peer's cancel; `cap`: most distinct cancels that may wait.

@@ -49,6 +49,7 @@ use sha1::{Digest, Sha1};
 
 use crate::geometry::{BlockRef, Geometry, PieceIndex};
 use crate::messages::{Command, HaveSummary, Input, PeerEvent};
+use crate::metadata;
 use crate::outbox::{self, CancelServe, Inbox, Outbox, Pending, Wake};
 use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
@@ -163,6 +164,8 @@ pub enum PeerError {
     Timeout(&'static str),
     /// A malformed handshake or frame.
     Protocol(wire::Error),
+    /// A malformed `ut_metadata` message (BEP 9).
+    BadMetadata(metadata::DecodeError),
     WrongTorrent,
     SelfConnection,
     /// A piece index or block range outside the torrent, in the named message.
@@ -193,6 +196,7 @@ impl PeerError {
         matches!(
             self,
             PeerError::Protocol(_)
+                | PeerError::BadMetadata(_)
                 | PeerError::BadIndex(_)
                 | PeerError::RequestFlood
                 | PeerError::RequestsWhileChoked
@@ -224,6 +228,7 @@ impl fmt::Display for PeerError {
             PeerError::Io(e) => write!(f, "{}", crate::error::reason(e)),
             PeerError::Timeout(what) => write!(f, "timed out {what}"),
             PeerError::Protocol(e) => write!(f, "protocol error: {e}"),
+            PeerError::BadMetadata(e) => write!(f, "bad ut_metadata message: {e}"),
             PeerError::WrongTorrent => write!(f, "peer is on another torrent"),
             PeerError::SelfConnection => write!(f, "connected to ourselves"),
             PeerError::BadIndex(what) => write!(f, "out-of-range {what}"),
@@ -244,6 +249,7 @@ impl std::error::Error for PeerError {
         match self {
             PeerError::Connect(e) | PeerError::Io(e) => Some(e),
             PeerError::Protocol(e) => Some(e),
+            PeerError::BadMetadata(e) => Some(e),
             _ => None,
         }
     }
@@ -298,6 +304,23 @@ pub struct Context {
 pub enum Dial {
     Outbound(SocketAddr),
     Inbound(TcpStream, SocketAddr),
+    /// A connection of the metadata phase (`meta_peer`), handshakes done, carrying on.
+    Handover(Box<Handover>),
+}
+
+/// A connection the metadata phase made, handed to a full connection once the torrent is
+/// known: both handshakes are done, we said `have none` (if Fast) and sent our extension
+/// handshake; `prelude` is what the peer sent since that we have not read (frames kept whole,
+/// then any partial one), read before the socket.
+#[derive(Debug)]
+pub struct Handover {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    pub peer_id: [u8; 20],
+    pub reserved: [u8; 8],
+    pub ext: Option<extension::Info>,
+    pub prelude: Vec<u8>,
+    pub outbound: bool,
 }
 
 /// Starts a connection's reader thread (which starts the writer after the handshake). The
@@ -337,7 +360,11 @@ pub(crate) fn spawn_with(
         })
 }
 
-fn connect(addr: SocketAddr, bind: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) fn connect(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     use socket2::{Domain, SockAddr, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if let Some(ip) = bind.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
@@ -380,6 +407,10 @@ fn read_handshake(stream: &mut impl Read, ctx: &Context) -> Result<Handshake, Pe
 }
 
 /// Time left until `deadline`; a `TimedOut` error once there is none.
+pub(crate) fn time_left(deadline: Instant) -> io::Result<Duration> {
+    left(deadline)
+}
+
 fn left(deadline: Instant) -> io::Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
@@ -405,6 +436,8 @@ struct Clocked<'a> {
     stream: &'a TcpStream,
     deadline: Option<Instant>,
     idle: Duration,
+    /// Bytes the metadata phase read and left for us (see [`Handover`]), read first.
+    prelude: io::Cursor<Vec<u8>>,
 }
 
 impl Clocked<'_> {
@@ -416,13 +449,25 @@ impl Clocked<'_> {
     }
 }
 
+impl Clocked<'_> {
+    fn prelude_left(&self) -> bool {
+        (self.prelude.position() as usize) < self.prelude.get_ref().len()
+    }
+}
+
 impl Read for Clocked<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.prelude_left() {
+            return self.prelude.read(buf);
+        }
         self.arm()?;
         (&*self.stream).read(buf)
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        if self.prelude_left() {
+            return self.prelude.read_vectored(bufs);
+        }
         self.arm()?;
         (&*self.stream).read_vectored(bufs)
     }
@@ -509,18 +554,32 @@ fn run(
     #[cfg(test)]
     inject_panic(key, PANIC_IN_READER);
     let deadline = Instant::now() + t.handshake;
-    let (stream, addr, outbound) = match dial {
+    let (stream, addr, outbound, handover) = match dial {
         Dial::Outbound(addr) => (
             connect(addr, ctx.bind, t.connect.min(t.handshake)).map_err(PeerError::Connect)?,
             addr,
             true,
+            None,
         ),
-        Dial::Inbound(s, addr) => (s, addr, false),
+        Dial::Inbound(s, addr) => (s, addr, false, None),
+        Dial::Handover(h) => {
+            let Handover {
+                stream,
+                addr,
+                peer_id,
+                reserved,
+                ext,
+                prelude,
+                outbound,
+            } = *h;
+            (stream, addr, outbound, Some((peer_id, reserved, ext, prelude)))
+        }
     };
     let mut clocked = Clocked {
         stream: &stream,
         deadline: Some(deadline),
         idle: t.idle,
+        prelude: io::Cursor::new(Vec::new()),
     };
     let send_handshake = || -> Result<(), PeerError> {
         let sending = io_err(STARTING);
@@ -530,14 +589,32 @@ fn run(
         (&stream).write_all(&our_handshake(ctx)).map_err(sending)
     };
     // The dialler speaks first; the answerer checks the info hash before revealing anything.
-    let theirs = if outbound {
-        send_handshake()?;
-        read_handshake(&mut clocked, ctx)?
-    } else {
-        let h = read_handshake(&mut clocked, ctx)?;
-        send_handshake()?;
-        h
+    let mut ext_info = None;
+    let handed_over = handover.is_some();
+    let theirs = match handover {
+        Some((peer_id, reserved, ext, prelude)) => {
+            clocked.prelude = io::Cursor::new(prelude);
+            // It proved itself in the metadata phase.
+            clocked.deadline = None;
+            stream.set_read_timeout(Some(t.idle)).map_err(PeerError::Io)?;
+            ext_info = ext;
+            Handshake {
+                reserved,
+                info_hash: ctx.info_hash,
+                peer_id,
+            }
+        }
+        None if outbound => {
+            send_handshake()?;
+            read_handshake(&mut clocked, ctx)?
+        }
+        None => {
+            let h = read_handshake(&mut clocked, ctx)?;
+            send_handshake()?;
+            h
+        }
     };
+
     stream.set_nodelay(true).map_err(PeerError::Io)?;
     // A feature is on only when both sides set its bit (we always set ours).
     let fast = reserved::has(&theirs.reserved, reserved::FAST);
@@ -561,7 +638,13 @@ fn run(
         let asked = Arc::clone(&asked);
         let ending = Arc::clone(&ending);
         let t = *t;
-        let ext_handshake = extended.then(|| extension::our_handshake(ctx.listen_port, addr.ip()));
+        let ext_handshake = extended.then(|| {
+            extension::our_handshake(
+                ctx.listen_port,
+                addr.ip(),
+                Some(ctx.meta.info_bytes().len()),
+            )
+        });
         thread::Builder::new()
             .name(format!("peer-{}-w", key.0))
             .stack_size(THREAD_STACK)
@@ -577,6 +660,9 @@ fn run(
                         asked,
                     };
                     let mut w = WriterState::new(&ctx, socket, links, fast, ext_handshake, &t);
+                    // The metadata phase said `have none` (or nothing) already: what we
+                    // have by now goes out as haves.
+                    w.handed_over = handed_over;
                     let result = w.run(&inbox);
                     // Bytes sent before a broken write still count.
                     w.report();
@@ -613,14 +699,25 @@ fn run(
             queued: &queued,
             asked: &asked,
         };
-        Reader::new(
+        let mut reader = Reader::new(
             clocked,
             &ctx.storage,
+            ctx.meta.info_bytes(),
             ctx.download_limit.as_deref(),
             fast,
             links,
-        )
-        .run()
+        );
+        // What the metadata phase read of the peer's extension handshake.
+        match ext_info {
+            Some(info) => {
+                reader.their_ut_metadata = info.ut_metadata;
+                reader.extended_handshakes = 1;
+                reader
+                    .send(PeerEvent::Extended(info))
+                    .and_then(|()| reader.run())
+            }
+            None => reader.run(),
+        }
     };
     ending.record(result);
     drop(teardown);
@@ -710,6 +807,12 @@ struct Reader<'a, R> {
     told_interested: bool,
     allowed_fast: Vec<PieceIndex>,
     extended_handshakes: u32,
+    /// The info dictionary, served to peers that fetch it (BEP 9), and the id the peer wants
+    /// `ut_metadata` messages under (from its extended handshake), and how fast it may have
+    /// pieces of it.
+    info: &'a [u8],
+    their_ut_metadata: Option<u8>,
+    serve_limit: metadata::ServeLimit,
     /// Choke, interest and cancel messages in the current [`FLOOD_WINDOW`], and when it
     /// began: coalescing makes them cheap, a budget makes them end the connection.
     control: (std::time::Instant, u32),
@@ -719,6 +822,7 @@ impl<'a, R: Source> Reader<'a, R> {
     fn new(
         src: R,
         storage: &'a Storage,
+        info: &'a [u8],
         download_limit: Option<&'a TokenBucket>,
         fast: bool,
         links: Links<'a>,
@@ -741,6 +845,9 @@ impl<'a, R: Source> Reader<'a, R> {
             told_interested: false,
             allowed_fast: Vec::new(),
             extended_handshakes: 0,
+            info,
+            their_ut_metadata: None,
+            serve_limit: metadata::ServeLimit::default(),
             control: (std::time::Instant::now(), 0),
         }
     }
@@ -870,11 +977,14 @@ impl<'a, R: Source> Reader<'a, R> {
         self.handle(msg?)
     }
 
-    /// Only the peer's extended handshake is ours to read, and only the first few of them;
-    /// any other extended message is read past.
+    /// The peer's extended handshake (only the first few of them) and `ut_metadata`
+    /// messages are ours to read; any other extended message is read past.
     fn read_extended(&mut self, len: usize) -> Result<(), PeerError> {
         let mut ext = [0u8; 1];
         self.read(&mut ext)?;
+        if ext[0] == extension::UT_METADATA_ID {
+            return self.read_ut_metadata(len - 1);
+        }
         if ext[0] != extension::HANDSHAKE_ID || self.extended_handshakes >= MAX_EXTENDED_HANDSHAKES
         {
             return self.skip(len - 1);
@@ -890,9 +1000,53 @@ impl<'a, R: Source> Reader<'a, R> {
         }
         read?;
         match info {
-            Some(Ok(info)) => self.emit(PeerEvent::Extended(info)),
+            Some(Ok(info)) => {
+                self.their_ut_metadata = info.ut_metadata;
+                self.emit(PeerEvent::Extended(info))
+            }
             _ => Ok(()),
         }
+    }
+
+    /// A BEP 9 message. A request is answered from the info dictionary through the writer,
+    /// under the per-connection [`metadata::ServeLimit`] (a reject past it, and nothing
+    /// while [`outbox::MAX_PENDING_EXTENDED`] answers already wait); data and rejects are
+    /// read past (we have the metadata); a malformed message ends the connection.
+    fn read_ut_metadata(&mut self, len: usize) -> Result<(), PeerError> {
+        if len > metadata::MAX_MESSAGE_LEN {
+            return Err(PeerError::BadMetadata(metadata::DecodeError::TooLong {
+                len,
+            }));
+        }
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.resize(len, 0);
+        let read = self.read(&mut payload);
+        let piece = match read
+            .and_then(|()| metadata::decode(&payload).map_err(PeerError::BadMetadata))
+        {
+            Ok(Some(metadata::Message::Request { piece })) => Ok(Some(piece)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
+        };
+        if payload.capacity() <= KEEP_PAYLOAD {
+            self.payload = payload;
+        }
+        let (Some(piece), Some(id)) = (piece?, self.their_ut_metadata) else {
+            return Ok(());
+        };
+        self.control_message()?;
+        let answer = if self.info.is_empty() {
+            metadata::Message::Reject { piece }.encode()
+        } else {
+            metadata::answer(
+                self.info,
+                piece,
+                &mut self.serve_limit,
+                std::time::Instant::now(),
+            )
+        };
+        self.links.writer.extended(id, answer);
+        Ok(())
     }
 
     fn read_piece(&mut self, data_len: u32) -> Result<(), PeerError> {
@@ -1114,7 +1268,8 @@ pub(crate) fn replay_reader(
         queued: &queued,
         asked: &asked,
     };
-    let result = Reader::new(src, storage, None, fast, links).run();
+    // A small info dictionary, so the fuzz target drives the metadata-serving path too.
+    let result = Reader::new(src, storage, b"d6:lengthi1ee", None, fast, links).run();
     let mut pending = Pending::default();
     inbox.take(&mut pending);
     Replay {
@@ -1172,6 +1327,9 @@ struct WriterState<W> {
     interested: bool,
     /// The first message has gone out; nothing else may go before it.
     introduced: bool,
+    /// A connection of the metadata phase, which said `have none` already (see [`Handover`]):
+    /// the intro goes out as haves.
+    handed_over: bool,
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
     serves: VecDeque<BlockRef>,
@@ -1214,6 +1372,7 @@ impl<W: SendHalf> WriterState<W> {
             choking: true,
             interested: false,
             introduced: false,
+            handed_over: false,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
             work: Pending::default(),
@@ -1290,6 +1449,29 @@ impl<W: SendHalf> WriterState<W> {
     /// The first message after the handshake: have all / have none / bitfield, then our
     /// extended handshake.
     fn intro(&mut self, summary: HaveSummary) {
+        if self.handed_over {
+            let bits = match summary {
+                HaveSummary::None => Vec::new(),
+                HaveSummary::All(bits) | HaveSummary::Some(bits) => bits,
+            };
+            for i in 0..self.have.len() {
+                if bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0) {
+                    self.have[i] = true;
+                    wire::encode(&Message::Have(i as u32), &mut self.out);
+                }
+            }
+            // An update of our extension handshake, now with `metadata_size`.
+            if let Some(payload) = self.ext_handshake.take() {
+                wire::encode(
+                    &Message::Extended {
+                        id: extension::HANDSHAKE_ID,
+                        payload,
+                    },
+                    &mut self.out,
+                );
+            }
+            return;
+        }
         let bits = match summary {
             HaveSummary::All(bits) => {
                 self.have.fill(true);
@@ -1357,6 +1539,15 @@ impl<W: SendHalf> WriterState<W> {
                 wire::encode(&request_msg(b, false), &mut self.out);
             }
             self.links.asked.lock().insert(&work.requests);
+        }
+        for (id, payload) in &work.extended {
+            wire::encode(
+                &Message::Extended {
+                    id: *id,
+                    payload: payload.clone(),
+                },
+                &mut self.out,
+            );
         }
         self.cancel_serves(&work.cancel_serves);
         for (i, &b) in work.serves.iter().enumerate() {
@@ -2143,7 +2334,7 @@ mod tests {
         let f = Fixture::new(false);
         let handshake = Message::Extended {
             id: extension::HANDSHAKE_ID,
-            payload: extension::our_handshake(7000, IpAddr::from([10, 0, 0, 2])),
+            payload: extension::our_handshake(7000, IpAddr::from([10, 0, 0, 2]), None),
         };
         let mut bytes = frame(&handshake).repeat(10);
         // An unknown id with a frame near the cap, and an extension message we never
@@ -2201,7 +2392,7 @@ mod tests {
     ) -> TestWriter<W> {
         let (tx, events) = crossbeam_channel::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
-        let ext = extended.then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1])));
+        let ext = extended.then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1]), Some(100)));
         let links = WriterLinks {
             key: PeerKey(1),
             events: tx,

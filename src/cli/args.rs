@@ -33,6 +33,20 @@ pub enum Command {
     Verify(VerifyArgs),
     Create(CreateArgs),
     Scrape(ScrapeArgs),
+    Magnet(MagnetArgs),
+}
+
+#[derive(FromArgs, ArgsInfo, Debug)]
+/// Print a torrent's magnet link.
+#[argh(
+    subcommand,
+    name = "magnet",
+    example = "bitfetch magnet ubuntu.torrent"
+)]
+pub struct MagnetArgs {
+    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
+    #[argh(positional, arg_name = "TORRENT")]
+    pub torrent: PathBuf,
 }
 
 #[derive(FromArgs, ArgsInfo, Debug)]
@@ -44,7 +58,8 @@ pub enum Command {
     example = "bitfetch info x.torrent --json | jq .files"
 )]
 pub struct InfoArgs {
-    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
+    /// a .torrent path, - for one on standard input, an http(s):// URL of one, or a
+    /// magnet link (its metadata is fetched from peers)
     #[argh(positional, arg_name = "TORRENT")]
     pub torrent: PathBuf,
     /// print one JSON object instead of text
@@ -182,7 +197,7 @@ macro_rules! with_session_options {
 }
 
 with_session_options! {
-#[derive(FromArgs, ArgsInfo, Debug)]
+#[derive(FromArgs, ArgsInfo, Debug, Clone)]
 /// Download a torrent and exit (or keep seeding: --seed).
 #[argh(
     subcommand,
@@ -193,7 +208,8 @@ with_session_options! {
     example = "bitfetch download x.torrent --timeout 10m --stall-timeout 2m -q"
 )]
 pub struct DownloadArgs {
-    /// a .torrent path, - for one on standard input, or an http(s):// URL of one
+    /// a .torrent path, - for one on standard input, an http(s):// URL of one, or a
+    /// magnet link
     #[argh(positional, arg_name = "TORRENT")]
     pub torrent: PathBuf,
     /// directory to download into (default: the current directory; with -O -, a
@@ -216,6 +232,9 @@ pub struct DownloadArgs {
     /// list the torrent's files (index, size, path), then exit
     #[argh(switch)]
     pub list: bool,
+    /// with a magnet link: also write the fetched torrent to FILE
+    #[argh(option, arg_name = "FILE")]
+    pub save_torrent: Option<PathBuf>,
     /// download only these files, by --list index, e.g. 1,3-5
     #[argh(option, arg_name = "LIST")]
     pub select: Option<String>,

@@ -5,7 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::args::{CreateArgs, InfoArgs, ScrapeArgs, VerifyArgs, parse_size, torrent_relative};
+use super::args::{
+    CreateArgs, InfoArgs, MagnetArgs, ScrapeArgs, VerifyArgs, parse_size, torrent_relative,
+};
 use super::{ca_file, human_bytes, load_torrent, load_torrent_with, render, write_stdout};
 use crate::create;
 use crate::error::Error;
@@ -105,9 +107,48 @@ pub fn scrape(a: &ScrapeArgs) -> Result<(), Error> {
 }
 
 pub fn info(a: &InfoArgs) -> Result<(), Error> {
-    let m = load_torrent(&a.torrent)?;
+    let m = match super::load_source(&a.torrent, None)? {
+        super::Loaded::Torrent(m) => *m,
+        super::Loaded::Magnet(magnet) => fetch_metadata(*magnet)?,
+    };
     let out = if a.json { info_json(&m) } else { info_text(&m) };
     write_stdout(&out)
+}
+
+/// A magnet's torrent, fetched from its peers and trackers (nothing is written); notices go
+/// to stderr as a download's would.
+fn fetch_metadata(magnet: crate::magnet::Magnet) -> Result<Metainfo, Error> {
+    let got = std::sync::Arc::new(parking_lot::Mutex::new(None));
+    let keep = std::sync::Arc::clone(&got);
+    let choose = move |meta: &Metainfo| -> Result<crate::engine::Choice, Error> {
+        *keep.lock() = Some(meta.clone());
+        Ok(crate::engine::Choice::Stop)
+    };
+    let source = crate::engine::Source::Magnet(crate::engine::MagnetSource {
+        magnet,
+        choose: Some(Box::new(choose)),
+    });
+    let target = crate::engine::Target::Download {
+        dir: std::path::PathBuf::from("."),
+        selected: None,
+        stream: None,
+    };
+    let config = crate::engine::Config::default();
+    super::transfer::drive(
+        source,
+        target,
+        config,
+        (super::render::Mode::Quiet, None),
+    )?;
+    got.lock()
+        .take()
+        .ok_or_else(|| Error::Internal("the metadata was fetched but not kept"))
+}
+
+/// `magnet TORRENT`: the torrent's magnet link.
+pub fn magnet(a: &MagnetArgs) -> Result<(), Error> {
+    let m = load_torrent(&a.torrent)?;
+    write_stdout(&crate::magnet::Magnet::from_metainfo(&m).to_uri())
 }
 
 /// `2024-05-01T12:00:00Z` from unix seconds (proleptic Gregorian, UTC).

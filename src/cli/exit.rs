@@ -46,7 +46,7 @@ pub fn of(e: &crate::error::Error) -> ExitCode {
     match e {
         Error::Usage(_) => ExitCode::BadArguments,
         Error::ReadTorrent { .. } => ExitCode::Io,
-        Error::Torrent { .. } => ExitCode::BadTorrent,
+        Error::Torrent { .. } | Error::Magnet(_) => ExitCode::BadTorrent,
         Error::Storage(storage::Error::NoSpace { .. }) => ExitCode::DiskFull,
         Error::Storage(_) => ExitCode::Io,
         Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {

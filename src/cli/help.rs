@@ -64,7 +64,7 @@ const LAYOUTS: &[Layout] = &[
                     "--fsync",
                 ],
             ),
-            ("Files", &["--list", "--select", "--only"]),
+            ("Files", &["--list", "--select", "--only", "--save-torrent"]),
             (
                 "Seeding",
                 &["--seed", "--no-seed", "--seed-ratio", "--seed-time"],
@@ -136,6 +136,12 @@ const LAYOUTS: &[Layout] = &[
     Layout {
         command: "scrape",
         groups: &[("Options", &["--json", "--bind", "--ca-file"])],
+        unlisted: &[],
+        overrides: &[],
+    },
+    Layout {
+        command: "magnet",
+        groups: &[],
         unlisted: &[],
         overrides: &[],
     },

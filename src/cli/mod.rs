@@ -175,12 +175,59 @@ fn dispatch(args: Args) -> Result<(), Error> {
         Command::Download(a) => transfer::download(&a),
         Command::Seed(a) => transfer::seed(&a),
         Command::Scrape(a) => commands::scrape(&a),
+        Command::Magnet(a) => commands::magnet(&a),
     }
 }
 
 /// Loads a torrent from a path, from standard input (`-`), or from an `http(s)://` URL.
 pub fn load_torrent(path: &Path) -> Result<Metainfo, Error> {
     load_torrent_with(path, None)
+}
+
+/// What a TORRENT argument gave: a torrent, or a magnet link whose torrent is to be fetched.
+pub enum Loaded {
+    Torrent(Box<Metainfo>),
+    Magnet(Box<crate::magnet::Magnet>),
+}
+
+/// Reads a TORRENT argument that may also be a magnet link (given as is, or on standard
+/// input with `-`).
+pub fn load_source(path: &Path, ca_file: Option<&Path>) -> Result<Loaded, Error> {
+    let text = path.to_string_lossy();
+    if text.starts_with("magnet:") {
+        return parse_magnet(&text);
+    }
+    if text == "-" {
+        let limit = crate::bencode::Limits::METAINFO.max_size;
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|source| Error::ReadTorrent {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if buf.starts_with(b"magnet:") {
+            return parse_magnet(String::from_utf8_lossy(&buf).trim());
+        }
+        if buf.len() > limit {
+            return Err(too_large(path, buf.len() as u64));
+        }
+        return Metainfo::from_bytes(&buf)
+            .map(|m| Loaded::Torrent(Box::new(m)))
+            .map_err(|source| Error::Torrent {
+                path: path.to_path_buf(),
+                source,
+            });
+    }
+    load_torrent_with(path, ca_file).map(|m| Loaded::Torrent(Box::new(m)))
+}
+
+fn parse_magnet(text: &str) -> Result<Loaded, Error> {
+    crate::magnet::Magnet::parse(text)
+        .map(|m| Loaded::Magnet(Box::new(m)))
+        .map_err(Error::Magnet)
 }
 
 /// As [`load_torrent`]; `ca_file` is trusted for an `https://` torrent URL.

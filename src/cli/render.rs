@@ -124,6 +124,16 @@ impl Render {
             }
             Event::Notice { kind, message } => self.note_kind(json_kind(*kind), message),
             Event::TrackerError { url, message } => self.tracker_error(url, message),
+            Event::MetadataProgress {
+                peers,
+                received,
+                pieces,
+            } => self.metadata_progress(*peers, *received, *pieces),
+            Event::Metadata {
+                size,
+                pieces,
+                peers,
+            } => self.metadata(*size, *pieces, *peers),
             Event::Finished {
                 verified,
                 transferred,
@@ -259,6 +269,35 @@ impl Render {
                 self.clear();
                 stderr_line(&format!("bitfetch: {msg}"));
             }
+        }
+    }
+
+    /// A magnet's metadata phase, on a terminal: what it waits for.
+    fn metadata_progress(&mut self, peers: usize, received: u32, pieces: u32) {
+        if self.mode != Mode::Human || !self.tty {
+            return;
+        }
+        let line = if pieces == 0 {
+            format!("fetching the metadata: {}", peers_text(peers))
+        } else {
+            format!(
+                "fetching the metadata: {received} of {pieces} pieces, {}",
+                peers_text(peers)
+            )
+        };
+        let width = super::process::terminal_width().unwrap_or(80);
+        let line: String = line.chars().take(width.saturating_sub(1)).collect();
+        let _ = write!(std::io::stderr().lock(), "\r\x1b[K{line}");
+        self.drawn = true;
+    }
+
+    /// A magnet's metadata is in.
+    fn metadata(&mut self, size: u64, pieces: u32, peers: usize) {
+        match self.mode {
+            Mode::Json => self.emit(&format!(
+                "{{\"event\":\"metadata\",\"size\":{size},\"pieces\":{pieces},\"peers\":{peers}}}"
+            )),
+            Mode::Quiet | Mode::Human => self.clear(),
         }
     }
 

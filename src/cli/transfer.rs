@@ -9,8 +9,8 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use super::render::{Mode, Render};
-use super::{DownloadArgs, SeedArgs, SessionOptions, load_torrent_with, process};
-use crate::engine::{Config, Engine, Source, StreamTo, Target};
+use super::{DownloadArgs, Loaded, SeedArgs, SessionOptions, load_source, load_torrent_with, process};
+use crate::engine::{Choice, Config, Engine, MagnetSource, Source, StreamTo, Target};
 use crate::error::Error;
 use crate::metainfo::Metainfo;
 
@@ -51,7 +51,7 @@ fn stream_file(
 
 /// A directory of our own for streamed data: made fresh, readable by us alone, so no other
 /// local user can have made it first and swapped the data under us.
-fn private_temp_dir(meta: &Metainfo) -> Result<PathBuf, Error> {
+fn private_temp_dir(info_hash_hex: &str) -> Result<PathBuf, Error> {
     let base = std::env::temp_dir();
     let mut rng = crate::rng::Rng::from_os();
     let mut last = None;
@@ -59,7 +59,7 @@ fn private_temp_dir(meta: &Metainfo) -> Result<PathBuf, Error> {
         let dir = base.join(format!(
             "bitfetch-{}-{}-{:08x}",
             std::process::id(),
-            &meta.info_hash_hex()[..16],
+            &info_hash_hex[..16],
             rng.next_u64() as u32
         ));
         match DirBuilder::new().mode(0o700).create(&dir) {
@@ -75,7 +75,15 @@ fn private_temp_dir(meta: &Metainfo) -> Result<PathBuf, Error> {
 }
 
 pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
-    let meta = load_torrent_with(&a.torrent, a.ca_file.as_deref())?;
+    let meta = match load_source(&a.torrent, a.ca_file.as_deref())? {
+        Loaded::Torrent(meta) => *meta,
+        Loaded::Magnet(m) => return download_magnet(a, *m),
+    };
+    if a.save_torrent.is_some() {
+        return Err(Error::Usage(
+            "--save-torrent goes with a magnet link (this is a torrent already)".into(),
+        ));
+    }
     if a.list {
         return super::commands::list_files(&meta, a.json);
     }
@@ -108,7 +116,7 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
     // Streaming without -o keeps the data in a temporary directory, removed at the end.
     let (dir, temporary) = match (&a.output, streaming) {
         (Some(d), _) => (d.clone(), false),
-        (None, true) => (private_temp_dir(&meta)?, true),
+        (None, true) => (private_temp_dir(&meta.info_hash_hex())?, true),
         (None, false) => (PathBuf::from("."), false),
     };
     let target = Target::Download {
@@ -119,11 +127,118 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
             out: Box::new(std::io::stdout()),
         }),
     };
-    let result = drive(meta, target, config, (mode, interval));
+    let result = drive(Source::Torrent(meta), target, config, (mode, interval));
     if temporary {
         let _ = fs::remove_dir_all(&dir);
     }
     result
+}
+
+/// `download MAGNET`: the same options; what depends on the file list (`--list`,
+/// `--select`, `--only`, `--file`, the magnet's `so`) is settled once the metadata is in.
+fn download_magnet(a: &DownloadArgs, magnet: crate::magnet::Magnet) -> Result<(), Error> {
+    let (mut config, mode, interval) = session_config(&a.options(), a.seeding())?;
+    config.fsync = a.fsync;
+    let streaming = a.streaming()?;
+    if a.file.is_some() && !streaming {
+        return Err(Error::Usage("--file goes with -O - (streaming)".into()));
+    }
+    if let Some(out) = &a.output
+        && fs::metadata(out).is_ok_and(|m| !m.is_dir())
+    {
+        return Err(Error::Usage(format!(
+            "-o {}: that is a file; -o takes the directory to download into",
+            out.display()
+        )));
+    }
+    let hex: String = magnet
+        .info_hash
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (dir, temporary) = match (&a.output, streaming) {
+        (Some(d), _) => (d.clone(), false),
+        (None, true) => (private_temp_dir(&hex)?, true),
+        (None, false) => (PathBuf::from("."), false),
+    };
+    let list = a.list;
+    let json = a.json;
+    let save = a.save_torrent.clone();
+    let trackers = magnet.tracker_tiers();
+    let so = magnet.select.clone();
+    let picks = a.clone();
+    let choose = move |meta: &Metainfo| -> Result<Choice, Error> {
+        if let Some(path) = &save {
+            save_torrent(path, meta, &trackers)?;
+        }
+        if list {
+            super::commands::list_files(meta, json)?;
+            return Ok(Choice::Stop);
+        }
+        let mut selection = picks.selection(meta)?;
+        if selection.is_none()
+            && let Some(so) = &so
+        {
+            selection = Some(so.mask(meta.files.len()).map_err(Error::Magnet)?);
+        }
+        if streaming {
+            let file = stream_file(&picks, meta, selection.as_deref())?;
+            return Ok(Choice::Stream(file));
+        }
+        Ok(Choice::Download(selection))
+    };
+    let target = Target::Download {
+        dir: dir.clone(),
+        selected: None,
+        stream: streaming.then(|| StreamTo {
+            file: 0,
+            out: Box::new(std::io::stdout()),
+        }),
+    };
+    let source = Source::Magnet(MagnetSource {
+        magnet,
+        choose: Some(Box::new(choose)),
+    });
+    let result = drive(source, target, config, (mode, interval));
+    if temporary {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// Writes the fetched torrent: the info dictionary byte for byte (so the info hash is the
+/// magnet's), with the magnet's trackers. Made beside the target and renamed into place.
+pub(super) fn save_torrent(
+    path: &std::path::Path,
+    meta: &Metainfo,
+    trackers: &[Vec<String>],
+) -> Result<(), Error> {
+    let mut out = b"d".to_vec();
+    let bytes = |s: &str| format!("{}:{s}", s.len()).into_bytes();
+    if let Some(first) = trackers.first().and_then(|t| t.first()) {
+        out.extend(bytes("announce"));
+        out.extend(bytes(first));
+        out.extend(bytes("announce-list"));
+        out.push(b'l');
+        for tier in trackers {
+            out.push(b'l');
+            for url in tier {
+                out.extend(bytes(url));
+            }
+            out.push(b'e');
+        }
+        out.push(b'e');
+    }
+    out.extend(bytes("info"));
+    out.extend_from_slice(meta.info_bytes());
+    out.push(b'e');
+    let tmp = path.with_extension("torrent.part");
+    fs::write(&tmp, &out)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io(format!("writing {}", path.display()), e)
+        })
 }
 
 pub(super) fn seed(a: &SeedArgs) -> Result<(), Error> {
@@ -132,18 +247,18 @@ pub(super) fn seed(a: &SeedArgs) -> Result<(), Error> {
     let target = Target::Seed {
         data: a.data.clone(),
     };
-    drive(meta, target, config, (mode, interval))
+    drive(Source::Torrent(meta), target, config, (mode, interval))
 }
 
 /// Runs the engine to its end, rendering its events; SIGINT/SIGTERM stop it in order.
-fn drive(
-    meta: Metainfo,
+pub(super) fn drive(
+    source: Source,
     target: Target,
     config: Config,
     (mode, interval): (Mode, Option<Duration>),
 ) -> Result<(), Error> {
     process::install_stop_handler();
-    let (handle, events) = Engine::start(Source::Torrent(meta), target, config);
+    let (handle, events) = Engine::start(source, target, config);
     let mut render = Render::new(mode, interval);
     let mut stop_sent = false;
     loop {

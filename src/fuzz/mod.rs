@@ -446,7 +446,7 @@ fn check_extended_handshake(payload: &[u8]) {
         Some(v6) if payload.len().is_multiple_of(2) => IpAddr::V6(Ipv6Addr::from(v6)),
         _ => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
     };
-    let ours = extension::parse_handshake(&extension::our_handshake(port, ip))
+    let ours = extension::parse_handshake(&extension::our_handshake(port, ip, None))
         .expect("our extended handshake parses");
     assert_eq!(ours.listen_port, (port != 0).then_some(port));
     assert_eq!(ours.reqq, Some(extension::OUR_REQQ as usize));

@@ -11,6 +11,7 @@
 //! table (dialling, duplicates, bans, pruning); `transfer.rs` what flows over connections
 //! (interest, requests, blocks, hashes, choking).
 
+mod magnet;
 mod peer_table;
 mod peers;
 mod stream;
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::choker::Choker;
-use crate::engine::{Config, Event, NoticeKind, Source, StreamTo, Target};
+use crate::engine::{Choice, Config, Event, MagnetSource, NoticeKind, Source, StreamTo, Target};
 use crate::error::Error;
 use crate::geometry::PieceIndex;
 use crate::messages::{Command, Input, PeerEvent};
@@ -86,15 +87,211 @@ struct Prepared {
     created: Option<Undo>,
 }
 
+/// What a magnet's metadata phase started and leaves to the transfer: the listener and the
+/// tracker thread (they needed only the info hash), our peer id, and the connections.
+struct Started {
+    threads: Helpers,
+    local: SocketAddr,
+    tracker_tx: Option<Sender<TrackerCommand>>,
+    our_id: [u8; 20],
+    handovers: Vec<peer::Handover>,
+}
+
+impl Started {
+    /// The run ends before the transfer: `stopped` to the trackers (bounded wait), the
+    /// listener closed, the handed-over sockets dropped.
+    fn shut_down(mut self, input: &Receiver<Input>) {
+        self.handovers.clear();
+        if let Some(t) = self.tracker_tx.take() {
+            let _ = t.send(TrackerCommand::Stop);
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            while let Ok(msg) = input.recv_deadline(deadline) {
+                if matches!(msg, Input::TrackerDone) {
+                    if let Some(t) = self.threads.tracker.take() {
+                        let _ = t.join();
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(l) = self.threads.listener.take() {
+            l.close();
+        }
+    }
+}
+
+/// `left` announced while a magnet's size is unknown: not zero, which would say "seeder".
+const LEFT_UNKNOWN: u64 = 16 * 1024;
+
+/// A magnet's metadata phase: listener and tracker up, the info dictionary fetched and
+/// parsed, the front end's choice of files. `None`: the chooser ended the run here.
+fn magnet_phase(
+    m: MagnetSource,
+    target: Target,
+    cfg: &mut Config,
+    events: &Sender<Event>,
+    stop: &Arc<AtomicBool>,
+    stats: &Arc<Stats>,
+    (input_tx, input_rx): (&Sender<Input>, &Receiver<Input>),
+) -> Result<Option<(Metainfo, Target, Started)>, Error> {
+    let Target::Download {
+        dir,
+        selected,
+        stream,
+    } = target
+    else {
+        return Err(Error::Usage(
+            "a magnet link can be downloaded, not seeded: seed from the data and a .torrent"
+                .into(),
+        ));
+    };
+    let magnet = m.magnet;
+    let mut rng = Rng::from_os();
+    let our_id = rng::peer_id(&mut rng);
+    let listener = bind_listener(cfg)?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the listening address", e))?;
+    let mut threads = Helpers {
+        listener: Some(spawn_listener(listener, input_tx)?),
+        ..Helpers::default()
+    };
+    let _ = events.send(Event::Listening(local));
+    stats.left.store(LEFT_UNKNOWN, Ordering::Relaxed);
+    let tiers = magnet.tracker_tiers();
+    let (tracker_tx, tracker) = spawn_tracker(
+        tiers.clone(),
+        magnet.info_hash,
+        our_id,
+        local.port(),
+        stats,
+        cfg,
+        input_tx,
+    )?;
+    threads.tracker = Some(tracker);
+    let mut started = Started {
+        threads,
+        local,
+        tracker_tx: Some(tracker_tx),
+        our_id,
+        handovers: Vec::new(),
+    };
+    // The magnet's own peers count as named ones: their failures are reported.
+    for p in magnet::peers_of(&magnet) {
+        if !cfg.peers.contains(&p) {
+            cfg.peers.push(p);
+        }
+    }
+    let phase = magnet::Phase {
+        info_hash: magnet.info_hash,
+        trackers: tiers,
+        peers: cfg.peers.clone(),
+        ctx: crate::meta_peer::MetaContext {
+            info_hash: magnet.info_hash,
+            our_id,
+            bind: cfg.bind,
+            listen_port: local.port(),
+        },
+        cfg,
+        events,
+        stop,
+        input_tx,
+        started: Instant::now(),
+    };
+    let fetched = match magnet::fetch(phase, input_rx) {
+        Ok(f) => f,
+        Err(e) => {
+            started.shut_down(input_rx);
+            return Err(e);
+        }
+    };
+    started.handovers = fetched.handovers;
+    let choice = match m.choose {
+        Some(choose) => choose(&fetched.meta),
+        None => Ok(Choice::Download(None)),
+    };
+    match choice {
+        Ok(Choice::Download(chosen)) => Ok(Some((
+            fetched.meta,
+            Target::Download {
+                dir,
+                selected: chosen.or(selected),
+                stream,
+            },
+            started,
+        ))),
+        Ok(Choice::Stream(file)) => {
+            let files = fetched.meta.files.len();
+            Ok(Some((
+                fetched.meta,
+                Target::Download {
+                    dir,
+                    selected: Some((0..files).map(|i| i == file).collect()),
+                    stream: stream.map(|s| StreamTo { file, out: s.out }),
+                },
+                started,
+            )))
+        }
+        Ok(Choice::Stop) => {
+            started.shut_down(input_rx);
+            Ok(None)
+        }
+        Err(e) => {
+            started.shut_down(input_rx);
+            Err(e)
+        }
+    }
+}
+
 /// The session thread's body: prepares the storage, runs the transfer, shuts down.
 pub(crate) fn run(r: Run) -> Result<(), Error> {
-    let Source::Torrent(meta) = r.source;
-    let mut prepared = prepare(&meta, r.target, &r.config)?;
+    let Run {
+        source,
+        target,
+        mut config,
+        events,
+        stop,
+        stats,
+        input,
+    } = r;
+    let (meta, target, started) = match source {
+        Source::Torrent(meta) => (meta, target, None),
+        Source::Magnet(m) => {
+            let phase = magnet_phase(
+                m,
+                target,
+                &mut config,
+                &events,
+                &stop,
+                &stats,
+                (&input.0, &input.1),
+            )?;
+            match phase {
+                Some((meta, target, started)) => (meta, target, Some(started)),
+                None => return Ok(()),
+            }
+        }
+    };
+    let mut prepared = match prepare(&meta, target, &config) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(s) = started {
+                s.shut_down(&input.1);
+            }
+            return Err(e);
+        }
+    };
     let spill = prepared.spill.clone();
     let created = prepared.created.take();
     let storage = Arc::clone(&prepared.storage);
-    let (result, progressed) =
-        transfer(meta, prepared, r.config, r.events, r.stop, r.stats, r.input);
+    let (result, progressed) = transfer(
+        meta,
+        prepared,
+        config,
+        (events, stop, stats),
+        input,
+        started,
+    );
     match (&result, created) {
         (Ok(()), _) => {
             if let Some(spill) = spill {
@@ -445,21 +642,48 @@ fn transfer(
     meta: Metainfo,
     prepared: Prepared,
     cfg: Config,
-    events: Sender<Event>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<Stats>,
+    outputs: (Sender<Event>, Arc<AtomicBool>, Arc<Stats>),
     input: (Sender<Input>, Receiver<Input>),
+    started: Option<Started>,
 ) -> (Result<(), Error>, bool) {
     let mut progressed = false;
-    let result = run_transfer(
-        meta,
-        prepared,
-        cfg,
-        (events, stop, stats),
-        input,
-        &mut progressed,
-    );
+    let result = run_transfer(meta, prepared, cfg, outputs, input, started, &mut progressed);
     (result, progressed)
+}
+
+/// Starts the tracker thread; returns what commands it, and the thread.
+fn spawn_tracker(
+    tiers: Vec<Vec<String>>,
+    info_hash: [u8; 20],
+    our_id: [u8; 20],
+    port: u16,
+    stats: &Arc<Stats>,
+    cfg: &Config,
+    input_tx: &Sender<Input>,
+) -> Result<(Sender<TrackerCommand>, JoinHandle<()>), Error> {
+    // The session sends at most a `NeedPeers` every 30 s, one `Completed` and a `Stop`.
+    let (tracker_tx, tracker_rx) = crossbeam_channel::unbounded();
+    let tracker = Tracker {
+        tiers,
+        info_hash,
+        peer_id: our_id,
+        port,
+        stats: Arc::clone(stats),
+        interval_override: cfg.announce_interval,
+        net: cfg.net(),
+    };
+    let out = input_tx.clone();
+    let thread = spawn_reporting(
+        "tracker",
+        "tracker",
+        2 * 1024 * 1024,
+        input_tx,
+        move || {
+            tracker.run(tracker_rx, &out);
+            let _ = out.send(Input::TrackerDone);
+        },
+    )?;
+    Ok((tracker_tx, thread))
 }
 
 fn run_transfer(
@@ -468,6 +692,7 @@ fn run_transfer(
     cfg: Config,
     (events, stop, stats): (Sender<Event>, Arc<AtomicBool>, Arc<Stats>),
     (input_tx, input_rx): (Sender<Input>, Receiver<Input>),
+    started: Option<Started>,
     progressed: &mut bool,
 ) -> Result<(), Error> {
     let Prepared {
@@ -481,7 +706,10 @@ fn run_transfer(
     } = prepared;
     let meta = Arc::new(meta);
     let mut rng = Rng::from_os();
-    let our_id = rng::peer_id(&mut rng);
+    let our_id = match &started {
+        Some(s) => s.our_id,
+        None => rng::peer_id(&mut rng),
+    };
 
     let geometry = meta.geometry.clone();
     let wanted = match &selected {
@@ -501,47 +729,36 @@ fn run_transfer(
     // A download whose data is all there already (a rerun, a cache hit) needs nobody: it
     // reports its files and ends without a listener, a tracker or a dial.
     let offline = writer.is_some() && picker.is_complete() && !cfg.seed_after;
-
-    let mut threads = Helpers::default();
-    let local = if offline {
-        None
-    } else {
-        let listener = bind_listener(&cfg)?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| Error::io("reading the listening address", e))?;
-        threads.listener = Some(spawn_listener(listener, &input_tx)?);
-        Some(local)
+    let mut handovers = Vec::new();
+    let magnet_run = started.is_some();
+    let (mut threads, local, tracker_tx) = match started {
+        // A magnet's: up since the metadata phase.
+        Some(s) => {
+            handovers = s.handovers;
+            (s.threads, Some(s.local), s.tracker_tx)
+        }
+        None if offline => (Helpers::default(), None, None),
+        None => {
+            let mut threads = Helpers::default();
+            let listener = bind_listener(&cfg)?;
+            let local = listener
+                .local_addr()
+                .map_err(|e| Error::io("reading the listening address", e))?;
+            threads.listener = Some(spawn_listener(listener, &input_tx)?);
+            let (tracker_tx, tracker) = spawn_tracker(
+                meta.trackers.clone(),
+                meta.info_hash,
+                our_id,
+                local.port(),
+                &stats,
+                &cfg,
+                &input_tx,
+            )?;
+            threads.tracker = Some(tracker);
+            (threads, Some(local), Some(tracker_tx))
+        }
     };
     let listen_port = local.map_or(0, |l| l.port());
-
-    let tracker_tx = if offline {
-        None
-    } else {
-        // The session sends at most a `NeedPeers` every 30 s, one `Completed` and a `Stop`.
-        let (tracker_tx, tracker_rx) = crossbeam_channel::unbounded();
-        let tracker = Tracker {
-            tiers: meta.trackers.clone(),
-            info_hash: meta.info_hash,
-            peer_id: our_id,
-            port: listen_port,
-            stats: Arc::clone(&stats),
-            interval_override: cfg.announce_interval,
-            net: cfg.net(),
-        };
-        let out = input_tx.clone();
-        threads.tracker = Some(spawn_reporting(
-            "tracker",
-            "tracker",
-            2 * 1024 * 1024,
-            &input_tx,
-            move || {
-                tracker.run(tracker_rx, &out);
-                let _ = out.send(Input::TrackerDone);
-            },
-        )?);
-        Some(tracker_tx)
-    };
 
     let hash_tx = match &writer {
         Some(_) => {
@@ -574,7 +791,8 @@ fn run_transfer(
         files: meta.files.len(),
         verified,
     });
-    if let Some(local) = local {
+    // (A magnet's run said so before its metadata phase.)
+    if let Some(local) = local.filter(|_| !magnet_run) {
         let _ = events.send(Event::Listening(local));
     }
     let files_left = (0..geometry.file_count())
@@ -647,6 +865,9 @@ fn run_transfer(
     }
     if s.writer.is_some() {
         s.report_files_complete_at_start();
+    }
+    for h in handovers {
+        s.start_handover(h);
     }
     let result = s.main_loop(&input_rx);
     s.shutdown(&input_rx);
@@ -834,6 +1055,12 @@ impl Session {
                 self.trackers_failed = true;
                 self.check_peer_sources()?;
             }
+            // A metadata-phase connection that handed its socket over late.
+            Input::Meta {
+                event: crate::meta_peer::MetaEvent::HandedOver(h),
+                ..
+            } => self.start_handover(*h),
+            Input::Meta { .. } => {}
             Input::StreamDone => self.stream = None,
             // The reader has all it wants: end cleanly.
             Input::StreamClosed => return Err(Error::OutputClosed),

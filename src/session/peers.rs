@@ -152,6 +152,20 @@ impl Session {
         }
     }
 
+    /// A connection of the metadata phase carries on as a full one.
+    pub(super) fn start_handover(&mut self, h: peer::Handover) {
+        let (addr, outbound) = (h.addr, h.outbound);
+        if self.table.is_banned(addr) {
+            return;
+        }
+        if outbound {
+            // `start_peer` holds inbound addresses itself; a dialled one is held here, as
+            // `dial` would have.
+            self.table.hold(addr);
+        }
+        self.start_peer(Dial::Handover(Box::new(h)), addr, outbound);
+    }
+
     pub(super) fn add_candidates(&mut self, list: Vec<SocketAddr>) {
         self.table.add(list);
         self.dial();
