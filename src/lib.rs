@@ -50,10 +50,10 @@ mod tracker;
 
 pub use create::{Options as CreateOptions, create as create_torrent};
 pub use engine::{
-    Choice, Chooser, Config, Engine, Event, Handle, MagnetSource, NoticeKind, Progress,
-    SeedLimits, Source, Stats, StreamTo, Target,
+    Choice, Chooser, Config, Engine, Event, Handle, MagnetSource, NoticeKind, Progress, SeedLimits,
+    Source, Stats, StreamTo, Target,
 };
-pub use magnet::{Error as MagnetError, Magnet};
 pub use error::Error;
+pub use magnet::{Error as MagnetError, Magnet};
 pub use metainfo::{Error as TorrentError, Metainfo};
 pub use storage::Error as StorageError;

@@ -46,7 +46,9 @@ pub enum MetaCommand {
 /// What a metadata-phase connection tells the session (as `Input::Meta`).
 #[derive(Debug)]
 pub enum MetaEvent {
-    Connected { commands: Sender<MetaCommand> },
+    Connected {
+        commands: Sender<MetaCommand>,
+    },
     Extended(extension::Info),
     Data {
         piece: u32,
@@ -276,7 +278,9 @@ impl Conn {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 Ok(true)
@@ -293,7 +297,9 @@ impl Conn {
             }
             let len = u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
             if len > MAX_FRAME {
-                return Err(PeerError::Protocol(wire::Error::FrameTooLong { len: len as u32 }));
+                return Err(PeerError::Protocol(wire::Error::FrameTooLong {
+                    len: len as u32,
+                }));
             }
             if self.buf.len() < 4 + len {
                 return Ok(None);

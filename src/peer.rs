@@ -572,7 +572,12 @@ fn run(
                 prelude,
                 outbound,
             } = *h;
-            (stream, addr, outbound, Some((peer_id, reserved, ext, prelude)))
+            (
+                stream,
+                addr,
+                outbound,
+                Some((peer_id, reserved, ext, prelude)),
+            )
         }
     };
     let mut clocked = Clocked {
@@ -596,7 +601,9 @@ fn run(
             clocked.prelude = io::Cursor::new(prelude);
             // It proved itself in the metadata phase.
             clocked.deadline = None;
-            stream.set_read_timeout(Some(t.idle)).map_err(PeerError::Io)?;
+            stream
+                .set_read_timeout(Some(t.idle))
+                .map_err(PeerError::Io)?;
             ext_info = ext;
             Handshake {
                 reserved,
@@ -1021,13 +1028,12 @@ impl<'a, R: Source> Reader<'a, R> {
         let mut payload = std::mem::take(&mut self.payload);
         payload.resize(len, 0);
         let read = self.read(&mut payload);
-        let piece = match read
-            .and_then(|()| metadata::decode(&payload).map_err(PeerError::BadMetadata))
-        {
-            Ok(Some(metadata::Message::Request { piece })) => Ok(Some(piece)),
-            Ok(_) => Ok(None),
-            Err(e) => Err(e),
-        };
+        let piece =
+            match read.and_then(|()| metadata::decode(&payload).map_err(PeerError::BadMetadata)) {
+                Ok(Some(metadata::Message::Request { piece })) => Ok(Some(piece)),
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
         if payload.capacity() <= KEEP_PAYLOAD {
             self.payload = payload;
         }
@@ -2392,7 +2398,8 @@ mod tests {
     ) -> TestWriter<W> {
         let (tx, events) = crossbeam_channel::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
-        let ext = extended.then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1]), Some(100)));
+        let ext = extended
+            .then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1]), Some(100)));
         let links = WriterLinks {
             key: PeerKey(1),
             events: tx,

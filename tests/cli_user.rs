@@ -345,10 +345,6 @@ fn arguments_read_as_aria2c_and_curl_users_expect() {
             "out of range",
         ),
         (
-            vec!["download", "magnet:?xt=urn:btih:00", "-o", "x"],
-            "magnet",
-        ),
-        (
             vec!["download", "ftp://example.invalid/x.torrent"],
             "ftp:// is not supported",
         ),
@@ -362,6 +358,14 @@ fn arguments_read_as_aria2c_and_curl_users_expect() {
         assert!(r.stderr.contains(says), "{args:?}: {}", r.dump());
         assert!(!r.stderr.contains("os error"), "{}", r.dump());
     }
+    // A malformed magnet link is a bad torrent (exit 3), said in one line.
+    let r = run(&["download", "magnet:?xt=urn:btih:00", "-o", "x"]);
+    r.assert_code(3);
+    assert!(
+        r.stderr.contains("magnet link") && r.stderr.lines().count() == 1,
+        "{}",
+        r.dump()
+    );
     // -o naming a file says so (an I/O error, exit 4).
     let r = run(&["download", &torrent, "-o", &torrent]);
     r.assert_code(4);

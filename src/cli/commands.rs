@@ -134,15 +134,10 @@ fn fetch_metadata(magnet: crate::magnet::Magnet) -> Result<Metainfo, Error> {
         stream: None,
     };
     let config = crate::engine::Config::default();
-    super::transfer::drive(
-        source,
-        target,
-        config,
-        (super::render::Mode::Quiet, None),
-    )?;
+    super::transfer::drive(source, target, config, (super::render::Mode::Quiet, None))?;
     got.lock()
         .take()
-        .ok_or_else(|| Error::Internal("the metadata was fetched but not kept"))
+        .ok_or(Error::Internal("the metadata was fetched but not kept"))
 }
 
 /// `magnet TORRENT`: the torrent's magnet link.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use super::render::{Mode, Render};
-use super::{DownloadArgs, Loaded, SeedArgs, SessionOptions, load_source, load_torrent_with, process};
+use super::{
+    DownloadArgs, Loaded, SeedArgs, SessionOptions, load_source, load_torrent_with, process,
+};
 use crate::engine::{Choice, Config, Engine, MagnetSource, Source, StreamTo, Target};
 use crate::error::Error;
 use crate::metainfo::Metainfo;
@@ -146,10 +148,13 @@ fn download_magnet(a: &DownloadArgs, magnet: crate::magnet::Magnet) -> Result<()
     if let Some(out) = &a.output
         && fs::metadata(out).is_ok_and(|m| !m.is_dir())
     {
-        return Err(Error::Usage(format!(
-            "-o {}: that is a file; -o takes the directory to download into",
-            out.display()
-        )));
+        return Err(Error::io(
+            format!("-o {}", out.display()),
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "that is a file; -o takes the directory to download into",
+            ),
+        ));
     }
     let hex: String = magnet
         .info_hash

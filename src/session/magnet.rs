@@ -173,10 +173,10 @@ impl State<'_> {
     fn handle(&mut self, msg: Input) -> Result<Option<Vec<u8>>, Error> {
         match msg {
             Input::Meta { key, event } => return self.on_event(key, event),
-            Input::Accepted { stream, addr } => {
-                if !self.banned.contains(&addr) && self.conns.len() < self.p.cfg.max_peers {
-                    self.start(Dial::Inbound(stream, addr), addr);
-                }
+            Input::Accepted { stream, addr }
+                if !self.banned.contains(&addr) && self.conns.len() < self.p.cfg.max_peers =>
+            {
+                self.start(Dial::Inbound(stream, addr), addr);
             }
             Input::Peers(list) => self.add_candidates(list),
             Input::NamedPeers(list) => {
@@ -414,9 +414,7 @@ impl State<'_> {
             .candidates
             .iter()
             .any(|a| self.dials.get(a).is_none_or(|(n, _)| *n < MAX_DIALS));
-        if (self.trackers_failed || self.p.trackers.is_empty())
-            && self.conns.is_empty()
-            && !hopeful
+        if (self.trackers_failed || self.p.trackers.is_empty()) && self.conns.is_empty() && !hopeful
         {
             return Err(Error::NoPeers(
                 "the metadata cannot be fetched: no tracker answered and no peer could be \
@@ -430,11 +428,8 @@ impl State<'_> {
     /// Asks every connection for its socket and collects them, for a bounded time.
     fn hand_over(&mut self, input: &Receiver<Input>) -> Vec<Handover> {
         for c in self.conns.values_mut() {
-            match &c.commands {
-                Some(tx) => {
-                    let _ = tx.try_send(MetaCommand::HandOver);
-                }
-                None => {}
+            if let Some(tx) = &c.commands {
+                let _ = tx.try_send(MetaCommand::HandOver);
             }
         }
         let deadline = Instant::now() + HANDOVER_WAIT;

@@ -141,8 +141,7 @@ fn magnet_phase(
     } = target
     else {
         return Err(Error::Usage(
-            "a magnet link can be downloaded, not seeded: seed from the data and a .torrent"
-                .into(),
+            "a magnet link can be downloaded, not seeded: seed from the data and a .torrent".into(),
         ));
     };
     let magnet = m.magnet;
@@ -647,7 +646,15 @@ fn transfer(
     started: Option<Started>,
 ) -> (Result<(), Error>, bool) {
     let mut progressed = false;
-    let result = run_transfer(meta, prepared, cfg, outputs, input, started, &mut progressed);
+    let result = run_transfer(
+        meta,
+        prepared,
+        cfg,
+        outputs,
+        input,
+        started,
+        &mut progressed,
+    );
     (result, progressed)
 }
 
@@ -673,16 +680,10 @@ fn spawn_tracker(
         net: cfg.net(),
     };
     let out = input_tx.clone();
-    let thread = spawn_reporting(
-        "tracker",
-        "tracker",
-        2 * 1024 * 1024,
-        input_tx,
-        move || {
-            tracker.run(tracker_rx, &out);
-            let _ = out.send(Input::TrackerDone);
-        },
-    )?;
+    let thread = spawn_reporting("tracker", "tracker", 2 * 1024 * 1024, input_tx, move || {
+        tracker.run(tracker_rx, &out);
+        let _ = out.send(Input::TrackerDone);
+    })?;
     Ok((tracker_tx, thread))
 }
 
