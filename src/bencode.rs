@@ -102,6 +102,25 @@ pub fn prescan(buf: &[u8], limits: Limits) -> Result<(), Error> {
     Ok(())
 }
 
+/// The length of the one value at the start of `buf`, checked as [`prescan`] checks a whole
+/// document; the bytes after it are not looked at (a BEP 9 `data` message is a dictionary
+/// followed by raw bytes). `limits.max_size` bounds the value, not the buffer; the walk never
+/// goes past the value's end, so its cost is bounded by the value too.
+#[allow(dead_code)] // used by `metadata`, which the session does not call yet
+pub fn leading_value_len(buf: &[u8], limits: Limits) -> Result<usize, Error> {
+    if buf.is_empty() {
+        return Err(Error::Empty);
+    }
+    let end = skip_value(buf, 0, limits)?;
+    if end > limits.max_size {
+        return Err(Error::TooLarge {
+            size: end,
+            max: limits.max_size,
+        });
+    }
+    Ok(end)
+}
+
 /// Pre-scans and then decodes with bt_bencode.
 pub fn decode(buf: &[u8], limits: Limits) -> Result<Value, Error> {
     prescan(buf, limits)?;
@@ -487,6 +506,34 @@ mod tests {
         let span = dict_value_span(doc, b"info", Limits::SMALL).unwrap();
         assert_eq!(span, b"d1:bi2ee");
         assert_eq!(encode(get(&top, "info").unwrap()), span);
+    }
+
+    #[test]
+    fn leading_value_len_stops_where_the_first_value_ends() {
+        assert_eq!(leading_value_len(b"d1:ai1eeRAW\xff", Limits::SMALL), Ok(8));
+        assert_eq!(leading_value_len(b"i1e", Limits::SMALL), Ok(3));
+        assert_eq!(leading_value_len(b"", Limits::SMALL), Err(Error::Empty));
+        assert!(matches!(
+            leading_value_len(b"d1:a", Limits::SMALL),
+            Err(Error::Syntax { .. })
+        ));
+        assert!(matches!(
+            leading_value_len(b"d1:a999:xe", Limits::SMALL),
+            Err(Error::Syntax { .. })
+        ));
+        let small = Limits {
+            max_size: 8,
+            ..Limits::SMALL
+        };
+        assert_eq!(leading_value_len(b"d1:ai1eeXX", small), Ok(8));
+        assert_eq!(
+            leading_value_len(b"d1:ai12eeXX", small),
+            Err(Error::TooLarge { size: 9, max: 8 })
+        );
+        assert!(matches!(
+            leading_value_len(&[b'l'; 1000], small),
+            Err(Error::TooDeep { .. })
+        ));
     }
 
     #[test]

@@ -22,7 +22,7 @@ macro_rules! internal {
     )*};
 }
 
-internal!(bencode, extension, geometry, magnet, picker, wire);
+internal!(bencode, extension, geometry, magnet, metadata, picker, wire);
 
 mod choker;
 #[doc(hidden)]
