@@ -33,7 +33,8 @@
 //!   `--select` (which counts from 1, as `--list` shows files). The indices can only be checked
 //!   against the torrent's files once the metadata is in: [`FileSelection::mask`].
 
-// Nothing outside the tests and fuzz targets calls this yet: the session is wired to it next.
+// Nothing outside the tests and fuzz targets calls this yet: the session and the CLI are wired
+// to it next.
 #![allow(dead_code)]
 
 use std::collections::HashSet;

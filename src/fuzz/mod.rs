@@ -1,5 +1,5 @@
 //! Fuzz targets: one function per parser that reads bytes from outside (torrent files, peers,
-//! trackers, path elements).
+//! trackers, path elements, magnet links, the metadata exchange).
 //!
 //! Each function takes arbitrary bytes, must never panic, and checks with `assert!` the
 //! properties its parser promises, so a broken promise is a crash the fuzzer reports. The
@@ -14,12 +14,13 @@
 #[cfg(test)]
 mod regressions;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::panic;
 use std::path::{Component, Path, PathBuf};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use bt_bencode::Value;
 use sha1::{Digest, Sha1};
@@ -27,10 +28,13 @@ use sha1::{Digest, Sha1};
 use crate::bencode::{self, Limits};
 use crate::extension;
 use crate::geometry::{BLOCK_LEN, Geometry, PieceIndex};
+use crate::magnet::{self, Magnet, PeerAddr};
 use crate::messages::PeerEvent;
+use crate::metadata::{self, MetadataFetch, Outcome};
 use crate::metainfo::{self, Metainfo};
 use crate::path_safety;
 use crate::peer::{self, PeerError};
+use crate::picker::PeerKey;
 use crate::storage::{Layout, Storage};
 use crate::tracker::{self, MAX_INTERVAL, MAX_PEERS, MIN_INTERVAL, Reply};
 use crate::wire::{self, Frame, Message};
@@ -536,6 +540,375 @@ fn tracker_udp_body(data: &[u8]) {
     }
     if let Ok((host, port)) = tracker::udp::host_port(&String::from_utf8_lossy(data)) {
         assert!(!host.is_empty() && port != 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// magnet links
+// ---------------------------------------------------------------------------------------------
+
+/// Magnet links: whatever the text, a parse either fails with a one-line message or gives a
+/// value within every cap, with a safe display name, that [`Magnet::to_uri`] writes back to a
+/// link that parses to the same value.
+pub fn magnet(data: &[u8]) {
+    on_small_stack(data, magnet_body);
+}
+
+fn magnet_body(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    match Magnet::parse(&text) {
+        Ok(m) => check_magnet(&m, &text),
+        Err(e) => check_message_line(&e.to_string()),
+    }
+}
+
+/// An error message is one line of printable text, however hostile the input it quotes.
+fn check_message_line(msg: &str) {
+    assert!(
+        !msg.is_empty() && !msg.chars().any(|c| c.is_control()),
+        "message {msg:?}"
+    );
+    assert!(msg.len() <= 1024, "a {}-byte message", msg.len());
+}
+
+fn check_magnet(m: &Magnet, text: &str) {
+    assert!(m.trackers.len() <= magnet::MAX_TRACKERS);
+    assert!(m.peers.len() <= magnet::MAX_PEERS);
+    assert!(m.web_seeds.len() <= magnet::MAX_WEB_SEEDS);
+    for list in [&m.trackers, &m.web_seeds] {
+        assert_eq!(list.iter().collect::<HashSet<_>>().len(), list.len());
+        for url in list {
+            assert!(!url.is_empty() && url.len() <= magnet::MAX_URL_LEN);
+            assert!(!url.chars().any(|c| c.is_control() || c.is_whitespace()));
+        }
+    }
+    assert_eq!(m.peers.iter().collect::<HashSet<_>>().len(), m.peers.len());
+    for peer in &m.peers {
+        match peer {
+            PeerAddr::Ip(addr) => assert!(addr.port() != 0 && !addr.ip().is_unspecified()),
+            PeerAddr::Host { host, port } => {
+                assert!(*port != 0 && !host.is_empty() && host.parse::<IpAddr>().is_err());
+                assert!(!host.contains([':', '/', '[', ']', ' ']), "host {host:?}");
+            }
+        }
+    }
+    if let Some(name) = &m.name {
+        check_element(name);
+    }
+    if let Some(select) = &m.select {
+        check_selection(select);
+    }
+    assert_eq!(m.tracker_tiers().concat(), m.trackers);
+    let uri = m.to_uri();
+    assert!(
+        uri.is_ascii() && !uri.contains(|c: char| c.is_ascii_control() || c == ' '),
+        "{uri:?}"
+    );
+    assert!(
+        uri.len() <= 3 * text.len() + 100,
+        "a {}-byte link from {} bytes",
+        uri.len(),
+        text.len()
+    );
+    if uri.len() <= magnet::MAX_URI_LEN {
+        assert_eq!(
+            Magnet::parse(&uri).as_ref(),
+            Ok(m),
+            "{uri} does not read back"
+        );
+    }
+}
+
+fn check_selection(select: &magnet::FileSelection) {
+    let ranges = select.ranges();
+    assert!(!ranges.is_empty());
+    for pair in ranges.windows(2) {
+        assert!(pair[0].1 + 1 < pair[1].0, "ranges {pair:?} not merged");
+    }
+    for &(lo, hi) in ranges {
+        assert!(lo <= hi && hi <= magnet::MAX_FILE_INDEX);
+        for i in [lo, hi] {
+            assert!(select.contains(i));
+        }
+        assert!(lo == 0 || !select.contains(lo - 1));
+        assert!(!select.contains(hi + 1) || hi == magnet::MAX_FILE_INDEX);
+    }
+    let last = ranges[ranges.len() - 1].1 as usize;
+    assert!(select.mask(last).is_err());
+    let mask = select.mask(last + 1).expect("the selection fits");
+    assert!(mask[last]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ut_metadata: the BEP 9 codec and the metadata fetch
+// ---------------------------------------------------------------------------------------------
+
+/// The metadata exchange. The input is decoded as one `ut_metadata` payload (which must
+/// re-encode to itself in canonical form), and its first [`SCRIPT_LEN`] bytes also drive a
+/// [`MetadataFetch`] as a script: four honest peers and four hostile ones add themselves, ask,
+/// answer, reject, leave, send garbage or raw messages, and time passes. Whatever the hostile
+/// peers do: an honest peer is never dropped or banned, completion yields exactly the true
+/// metadata, the fetch's invariants hold after every step, and once the script is over, an
+/// honest peer alone (the hostile ones still connected, now silent) completes the fetch.
+pub fn ut_metadata(data: &[u8]) {
+    on_small_stack(data, ut_metadata_body);
+}
+
+/// How much of a `ut_metadata` input is also a script.
+pub const SCRIPT_LEN: usize = 2048;
+/// Size of the script's true metadata: three pieces, the last one short.
+const SCRIPT_METADATA_LEN: usize = 2 * metadata::PIECE_LEN as usize + 7000;
+/// Peers 0..4 are honest, 4..8 hostile.
+const SCRIPT_PEERS: usize = 8;
+
+fn ut_metadata_body(data: &[u8]) {
+    check_metadata_payload(data);
+    let mut script = Script::new(&data[..data.len().min(SCRIPT_LEN)]);
+    while let Some(op) = script.byte() {
+        script.step(op);
+    }
+    script.finale();
+}
+
+fn check_metadata_payload(payload: &[u8]) {
+    let msg = match metadata::decode(payload) {
+        Ok(Some(msg)) => msg,
+        Ok(None) => return,
+        Err(e) => return check_message_line(&e.to_string()),
+    };
+    let encoded = msg.encode();
+    assert!(encoded.len() <= payload.len(), "the canonical form grew");
+    assert_eq!(
+        metadata::decode(&encoded),
+        Ok(Some(msg)),
+        "{msg:?} does not read back"
+    );
+    match msg {
+        metadata::Message::Data {
+            piece,
+            total_size,
+            data,
+        } => {
+            assert!((1..=metadata::MAX_SIZE).contains(&total_size));
+            assert_eq!(
+                Some(data.len() as u32),
+                metadata::piece_len(total_size, piece)
+            );
+            assert!(payload.ends_with(data));
+        }
+        metadata::Message::Request { piece } | metadata::Message::Reject { piece } => {
+            assert!(piece < metadata::MAX_PIECES);
+        }
+    }
+}
+
+/// The state of a `ut_metadata` script: the fetch, the clock, and what each peer owes.
+struct Script<'a> {
+    bytes: std::slice::Iter<'a, u8>,
+    truth: Vec<u8>,
+    fetch: MetadataFetch,
+    now: Instant,
+    /// Requests each peer was given and has not answered, oldest first.
+    owed: [VecDeque<u32>; SCRIPT_PEERS],
+}
+
+impl<'a> Script<'a> {
+    fn new(script: &'a [u8]) -> Script<'a> {
+        let truth: Vec<u8> = (0..SCRIPT_METADATA_LEN).map(|i| (i % 251) as u8).collect();
+        let hash: [u8; 20] = Sha1::digest(&truth).into();
+        Script {
+            bytes: script.iter(),
+            truth,
+            fetch: MetadataFetch::new(hash),
+            now: Instant::now(),
+            owed: Default::default(),
+        }
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.bytes.next().copied()
+    }
+
+    fn arg(&mut self) -> u8 {
+        self.byte().unwrap_or(0)
+    }
+
+    fn true_size(&self) -> u32 {
+        self.truth.len() as u32
+    }
+
+    /// The true bytes of `piece`, if it is a piece of the true metadata.
+    fn true_piece(&self, piece: u32) -> Option<&[u8]> {
+        let len = metadata::piece_len(self.true_size(), piece)? as usize;
+        let start = (piece * metadata::PIECE_LEN) as usize;
+        Some(&self.truth[start..start + len])
+    }
+
+    /// One operation: the low 3 bits say what, the next 3 bits which peer.
+    fn step(&mut self, op: u8) {
+        let who = usize::from(op >> 3) % SCRIPT_PEERS;
+        let honest = who < SCRIPT_PEERS / 2;
+        let key = PeerKey(who as u64);
+        let outcome = match op & 7 {
+            0 => {
+                let size = if honest || self.arg() < 128 {
+                    i64::from(self.true_size())
+                } else {
+                    let b = [self.arg(), self.arg(), self.arg(), self.arg()];
+                    i64::from(i32::from_be_bytes(b))
+                };
+                let added = self.fetch.add_peer(key, size);
+                assert!(
+                    added.is_ok() || !honest,
+                    "an honest size refused: {added:?}"
+                );
+                Outcome::Continue
+            }
+            1 => {
+                self.ask(who);
+                Outcome::Continue
+            }
+            2 => self.answer(who),
+            3 => match self.owed[who].pop_front() {
+                Some(piece) => self.fetch.on_reject(key, piece, self.now),
+                None => Outcome::Continue,
+            },
+            4 => {
+                let half_seconds = u64::from(self.arg());
+                self.now += Duration::from_millis(500 * half_seconds);
+                Outcome::Continue
+            }
+            5 => {
+                self.fetch.remove_peer(key);
+                self.owed[who].clear();
+                Outcome::Continue
+            }
+            6 if !honest => self.garbage(who),
+            7 if !honest => {
+                let len = usize::from(self.arg());
+                let payload: Vec<u8> = (0..len).map_while(|_| self.byte()).collect();
+                match metadata::decode(&payload) {
+                    Ok(Some(msg)) => self.fetch.on_message(key, &msg, self.now),
+                    _ => Outcome::Continue,
+                }
+            }
+            _ => self.answer(who),
+        };
+        self.judge(who, outcome);
+    }
+
+    fn ask(&mut self, who: usize) {
+        if let Some(piece) = self.fetch.next_request(PeerKey(who as u64), self.now) {
+            assert!(piece < metadata::MAX_PIECES);
+            self.owed[who].push_back(piece);
+        }
+    }
+
+    /// `who` answers its oldest request with the true data.
+    fn answer(&mut self, who: usize) -> Outcome {
+        let Some(piece) = self.owed[who].pop_front() else {
+            return Outcome::Continue;
+        };
+        let Some(data) = self.true_piece(piece) else {
+            // Only a peer that announced another size is asked past the true end.
+            assert!(
+                who >= SCRIPT_PEERS / 2,
+                "an honest peer asked for piece {piece}"
+            );
+            return Outcome::Continue;
+        };
+        let data = data.to_vec();
+        let size = self.true_size();
+        self.fetch.on_data(PeerKey(who as u64), piece, size, &data)
+    }
+
+    /// A hostile peer sends a made-up data message: for a piece it owes or any other, with
+    /// the true size or another, of the right length for that size or not.
+    fn garbage(&mut self, who: usize) -> Outcome {
+        let piece = match self.owed[who].pop_front() {
+            Some(piece) if self.arg() < 192 => piece,
+            _ => u32::from(self.arg()),
+        };
+        let total = if self.arg() < 192 {
+            self.true_size()
+        } else {
+            u32::from_be_bytes([self.arg(), self.arg(), self.arg(), self.arg()])
+        };
+        let len = match metadata::piece_len(total, piece) {
+            Some(len) if self.arg() < 192 => len as usize,
+            _ => usize::from(self.arg()),
+        };
+        let fill = self.arg();
+        let mut data = self
+            .true_piece(piece)
+            .map_or_else(|| vec![fill; len], <[u8]>::to_vec);
+        data.resize(len, fill);
+        if let Some(b) = data.get_mut(usize::from(fill)) {
+            *b ^= 1;
+        }
+        self.fetch.on_data(PeerKey(who as u64), piece, total, &data)
+    }
+
+    /// Checks an outcome against who sent the message, then the fetch's invariants.
+    fn judge(&mut self, who: usize, outcome: Outcome) {
+        let hostile = |p: &PeerKey| p.0 as usize >= SCRIPT_PEERS / 2;
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Drop(v) => {
+                assert!(who >= SCRIPT_PEERS / 2, "honest peer {who} dropped: {v}");
+                self.owed[who].clear();
+            }
+            Outcome::HashFailed(f) => {
+                assert!(f.ban.iter().all(hostile), "an honest peer banned: {f:?}");
+                assert!((f.ban.len() == 1 && f.suspects.is_empty()) || f.ban.is_empty());
+                assert!(f.suspects.len() != 1, "one suspect is a culprit");
+                for p in &f.ban {
+                    self.owed[p.0 as usize].clear();
+                }
+            }
+            Outcome::Complete(c) => {
+                assert!(c.info == self.truth, "completed with the wrong metadata");
+                assert!(
+                    c.ban.iter().all(hostile),
+                    "an honest peer convicted: {:?}",
+                    c.ban
+                );
+                assert!(c.wrong_size.iter().all(hostile), "{:?}", c.wrong_size);
+            }
+        }
+        self.fetch.check_invariants();
+    }
+
+    /// The hostile peers fall silent (but are still asked, as the session would ask them);
+    /// honest peer 0 joins if it is not there, and every honest peer answers at once. The
+    /// fetch must complete within a bounded time.
+    fn finale(&mut self) {
+        let _ = self.fetch.add_peer(PeerKey(0), i64::from(self.true_size()));
+        for _ in 0..400 {
+            if self.fetch.is_complete() {
+                break;
+            }
+            self.now += Duration::from_secs(5);
+            for who in 0..SCRIPT_PEERS {
+                while let Some(piece) = self.fetch.next_request(PeerKey(who as u64), self.now) {
+                    self.owed[who].push_back(piece);
+                }
+            }
+            self.fetch.check_invariants();
+            for who in 0..SCRIPT_PEERS / 2 {
+                while !self.owed[who].is_empty() {
+                    let outcome = self.answer(who);
+                    self.judge(who, outcome);
+                }
+            }
+        }
+        assert!(
+            self.fetch.is_complete(),
+            "an honest peer could not finish the fetch"
+        );
+        for who in 0..SCRIPT_PEERS {
+            assert_eq!(self.fetch.next_request(PeerKey(who as u64), self.now), None);
+        }
     }
 }
 

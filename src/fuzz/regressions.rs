@@ -15,12 +15,14 @@ use crate::fuzz;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 7] = [
     ("metainfo", fuzz::metainfo),
     ("wire", fuzz::wire),
     ("tracker_http", fuzz::tracker_http),
     ("tracker_udp", fuzz::tracker_udp),
     ("path", fuzz::path),
+    ("magnet", fuzz::magnet),
+    ("ut_metadata", fuzz::ut_metadata),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -210,4 +212,50 @@ fn deepest_allowed_extended_handshake_fits_a_peer_thread_stack() {
         .join()
         .unwrap();
     assert!(parsed);
+}
+
+#[test]
+fn hostile_magnet_links() {
+    let hash = "c12fe1c06bba254a9dc9f519b335aa7c1367a88a";
+    let long_pe: String = (0..20_000)
+        .map(|i| format!("&x.pe=10.{}.{}.1:1", i / 256 % 256, i % 256))
+        .collect();
+    let cases = [
+        format!("magnet:?xt=urn:btih:{hash}{long_pe}"),
+        format!("magnet:?xt=urn:btih:{hash}&dn={}", "%".repeat(50_000)),
+        format!("magnet:?xt=urn:btih:{hash}&so={}", "0-99999,".repeat(5_000)),
+        format!("magnet:?xt=urn:btih:{hash}&dn={}", "..%2F".repeat(1_000)),
+        format!(
+            "magnet:?xt=urn:btih:{hash}&tr={}",
+            "%E2%80%AE".repeat(1_000)
+        ),
+        format!("magnet:?{}", "xt=urn:btih:&".repeat(5_000)),
+        "magnet:?xt=urn:btih:%C3%A9".to_string(),
+    ];
+    for uri in &cases {
+        assert_eq!(run(fuzz::magnet, uri.as_bytes()), None, "{}", &uri[..60]);
+    }
+}
+
+#[test]
+fn hostile_ut_metadata_messages() {
+    let data = |total: &str, bytes: usize| {
+        let mut v = format!("d8:msg_typei1e5:piecei0e10:total_sizei{total}ee").into_bytes();
+        v.resize(v.len() + bytes, 0);
+        v
+    };
+    let cases = [
+        data("0", 0),
+        data("-1", 1),
+        data("2147483648", 16384),
+        data("67108865", 16384),
+        data("16385", 16385),
+        b"d8:msg_typei0e5:piecei4096ee".to_vec(),
+        b"d8:msg_typei0e5:piecei-1ee".to_vec(),
+        [&b"d8:msg_typei0e1:x"[..], &[b'l'; 100_000]].concat(),
+        b"d8:msg_typei1e5:piecei0e10:total_sizei16ee4294967296:".to_vec(),
+    ];
+    for payload in &cases {
+        assert_eq!(run(fuzz::ut_metadata, payload), None);
+    }
 }

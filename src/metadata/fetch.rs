@@ -472,9 +472,14 @@ impl MetadataFetch {
         Outcome::Continue
     }
 
-    /// Requests past their deadline go back to the pool; their peers rest. (Called by
-    /// [`next_request`](Self::next_request) too.)
+    /// Requests past their deadline go back to the pool and their peers rest; rests that are
+    /// over are forgotten. (Called by [`next_request`](Self::next_request) too.)
     pub fn expire(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            if !p.resting(now) {
+                p.resting_until = None;
+            }
+        }
         let Some(a) = &mut self.attempt else {
             return;
         };
@@ -490,7 +495,8 @@ impl MetadataFetch {
         }
     }
 
-    /// When something times out or a peer's rest ends: call `next_request` again then.
+    /// When a request times out or a peer's rest ends: call `next_request` again then. (It
+    /// may be in the past, when nothing has called `next_request` or `expire` since.)
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.done {
             return None;
@@ -965,6 +971,7 @@ mod tests {
         assert_eq!(h.ask_all(A), []);
         h.wait(Duration::from_millis(1));
         assert_eq!(h.ask_all(A), [1], "the rest is over");
+        assert_eq!(h.fetch.next_deadline(), Some(h.now + REQUEST_TIMEOUT));
         assert_eq!(h.reject(A, 1), Outcome::Continue);
         assert_eq!(h.ask_all(B), [1]);
         let out = h.send(B, 1);
