@@ -106,7 +106,6 @@ pub fn prescan(buf: &[u8], limits: Limits) -> Result<(), Error> {
 /// document; the bytes after it are not looked at (a BEP 9 `data` message is a dictionary
 /// followed by raw bytes). `limits.max_size` bounds the value, not the buffer; the walk never
 /// goes past the value's end, so its cost is bounded by the value too.
-#[allow(dead_code)] // used by `metadata`, which the session does not call yet
 pub fn leading_value_len(buf: &[u8], limits: Limits) -> Result<usize, Error> {
     if buf.is_empty() {
         return Err(Error::Empty);

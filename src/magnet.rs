@@ -35,7 +35,7 @@
 
 // Nothing outside the tests and fuzz targets calls this yet: the session and the CLI are wired
 // to it next.
-#![allow(dead_code)]
+
 
 use std::collections::HashSet;
 use std::fmt;

@@ -380,6 +380,7 @@ impl MetadataFetch {
 
     /// Handles a decoded message from `peer`. A request is not the fetch's business (answer it
     /// with [`answer`]) and comes back as [`Outcome::Continue`].
+    #[cfg_attr(not(any(test, feature = "fuzz")), allow(dead_code))] // tests and fuzzing
     pub fn on_message(&mut self, peer: PeerKey, msg: &Message<'_>, now: Instant) -> Outcome {
         match *msg {
             Message::Request { .. } => Outcome::Continue,
@@ -497,6 +498,7 @@ impl MetadataFetch {
 
     /// When a request times out or a peer's rest ends: call `next_request` again then. (It
     /// may be in the past, when nothing has called `next_request` or `expire` since.)
+    #[cfg_attr(not(any(test, feature = "fuzz")), allow(dead_code))] // tests and fuzzing
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.done {
             return None;
@@ -510,6 +512,7 @@ impl MetadataFetch {
     }
 
     /// The size being fetched, once one is chosen.
+    #[cfg_attr(not(any(test, feature = "fuzz")), allow(dead_code))] // tests and fuzzing
     pub fn size(&self) -> Option<u32> {
         self.attempt.as_ref().map(|a| a.size)
     }
@@ -522,6 +525,7 @@ impl MetadataFetch {
     }
 
     /// Bytes of metadata held (never more than the size being fetched).
+    #[cfg_attr(not(any(test, feature = "fuzz")), allow(dead_code))] // tests and fuzzing
     pub fn buffered(&self) -> usize {
         self.attempt
             .as_ref()
@@ -529,11 +533,13 @@ impl MetadataFetch {
     }
 
     /// Whether the metadata is in and verified.
+    #[cfg_attr(not(any(test, feature = "fuzz")), allow(dead_code))] // tests and fuzzing
     pub fn is_complete(&self) -> bool {
         self.done
     }
 
     /// How many assembled attempts failed the hash check.
+    #[cfg_attr(not(any(test, feature = "fuzz")), allow(dead_code))] // tests and fuzzing
     pub fn failures(&self) -> u32 {
         self.failures
     }
