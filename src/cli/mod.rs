@@ -221,6 +221,27 @@ pub fn load_source(path: &Path, ca_file: Option<&Path>) -> Result<Loaded, Error>
                 source,
             });
     }
+    if text.starts_with("http://") || text.starts_with("https://") {
+        // A URL may lead to a magnet link instead of a .torrent.
+        let limit = crate::bencode::Limits::METAINFO.max_size;
+        let bytes = match fetch_torrent(&text, ca_file) {
+            Ok(bytes) => bytes,
+            Err(FetchError::Magnet(to)) => return parse_magnet(&to),
+            Err(FetchError::TooLarge) => return Err(too_large(path, limit as u64 + 1)),
+            Err(FetchError::Other(m)) => {
+                return Err(Error::ReadTorrent {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(m),
+                });
+            }
+        };
+        return Metainfo::from_bytes(&bytes)
+            .map(|m| Loaded::Torrent(Box::new(m)))
+            .map_err(|source| Error::Torrent {
+                path: path.to_path_buf(),
+                source,
+            });
+    }
     load_torrent_with(path, ca_file).map(|m| Loaded::Torrent(Box::new(m)))
 }
 
@@ -262,6 +283,9 @@ pub fn load_torrent_with(path: &Path, ca_file: Option<&Path>) -> Result<Metainfo
     } else if text.starts_with("http://") || text.starts_with("https://") {
         fetch_torrent(&text, ca_file).map_err(|e| match e {
             FetchError::TooLarge => too_large(path, limit as u64 + 1),
+            FetchError::Magnet(_) => Error::Usage(format!(
+                "{text} leads to a magnet link, which this command cannot take"
+            )),
             FetchError::Other(m) => read_err(std::io::Error::other(m)),
         })?
     } else {
@@ -292,6 +316,8 @@ fn too_large(path: &Path, size: u64) -> Error {
 
 enum FetchError {
     TooLarge,
+    /// The URL redirected to a magnet link (sites do that for "download" buttons).
+    Magnet(String),
     Other(String),
 }
 
@@ -299,7 +325,12 @@ enum FetchError {
 fn fetch_torrent(url: &str, ca: Option<&Path>) -> Result<Vec<u8>, FetchError> {
     let agent = crate::http::agent(Duration::from_secs(60), None, ca_file(ca).as_deref())
         .map_err(|e| FetchError::Other(e.to_string()))?;
-    let mut resp = crate::http::get(&agent, url).map_err(|e| FetchError::Other(e.to_string()))?;
+    let mut resp = crate::http::get(&agent, url).map_err(|e| match e {
+        crate::http::GetError::RedirectScheme(to) if to.starts_with("magnet:") => {
+            FetchError::Magnet(to)
+        }
+        e => FetchError::Other(e.to_string()),
+    })?;
     let status = resp.status().as_u16();
     if status != 200 {
         return Err(FetchError::Other(format!("HTTP status {status}")));
