@@ -248,10 +248,11 @@ fn flood(wire: &mut Wire, unit: &[u8], pid: u32, sent: &AtomicU64) -> Flood {
     f
 }
 
-/// Waits until the flood is under way (1 MiB sent), with a hang guard.
-fn wait_for_flood(sent: &AtomicU64) {
+/// Waits until the flood is under way (1 MiB sent) or already over (the victim dropped the
+/// attacker first: the verdict looks at that), with a hang guard.
+fn wait_for_flood(sent: &AtomicU64, ended: &AtomicBool) {
     let started = poll_until(Duration::from_secs(30), || {
-        (sent.load(Ordering::SeqCst) >= 1 << 20).then_some(())
+        (sent.load(Ordering::SeqCst) >= 1 << 20 || ended.load(Ordering::SeqCst)).then_some(())
     });
     assert!(started.is_some(), "the flood never got under way");
 }
@@ -318,9 +319,14 @@ fn flood_seeder(label: &str, size: usize, prepare: impl FnOnce(&mut Wire), unit:
     prepare(&mut wire);
     let unit = repeated(unit);
     let sent = AtomicU64::new(0);
+    let ended = AtomicBool::new(false);
     let (f, d, out) = thread::scope(|scope| {
-        let attack = scope.spawn(|| flood(&mut wire, &unit, seeder.pid(), &sent));
-        wait_for_flood(&sent);
+        let attack = scope.spawn(|| {
+            let f = flood(&mut wire, &unit, seeder.pid(), &sent);
+            ended.store(true, Ordering::SeqCst);
+            f
+        });
+        wait_for_flood(&sent, &ended);
         let (d, out) = t.downloader("honest", &[s_addr], &[]);
         let f = attack.join().expect("the flood thread");
         (f, d, out)
@@ -407,9 +413,14 @@ fn queue_interest_flapping_peer_that_never_reads_cannot_grow_a_downloader() {
     shake(&mut wire, &t.info_hash, &peer_id("ATK"), FAST);
     let unit = repeated(&interest_flapping());
     let sent = AtomicU64::new(0);
+    let ended = AtomicBool::new(false);
     let (f, seeder) = thread::scope(|scope| {
-        let attack = scope.spawn(|| flood(&mut wire, &unit, d.pid(), &sent));
-        wait_for_flood(&sent);
+        let attack = scope.spawn(|| {
+            let f = flood(&mut wire, &unit, d.pid(), &sent);
+            ended.store(true, Ordering::SeqCst);
+            f
+        });
+        wait_for_flood(&sent, &ended);
         let target_arg = target.to_string();
         // Slowed (2 MiB at 32 KiB/s, about a minute), so the downloader is still running when
         // the drop is checked: a close at its exit is not a drop.
