@@ -131,6 +131,14 @@ impl Value {
         (at == buf.len()).then_some(value)
     }
 
+    /// Decodes the value at the start of `buf`; returns it and how many bytes it took (a BEP 9
+    /// data message carries raw bytes after its dictionary).
+    pub fn decode_prefix(buf: &[u8]) -> Option<(Value, usize)> {
+        let mut at = 0;
+        let value = decode_at(buf, &mut at)?;
+        Some((value, at))
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.entry(key).map(|(v, _)| v)
     }

@@ -1,7 +1,9 @@
 //! The reference clients the interop tests drive, each in a [`ChildGuard`] killed by PID:
-//! opentracker, aria2c, Transmission, nginx as a TLS-terminating proxy (with a test CA made by
-//! openssl); and `ss` snapshots of the kernel's TCP connections.
+//! opentracker, aria2c, Transmission, libtorrent (Debian's python3-libtorrent, through
+//! `libtorrent_client.py` beside this file), nginx as a TLS-terminating proxy (with a test CA
+//! made by openssl); and `ss` snapshots of the kernel's TCP connections.
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
@@ -13,10 +15,12 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::cli::{ChildGuard, describe_status, run_ok};
+use serde_json::Value;
+
+use super::cli::{ChildGuard, describe_status, run_bounded, run_ok};
 use super::files::scratch_dir;
 use super::net::{free_port, free_port_on};
-use super::{DEADLINE, Diagnose, hex_to_bytes, poll_until, report, url_encode};
+use super::{COMMAND_DEADLINE, DEADLINE, Diagnose, hex_to_bytes, poll_until, report, url_encode};
 
 /// Finds `name` on PATH (and in the sbin directories, which a non-root PATH may lack) or
 /// panics: a test never silently skips because a reference tool is missing.
@@ -292,7 +296,14 @@ fn unprivileged_user() -> String {
 // =============================================================================================
 
 /// Flags common to every aria2c run: loopback only, no DHT/LPD/PEX, no user config, a log.
-fn aria2_command(torrent: &Path, dir: &Path, bind_ip: Ipv4Addr, port: u16, log: &Path) -> Command {
+/// `source` is a .torrent path or a magnet link.
+fn aria2_command(
+    source: impl AsRef<OsStr>,
+    dir: &Path,
+    bind_ip: Ipv4Addr,
+    port: u16,
+    log: &Path,
+) -> Command {
     let mut command = Command::new(require_tool("aria2c"));
     command
         .arg("--no-conf=true")
@@ -313,7 +324,7 @@ fn aria2_command(torrent: &Path, dir: &Path, bind_ip: Ipv4Addr, port: u16, log: 
             "--log-level=info",
         ])
         .arg(format!("--log={}", log.display()))
-        .arg(torrent);
+        .arg(source);
     command
 }
 
@@ -371,6 +382,257 @@ pub fn aria2_download(torrent: &Path, out_dir: &Path, bind_ip: Ipv4Addr, port: u
         .with_stop_signal(libc::SIGTERM, Duration::from_secs(5))
         .with_log(log)
         .with_scratch(scratch)
+}
+
+/// aria2c downloading from a magnet link into `out_dir` (metadata first, then the data),
+/// bound to `bind_ip`, listening on `port`; exits once complete, as [`aria2_download`].
+/// aria2 1.36 ignores `x.pe`: its peers come from the link's trackers, or dial it.
+pub fn aria2_download_magnet(
+    magnet: &str,
+    out_dir: &Path,
+    bind_ip: Ipv4Addr,
+    port: u16,
+) -> ChildGuard {
+    let scratch = scratch_dir();
+    let log = scratch.path().join("aria2-magnet.log");
+    let mut command = aria2_command(magnet, out_dir, bind_ip, port, &log);
+    command.args([
+        "--seed-time=0",
+        "--file-allocation=falloc",
+        "--bt-save-metadata=false",
+    ]);
+    ChildGuard::spawn(
+        &format!("aria2c magnet downloader {bind_ip}:{port}"),
+        &mut command,
+    )
+    .with_stop_signal(libc::SIGTERM, Duration::from_secs(5))
+    .with_log(log)
+    .with_scratch(scratch)
+}
+
+// =============================================================================================
+// libtorrent (python3-libtorrent)
+// =============================================================================================
+
+/// Debian's python3, which has the libtorrent bindings (the first python3 on PATH may not).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+/// The script that drives libtorrent (see its docstring for its commands and output).
+pub const LIBTORRENT_CLIENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/support/libtorrent_client.py"
+);
+
+/// Panics unless `/usr/bin/python3` can import libtorrent (scripts/test installs it).
+pub fn require_libtorrent() {
+    let status = Command::new(SYSTEM_PYTHON)
+        .args(["-c", "import libtorrent"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "{SYSTEM_PYTHON} cannot import libtorrent: run scripts/test, which installs \
+         python3-libtorrent"
+    );
+}
+
+fn libtorrent_command<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    require_libtorrent();
+    let mut command = Command::new(SYSTEM_PYTHON);
+    command
+        .arg("-u")
+        .arg(LIBTORRENT_CLIENT)
+        .args(args)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    command
+}
+
+/// A libtorrent session on a loopback address of its own: a seeder, or a downloader that
+/// exits 0 once complete. Its JSON lines are read from its stdout.
+pub struct Libtorrent {
+    guard: ChildGuard,
+    addr: SocketAddr,
+}
+
+impl Libtorrent {
+    /// Seeds `torrent` whose data is `data_parent_dir`/NAME (seed mode, no check); returns
+    /// once it listens and seeds.
+    pub fn seed(torrent: &Path, data_parent_dir: &Path, bind_ip: Ipv4Addr) -> Libtorrent {
+        Libtorrent::seed_dialling(torrent, data_parent_dir, bind_ip, &[])
+    }
+
+    /// [`Libtorrent::seed`], dialling each of `peers` (`handle.connect_peer`).
+    pub fn seed_dialling(
+        torrent: &Path,
+        data_parent_dir: &Path,
+        bind_ip: Ipv4Addr,
+        peers: &[SocketAddr],
+    ) -> Libtorrent {
+        let mut command = libtorrent_command(["seed", "--bind", &bind_ip.to_string()]);
+        command
+            .arg("--torrent")
+            .arg(torrent)
+            .arg("--save-path")
+            .arg(data_parent_dir);
+        for peer in peers {
+            command.arg("--peer").arg(peer.to_string());
+        }
+        let lt = Libtorrent::start(&format!("libtorrent seeder {bind_ip}"), &mut command);
+        lt.wait_event("seeding", DEADLINE);
+        lt
+    }
+
+    /// Downloads from `magnet` into `out_dir`, dialling each of `peers` with
+    /// `handle.connect_peer` (besides the link's own `x.pe` and trackers). Wait for its exit
+    /// with [`Libtorrent::wait_finished`].
+    pub fn download_magnet(
+        magnet: &str,
+        out_dir: &Path,
+        bind_ip: Ipv4Addr,
+        peers: &[SocketAddr],
+    ) -> Libtorrent {
+        let mut command = libtorrent_command([
+            "download",
+            "--bind",
+            &bind_ip.to_string(),
+            "--magnet",
+            magnet,
+            "--seconds",
+            &DEADLINE.as_secs().to_string(),
+        ]);
+        command.arg("--save-path").arg(out_dir);
+        for peer in peers {
+            command.arg("--peer").arg(peer.to_string());
+        }
+        Libtorrent::start(
+            &format!("libtorrent magnet downloader {bind_ip}"),
+            &mut command,
+        )
+    }
+
+    fn start(name: &str, command: &mut Command) -> Libtorrent {
+        let guard = ChildGuard::spawn(name, command)
+            .with_stop_signal(libc::SIGTERM, Duration::from_secs(5));
+        let mut lt = Libtorrent {
+            guard,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        };
+        let listening = lt.wait_event("listening", DEADLINE);
+        lt.addr = listening["address"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{}", report("no address in `listening`", &[&lt])));
+        lt
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn guard(&self) -> &ChildGuard {
+        &self.guard
+    }
+
+    /// The JSON lines it has printed so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.guard
+            .stdout_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// The first event named `name`, waiting for it; panics if it exits first or `timeout`
+    /// passes.
+    pub fn wait_event(&self, name: &str, timeout: Duration) -> Value {
+        let found = poll_until(timeout, || {
+            let hit = self
+                .events()
+                .into_iter()
+                .find(|e| e["event"].as_str() == Some(name));
+            match hit {
+                Some(e) => Some(Some(e)),
+                None if self.guard.exit_status().is_some() => Some(None),
+                None => None,
+            }
+        })
+        .flatten();
+        found.unwrap_or_else(|| {
+            panic!(
+                "{}",
+                report(
+                    &format!("libtorrent never printed `{name}` (waited up to {timeout:?})"),
+                    &[self]
+                )
+            )
+        })
+    }
+
+    /// Waits for a downloader to exit 0 after `finished`; panics with everyone's diagnostics
+    /// otherwise.
+    pub fn wait_finished(&self, timeout: Duration, parts: &[&dyn Diagnose]) {
+        let status = self.guard.wait_timeout(timeout);
+        let finished = self
+            .events()
+            .iter()
+            .any(|e| e["event"].as_str() == Some("finished"));
+        if !(finished && status.is_some_and(|s| s.success())) {
+            let mut all: Vec<&dyn Diagnose> = vec![self];
+            all.extend_from_slice(parts);
+            panic!(
+                "{}",
+                report(
+                    &format!(
+                        "libtorrent did not finish its download within {timeout:?} ({})",
+                        describe_status(status)
+                    ),
+                    &all
+                )
+            );
+        }
+    }
+}
+
+impl Diagnose for Libtorrent {
+    fn diagnostics(&self) -> String {
+        self.guard.diagnostics()
+    }
+}
+
+/// Runs a one-shot libtorrent_client.py command and returns its one JSON line.
+fn libtorrent_oneshot(what: &str, command: &mut Command) -> Value {
+    let guard = run_bounded(what, command, COMMAND_DEADLINE);
+    let ok = guard.exit_status().is_some_and(|s| s.success());
+    let line = guard.stdout_text();
+    match serde_json::from_str(line.trim()) {
+        Ok(v) if ok => v,
+        _ => panic!("{}", report(&format!("{what} failed"), &[&guard])),
+    }
+}
+
+/// What libtorrent's `parse_magnet_uri` reads from `uri`: `info_hash` (v1, hex), `name`,
+/// `trackers`, `peers`.
+pub fn libtorrent_parse_magnet(uri: &str) -> Value {
+    libtorrent_oneshot(
+        "libtorrent parse_magnet_uri",
+        &mut libtorrent_command(["parse-magnet", uri]),
+    )
+}
+
+/// libtorrent's `make_magnet_uri` for `torrent`.
+pub fn libtorrent_make_magnet(torrent: &Path) -> String {
+    let mut command = libtorrent_command(["make-magnet", "--torrent"]);
+    command.arg(torrent);
+    let v = libtorrent_oneshot("libtorrent make_magnet_uri", &mut command);
+    v["uri"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no uri in {v}"))
+        .to_owned()
 }
 
 // =============================================================================================
@@ -852,6 +1114,38 @@ pub fn sockets_between(a: Ipv4Addr, b: Ipv4Addr) -> Vec<Socket> {
                     || (s.local.ip() == IpAddr::V4(b) && s.peer.ip() == IpAddr::V4(a)))
         })
         .collect()
+}
+
+/// Every IPv4 address with a listening TCP socket, as `ss -l` reports them ([`tcp_sockets`]
+/// leaves listeners out: their peer column, `0.0.0.0:*`, is no address).
+pub fn tcp_listeners() -> Vec<SocketAddr> {
+    let output = Command::new("ss")
+        .args(["-H", "-t", "-l", "-n", "-4"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ss (iproute2): {e}"));
+    assert!(
+        output.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3)?.parse().ok())
+        .collect()
+}
+
+/// Waits until something listens on `addr` (as `ss` sees it, without connecting to it).
+pub fn wait_listening(addr: SocketAddr, timeout: Duration, parts: &[&dyn Diagnose]) {
+    let up = poll_until(timeout, || tcp_listeners().contains(&addr).then_some(()));
+    if up.is_none() {
+        panic!(
+            "{}",
+            report(
+                &format!("nothing listened on {addr} within {timeout:?}"),
+                parts
+            )
+        );
+    }
 }
 
 /// A connection named by its two ends, the same from either side.

@@ -1,6 +1,8 @@
 //! Peers written in the tests: one fake seeder whose [`Misbehaviour`] covers what the suites
-//! need, a fake leecher that counts what it receives, and a relay that counts what a real
-//! seeder sends. All speak through the tests' own codec ([`super::wire`]).
+//! need (and, given a [`MetaSpec`], which serves the info dictionary over BEP 9 `ut_metadata`
+//! as its [`MetaMisbehaviour`] says), a fake leecher that counts what it receives, and a relay
+//! that counts what a real seeder sends. All speak through the tests' own codec
+//! ([`super::wire`]).
 //!
 //! Every party listens on a loopback address of its own, runs on threads that notice a stop
 //! flag within a fraction of a second, and is stopped and joined when dropped.
@@ -16,8 +18,9 @@ use std::time::{Duration, Instant};
 use super::net::accept_loop;
 use super::torrent::{Content, Geometry};
 use super::wire::{
-    Closed, Msg, Wire, bitfield, frame, handshake, has_fast_bit, id, msg_piece, parse_triple,
-    peer_id, reserved, triple,
+    Closed, EXT_HANDSHAKE, ExtHello, Msg, Wire, bitfield, ext_handshake, frame, handshake,
+    has_fast_bit, id, msg_extended, msg_piece, parse_ext_handshake, parse_triple, peer_id,
+    reserved, triple, ut_metadata, with_extension_bit,
 };
 use super::{DEADLINE, Diagnose, lock, poll_until};
 
@@ -60,6 +63,55 @@ pub enum Misbehaviour {
     Paced(Duration),
 }
 
+/// How a fake seeder with a [`MetaSpec`] answers `ut_metadata` requests. Whatever it is, the
+/// fake offers `ut_metadata` in its extension handshake (under [`FAKE_UT_METADATA_ID`]) with
+/// the `metadata_size` of its spec, rejects requests for pieces past the end (as an honest peer
+/// does), and serves the data of the torrent honestly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaMisbehaviour {
+    /// Every request answered with the right piece.
+    Honest,
+    /// No request ever answered.
+    Silent,
+    /// Every request rejected.
+    RejectAll,
+    /// The first request answered with data for the piece index one past the last (then
+    /// honest).
+    PieceOutOfRange,
+    /// The last piece sent one byte longer than it is.
+    LastPieceLong,
+    /// The last piece sent one byte short.
+    LastPieceShort,
+    /// Every piece sent with a `total_size` one more than the size announced.
+    WrongTotalSize,
+    /// One byte of every piece flipped (right lengths): the whole fails its SHA-1.
+    Corrupt,
+    /// On the first request, data for a piece not asked for (yet) goes out first; then every
+    /// request answered honestly.
+    Unasked,
+}
+
+/// The extended message id a fake seeder wants `ut_metadata` messages under. Not 1 or 2 (the
+/// ids most clients pick for themselves), so a client that answers under its own id, not the
+/// one its peer announced, is seen.
+pub const FAKE_UT_METADATA_ID: u8 = 7;
+
+/// The metadata a fake seeder serves: `info`, the bytes of an info dictionary, whose SHA-1 is
+/// what the magnet names.
+#[derive(Clone)]
+pub struct MetaSpec {
+    pub info: Arc<Vec<u8>>,
+    /// The `metadata_size` announced; `None`: the real size.
+    pub announced: Option<i64>,
+    pub misbehaviour: MetaMisbehaviour,
+}
+
+impl MetaSpec {
+    fn announced_size(&self) -> i64 {
+        self.announced.unwrap_or(self.info.len() as i64)
+    }
+}
+
 /// Something the fake seeder did, reported as it happens.
 #[derive(Debug, Clone, Copy)]
 pub enum FakeEvent {
@@ -67,6 +119,13 @@ pub enum FakeEvent {
     Request {
         piece: u32,
     },
+    /// A `ut_metadata` request for `piece` arrived.
+    MetaRequest {
+        piece: i64,
+    },
+    /// A `ut_metadata` message that breaks the protocol (per its [`MetaMisbehaviour`]) went
+    /// out.
+    MetaAttack,
     /// The last requested block of `piece` in a batch went out; its write began at `at`.
     Served {
         piece: u32,
@@ -102,6 +161,18 @@ pub struct FakeReport {
     pub their_reserved: Vec<[u8; 8]>,
     /// How each connection ended (normal ends included).
     pub endings: Vec<String>,
+    /// The other side's extension handshakes, one per connection that sent one.
+    pub their_ext: Vec<ExtHello>,
+    /// Piece index of every `ut_metadata` request, in arrival order.
+    pub meta_requests: Vec<i64>,
+    /// Piece index of every honest `ut_metadata` data message sent.
+    pub meta_served: Vec<i64>,
+    /// `ut_metadata` rejects sent.
+    pub meta_rejects: usize,
+    /// Messages sent that break the protocol on purpose ([`MetaMisbehaviour`]).
+    pub meta_attacks: usize,
+    /// What the other side got wrong in the extension protocol (seen, not acted upon).
+    pub ext_errors: Vec<String>,
 }
 
 impl FakeReport {
@@ -154,6 +225,8 @@ pub struct SeedSpec {
     pub have_all: bool,
     pub misbehaviour: Misbehaviour,
     pub peer_id: [u8; 20],
+    /// Offer the info dictionary over BEP 9 (and set the BEP 10 bit).
+    pub metadata: Option<MetaSpec>,
 }
 
 impl SeedSpec {
@@ -174,6 +247,7 @@ impl SeedSpec {
             have_all: false,
             misbehaviour: Misbehaviour::Honest,
             peer_id: peer_id("FSD"),
+            metadata: None,
         }
     }
 
@@ -213,6 +287,39 @@ impl SeedSpec {
             self.have_all = true;
         }
         self.misbehaviour = how;
+        self
+    }
+
+    /// Serves `info` (an info dictionary's bytes) over `ut_metadata`, honestly. Like
+    /// libtorrent, it then says it has every piece with `have all` when the other side speaks
+    /// the Fast extension.
+    pub fn metadata(mut self, info: impl Into<Arc<Vec<u8>>>) -> Self {
+        self.metadata = Some(MetaSpec {
+            info: info.into(),
+            announced: None,
+            misbehaviour: MetaMisbehaviour::Honest,
+        });
+        self.fast = true;
+        self.have_all = true;
+        self
+    }
+
+    /// How the metadata is served (after [`SeedSpec::metadata`]).
+    pub fn meta_misbehave(mut self, how: MetaMisbehaviour) -> Self {
+        self.metadata
+            .as_mut()
+            .expect("meta_misbehave after metadata")
+            .misbehaviour = how;
+        self
+    }
+
+    /// Announces `size` as `metadata_size`, whatever the metadata's real size (after
+    /// [`SeedSpec::metadata`]).
+    pub fn announce_metadata_size(mut self, size: i64) -> Self {
+        self.metadata
+            .as_mut()
+            .expect("announce_metadata_size after metadata")
+            .announced = Some(size);
         self
     }
 
@@ -347,6 +454,16 @@ impl FakeSeeder {
         .is_some()
     }
 
+    /// Waits until every connection it had has ended (after at least one); `false` after
+    /// `timeout`.
+    pub fn wait_all_closed(&self, timeout: Duration) -> bool {
+        poll_until(timeout, || {
+            let r = self.report();
+            (r.connections > 0 && r.closed >= r.connections).then_some(())
+        })
+        .is_some()
+    }
+
     /// Waits (a bounded time) for every connection to end, stops, and returns the report.
     /// Call once the downloader has exited.
     pub fn finish(mut self) -> FakeReport {
@@ -383,10 +500,26 @@ impl Drop for FakeSeeder {
 impl Diagnose for FakeSeeder {
     fn diagnostics(&self) -> String {
         let r = self.report();
+        let meta = match &self.shared.spec.metadata {
+            None => String::new(),
+            Some(m) => format!(
+                "metadata ({:?}, {} bytes, announced {}): their extension handshakes {:?}, \
+                 requests {:?}, served {:?}, {} reject(s), {} attack(s), their errors {:?}\n",
+                m.misbehaviour,
+                m.info.len(),
+                m.announced_size(),
+                r.their_ext,
+                r.meta_requests,
+                r.meta_served,
+                r.meta_rejects,
+                r.meta_attacks,
+                r.ext_errors
+            ),
+        };
         format!(
             "===== {} ({:?}) on {}: {} connection(s), {} handshake(s), {} closed, {} request(s) \
              for {} block(s) (at most {} for one), {} block(s) sent ({} bytes), {} flipped, \
-             first messages {:?}, their reserved {:?} =====\n{}\n",
+             first messages {:?}, their reserved {:?} =====\n{meta}{}\n",
             self.shared.spec.name,
             self.shared.spec.misbehaviour,
             self.addr,
@@ -440,7 +573,12 @@ fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream, outbound: bool) {
 fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> {
     let spec = &shared.spec;
     let _ = wire.stream.set_write_timeout(Some(Duration::from_secs(30)));
-    let ours = |hash: &[u8; 20]| handshake(hash, &spec.peer_id, reserved(spec.fast));
+    let our_reserved = if spec.metadata.is_some() {
+        with_extension_bit(reserved(spec.fast))
+    } else {
+        reserved(spec.fast)
+    };
+    let ours = |hash: &[u8; 20]| handshake(hash, &spec.peer_id, our_reserved);
     if outbound {
         wire.send(&ours(
             &spec.info_hash.expect("a dialling fake knows its info hash"),
@@ -455,6 +593,12 @@ fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> 
         r.handshakes += 1;
     });
     let mut hello = if outbound { Vec::new() } else { ours(&hash) };
+    if let Some(meta) = &spec.metadata {
+        hello.extend(msg_extended(
+            EXT_HANDSHAKE,
+            &ext_handshake(FAKE_UT_METADATA_ID, Some(meta.announced_size())),
+        ));
+    }
     if spec.have_all && spec.fast && has_fast_bit(&theirs) {
         hello.extend(frame(id::HAVE_ALL, &[]));
     } else {
@@ -469,6 +613,7 @@ fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> 
     let mut sent: Vec<(u32, u32)> = Vec::new();
     let mut next_release = Instant::now();
     let mut first = true;
+    let mut meta = MetaConn::default();
     while !shared.stop.load(Ordering::SeqCst) {
         let body = wire
             .next_body(Instant::now() + TICK)
@@ -517,6 +662,7 @@ fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> 
                     }
                 }
                 (id::CANCEL, Some(req)) => pending.retain(|q| *q != req),
+                (id::EXTENDED, _) => on_extended(shared, &mut wire, &body[1..], &mut meta)?,
                 _ => {} // interested, have, keep-alive…: a fake only answers requests
             }
         }
@@ -537,6 +683,154 @@ fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> 
         send_blocks(shared, &mut wire, &batch)?;
     }
     Ok(())
+}
+
+/// One connection's state of the extension protocol.
+#[derive(Default)]
+struct MetaConn {
+    /// The id the other side wants `ut_metadata` messages under.
+    their_id: Option<u8>,
+    /// Metadata pieces it has asked for on this connection.
+    requested: BTreeSet<i64>,
+    /// A one-off attack already went out.
+    attacked: bool,
+}
+
+/// An extended message from the other side: its extension handshake, or a `ut_metadata`
+/// request answered as the [`MetaSpec`] says.
+fn on_extended(
+    shared: &Shared,
+    wire: &mut Wire,
+    body: &[u8],
+    conn: &mut MetaConn,
+) -> Result<(), Closed> {
+    let error = |what: String| shared.record(|r| r.ext_errors.push(what));
+    let Some((&ext_id, payload)) = body.split_first() else {
+        error("an extended message without an extended id".into());
+        return Ok(());
+    };
+    if ext_id == EXT_HANDSHAKE {
+        match parse_ext_handshake(payload) {
+            Some(hello) => {
+                conn.their_id = hello.ut_metadata;
+                shared.record(|r| r.their_ext.push(hello));
+            }
+            None => error("an extension handshake that is not a dictionary".into()),
+        }
+        return Ok(());
+    }
+    let Some(meta) = &shared.spec.metadata else {
+        error(format!(
+            "extended message {ext_id} to a fake without metadata"
+        ));
+        return Ok(());
+    };
+    if ext_id != FAKE_UT_METADATA_ID {
+        error(format!(
+            "extended message under id {ext_id}, which this fake never announced"
+        ));
+        return Ok(());
+    }
+    let Some(msg) = ut_metadata::parse(payload) else {
+        error("a ut_metadata message that does not parse".into());
+        return Ok(());
+    };
+    if msg.msg_type != ut_metadata::REQUEST {
+        error(format!("a ut_metadata message of type {}", msg.msg_type));
+        return Ok(());
+    }
+    let piece = msg.piece;
+    shared.record(|r| r.meta_requests.push(piece));
+    shared.event(FakeEvent::MetaRequest { piece });
+    let Some(their_id) = conn.their_id else {
+        error("a ut_metadata request before an extension handshake offering it".into());
+        return Ok(());
+    };
+    conn.requested.insert(piece);
+    answer_metadata(shared, wire, meta, their_id, piece, conn)
+}
+
+/// Answers a `ut_metadata` request for `piece` as `meta.misbehaviour` says.
+fn answer_metadata(
+    shared: &Shared,
+    wire: &mut Wire,
+    meta: &MetaSpec,
+    their_id: u8,
+    piece: i64,
+    conn: &mut MetaConn,
+) -> Result<(), Closed> {
+    let info = meta.info.as_slice();
+    let count = ut_metadata::pieces(info.len()) as i64;
+    let total = meta.announced_size();
+    let last = piece == count - 1;
+    let attack = |wire: &mut Wire, payload: Vec<u8>| -> Result<(), Closed> {
+        wire.send(&msg_extended(their_id, &payload))?;
+        shared.record(|r| r.meta_attacks += 1);
+        shared.event(FakeEvent::MetaAttack);
+        Ok(())
+    };
+    let honest = |wire: &mut Wire, piece: i64| -> Result<(), Closed> {
+        let bytes = ut_metadata::piece_of(info, piece as usize);
+        wire.send(&msg_extended(
+            their_id,
+            &ut_metadata::data(piece, total, bytes),
+        ))?;
+        shared.record(|r| r.meta_served.push(piece));
+        Ok(())
+    };
+    use MetaMisbehaviour as M;
+    match meta.misbehaviour {
+        M::Silent => Ok(()),
+        M::RejectAll => {
+            wire.send(&msg_extended(their_id, &ut_metadata::reject(piece)))?;
+            shared.record(|r| r.meta_rejects += 1);
+            Ok(())
+        }
+        _ if !(0..count).contains(&piece) => {
+            wire.send(&msg_extended(their_id, &ut_metadata::reject(piece)))?;
+            shared.record(|r| r.meta_rejects += 1);
+            Ok(())
+        }
+        M::Honest => honest(wire, piece),
+        M::PieceOutOfRange if !conn.attacked => {
+            conn.attacked = true;
+            let junk = vec![0x5a; ut_metadata::PIECE];
+            attack(wire, ut_metadata::data(count, total, &junk))
+        }
+        M::LastPieceLong if last => {
+            let mut bytes = ut_metadata::piece_of(info, piece as usize).to_vec();
+            bytes.push(b'e');
+            attack(wire, ut_metadata::data(piece, total, &bytes))
+        }
+        M::LastPieceShort if last => {
+            let bytes = ut_metadata::piece_of(info, piece as usize);
+            attack(
+                wire,
+                ut_metadata::data(piece, total, &bytes[..bytes.len() - 1]),
+            )
+        }
+        M::WrongTotalSize => {
+            let bytes = ut_metadata::piece_of(info, piece as usize);
+            attack(wire, ut_metadata::data(piece, total + 1, bytes))
+        }
+        M::Corrupt => {
+            let mut bytes = ut_metadata::piece_of(info, piece as usize).to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x20;
+            attack(wire, ut_metadata::data(piece, total, &bytes))
+        }
+        M::Unasked if !conn.attacked => {
+            conn.attacked = true;
+            if let Some(other) = (0..count).rev().find(|p| !conn.requested.contains(p)) {
+                let bytes = ut_metadata::piece_of(info, other as usize);
+                attack(wire, ut_metadata::data(other, total, bytes))?;
+            }
+            honest(wire, piece)
+        }
+        M::PieceOutOfRange | M::LastPieceLong | M::LastPieceShort | M::Unasked => {
+            honest(wire, piece)
+        }
+    }
 }
 
 /// Sends the blocks of `batch` the seeder has, as its misbehaviour says.

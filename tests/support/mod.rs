@@ -7,15 +7,17 @@
 //! - [`bencode`]: an independent bencode writer and reader;
 //! - [`torrent`]: torrents made by independent tools (mktorrent, transmission-show) or in
 //!   memory, and their piece geometry read back by the tests themselves;
-//! - [`wire`]: an independent peer wire codec (handshake, frames, a hand-driven connection);
-//! - [`fake_peer`]: one fake seeder with a [`fake_peer::Misbehaviour`], a fake leecher and a
-//!   counting relay;
+//! - [`wire`]: an independent peer wire codec (handshake, frames, a hand-driven connection,
+//!   BEP 10 extension handshakes and BEP 9 `ut_metadata` messages);
+//! - [`fake_peer`]: one fake seeder with a [`fake_peer::Misbehaviour`] (and, serving metadata
+//!   over BEP 9, a [`fake_peer::MetaMisbehaviour`]), a fake leecher and a counting relay;
+//! - [`magnet`]: magnet links written by the tests, hostile ones included;
 //! - [`fake_tracker`]: one scripted HTTP tracker (plus a recording swarm tracker built on it),
 //!   a scripted UDP tracker, and reply encoders;
 //! - [`cli`]: running bitfetch and other commands, child guards killed by PID, `--json` events,
 //!   memory watching;
-//! - [`clients`]: the reference clients (opentracker, aria2c, Transmission, nginx with a test
-//!   CA) and `ss` snapshots.
+//! - [`clients`]: the reference clients (opentracker, aria2c, Transmission, libtorrent through
+//!   `libtorrent_client.py`, nginx with a test CA) and `ss` snapshots.
 //!
 //! Nothing here trusts bitfetch's own code. Everything stays on loopback. Every process started
 //! here is owned by a [`cli::ChildGuard`] that kills it by PID; every wait is a poll with a
@@ -32,6 +34,7 @@ pub mod clients;
 pub mod fake_peer;
 pub mod fake_tracker;
 pub mod files;
+pub mod magnet;
 pub mod net;
 pub mod torrent;
 pub mod wire;

@@ -83,6 +83,18 @@ pub fn info_hash_hex(torrent: &Path) -> String {
         .unwrap_or_else(|| panic!("no info hash in transmission-show output:\n{stdout}"))
 }
 
+/// The raw bytes of a .torrent's info dictionary, as written (what the info hash is the SHA-1
+/// of, and what BEP 9 hands a magnet downloader), read by the test's own bencode reader.
+pub fn info_bytes(torrent: &Path) -> Vec<u8> {
+    let raw = fs::read(torrent).unwrap_or_else(|e| panic!("read {}: {e}", torrent.display()));
+    let top =
+        Value::decode(&raw).unwrap_or_else(|| panic!("{} is not bencoded", torrent.display()));
+    let (_, span) = top
+        .entry("info")
+        .unwrap_or_else(|| panic!("{} has no info dictionary", torrent.display()));
+    raw[span].to_vec()
+}
+
 // =============================================================================================
 // Geometry and piece hashes, read back by the tests
 // =============================================================================================
@@ -295,6 +307,17 @@ impl Payload {
 
     /// A directory NAME holding `tree` (relative path, size), 32 KiB pieces, a dead tracker.
     pub fn multi(name: &str, tree: &[(&str, usize)], seed: u64) -> Payload {
+        Payload::multi_tiers(name, tree, seed, &[vec![DEAD_TRACKER.into()]])
+    }
+
+    /// A directory NAME holding `tree` (relative path, size), 32 KiB pieces, an announce-list:
+    /// `tiers[i]` is tier i+1.
+    pub fn multi_tiers(
+        name: &str,
+        tree: &[(&str, usize)],
+        seed: u64,
+        tiers: &[Vec<String>],
+    ) -> Payload {
         let dir = scratch_dir();
         let root = dir.path().join("source").join(name);
         let files = tree
@@ -306,14 +329,7 @@ impl Payload {
                 ((*rel).to_owned(), data)
             })
             .collect();
-        Payload::finish(
-            dir,
-            name,
-            files,
-            true,
-            PIECE_LOG2,
-            &[vec![DEAD_TRACKER.into()]],
-        )
+        Payload::finish(dir, name, files, true, PIECE_LOG2, tiers)
     }
 
     fn finish(
@@ -358,6 +374,11 @@ impl Payload {
 
     pub fn geo(&self) -> Geometry {
         self.pieces.geo
+    }
+
+    /// The raw bytes of the torrent's info dictionary.
+    pub fn info_bytes(&self) -> Vec<u8> {
+        info_bytes(&self.torrent)
     }
 
     /// The directory holding NAME, as `bitfetch seed` takes it.

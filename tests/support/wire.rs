@@ -357,3 +357,133 @@ impl Wire {
         }
     }
 }
+
+// =============================================================================================
+// BEP 10 (extension protocol) and BEP 9 (ut_metadata)
+// =============================================================================================
+
+/// BEP 10: the extension protocol is reserved byte 5, bit 0x10.
+pub fn with_extension_bit(mut reserved: [u8; 8]) -> [u8; 8] {
+    reserved[5] |= 0x10;
+    reserved
+}
+
+pub fn has_extension_bit(reserved: &[u8; 8]) -> bool {
+    reserved[5] & 0x10 != 0
+}
+
+/// Extended message id of the extension handshake itself.
+pub const EXT_HANDSHAKE: u8 = 0;
+
+/// An extended message (id 20): the extended id, then the payload.
+pub fn msg_extended(ext_id: u8, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(1 + payload.len());
+    body.push(ext_id);
+    body.extend_from_slice(payload);
+    frame(id::EXTENDED, &body)
+}
+
+/// The payload of an extension handshake offering `ut_metadata` under `ut_metadata_id`, with
+/// `metadata_size` written as given (`None`: left out, as a peer without the metadata does).
+pub fn ext_handshake(ut_metadata_id: u8, metadata_size: Option<i64>) -> Vec<u8> {
+    use super::bencode::{B, dict};
+    let mut pairs = vec![
+        (
+            "m",
+            dict([("ut_metadata", B::Int(i64::from(ut_metadata_id)))]),
+        ),
+        ("v", B::str("bitfetch-tests fake")),
+    ];
+    if let Some(size) = metadata_size {
+        pairs.push(("metadata_size", B::Int(size)));
+    }
+    dict(pairs).encode()
+}
+
+/// What the other side's extension handshake says about `ut_metadata`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtHello {
+    /// The id it wants `ut_metadata` messages sent to it under (`None`: not offered, or 0,
+    /// which BEP 10 says disables it).
+    pub ut_metadata: Option<u8>,
+    pub metadata_size: Option<i64>,
+}
+
+/// Parses an extension handshake payload; `None` if it is not a bencoded dictionary.
+pub fn parse_ext_handshake(payload: &[u8]) -> Option<ExtHello> {
+    use super::bencode::Value;
+    let hello = Value::decode(payload)?;
+    let ut_metadata = hello
+        .get("m")
+        .and_then(|m| m.get("ut_metadata"))
+        .and_then(Value::int)
+        .and_then(|id| u8::try_from(id).ok())
+        .filter(|id| *id != 0);
+    Some(ExtHello {
+        ut_metadata,
+        metadata_size: hello.get("metadata_size").and_then(Value::int),
+    })
+}
+
+/// BEP 9 messages: a bencoded dictionary, and for `data` the piece's bytes after it.
+pub mod ut_metadata {
+    use super::super::bencode::{B, Value, dict};
+
+    pub const REQUEST: i64 = 0;
+    pub const DATA: i64 = 1;
+    pub const REJECT: i64 = 2;
+    /// Metadata travels in pieces of 16 KiB, the last one shorter.
+    pub const PIECE: usize = 16 * 1024;
+
+    /// Pieces of metadata of `size` bytes.
+    pub fn pieces(size: usize) -> usize {
+        size.div_ceil(PIECE)
+    }
+
+    /// The bytes of metadata piece `piece`.
+    pub fn piece_of(metadata: &[u8], piece: usize) -> &[u8] {
+        let start = (piece * PIECE).min(metadata.len());
+        &metadata[start..(start + PIECE).min(metadata.len())]
+    }
+
+    pub fn request(piece: i64) -> Vec<u8> {
+        dict([("msg_type", B::Int(REQUEST)), ("piece", B::Int(piece))]).encode()
+    }
+
+    pub fn reject(piece: i64) -> Vec<u8> {
+        dict([("msg_type", B::Int(REJECT)), ("piece", B::Int(piece))]).encode()
+    }
+
+    pub fn data(piece: i64, total_size: i64, bytes: &[u8]) -> Vec<u8> {
+        let mut out = dict([
+            ("msg_type", B::Int(DATA)),
+            ("piece", B::Int(piece)),
+            ("total_size", B::Int(total_size)),
+        ])
+        .encode();
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    /// One decoded message.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Message {
+        pub msg_type: i64,
+        pub piece: i64,
+        pub total_size: Option<i64>,
+        /// What followed the dictionary (a data message's bytes).
+        pub data: Vec<u8>,
+    }
+
+    /// Decodes a `ut_metadata` payload; `None` if it is not a dictionary with integer
+    /// `msg_type` and `piece`.
+    pub fn parse(payload: &[u8]) -> Option<Message> {
+        let (head, used) = Value::decode_prefix(payload)?;
+        Some(Message {
+            msg_type: head.get("msg_type")?.int()?,
+            piece: head.get("piece")?.int()?,
+            total_size: head.get("total_size").and_then(Value::int),
+            data: payload[used..].to_vec(),
+        })
+    }
+}
