@@ -53,6 +53,9 @@ pub(super) fn peers_of(m: &crate::magnet::Magnet) -> Vec<SocketAddr> {
 pub(super) struct Fetched {
     pub meta: Metainfo,
     pub handovers: Vec<Handover>,
+    /// Addresses banned in this phase (metadata that failed the hash, say): the transfer
+    /// must not dial them again.
+    pub banned: Vec<SocketAddr>,
 }
 
 struct Conn {
@@ -120,7 +123,11 @@ pub(super) fn fetch(p: Phase<'_>, input: &Receiver<Input>) -> Result<Fetched, Er
                 peers: s.conns.len(),
             });
             let handovers = s.hand_over(input);
-            Ok(Fetched { meta, handovers })
+            Ok(Fetched {
+                meta,
+                handovers,
+                banned: s.banned.iter().copied().collect(),
+            })
         }
         Err(e) => {
             s.close_all();

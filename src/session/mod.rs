@@ -95,6 +95,7 @@ struct Started {
     tracker_tx: Option<Sender<TrackerCommand>>,
     our_id: [u8; 20],
     handovers: Vec<peer::Handover>,
+    banned: Vec<SocketAddr>,
 }
 
 impl Started {
@@ -174,6 +175,7 @@ fn magnet_phase(
         tracker_tx: Some(tracker_tx),
         our_id,
         handovers: Vec::new(),
+        banned: Vec::new(),
     };
     // The magnet's own peers count as named ones: their failures are reported.
     for p in magnet::peers_of(&magnet) {
@@ -205,6 +207,7 @@ fn magnet_phase(
         }
     };
     started.handovers = fetched.handovers;
+    started.banned = fetched.banned;
     let choice = match m.choose {
         Some(choose) => choose(&fetched.meta),
         None => Ok(Choice::Download(None)),
@@ -731,11 +734,13 @@ fn run_transfer(
     // reports its files and ends without a listener, a tracker or a dial.
     let offline = writer.is_some() && picker.is_complete() && !cfg.seed_after;
     let mut handovers = Vec::new();
+    let mut banned = Vec::new();
     let magnet_run = started.is_some();
     let (mut threads, local, tracker_tx) = match started {
         // A magnet's: up since the metadata phase.
         Some(s) => {
             handovers = s.handovers;
+            banned = s.banned;
             (s.threads, Some(s.local), s.tracker_tx)
         }
         None if offline => (Helpers::default(), None, None),
@@ -866,6 +871,9 @@ fn run_transfer(
     }
     if s.writer.is_some() {
         s.report_files_complete_at_start();
+    }
+    for addr in banned {
+        s.table.ban(addr, None);
     }
     for h in handovers {
         s.start_handover(h);

@@ -33,7 +33,7 @@ pub(super) struct Ended {
     /// It broke the protocol, or can never be of use (a peer on another torrent, ourselves):
     /// never dialled again.
     pub never_again: bool,
-    /// Our download is complete (a seed redials nobody).
+    /// Our download is complete and so was the peer's: nothing to exchange, not redialled.
     pub complete: bool,
 }
 

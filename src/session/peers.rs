@@ -389,6 +389,10 @@ impl Session {
         let Some(mut p) = self.peers.remove(&key) else {
             return;
         };
+        // Two seeds have nothing to exchange; a leecher that left a seed may want data still
+        // (aria2 leaves after fetching a magnet's metadata, and comes back for the data only
+        // if dialled).
+        let both_complete = self.picker.is_complete() && self.picker.peer_is_seed(key);
         self.picker.remove_peer(key);
         for addr in std::iter::once(p.addr).chain(p.listen_addr) {
             self.table.release(addr);
@@ -448,7 +452,7 @@ impl Session {
             dropped_by_us: p.dropped_by_us,
             never_again: error
                 .is_some_and(|e| !e.may_redial() && !matches!(e, PeerError::SessionGone)),
-            complete: self.picker.is_complete(),
+            complete: both_complete,
         };
         self.table.ended(p.addr, how, Instant::now());
         if !p.am_choking {
