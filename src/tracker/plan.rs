@@ -5,10 +5,13 @@
 //! - **Every tier at once.** Each tier of the announce-list (BEP 12) keeps its own schedule and
 //!   announces in parallel with the others, as Transmission and qBittorrent do: a dead first
 //!   tier never delays the second.
-//! - **A race within a tier.** An announce starts with the tier's first tracker; if it has not
-//!   answered after [`RACE_DELAY`], the next one starts as well, and so on. A tracker that
-//!   fails moves the race on at once. The first answer wins: it moves to the front of its tier
-//!   and later announces go to it alone. The losers still running are abandoned.
+//! - **A race within a tier.** Until one of a tier's trackers has answered, all of them are
+//!   asked at once (a torrent's list is often mostly dead, and a dead tracker asked in turn
+//!   would cost its delay). After that, an announce starts with the tier's first tracker (the
+//!   last winner); if it has not answered after [`RACE_DELAY`], the next one starts as well,
+//!   and so on. A tracker that fails moves the race on at once. The first answer wins: it
+//!   moves to the front of its tier and later announces go to it alone. The losers still
+//!   running are abandoned.
 //! - **Per-tracker back-off.** A tracker that fails is not asked again for 5 s, doubling up
 //!   to 5 min, so one blip (a tracker restarting) costs a few seconds, not the download. A
 //!   slow or dead tracker only ever slows itself.
@@ -199,7 +202,16 @@ impl Plan {
                     launched: Vec::new(),
                 };
             }
-            let Tier { order, phase, .. } = &mut self.tiers[t];
+            let Tier {
+                order,
+                phase,
+                last_ok,
+                ..
+            } = &mut self.tiers[t];
+            // Until one of the tier's trackers has answered, every one of them is asked at
+            // once (within `room`): nobody knows yet which are dead, and each dead one
+            // would cost the race its delay.
+            let all_at_once = last_ok.is_none();
             let Phase::Racing { next, launched } = phase else {
                 continue;
             };
@@ -207,15 +219,20 @@ impl Plan {
                 continue;
             }
             let entries = &self.entries;
-            let candidate = order.iter().copied().find(|&i| {
+            let mut candidates = order.iter().copied().filter(|&i| {
                 let e = &entries[i];
                 !launched.contains(&i)
                     && !e.in_flight
                     && !e.permanent
                     && e.retry_at.is_none_or(|at| at <= now)
             });
-            match candidate {
-                Some(i) => wanted.push((entries[i].failures, t, i)),
+            match candidates.next() {
+                Some(i) => {
+                    wanted.push((entries[i].failures, t, i));
+                    if all_at_once {
+                        wanted.extend(candidates.map(|i| (entries[i].failures, t, i)));
+                    }
+                }
                 None => {
                     *next = None;
                     if !launched.iter().any(|&i| entries[i].in_flight) {
@@ -434,11 +451,44 @@ mod tests {
     }
 
     #[test]
+    fn the_first_announce_asks_a_whole_tier_at_once() {
+        let t0 = Instant::now();
+        let mut p = plan(&[&["http://a/", "http://b/", "http://c/"]], t0);
+        let all = p.due(t0, 16);
+        assert_eq!(all.len(), 3, "nobody has answered yet: all at once");
+        let abandoned = p.answered(
+            all[1].tracker,
+            all[1].event,
+            Duration::from_secs(60),
+            Duration::ZERO,
+            t0,
+        );
+        assert_eq!(abandoned.len(), 2, "the others lost the race");
+        assert_eq!(p.due(t0, 2).len(), 0);
+    }
+
+    #[test]
     fn a_silent_tracker_is_raced_and_the_winner_promoted() {
         let t0 = Instant::now();
         let mut p = plan(&[&["http://a/", "http://b/", "http://c/"]], t0);
+        // A first round: `b`... answers, so later announces race one at a time.
+        let all = p.due(t0, 16);
+        let w = all[0];
+        p.answered(
+            w.tracker,
+            w.event,
+            Duration::from_secs(60),
+            Duration::ZERO,
+            t0,
+        );
+        for l in &all[1..] {
+            p.abandoned(l.tracker);
+        }
+        let t0 = t0 + Duration::from_secs(60);
+        // The winner goes silent this time.
         let first = p.due(t0, 16);
         assert_eq!(first.len(), 1, "one tracker of the tier at a time");
+        assert_eq!(first[0].tracker, w.tracker, "the last winner first");
         assert!(p.due(t0 + RACE_DELAY / 2, 16).is_empty());
         let t1 = t0 + RACE_DELAY;
         let second = p.due(t1, 16);
@@ -453,7 +503,7 @@ mod tests {
             t1,
         );
         assert_eq!(abandoned, [first[0].tracker]);
-        assert_eq!(p.working(), 1);
+        assert_eq!(p.working(), 2, "the silent one has not failed yet");
         assert!(p.due(t1 + RACE_DELAY * 10, 16).is_empty(), "no more racing");
         p.abandoned(first[0].tracker);
         // The next announce goes to the winner first, as a periodic one.
@@ -466,19 +516,40 @@ mod tests {
     #[test]
     fn failures_move_the_race_on_at_once_and_back_off() {
         let t0 = Instant::now();
-        let mut p = plan(&[&["http://a/", "http://b/"]], t0);
-        let a = p.due(t0, 16)[0].tracker;
-        assert!(p.failed(a, false, t0), "the first failure is reported");
-        let b = p.due(t0, 16);
-        assert_eq!(b.len(), 1, "the failure moved the race on");
-        assert!(p.failed(b[0].tracker, false, t0));
+        let mut p = plan(&[&["http://a/", "http://b/", "http://c/"]], t0);
+        // A first round in which `c` answers, so later rounds race.
+        for l in p.due(t0, 16) {
+            if p.url(l.tracker) == "http://c/" {
+                p.answered(
+                    l.tracker,
+                    l.event,
+                    Duration::from_secs(60),
+                    Duration::ZERO,
+                    t0,
+                );
+            } else {
+                p.abandoned(l.tracker);
+            }
+        }
+        let t0 = t0 + Duration::from_secs(60);
+        let c = p.due(t0, 16);
+        assert_eq!(c.len(), 1);
+        assert!(
+            p.failed(c[0].tracker, false, t0),
+            "the first failure is reported"
+        );
+        let next = p.due(t0, 16);
+        assert_eq!(next.len(), 1, "the failure moved the race on at once");
+        assert!(p.failed(next[0].tracker, false, t0));
+        let last = p.due(t0, 16);
+        assert_eq!(last.len(), 1);
+        assert!(p.failed(last[0].tracker, false, t0));
         assert!(p.due(t0, 16).is_empty(), "everyone failed");
-        // Back-off: nothing before it ends, then both again (one at a time).
+        // Back-off: nothing before it ends, then again.
         assert!(p.due(t0 + FIRST_BACKOFF / 2, 16).is_empty());
         assert_eq!(p.next_wakeup(), Some(t0 + FIRST_BACKOFF));
         let retry = p.due(t0 + FIRST_BACKOFF, 16);
         assert_eq!(retry.len(), 1);
-        assert_eq!(retry[0].event, AnnounceEvent::Started, "never answered");
         assert!(
             !p.failed(retry[0].tracker, false, t0 + FIRST_BACKOFF),
             "reported once"
