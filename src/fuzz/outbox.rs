@@ -10,8 +10,9 @@
 //! - the latest choke, interest and intro win; haves and requests keep their order;
 //! - a cancel of a request not yet taken removes it, so the requests the peer ends up told
 //!   about are exactly those the session still wants;
-//! - a peer's cancel drops all of its earlier requests for that range and none of its later
-//!   ones, however the writer's takes fall between them;
+//! - a peer's cancel drops all of its earlier requests for that range that are still queued
+//!   when the writer takes it, and none of its later ones, however the writer's takes fall
+//!   between them;
 //! - no list outgrows its cap: our requests and cancels together stay within
 //!   [`MAX_PENDING_BLOCKS`] and haves within the piece count, or the connection is ended with
 //!   [`PeerError::Backlog`] and what piled up is dropped; the peer's distinct cancels stay
@@ -205,6 +206,46 @@ fn remove(counts: &mut Counts, b: BlockRef) {
     }
 }
 
+/// The peer's requests as BEP 3 reads them: a cancel drops the requests for its range that
+/// came before it and are not sent yet. The writer learns of a cancel only when it takes its
+/// work, and may send a block in between (the cancel came too late, as BEP 3 allows), so the
+/// cancels wait here until the writer takes them.
+#[derive(Debug, Default)]
+struct Owed {
+    /// Each request with the number of requests before it.
+    requests: VecDeque<(u64, BlockRef)>,
+    /// Cancels not yet taken, each with the number of requests before it.
+    cancels: Vec<(u64, BlockRef)>,
+    arrived: u64,
+}
+
+impl Owed {
+    fn request(&mut self, b: BlockRef) {
+        self.requests.push_back((self.arrived, b));
+        self.arrived += 1;
+    }
+
+    fn cancel(&mut self, b: BlockRef) {
+        self.cancels.push((self.arrived, b));
+    }
+
+    /// The writer took the cancels so far.
+    fn taken(&mut self) {
+        for (before, b) in self.cancels.drain(..) {
+            self.requests.retain(|&(n, r)| r != b || n >= before);
+        }
+    }
+
+    /// The writer sent the oldest request.
+    fn sent(&mut self) -> Option<BlockRef> {
+        self.requests.pop_front().map(|(_, b)| b)
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = BlockRef> + '_ {
+        self.requests.iter().map(|&(_, b)| b)
+    }
+}
+
 struct Harness {
     geometry: Geometry,
     /// Our aligned blocks: what the session requests and cancels.
@@ -230,10 +271,9 @@ struct Harness {
     /// Our requests the session wants answered, and the ones the peer was told about.
     wanted: Counts,
     told: Counts,
-    /// The peer's requests: queued at the writer, and in the order the peer is owed them
-    /// (BEP 3: a cancel drops every earlier request for the range).
+    /// The peer's requests queued at the writer, and the ones the peer is owed.
     queue: VecDeque<BlockRef>,
-    owed: VecDeque<BlockRef>,
+    owed: Owed,
     /// The reader's count of the peer's requests at the writer or on the way to it (the
     /// `queued` counter shared by a connection's threads).
     queued: usize,
@@ -275,7 +315,7 @@ impl Harness {
             wanted: Counts::new(),
             told: Counts::new(),
             queue: VecDeque::new(),
-            owed: VecDeque::new(),
+            owed: Owed::default(),
             queued: 0,
             tally: OutboxTally::default(),
         }
@@ -400,7 +440,9 @@ impl Harness {
             .map(|k| self.range(first.wrapping_add(k)))
             .collect();
         self.queued += n;
-        self.owed.extend(&batch);
+        for &b in &batch {
+            self.owed.request(b);
+        }
         self.expected.serves.extend(&batch);
         self.ringing |= n > 0;
         reader.serve(&mut batch);
@@ -423,7 +465,7 @@ impl Harness {
             CancelServe::Noted => {
                 assert!(!full, "a cancel past the cap of {} was noted", self.cap);
                 self.expected.cancelled.insert(b);
-                self.owed.retain(|&o| o != b);
+                self.owed.cancel(b);
                 self.ringing = true;
             }
             CancelServe::Overflow => {
@@ -533,8 +575,10 @@ impl Harness {
 
     /// The peer's side: the writer's reading of the cancels (`WriterState::cancel_serves` and
     /// `apply`): each drops the requests already queued and those of this batch before it.
-    /// What stays queued must be what the peer is owed, in order.
+    /// What stays queued must be what the peer is owed, in order, now that the writer knows
+    /// of every cancel so far.
     fn queue_serves(&mut self) {
+        self.owed.taken();
         let cancels = &self.work.cancel_serves;
         let before = self.queue.len();
         self.queue.retain(|s| !cancels.contains_key(s));
@@ -548,9 +592,11 @@ impl Harness {
             }
         }
         if !self.ended {
-            assert_eq!(
-                self.queue, self.owed,
-                "the writer would serve other requests"
+            assert!(
+                self.queue.iter().copied().eq(self.owed.blocks()),
+                "the writer would serve {:?}, the peer is owed {:?}",
+                self.queue,
+                self.owed.blocks().collect::<Vec<_>>()
             );
         }
     }
@@ -578,7 +624,7 @@ impl Harness {
             self.queued -= 1;
             self.tally.uploaded += 1;
             if !self.ended {
-                assert_eq!(self.owed.pop_front(), Some(b), "served out of order");
+                assert_eq!(self.owed.sent(), Some(b), "served out of order");
             }
         }
     }
