@@ -1,5 +1,6 @@
 //! Fuzz targets: one function per parser that reads bytes from outside (torrent files, peers,
-//! trackers, path elements, magnet links, the metadata exchange).
+//! trackers, path elements, magnet links, the metadata exchange), and one for a connection's
+//! command queue, which the peer's requests and cancels fill (`outbox.rs` beside this file).
 //!
 //! Each function takes arbitrary bytes, must never panic, and checks with `assert!` the
 //! properties its parser promises, so a broken promise is a crash the fuzzer reports. The
@@ -11,8 +12,11 @@
 //! caller, so a nesting bomb that would overflow a worker thread's stack overflows this one
 //! too (an abort the fuzzer catches), instead of being hidden by a larger main-thread stack.
 
+mod outbox;
 #[cfg(test)]
 mod regressions;
+
+pub use outbox::{OutboxTally, outbox, run_outbox};
 
 use std::collections::{HashSet, VecDeque};
 use std::io;

@@ -11,11 +11,11 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use crate::fuzz;
+use crate::fuzz::{self, OutboxTally, outbox::Op};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("metainfo", fuzz::metainfo),
     ("wire", fuzz::wire),
     ("tracker_http", fuzz::tracker_http),
@@ -23,6 +23,7 @@ const TARGETS: [(&str, Target); 7] = [
     ("path", fuzz::path),
     ("magnet", fuzz::magnet),
     ("ut_metadata", fuzz::ut_metadata),
+    ("outbox", fuzz::outbox),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -258,4 +259,151 @@ fn hostile_ut_metadata_messages() {
     for payload in &cases {
         assert_eq!(run(fuzz::ut_metadata, payload), None);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command queue, by hand
+// ---------------------------------------------------------------------------------------------
+
+/// An `outbox` input: `pieces` (1 to 64), the reader's cap on distinct cancels (`0x80`: the
+/// real one), then `ops`.
+fn outbox_input(pieces: u8, cap: u8, ops: &[Op]) -> Vec<u8> {
+    let mut v = vec![pieces - 1, cap];
+    for op in ops {
+        op.encode(&mut v);
+    }
+    v
+}
+
+/// Runs an `outbox` input on the fuzz thread (any broken promise panics there), then again
+/// here for what it went through.
+fn run_outbox(data: &[u8]) -> OutboxTally {
+    assert_eq!(run(fuzz::outbox, data), None);
+    fuzz::run_outbox(data)
+}
+
+#[test]
+fn outbox_ops_decode_as_encoded() {
+    let ops = [
+        Op::Choke(true),
+        Op::Interested(false),
+        Op::Have(7),
+        Op::Request {
+            first: 3,
+            count: 200,
+        },
+        Op::Cancel(9),
+        Op::Intro(2),
+        Op::Shutdown,
+        Op::Serve {
+            first: 1,
+            count: 64,
+        },
+        Op::CancelServe(4),
+        Op::ReaderEnds,
+        Op::Take,
+        Op::TakeIntro,
+        Op::Rung,
+        Op::Wait,
+        Op::Upload(5),
+    ];
+    assert_eq!(ops.len(), usize::from(Op::COUNT));
+    let bytes = outbox_input(1, 0, &ops);
+    let mut rest = bytes[2..].iter().copied();
+    let decoded: Vec<Op> = std::iter::from_fn(|| Op::decode(&mut rest)).collect();
+    assert_eq!(decoded, ops);
+}
+
+#[test]
+fn outbox_flips_and_cancels_of_unsent_requests_run_clean() {
+    let mut ops = Vec::new();
+    for i in 0..1000 {
+        ops.extend([Op::Choke(i % 2 == 0), Op::Interested(i % 3 == 0)]);
+    }
+    ops.extend([
+        Op::Rung,
+        Op::Request {
+            first: 0,
+            count: 16,
+        },
+        Op::Cancel(5),
+        Op::Take,
+        Op::Cancel(6),
+        Op::Request { first: 6, count: 1 },
+        Op::Cancel(6),
+        Op::Take,
+    ]);
+    let t = run_outbox(&outbox_input(8, 0x80, &ops));
+    assert_eq!(t.ops, ops.len());
+    assert_eq!(t.takes, 2);
+    assert!(!t.backlog && !t.cancel_overflow && !t.request_flood);
+}
+
+#[test]
+fn outbox_caps_end_the_connection_or_the_reader() {
+    // Our requests past MAX_PENDING_BLOCKS with no take between: a backlog.
+    let flood = [Op::Request {
+        first: 0,
+        count: 255,
+    }; 5];
+    assert!(run_outbox(&outbox_input(64, 0x80, &flood)).backlog);
+    // More haves than pieces.
+    let haves = [Op::Have(0), Op::Have(1), Op::Have(0)];
+    assert!(run_outbox(&outbox_input(2, 0x80, &haves)).backlog);
+    // The peer's third distinct cancel, at a cap of two.
+    let ops = [
+        Op::Serve { first: 0, count: 4 },
+        Op::CancelServe(0),
+        Op::CancelServe(1),
+        Op::CancelServe(0),
+        Op::CancelServe(2),
+    ];
+    let t = run_outbox(&outbox_input(2, 2, &ops));
+    assert!(t.cancel_overflow && !t.backlog);
+    // More of the peer's requests at once than the reader lets through.
+    let ops = [Op::Serve {
+        first: 0,
+        count: 255,
+    }; 3];
+    assert!(run_outbox(&outbox_input(2, 0x80, &ops)).request_flood);
+}
+
+#[test]
+fn outbox_writer_uploads_what_the_peer_did_not_cancel_and_stops_on_shutdown() {
+    let ops = [
+        Op::Intro(1),
+        Op::TakeIntro,
+        Op::Serve { first: 0, count: 6 },
+        Op::CancelServe(1),
+        Op::Serve { first: 1, count: 1 },
+        Op::Take,
+        Op::Upload(255),
+        Op::Shutdown,
+        Op::Take,
+        Op::Choke(true),
+    ];
+    let t = run_outbox(&outbox_input(4, 0x80, &ops));
+    // Six asked, one cancelled, then asked again.
+    assert_eq!(t.uploaded, 6);
+    assert!(t.writer_stopped);
+}
+
+/// The seeds reach every path the target checks, so a fuzz run starts from all of them.
+#[test]
+fn outbox_seeds_reach_every_path() {
+    let mut all = OutboxTally::default();
+    for file in inputs(&fuzz_dir().join("corpus/outbox")) {
+        let t = fuzz::run_outbox(&fs::read(&file).expect("reading a seed"));
+        all.takes += t.takes;
+        all.uploaded += t.uploaded;
+        all.backlog |= t.backlog;
+        all.cancel_overflow |= t.cancel_overflow;
+        all.request_flood |= t.request_flood;
+        all.writer_stopped |= t.writer_stopped;
+    }
+    assert!(all.takes > 0 && all.uploaded > 0, "{all:?}");
+    assert!(
+        all.backlog && all.cancel_overflow && all.request_flood && all.writer_stopped,
+        "{all:?}"
+    );
 }
