@@ -135,19 +135,10 @@ fn run(
     .encode();
     let timed_out = |_| PeerError::Timeout("for the handshake (deadline passed)");
     let read_theirs = |stream: &mut TcpStream| -> Result<Handshake, PeerError> {
-        let mut buf = [0u8; wire::HANDSHAKE_LEN];
         stream
             .set_read_timeout(Some(peer::time_left(deadline).map_err(timed_out)?))
             .map_err(PeerError::Io)?;
-        stream.read_exact(&mut buf).map_err(PeerError::Io)?;
-        let h = Handshake::decode(&buf)?;
-        if h.info_hash != ctx.info_hash {
-            return Err(PeerError::WrongTorrent);
-        }
-        if h.peer_id == ctx.our_id {
-            return Err(PeerError::SelfConnection);
-        }
-        Ok(h)
+        peer::read_peer_handshake(stream, &ctx.info_hash, &ctx.our_id)
     };
     stream
         .set_write_timeout(Some(peer::time_left(deadline).map_err(timed_out)?))

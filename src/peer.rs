@@ -394,13 +394,22 @@ fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
 }
 
 fn read_handshake(stream: &mut impl Read, ctx: &Context) -> Result<Handshake, PeerError> {
+    read_peer_handshake(stream, &ctx.info_hash, &ctx.our_id)
+}
+
+/// Reads the peer's handshake: for our torrent, and not from ourselves.
+pub(crate) fn read_peer_handshake(
+    stream: &mut impl Read,
+    info_hash: &[u8; 20],
+    our_id: &[u8; 20],
+) -> Result<Handshake, PeerError> {
     let mut buf = [0u8; wire::HANDSHAKE_LEN];
     stream.read_exact(&mut buf).map_err(io_err(STARTING))?;
     let h = Handshake::decode(&buf)?;
-    if h.info_hash != ctx.info_hash {
+    if h.info_hash != *info_hash {
         return Err(PeerError::WrongTorrent);
     }
-    if h.peer_id == ctx.our_id {
+    if h.peer_id == *our_id {
         return Err(PeerError::SelfConnection);
     }
     Ok(h)
@@ -1467,15 +1476,7 @@ impl<W: SendHalf> WriterState<W> {
                 }
             }
             // An update of our extension handshake, now with `metadata_size`.
-            if let Some(payload) = self.ext_handshake.take() {
-                wire::encode(
-                    &Message::Extended {
-                        id: extension::HANDSHAKE_ID,
-                        payload,
-                    },
-                    &mut self.out,
-                );
-            }
+            self.send_ext_handshake();
             return;
         }
         let bits = match summary {
@@ -1502,6 +1503,11 @@ impl<W: SendHalf> WriterState<W> {
             }
             wire::encode(&Message::Bitfield(bits), &mut self.out);
         }
+        self.send_ext_handshake();
+    }
+
+    /// Our BEP 10 handshake, once, if negotiated.
+    fn send_ext_handshake(&mut self) {
         if let Some(payload) = self.ext_handshake.take() {
             wire::encode(
                 &Message::Extended {

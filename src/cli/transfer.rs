@@ -104,17 +104,7 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
         Some(f) => Some((0..meta.files.len()).map(|i| i == f).collect::<Vec<_>>()),
         None => selection,
     };
-    if let Some(out) = &a.output
-        && fs::metadata(out).is_ok_and(|m| !m.is_dir())
-    {
-        return Err(Error::io(
-            format!("-o {}", out.display()),
-            std::io::Error::new(
-                std::io::ErrorKind::NotADirectory,
-                "that is a file; -o takes the directory to download into",
-            ),
-        ));
-    }
+    check_output_dir(a)?;
     // Streaming without -o keeps the data in a temporary directory, removed at the end.
     let (dir, temporary) = match (&a.output, streaming) {
         (Some(d), _) => (d.clone(), false),
@@ -136,15 +126,8 @@ pub(super) fn download(a: &DownloadArgs) -> Result<(), Error> {
     result
 }
 
-/// `download MAGNET`: the same options; what depends on the file list (`--list`,
-/// `--select`, `--only`, `--file`, the magnet's `so`) is settled once the metadata is in.
-fn download_magnet(a: &DownloadArgs, magnet: crate::magnet::Magnet) -> Result<(), Error> {
-    let (mut config, mode, interval) = session_config(&a.options(), a.seeding())?;
-    config.fsync = a.fsync;
-    let streaming = a.streaming()?;
-    if a.file.is_some() && !streaming {
-        return Err(Error::Usage("--file goes with -O - (streaming)".into()));
-    }
+/// `-o` names a directory (or nothing yet), never a file.
+fn check_output_dir(a: &DownloadArgs) -> Result<(), Error> {
     if let Some(out) = &a.output
         && fs::metadata(out).is_ok_and(|m| !m.is_dir())
     {
@@ -156,6 +139,19 @@ fn download_magnet(a: &DownloadArgs, magnet: crate::magnet::Magnet) -> Result<()
             ),
         ));
     }
+    Ok(())
+}
+
+/// `download MAGNET`: the same options; what depends on the file list (`--list`,
+/// `--select`, `--only`, `--file`, the magnet's `so`) is settled once the metadata is in.
+fn download_magnet(a: &DownloadArgs, magnet: crate::magnet::Magnet) -> Result<(), Error> {
+    let (mut config, mode, interval) = session_config(&a.options(), a.seeding())?;
+    config.fsync = a.fsync;
+    let streaming = a.streaming()?;
+    if a.file.is_some() && !streaming {
+        return Err(Error::Usage("--file goes with -O - (streaming)".into()));
+    }
+    check_output_dir(a)?;
     let hex: String = magnet
         .info_hash
         .iter()
