@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::cli::{ChildGuard, bitfetch, bitfetch_command};
+use support::cli::{ChildGuard, bitfetch, bitfetch_command, run_ok};
 use support::fake_peer::{FakeEvent, FakeSeeder, Misbehaviour, SeedSpec};
 use support::fake_tracker::{HttpAction, HttpTracker};
 use support::files::walk;
@@ -270,6 +270,38 @@ fn torrent_from_a_url_downloads() {
         log.request_line
             .as_deref()
             .is_some_and(|l| l.starts_with("GET /x.torrent ")),
+        "the URL download asked for {:?}",
+        log.request_line
+    );
+}
+
+/// A magnet link works wherever a torrent does: on the command line, on standard input, and
+/// behind a URL that redirects to it (as "download" buttons do).
+#[test]
+fn a_magnet_link_on_stdin_and_behind_a_redirect_downloads() {
+    let content = Content::single("magnet-in.bin", 700_000 + 11, 4);
+    let (seeder, addr) = start_seeder(&content, next_loopback(), &[]);
+    let mut link = bitfetch_command(["magnet", &s(&content.torrent)]);
+    let link = run_ok("bitfetch magnet", &mut link);
+    let link = link.trim().to_owned();
+    assert!(link.starts_with("magnet:?xt=urn:btih:"), "{link}");
+    download_from(&content, &seeder, addr, "magnet-arg", &[&link], None);
+    download_from(
+        &content,
+        &seeder,
+        addr,
+        "magnet-stdin",
+        &["--", "-"],
+        Some(format!("{link}\n").into_bytes()),
+    );
+    let server = serve(HttpAction::redirect(link));
+    let url = server.url("/get?id=1");
+    download_from(&content, &seeder, addr, "magnet-redirect", &[&url], None);
+    let log = finish(server, false);
+    assert!(
+        log.request_line
+            .as_deref()
+            .is_some_and(|l| l.starts_with("GET /get?id=1 ")),
         "the URL download asked for {:?}",
         log.request_line
     );
