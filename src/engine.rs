@@ -198,6 +198,15 @@ pub struct Config {
     pub stall_timeout: Option<Duration>,
     /// Threads that hash pieces (and check data at start-up).
     pub hashers: usize,
+    /// Look for peers in the mainline DHT (BEP 5) and answer other nodes; never for private
+    /// torrents (BEP 27).
+    pub dht: bool,
+    /// `HOST:PORT` nodes to join the DHT through, instead of the public routers. With `bind`
+    /// on a loopback address and none given, no public name is looked up at all.
+    pub dht_bootstrap: Vec<String>,
+    /// Where the DHT keeps its node id and routing table between runs (nothing is kept when
+    /// `None`). The command line uses `$XDG_CACHE_HOME/bitfetch/dht.dat`.
+    pub dht_state: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -219,6 +228,9 @@ impl Default for Config {
             timeout: None,
             stall_timeout: None,
             hashers: cores(),
+            dht: true,
+            dht_bootstrap: Vec::new(),
+            dht_state: None,
         }
     }
 }
@@ -280,6 +292,17 @@ pub enum Event {
         pieces: u32,
         peers: usize,
     },
+    /// The DHT is up on `address` (UDP) and knows `nodes` nodes after loading its saved
+    /// table and bootstrapping; 0 means it has nobody to ask.
+    Dht {
+        address: SocketAddr,
+        nodes: usize,
+    },
+    /// A source named `count` candidate peers.
+    PeersFound {
+        source: PeerSource,
+        count: usize,
+    },
     /// Something people should know: tracker warnings, bans, hash failures.
     Notice {
         kind: NoticeKind,
@@ -318,10 +341,22 @@ pub struct Progress {
     pub complete: bool,
 }
 
+/// Where candidate peers came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerSource {
+    Tracker,
+    Dht,
+    /// Peer exchange (BEP 11): another peer told us.
+    Pex,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NoticeKind {
     Tracker,
+    /// The DHT: a state file that could not be used, a socket that could not be opened.
+    Dht,
     /// A peer the user named could not be reached (once per peer).
     PeerUnreachable,
     PeerBanned,

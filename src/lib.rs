@@ -28,6 +28,7 @@ mod choker;
 #[doc(hidden)]
 pub mod cli;
 mod create;
+mod dht;
 pub mod engine;
 mod error;
 #[cfg(any(test, feature = "fuzz"))]
@@ -50,8 +51,8 @@ mod tracker;
 
 pub use create::{Options as CreateOptions, create as create_torrent};
 pub use engine::{
-    Choice, Chooser, Config, Engine, Event, Handle, MagnetSource, NoticeKind, Progress, SeedLimits,
-    Source, Stats, StreamTo, Target,
+    Choice, Chooser, Config, Engine, Event, Handle, MagnetSource, NoticeKind, PeerSource, Progress,
+    SeedLimits, Source, Stats, StreamTo, Target,
 };
 pub use error::Error;
 pub use magnet::{Error as MagnetError, Magnet};

@@ -42,8 +42,25 @@ pub enum Input {
         key: PeerKey,
         event: crate::meta_peer::MetaEvent,
     },
+    /// From the DHT thread.
+    Dht(DhtMessage),
     /// A helper thread (listener, tracker, hasher, streamer) died on a panic.
     Panicked(&'static str),
+}
+
+/// What the DHT thread reports (a wrapper for `Debug`: the DHT's events hold only data).
+pub struct DhtMessage(pub crate::dht::Event);
+
+impl std::fmt::Debug for DhtMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::dht::Event;
+        match &self.0 {
+            Event::Peers { peers, .. } => write!(f, "Dht(Peers({}))", peers.len()),
+            Event::Ready { nodes } => write!(f, "Dht(Ready({nodes}))"),
+            Event::LookupDone { peers, .. } => write!(f, "Dht(LookupDone({peers}))"),
+            Event::Notice(m) => write!(f, "Dht(Notice({m:?}))"),
+        }
+    }
 }
 
 #[derive(Debug)]

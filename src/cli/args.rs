@@ -152,6 +152,13 @@ macro_rules! with_session_options {
             /// (small swarms, tests)
             #[argh(option, arg_name = "DURATION")]
             pub announce_interval: Option<String>,
+            /// join the DHT through this node instead of the public routers; repeatable
+            #[argh(option, arg_name = "HOST:PORT")]
+            pub dht_bootstrap: Vec<String>,
+            /// do not use the DHT: peers come from trackers, --peer and peer exchange only
+            /// (private torrents never use it)
+            #[argh(switch)]
+            pub no_dht: bool,
             /// most connections at once (default 50)
             #[argh(option, default = "50", arg_name = "N")]
             pub max_peers: usize,
@@ -333,6 +340,46 @@ fn parse_peer(p: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// Checks `--dht-bootstrap HOST:PORT` without resolving it: the DHT resolves its bootstrap
+/// names on its own thread, in bounded time, so a slow resolver never holds up the start.
+pub fn check_dht_nodes(nodes: &[String]) -> Result<Vec<String>, Error> {
+    nodes
+        .iter()
+        .map(|n| {
+            let bad = |why: &str| Error::Usage(format!("--dht-bootstrap {n}: {why}"));
+            let (host, port) = n
+                .rsplit_once(':')
+                .ok_or_else(|| bad("expected HOST:PORT, e.g. 127.0.0.2:6881"))?;
+            match port.parse::<u16>() {
+                Ok(1..) => {}
+                _ => return Err(bad(&format!("'{port}' is not a port number (1 to 65535)"))),
+            }
+            if host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .is_empty()
+            {
+                return Err(bad("the host is missing (HOST:PORT)"));
+            }
+            Ok(n.clone())
+        })
+        .collect()
+}
+
+/// Where the DHT keeps its node id and routing table between runs:
+/// `$XDG_CACHE_HOME/bitfetch/dht.dat`, else `~/.cache/bitfetch/dht.dat`.
+pub fn dht_state_file() -> Option<PathBuf> {
+    let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .and_then(absolute)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(absolute)
+                .map(|h| h.join(".cache"))
+        })?;
+    Some(cache.join("bitfetch").join("dht.dat"))
+}
+
 /// The options `download` and `seed` share, borrowed from either.
 pub struct SessionOptions<'a> {
     pub peer: &'a [String],
@@ -340,6 +387,8 @@ pub struct SessionOptions<'a> {
     pub bind: Option<IpAddr>,
     pub ca_file: Option<&'a Path>,
     pub announce_interval: Option<&'a str>,
+    pub dht_bootstrap: &'a [String],
+    pub no_dht: bool,
     pub max_peers: usize,
     pub max_peers_per_ip: usize,
     pub upload_slots: usize,
@@ -362,6 +411,8 @@ macro_rules! session_options {
             bind: $a.bind,
             ca_file: $a.ca_file.as_deref(),
             announce_interval: $a.announce_interval.as_deref(),
+            dht_bootstrap: &$a.dht_bootstrap,
+            no_dht: $a.no_dht,
             max_peers: $a.max_peers,
             max_peers_per_ip: $a.max_peers_per_ip,
             upload_slots: $a.upload_slots,

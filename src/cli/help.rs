@@ -48,6 +48,7 @@ const NETWORK_SEED: &[&str] = &[
     "--upload-slots",
 ];
 const TRACKERS: &[&str] = &["--ca-file", "--announce-interval"];
+const PEER_SOURCES: &[&str] = &["--no-dht", "--dht-bootstrap"];
 const MESSAGES: &[&str] = &["--quiet", "--json", "--progress-interval"];
 
 const LAYOUTS: &[Layout] = &[
@@ -73,6 +74,7 @@ const LAYOUTS: &[Layout] = &[
             ("Messages", MESSAGES),
             ("Network", NETWORK_DOWNLOAD),
             ("Trackers", TRACKERS),
+            ("DHT and peer exchange", PEER_SOURCES),
         ],
         unlisted: &[],
         overrides: &[],
@@ -87,6 +89,7 @@ const LAYOUTS: &[Layout] = &[
             ("Messages", MESSAGES),
             ("Network", NETWORK_SEED),
             ("Trackers", TRACKERS),
+            ("DHT and peer exchange", PEER_SOURCES),
         ],
         unlisted: &["--max-download-rate", "--stall-timeout"],
         overrides: &[

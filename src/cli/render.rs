@@ -15,7 +15,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use super::human_bytes;
-use crate::engine::{Event, NoticeKind, Progress};
+use crate::engine::{Event, NoticeKind, PeerSource, Progress};
 use crate::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +124,8 @@ impl Render {
             }
             Event::Notice { kind, message } => self.note_kind(json_kind(*kind), message),
             Event::TrackerError { url, message } => self.tracker_error(url, message),
+            Event::Dht { address, nodes } => self.dht(*address, *nodes),
+            Event::PeersFound { source, count } => self.peers_found(*source, *count),
             Event::MetadataProgress {
                 peers,
                 received,
@@ -323,6 +325,31 @@ impl Render {
         }
     }
 
+    /// The DHT is up: JSON only (people see DHT trouble as notices).
+    fn dht(&self, address: std::net::SocketAddr, nodes: usize) {
+        if self.mode == Mode::Json {
+            self.emit(&format!(
+                "{{\"event\":\"dht\",\"address\":\"{address}\",\"nodes\":{nodes}}}"
+            ));
+        }
+    }
+
+    /// A source named peers: JSON only (the status line counts connections).
+    fn peers_found(&self, source: PeerSource, count: usize) {
+        if self.mode == Mode::Json {
+            let source = match source {
+                PeerSource::Tracker => "tracker",
+                PeerSource::Dht => "dht",
+                PeerSource::Pex => "pex",
+                #[allow(unreachable_patterns)]
+                _ => "other",
+            };
+            self.emit(&format!(
+                "{{\"event\":\"peers\",\"source\":\"{source}\",\"count\":{count}}}"
+            ));
+        }
+    }
+
     fn file_completed(&self, path: &str, size: u64) {
         if self.mode == Mode::Json {
             self.emit(&format!(
@@ -494,6 +521,7 @@ fn json_kind(kind: NoticeKind) -> &'static str {
         NoticeKind::PeerBanned => "peer_banned",
         NoticeKind::HashFailed => "hash_failed",
         NoticeKind::DiskChanged => "disk_changed",
+        NoticeKind::Dht => "dht_notice",
         _ => "notice",
     }
 }

@@ -74,6 +74,8 @@ pub(super) struct Phase<'a> {
     pub stop: &'a AtomicBool,
     pub input_tx: &'a Sender<Input>,
     pub started: Instant,
+    /// The DHT node (public torrents; a magnet is taken as public until its metadata says).
+    pub dht: &'a mut Option<super::dht_source::DhtSource>,
 }
 
 struct State<'a> {
@@ -185,7 +187,19 @@ impl State<'_> {
             {
                 self.start(Dial::Inbound(stream, addr), addr);
             }
-            Input::Peers(list) => self.add_candidates(list),
+            Input::Peers(list) => {
+                let _ = self.p.events.send(Event::PeersFound {
+                    source: crate::engine::PeerSource::Tracker,
+                    count: list.len(),
+                });
+                self.add_candidates(list);
+            }
+            Input::Dht(m) => {
+                if let Some(d) = self.p.dht.as_mut() {
+                    let peers = d.on_message(m, self.p.events);
+                    self.add_candidates(peers);
+                }
+            }
             Input::NamedPeers(list) => {
                 self.named.extend(list.iter().copied());
                 self.add_candidates(list);
@@ -308,6 +322,9 @@ impl State<'_> {
         self.fetch.expire(now);
         self.ask_all(now);
         self.dial(now);
+        if let Some(d) = self.p.dht.as_mut() {
+            d.tick(true);
+        }
         if self.last_report.elapsed() >= Duration::from_secs(1) {
             self.last_report = Instant::now();
             let (received, pieces) = self.fetch.progress();
@@ -421,13 +438,17 @@ impl State<'_> {
             .candidates
             .iter()
             .any(|a| self.dials.get(a).is_none_or(|(n, _)| *n < MAX_DIALS));
-        if (self.trackers_failed || self.p.trackers.is_empty()) && self.conns.is_empty() && !hopeful
+        let dht = self.p.dht.as_ref();
+        if (self.trackers_failed || self.p.trackers.is_empty())
+            && dht.is_none_or(|d| d.exhausted())
+            && self.conns.is_empty()
+            && !hopeful
         {
-            return Err(Error::NoPeers(
-                "the metadata cannot be fetched: no tracker answered and no peer could be \
-                 reached (add --peer HOST:PORT?)"
-                    .into(),
-            ));
+            let dht = dht.map_or(String::new(), |d| format!(", {}", d.why_exhausted()));
+            return Err(Error::NoPeers(format!(
+                "the metadata cannot be fetched: no tracker answered{dht} and no peer could \
+                 be reached (add --peer HOST:PORT?)"
+            )));
         }
         Ok(())
     }

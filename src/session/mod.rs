@@ -11,6 +11,7 @@
 //! table (dialling, duplicates, bans, pruning); `transfer.rs` what flows over connections
 //! (interest, requests, blocks, hashes, choking).
 
+mod dht_source;
 mod magnet;
 mod peer_table;
 mod peers;
@@ -41,6 +42,7 @@ use crate::rng::{self, Rng};
 use crate::storage::{Layout, Storage, Undo, Writer};
 use crate::tracker::{Stats, Tracker, TrackerCommand};
 
+use dht_source::DhtSource;
 use peer_table::PeerTable;
 use peers::Peer;
 
@@ -118,6 +120,9 @@ impl Started {
         if let Some(l) = self.threads.listener.take() {
             l.close();
         }
+        if let Some(d) = self.threads.dht.take() {
+            d.stop();
+        }
     }
 }
 
@@ -169,6 +174,7 @@ fn magnet_phase(
         input_tx,
     )?;
     threads.tracker = Some(tracker);
+    threads.dht = DhtSource::start(cfg, magnet.info_hash, local, input_tx, events);
     let mut started = Started {
         threads,
         local,
@@ -198,6 +204,7 @@ fn magnet_phase(
         stop,
         input_tx,
         started: Instant::now(),
+        dht: &mut started.threads.dht,
     };
     let fetched = match magnet::fetch(phase, input_rx) {
         Ok(f) => f,
@@ -208,6 +215,12 @@ fn magnet_phase(
     };
     started.handovers = fetched.handovers;
     started.banned = fetched.banned;
+    if fetched.meta.private
+        && let Some(d) = started.threads.dht.take()
+    {
+        // BEP 27: a private torrent's peers come from its trackers only.
+        d.stop();
+    }
     let choice = match m.choose {
         Some(choose) => choose(&fetched.meta),
         None => Ok(Choice::Download(None)),
@@ -501,6 +514,8 @@ struct Helpers {
     hashers: Vec<JoinHandle<()>>,
     tracker: Option<JoinHandle<()>>,
     streamer: Option<JoinHandle<()>>,
+    /// The DHT node, for public torrents.
+    dht: Option<DhtSource>,
 }
 
 /// The accepting thread and what wakes it for shutdown.
@@ -761,6 +776,9 @@ fn run_transfer(
                 &input_tx,
             )?;
             threads.tracker = Some(tracker);
+            if !meta.private {
+                threads.dht = DhtSource::start(&cfg, meta.info_hash, local, &input_tx, &events);
+            }
             (threads, Some(local), Some(tracker_tx))
         }
     };
@@ -967,6 +985,10 @@ impl Session {
             self.last_need_peers = Instant::now();
             let _ = t.send(TrackerCommand::NeedPeers);
         }
+        let want_peers = self.peers.len() < WANT_PEERS && !self.picker.is_complete();
+        if let Some(d) = &mut self.threads.dht {
+            d.tick(want_peers);
+        }
         self.release_stalled_requests();
         self.retry_after_backoff();
         self.distrust_idle_claims();
@@ -999,6 +1021,7 @@ impl Session {
     /// peer may go away after that.
     fn check_peer_sources(&self) -> Result<(), Error> {
         if self.trackers_failed
+            && self.threads.dht.as_ref().is_none_or(DhtSource::exhausted)
             && !self.picker.is_complete()
             && !self.cfg.seed_after
             && self.peers.is_empty()
@@ -1020,6 +1043,10 @@ impl Session {
                     String::new()
                 };
                 format!("no tracker answered: {}{more}", failed.join(", "))
+            };
+            let trackers = match &self.threads.dht {
+                Some(d) => format!("{trackers}; {}", d.why_exhausted()),
+                None => trackers,
             };
             let message = if self.unreachable.is_empty() {
                 format!("{trackers}; no peer is known (add --peer HOST:PORT?)")
@@ -1044,7 +1071,21 @@ impl Session {
         match msg {
             Input::Peer { key, event } => self.on_peer_event(key, event)?,
             Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
-            Input::Peers(list) => self.add_candidates(list),
+            Input::Peers(list) => {
+                let _ = self.events.send(Event::PeersFound {
+                    source: crate::engine::PeerSource::Tracker,
+                    count: list.len(),
+                });
+                self.add_candidates(list);
+            }
+            Input::Dht(m) => {
+                if let Some(d) = &mut self.threads.dht {
+                    let peers = d.on_message(m, &self.events);
+                    if !peers.is_empty() {
+                        self.add_candidates(peers);
+                    }
+                }
+            }
             Input::NamedPeers(list) => {
                 self.named.extend(list.iter().take(MAX_NAMED));
                 self.add_candidates(list);
@@ -1140,6 +1181,9 @@ impl Session {
     fn join_helpers(&mut self) {
         if let Some(l) = self.threads.listener.take() {
             l.close();
+        }
+        if let Some(d) = self.threads.dht.take() {
+            d.stop();
         }
         for h in self.threads.hashers.drain(..) {
             let _ = h.join();
