@@ -133,7 +133,11 @@ fn fetch_metadata(magnet: crate::magnet::Magnet) -> Result<Metainfo, Error> {
         selected: None,
         stream: None,
     };
-    let config = crate::engine::Config::default();
+    // The DHT with its saved table, as a download would: a trackerless magnet needs it.
+    let config = crate::engine::Config {
+        dht_state: super::args::dht_state_file(),
+        ..crate::engine::Config::default()
+    };
     super::transfer::drive(source, target, config, (super::render::Mode::Quiet, None))?;
     got.lock()
         .take()
