@@ -28,6 +28,7 @@ mod choker;
 #[doc(hidden)]
 pub mod cli;
 mod create;
+mod dht;
 pub mod engine;
 mod error;
 #[cfg(any(test, feature = "fuzz"))]
