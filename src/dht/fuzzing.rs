@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::krpc::{self, Body};
-use super::node::{MAX_PENDING, MAX_PEER_LOOKUPS, Node};
+use super::node::{MAX_PEER_LOOKUPS, MAX_PENDING, Node};
 use super::store::{MAX_HASHES, MAX_PEERS_PER_HASH};
 use super::table::{K, MAX_BUCKETS};
 use crate::rng::Rng;
@@ -79,7 +79,11 @@ fn check_codec(packet: &[u8]) {
                 assert!(r.values.len() <= krpc::MAX_VALUES);
             }
             let again = krpc::encode(&msg);
-            assert_eq!(krpc::decode(&again).as_ref(), Ok(&msg), "re-encoding changed it");
+            assert_eq!(
+                krpc::decode(&again).as_ref(),
+                Ok(&msg),
+                "re-encoding changed it"
+            );
         }
         Err(e) => {
             if let Some((tid, _)) = &e.reply {

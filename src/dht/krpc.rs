@@ -265,7 +265,7 @@ fn decode_error(top: &Dict) -> Body {
 /// is a broken message; entries past [`MAX_NODES`] are ignored.
 pub(crate) fn parse_nodes(b: &[u8], v6: bool) -> Result<Vec<Contact>, &'static str> {
     let size = if v6 { 38 } else { 26 };
-    if b.len() % size != 0 {
+    if !b.len().is_multiple_of(size) {
         return Err("compact node info of a wrong length");
     }
     Ok(b.chunks_exact(size)
@@ -546,6 +546,12 @@ mod tests {
         let Body::Query(q) = decode(q).unwrap().body else {
             panic!()
         };
-        assert_eq!(q.want, Want { v4: false, v6: true });
+        assert_eq!(
+            q.want,
+            Want {
+                v4: false,
+                v6: true
+            }
+        );
     }
 }

@@ -118,8 +118,14 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let allowed = (0..100).filter(|_| l.allow(ip, t0)).count();
         assert_eq!(allowed, PER_IP_BURST as usize);
-        assert!(l.allow("10.0.0.2".parse().unwrap(), t0), "others unaffected");
-        assert!(l.allow(ip, t0 + Duration::from_millis(60)), "refills at 20/s");
+        assert!(
+            l.allow("10.0.0.2".parse().unwrap(), t0),
+            "others unaffected"
+        );
+        assert!(
+            l.allow(ip, t0 + Duration::from_millis(60)),
+            "refills at 20/s"
+        );
     }
 
     #[test]

@@ -262,7 +262,11 @@ mod tests {
         let mut l = Lookup::new([0; 20], now);
         l.add((0..1000).map(|n| c((n % 250) as u8, n)));
         assert!(l.candidates.len() <= MAX_CANDIDATES);
-        assert!(l.candidates.windows(2).all(|w| w[0].distance <= w[1].distance));
+        assert!(
+            l.candidates
+                .windows(2)
+                .all(|w| w[0].distance <= w[1].distance)
+        );
         let peers: Vec<SocketAddr> = (0..1000).map(|n| c(0, n).addr).collect();
         let new = l.add_peers(&peers[..10]);
         assert_eq!(new.len(), 10);

@@ -218,7 +218,11 @@ impl Drop for Dht {
 fn bind(ip: Option<IpAddr>, port: u16) -> io::Result<(UdpSocket, (bool, bool))> {
     use socket2::{Domain, Protocol, Socket, Type};
     let open = |ip: IpAddr, dual: bool| -> io::Result<UdpSocket> {
-        let domain = if ip.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+        let domain = if ip.is_ipv6() {
+            Domain::IPV6
+        } else {
+            Domain::IPV4
+        };
         let try_port = |port: u16| -> io::Result<UdpSocket> {
             let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
             if ip.is_ipv6() {
@@ -233,9 +237,14 @@ fn bind(ip: Option<IpAddr>, port: u16) -> io::Result<(UdpSocket, (bool, bool))> 
     match ip {
         None => match open(IpAddr::V6(Ipv6Addr::UNSPECIFIED), true) {
             Ok(s) => Ok((s, (true, true))),
-            Err(_) => Ok((open(IpAddr::V4(Ipv4Addr::UNSPECIFIED), false)?, (true, false))),
+            Err(_) => Ok((
+                open(IpAddr::V4(Ipv4Addr::UNSPECIFIED), false)?,
+                (true, false),
+            )),
         },
-        Some(IpAddr::V6(v6)) if v6.is_unspecified() => Ok((open(IpAddr::V6(v6), true)?, (true, true))),
+        Some(IpAddr::V6(v6)) if v6.is_unspecified() => {
+            Ok((open(IpAddr::V6(v6), true)?, (true, true)))
+        }
         Some(ip) => Ok((open(ip, false)?, (ip.is_ipv4(), ip.is_ipv6()))),
     }
 }
@@ -392,10 +401,7 @@ impl Worker {
     }
 
     fn deliver(&mut self) -> bool {
-        self.node
-            .take_events()
-            .into_iter()
-            .all(|e| (self.sink)(e))
+        self.node.take_events().into_iter().all(|e| (self.sink)(e))
     }
 
     fn save(&mut self) {
@@ -408,5 +414,135 @@ impl Worker {
                 path.display()
             )));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::RecvTimeoutError;
+
+    /// Starts a node on 127.0.0.`n`; its events go to `tx` tagged with `n`.
+    fn start(n: u8, bootstrap: Vec<String>, tx: &Sender<(u8, Event)>) -> Dht {
+        let tx = tx.clone();
+        let cfg = Config {
+            bind: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))),
+            port: 0,
+            bootstrap,
+            state_file: None,
+        };
+        Dht::start(cfg, Box::new(move |e| tx.send((n, e)).is_ok())).unwrap()
+    }
+
+    /// The next event matching `pick`, waiting until `deadline`.
+    fn wait_for<T>(
+        rx: &Receiver<(u8, Event)>,
+        deadline: Instant,
+        mut pick: impl FnMut(u8, &Event) -> Option<T>,
+    ) -> T {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((n, e)) => {
+                    if let Some(t) = pick(n, &e) {
+                        return t;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("deadline passed"),
+                Err(RecvTimeoutError::Disconnected) => panic!("every node is gone"),
+            }
+        }
+    }
+
+    #[test]
+    fn ten_nodes_on_loopback_find_an_announced_peer() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let first = start(2, Vec::new(), &tx);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        assert_eq!(
+            wait_for(&rx, deadline, |n, e| match e {
+                Event::Ready { nodes } if n == 2 => Some(*nodes),
+                _ => None,
+            }),
+            0,
+            "the first node has nobody to ask, and says so at once"
+        );
+        let boot = vec![first.local_addr().to_string()];
+        let mut nodes = vec![first];
+        for n in 3..12u8 {
+            nodes.push(start(n, boot.clone(), &tx));
+            let ready = wait_for(&rx, deadline, |m, e| match e {
+                Event::Ready { nodes } if m == n => Some(*nodes),
+                _ => None,
+            });
+            assert!(ready >= 1, "node {n} reached the first");
+        }
+        let h = [0xab; 20];
+        // Node 127.0.0.4 announces port 4242.
+        nodes[2].get_peers(h, Some(4242));
+        wait_for(&rx, deadline, |n, e| {
+            matches!(e, Event::LookupDone { info_hash, .. } if n == 4 && *info_hash == h)
+                .then_some(())
+        });
+        // Node 127.0.0.11 looks until it finds it (the announces may still be on their way).
+        let want: SocketAddr = "127.0.0.4:4242".parse().unwrap();
+        nodes[9].get_peers(h, None);
+        wait_for(&rx, deadline, |n, e| match e {
+            Event::Peers { info_hash, peers } if n == 11 && *info_hash == h => {
+                peers.contains(&want).then_some(())
+            }
+            Event::LookupDone { info_hash, .. } if n == 11 && *info_hash == h => {
+                nodes[9].get_peers(h, None);
+                None
+            }
+            _ => None,
+        });
+        for d in nodes {
+            d.stop(Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn the_state_file_keeps_the_id_and_a_corrupt_one_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache/dht.dat");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let run = |tx: &Sender<(u8, Event)>| {
+            let tx = tx.clone();
+            let cfg = Config {
+                bind: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                port: 0,
+                bootstrap: Vec::new(),
+                state_file: Some(path.clone()),
+            };
+            let d = Dht::start(cfg, Box::new(move |e| tx.send((1, e)).is_ok())).unwrap();
+            d.stop(Duration::from_secs(2));
+        };
+        run(&tx);
+        let first = persist::load(&path).unwrap().unwrap();
+        run(&tx);
+        assert_eq!(persist::load(&path).unwrap().unwrap().id, first.id);
+        std::fs::write(&path, b"not bencode").unwrap();
+        run(&tx);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let notice = wait_for(&rx, deadline, |_, e| match e {
+            Event::Notice(m) => Some(m.clone()),
+            _ => None,
+        });
+        assert!(notice.contains("dht.dat"), "{notice}");
+        assert_ne!(persist::load(&path).unwrap().unwrap().id, first.id);
+    }
+
+    #[test]
+    fn loopback_binds_never_resolve_public_names() {
+        let plan = BootstrapPlan::new(&[], true);
+        assert!(plan.addrs.is_empty() && plan.names.is_empty());
+        let plan = BootstrapPlan::new(&["example.org:1".into(), "127.0.0.9:5".into()], true);
+        assert!(plan.names.is_empty() && plan.loopback);
+        assert_eq!(plan.notices.len(), 1);
+        let plan = BootstrapPlan::new(&[], false);
+        assert_eq!(plan.names.len(), PUBLIC_ROUTERS.len());
+        let plan = BootstrapPlan::new(&["[::1]:7".into(), "nonsense".into()], false);
+        assert!(plan.loopback && plan.addrs.len() == 1 && plan.notices.len() == 1);
     }
 }

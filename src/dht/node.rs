@@ -40,7 +40,9 @@ const MAX_BOOTSTRAP_ADDRS: usize = 32;
 #[derive(Debug, Clone, Copy)]
 enum Purpose {
     /// Liveness check; `retries` more pings before the node counts as failed twice.
-    Ping { retries: u8 },
+    Ping {
+        retries: u8,
+    },
     Bootstrap,
     Lookup(u32),
     Announce,
@@ -189,7 +191,9 @@ impl Node {
     pub(crate) fn bootstrap(&mut self, addrs: &[SocketAddr], now: Instant) {
         for &a in addrs {
             let a = addr::canonical(a);
-            if self.bootstrap_addrs.len() < MAX_BOOTSTRAP_ADDRS && !self.bootstrap_addrs.contains(&a) {
+            if self.bootstrap_addrs.len() < MAX_BOOTSTRAP_ADDRS
+                && !self.bootstrap_addrs.contains(&a)
+            {
                 self.bootstrap_addrs.push(a);
             }
             let target = self.id;
@@ -208,9 +212,8 @@ impl Node {
 
     pub(crate) fn get_peers(&mut self, info_hash: NodeId, announce: Option<u16>, now: Instant) {
         // Replacing: the old lookup's transactions are ignored when they come back.
-        self.lookups.retain(|_, r| {
-            !matches!(r.kind, Kind::Peers { info_hash: h, .. } if h == info_hash)
-        });
+        self.lookups
+            .retain(|_, r| !matches!(r.kind, Kind::Peers { info_hash: h, .. } if h == info_hash));
         let running = self
             .lookups
             .iter()
@@ -221,7 +224,15 @@ impl Node {
         {
             self.finish_lookup(oldest, now);
         }
-        self.start_lookup(info_hash, Kind::Peers { info_hash, announce }, Vec::new(), now);
+        self.start_lookup(
+            info_hash,
+            Kind::Peers {
+                info_hash,
+                announce,
+            },
+            Vec::new(),
+            now,
+        );
     }
 
     fn start_lookup(&mut self, target: NodeId, kind: Kind, extra: Vec<Contact>, now: Instant) {
@@ -269,7 +280,13 @@ impl Node {
     }
 
     /// Queues a query; false when it cannot go (address refused, too many outstanding).
-    fn send_query(&mut self, to: SocketAddr, method: Method, purpose: Purpose, now: Instant) -> bool {
+    fn send_query(
+        &mut self,
+        to: SocketAddr,
+        method: Method,
+        purpose: Purpose,
+        now: Instant,
+    ) -> bool {
         let to = addr::canonical(to);
         if to == self.local
             || !addr::allowed(to, self.local_mode)
@@ -419,14 +436,25 @@ impl Node {
             body: Body::Response(r),
         };
         self.out.push((from, krpc::encode(&msg)));
-        self.consider_querier(Contact { id: q.id, addr: from }, q.read_only, now);
+        self.consider_querier(
+            Contact {
+                id: q.id,
+                addr: from,
+            },
+            q.read_only,
+            now,
+        );
     }
 
     fn fill_nodes(&self, r: &mut Response, target: &NodeId, want: Want, now: Instant) {
-        if want.v4 && let Some(t) = &self.v4 {
+        if want.v4
+            && let Some(t) = &self.v4
+        {
             r.nodes = t.closest(target, K, now);
         }
-        if want.v6 && let Some(t) = &self.v6 {
+        if want.v6
+            && let Some(t) = &self.v6
+        {
             r.nodes6 = t.closest(target, K, now);
         }
     }
@@ -463,7 +491,10 @@ impl Node {
             self.query_failed(p, true, now);
             return;
         }
-        let responder = Contact { id: r.id, addr: from };
+        let responder = Contact {
+            id: r.id,
+            addr: from,
+        };
         let inserted = self.table_mut(from).map(|t| t.insert(responder, now));
         if let Some(Insert::PingFirst(stale)) = inserted {
             self.send_query(stale.addr, Method::Ping, Purpose::Ping { retries: 1 }, now);
@@ -686,4 +717,215 @@ pub(crate) struct Sizes {
     pub lookups: usize,
     /// (info hashes, peers)
     pub stored: (usize, usize),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn node(now: Instant) -> Node {
+        Node::new(
+            [0x11; 20],
+            a("10.0.0.1:6881"),
+            (true, false),
+            false,
+            Rng::new(3),
+            now,
+        )
+    }
+
+    fn query(tid: &[u8], method: Method) -> Vec<u8> {
+        krpc::encode(&Message {
+            tid: tid.to_vec(),
+            body: Body::Query(Query {
+                id: [0x22; 20],
+                method,
+                want: Want::default(),
+                read_only: true,
+            }),
+        })
+    }
+
+    /// Sends one datagram, returns the one reply (there must be exactly one).
+    fn ask(n: &mut Node, from: SocketAddr, bytes: &[u8], now: Instant) -> Body {
+        n.handle(from, bytes, now);
+        let out = n.take_out();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].0, from);
+        krpc::decode(&out[0].1).unwrap().body
+    }
+
+    #[test]
+    fn answers_queries_and_stores_announces_only_with_a_valid_token() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let from = a("10.9.9.9:7000");
+        let h = [0x33; 20];
+        let Body::Response(r) = ask(&mut n, from, &query(b"p", Method::Ping), now) else {
+            panic!()
+        };
+        assert_eq!(r.id, [0x11; 20]);
+        let Body::Response(r) = ask(
+            &mut n,
+            from,
+            &query(b"g", Method::GetPeers { info_hash: h }),
+            now,
+        ) else {
+            panic!()
+        };
+        let token = r.token.unwrap();
+        assert!(r.values.is_empty());
+        let announce = |token: Vec<u8>| Method::AnnouncePeer {
+            info_hash: h,
+            port: 5555,
+            implied_port: false,
+            token,
+        };
+        let Body::Error { code, .. } = ask(
+            &mut n,
+            from,
+            &query(b"a", announce(b"forged".to_vec())),
+            now,
+        ) else {
+            panic!()
+        };
+        assert_eq!(code, krpc::ERR_PROTOCOL);
+        // The token was issued to another IP.
+        let other = a("10.9.9.8:7000");
+        assert!(matches!(
+            ask(&mut n, other, &query(b"a", announce(token.clone())), now),
+            Body::Error { .. }
+        ));
+        assert!(matches!(
+            ask(&mut n, from, &query(b"a", announce(token)), now),
+            Body::Response(_)
+        ));
+        let Body::Response(r) = ask(
+            &mut n,
+            other,
+            &query(b"g", Method::GetPeers { info_hash: h }),
+            now,
+        ) else {
+            panic!()
+        };
+        assert_eq!(r.values, vec![a("10.9.9.9:5555")]);
+        // A broken query gets a protocol error; garbage gets nothing.
+        let Body::Error { code, .. } =
+            ask(&mut n, from, b"d1:ad2:id1:xe1:q4:ping1:t1:x1:y1:qe", now)
+        else {
+            panic!()
+        };
+        assert_eq!(code, krpc::ERR_PROTOCOL);
+        n.handle(from, b"\xff\xfe", now);
+        assert!(n.take_out().is_empty());
+    }
+
+    #[test]
+    fn queries_from_one_ip_are_rate_limited_and_martians_ignored() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let from = a("10.9.9.9:7000");
+        let ping = query(b"p", Method::Ping);
+        for _ in 0..200 {
+            n.handle(from, &ping, now);
+        }
+        assert_eq!(
+            n.take_out().len(),
+            super::super::limits::PER_IP_BURST as usize
+        );
+        for bad in ["127.0.0.1:5", "0.0.0.0:5", "224.0.0.1:5"] {
+            n.handle(a(bad), &ping, now);
+        }
+        assert!(n.take_out().is_empty());
+    }
+
+    #[test]
+    fn answers_only_count_from_the_address_asked_and_lookups_report_peers() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let router = a("10.5.0.1:6881");
+        n.bootstrap(&[router], now);
+        let out = n.take_out();
+        assert_eq!(out.len(), 1);
+        let Message { tid, .. } = krpc::decode(&out[0].1).unwrap();
+        let helper = Contact {
+            id: [0x34; 20],
+            addr: a("10.6.0.1:6881"),
+        };
+        let reply = krpc::encode(&Message {
+            tid: tid.clone(),
+            body: Body::Response(Response {
+                id: [0x40; 20],
+                nodes: vec![helper],
+                ..Response::default()
+            }),
+        });
+        n.handle(a("10.5.0.2:6881"), &reply, now);
+        assert_eq!(n.nodes(), 0, "an answer from elsewhere is ignored");
+        n.handle(router, &reply, now);
+        assert_eq!(n.nodes(), 1);
+        // The self-lookup asks the node it learnt of.
+        let out = n.take_out();
+        assert!(out.iter().any(|(to, _)| *to == helper.addr), "{out:?}");
+        // A get_peers lookup streams peers as they come, then ends.
+        let h = [0x35; 20];
+        n.get_peers(h, None, now);
+        let out = n.take_out();
+        let mut ended = false;
+        for (to, bytes) in out {
+            let Message { tid, body } = krpc::decode(&bytes).unwrap();
+            let Body::Query(Query {
+                method: Method::GetPeers { .. },
+                ..
+            }) = body
+            else {
+                continue;
+            };
+            let id = if to == router { [0x40; 20] } else { helper.id };
+            let reply = krpc::encode(&Message {
+                tid,
+                body: Body::Response(Response {
+                    id,
+                    values: vec![a("10.7.0.1:1"), a("127.0.0.1:2"), a("10.7.0.1:1")],
+                    token: Some(b"t".to_vec()),
+                    ..Response::default()
+                }),
+            });
+            n.handle(to, &reply, now);
+            for e in n.take_events() {
+                match e {
+                    Event::Peers { peers, .. } => assert_eq!(peers, vec![a("10.7.0.1:1")]),
+                    Event::LookupDone { peers, .. } => {
+                        assert_eq!(peers, 1);
+                        ended = true;
+                    }
+                    Event::Ready { .. } | Event::Notice(_) => {}
+                }
+            }
+        }
+        assert!(ended);
+    }
+
+    #[test]
+    fn ready_is_said_once_promptly_with_nobody_to_ask() {
+        let now = Instant::now();
+        let mut n = node(now);
+        n.bootstrap(&[], now);
+        n.tick(now);
+        assert_eq!(n.take_events(), vec![Event::Ready { nodes: 0 }]);
+        n.tick(now + READY_WITHIN);
+        assert!(n.take_events().is_empty());
+        // With a name resolving, Ready waits for it, but not past READY_WITHIN.
+        let mut n = node(now);
+        n.set_resolving(1);
+        n.bootstrap(&[], now);
+        n.tick(now);
+        assert!(n.take_events().is_empty());
+        n.tick(now + READY_WITHIN);
+        assert_eq!(n.take_events(), vec![Event::Ready { nodes: 0 }]);
+    }
 }

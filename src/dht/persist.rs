@@ -42,7 +42,11 @@ impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             LoadError::Read { path, source } => {
-                write!(f, "ignoring the DHT state file {}: {source}", path.display())
+                write!(
+                    f,
+                    "ignoring the DHT state file {}: {source}",
+                    path.display()
+                )
             }
             LoadError::Corrupt { path, what } => {
                 write!(f, "ignoring the DHT state file {}: {what}", path.display())
@@ -98,8 +102,10 @@ pub(crate) fn parse(data: &[u8]) -> Result<Saved, String> {
             continue;
         };
         let size = if v6 { 38 } else { 26 };
-        if b.len() % size != 0 {
-            return Err(format!("{key} has a length that is not a multiple of {size}"));
+        if !b.len().is_multiple_of(size) {
+            return Err(format!(
+                "{key} has a length that is not a multiple of {size}"
+            ));
         }
         for chunk in b.chunks_exact(size).take(MAX_SAVED - nodes.len()) {
             // parse_nodes caps at a message's worth; read the file's entries one by one.

@@ -55,7 +55,10 @@ impl PeerStore {
             })
             .collect();
         live.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
-        live.iter().take(MAX_VALUES_REPLY).map(|(p, _)| *p).collect()
+        live.iter()
+            .take(MAX_VALUES_REPLY)
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     pub(crate) fn expire(&mut self, now: Instant) {
@@ -113,7 +116,10 @@ mod tests {
         let got = s.get(&[1; 20], BOTH, t0 + Duration::from_secs(1));
         assert_eq!(got.len(), MAX_VALUES_REPLY);
         assert_eq!(got[0], peer(MAX_PEERS_PER_HASH as u32 + 49), "newest first");
-        let v6_only = Want { v4: false, v6: true };
+        let v6_only = Want {
+            v4: false,
+            v6: true,
+        };
         assert!(s.get(&[1; 20], v6_only, t0).is_empty());
         for h in 1..MAX_HASHES as u32 {
             let mut hash = [0u8; 20];
@@ -121,6 +127,9 @@ mod tests {
             assert!(s.announce(hash, peer(1), t0));
         }
         assert!(!s.announce([0xff; 20], peer(1), t0), "full");
-        assert!(s.announce([0xff; 20], peer(1), t0 + PEER_TTL * 2), "after expiry");
+        assert!(
+            s.announce([0xff; 20], peer(1), t0 + PEER_TTL * 2),
+            "after expiry"
+        );
     }
 }

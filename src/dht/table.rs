@@ -43,10 +43,12 @@ struct Entry {
 
 impl Entry {
     fn status(&self, now: Instant) -> Status {
-        let recent = |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < GOOD_FOR);
+        let recent =
+            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < GOOD_FOR);
         if self.failures >= BAD_AFTER {
             Status::Bad
-        } else if recent(self.last_reply) || (self.last_reply.is_some() && recent(self.last_query)) {
+        } else if recent(self.last_reply) || (self.last_reply.is_some() && recent(self.last_query))
+        {
             Status::Good
         } else {
             Status::Questionable
@@ -203,7 +205,11 @@ impl Table {
                 self.split(now);
                 continue;
             }
-            if let Some(bad) = bucket.entries.iter().position(|e| e.status(now) == Status::Bad) {
+            if let Some(bad) = bucket
+                .entries
+                .iter()
+                .position(|e| e.status(now) == Status::Bad)
+            {
                 bucket.entries[bad] = entry;
                 bucket.changed = now;
                 return Insert::Added;
@@ -246,7 +252,10 @@ impl Table {
     fn split(&mut self, now: Instant) {
         let new_last = self.buckets.len();
         let own = self.own;
-        let old = self.buckets.last_mut().expect("the table always has a bucket");
+        let old = self
+            .buckets
+            .last_mut()
+            .expect("the table always has a bucket");
         let (stay, go): (Vec<Entry>, Vec<Entry>) = old
             .entries
             .drain(..)
@@ -368,7 +377,11 @@ impl Table {
         for bit in 0..prefix.min(160) {
             let (byte, mask) = (bit / 8, 0x80u8 >> (bit % 8));
             let own_bit = self.own[byte] & mask;
-            let want = if bit == i && i != last { own_bit ^ mask } else { own_bit };
+            let want = if bit == i && i != last {
+                own_bit ^ mask
+            } else {
+                own_bit
+            };
             id[byte] = (id[byte] & !mask) | want;
         }
         Some(id)
@@ -424,7 +437,10 @@ mod tests {
         // Nodes close to us keep splitting the last bucket.
         for cpl in 1..30 {
             n += 1;
-            assert_eq!(t.insert(c(id_with_prefix(&own, cpl, 0), n), now), Insert::Added);
+            assert_eq!(
+                t.insert(c(id_with_prefix(&own, cpl, 0), n), now),
+                Insert::Added
+            );
         }
         assert!(t.buckets() > 2);
         assert_eq!(t.len(), 8 + 29);
