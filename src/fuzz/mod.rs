@@ -1,5 +1,5 @@
 //! Fuzz targets: one function per parser that reads bytes from outside (torrent files, peers,
-//! trackers, path elements, magnet links, the metadata exchange), and one for a connection's
+//! trackers, path elements, magnet links, the metadata exchange, DHT datagrams), and one for a connection's
 //! command queue, which the peer's requests and cancels fill (`outbox.rs` beside this file).
 //!
 //! Each function takes arbitrary bytes, must never panic, and checks with `assert!` the
@@ -545,6 +545,17 @@ fn tracker_udp_body(data: &[u8]) {
     if let Ok((host, port)) = tracker::udp::host_port(&String::from_utf8_lossy(data)) {
         assert!(!host.is_empty() && port != 0);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DHT (KRPC)
+// ---------------------------------------------------------------------------------------------
+
+/// DHT datagrams (BEP 5/32): the KRPC decoder, and a whole node answering and matching them
+/// (routing tables, peer store, tokens, rate limits, lookups; no socket). Input layout in
+/// `src/dht/fuzzing.rs`: datagrams separated by `\n--\n`, each after a sender/clock byte.
+pub fn krpc(data: &[u8]) {
+    on_small_stack(data, crate::dht::fuzzing::krpc);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ use crate::fuzz::{self, OutboxTally, outbox::Op};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 9] = [
     ("metainfo", fuzz::metainfo),
     ("wire", fuzz::wire),
     ("tracker_http", fuzz::tracker_http),
@@ -24,6 +24,7 @@ const TARGETS: [(&str, Target); 8] = [
     ("magnet", fuzz::magnet),
     ("ut_metadata", fuzz::ut_metadata),
     ("outbox", fuzz::outbox),
+    ("krpc", fuzz::krpc),
 ];
 
 fn fuzz_dir() -> PathBuf {
