@@ -198,6 +198,10 @@ pub struct Config {
     pub stall_timeout: Option<Duration>,
     /// Threads that hash pieces (and check data at start-up).
     pub hashers: usize,
+    /// BEP 11 peer exchange: tell connected peers about each other (`ut_pex`) and dial the
+    /// peers they tell us about (within the same caps, bans and back-off as tracker peers).
+    /// Always off for private torrents (BEP 27).
+    pub pex: bool,
 }
 
 impl Default for Config {
@@ -219,6 +223,7 @@ impl Default for Config {
             timeout: None,
             stall_timeout: None,
             hashers: cores(),
+            pex: true,
         }
     }
 }

@@ -37,6 +37,7 @@ const NETWORK_DOWNLOAD: &[&str] = &[
     "--max-peers",
     "--max-peers-per-ip",
     "--upload-slots",
+    "--no-pex",
 ];
 const NETWORK_SEED: &[&str] = &[
     "--peer",
@@ -46,6 +47,7 @@ const NETWORK_SEED: &[&str] = &[
     "--max-peers",
     "--max-peers-per-ip",
     "--upload-slots",
+    "--no-pex",
 ];
 const TRACKERS: &[&str] = &["--ca-file", "--announce-interval"];
 const MESSAGES: &[&str] = &["--quiet", "--json", "--progress-interval"];

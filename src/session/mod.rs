@@ -14,6 +14,7 @@
 mod magnet;
 mod peer_table;
 mod peers;
+mod pex;
 mod stream;
 mod transfer;
 
@@ -192,6 +193,8 @@ fn magnet_phase(
             our_id,
             bind: cfg.bind,
             listen_port: local.port(),
+            pex: cfg.pex,
+            dht_port: None,
         },
         cfg,
         events,
@@ -824,6 +827,9 @@ fn run_transfer(
             download_limit: cfg
                 .max_download_rate
                 .map(|r| Arc::new(TokenBucket::per_second(r))),
+            // BEP 27: a private torrent's peers come from its trackers only.
+            pex: cfg.pex && !meta.private,
+            dht_port: None,
         }),
         writer,
         was_complete: complete,
@@ -970,6 +976,7 @@ impl Session {
         self.release_stalled_requests();
         self.retry_after_backoff();
         self.distrust_idle_claims();
+        self.send_pex();
         if self.last_rechoke.elapsed() >= RECHOKE_EVERY {
             self.last_rechoke = Instant::now();
             self.rechoke();

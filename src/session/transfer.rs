@@ -56,6 +56,7 @@ impl Session {
                 ..
             } => self.on_connected(key, addr, peer_id, fast, commands),
             PeerEvent::Extended(info) => {
+                self.on_pex_offer(key, info.ut_pex);
                 let p = self.peer_mut(key);
                 p.reqq = info.reqq;
                 if let Some(port) = info.listen_port {
@@ -141,6 +142,9 @@ impl Session {
                     ));
                 }
             }
+            PeerEvent::Pex { added, dropped } => self.on_pex(added, dropped),
+            // Wired to the DHT by the session once it runs a DHT node.
+            PeerEvent::DhtPort(_) => {}
             PeerEvent::Gone { error } => self.on_gone(key, error.as_ref()),
         }
         Ok(())
