@@ -207,6 +207,10 @@ pub struct Config {
     /// Where the DHT keeps its node id and routing table between runs (nothing is kept when
     /// `None`). The command line uses `$XDG_CACHE_HOME/bitfetch/dht.dat`.
     pub dht_state: Option<PathBuf>,
+    /// BEP 11 peer exchange: tell connected peers about each other (`ut_pex`) and dial the
+    /// peers they tell us about (within the same caps, bans and back-off as tracker peers).
+    /// Always off for private torrents (BEP 27).
+    pub pex: bool,
 }
 
 impl Default for Config {
@@ -231,6 +235,7 @@ impl Default for Config {
             dht: true,
             dht_bootstrap: Vec::new(),
             dht_state: None,
+            pex: true,
         }
     }
 }

@@ -22,7 +22,9 @@ macro_rules! internal {
     )*};
 }
 
-internal!(bencode, extension, geometry, magnet, metadata, picker, wire);
+internal!(
+    bencode, extension, geometry, magnet, metadata, pex, picker, wire
+);
 
 mod choker;
 #[doc(hidden)]

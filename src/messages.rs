@@ -104,6 +104,17 @@ pub enum PeerEvent {
     Uploaded(u32),
     /// A piece we had verified no longer matches its hash on disk; it was not sent.
     CorruptOnDisk(PieceIndex),
+    /// BEP 11: peers the peer exchanged with us (its `ut_pex` message; only with PEX on, at
+    /// most one message per [`crate::peer::PEX_MIN_INTERVAL`] and
+    /// [`crate::pex::MAX_PER_MESSAGE`] addresses each, every address checked usable).
+    Pex {
+        added: Vec<(SocketAddr, u8)>,
+        dropped: Vec<SocketAddr>,
+    },
+    /// BEP 5: the peer's DHT port (its `port` message: the first non-zero one only). For the
+    /// session to hand to the DHT node.
+    #[allow(dead_code)]
+    DhtPort(u16),
     /// The connection ended; its threads are finishing and can be joined. `error` is `None`
     /// for a clean close (the peer hung up between frames, or we closed it); otherwise its
     /// `is_violation` and `may_redial` say whether to ban the address or try it again. Sent
@@ -125,6 +136,12 @@ pub enum Command {
     /// true = choke, false = unchoke.
     Choke(bool),
     Have(PieceIndex),
+    /// BEP 11: a `ut_pex` message (`payload` encoded by `pex::encode`) under the peer's id
+    /// for it. Only the latest waits: a newer one replaces one the writer has not taken.
+    Pex {
+        id: u8,
+        payload: Vec<u8>,
+    },
     /// The first message after the handshake: what we have. Nothing else goes out before it.
     Intro(HaveSummary),
     Shutdown,

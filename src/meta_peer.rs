@@ -1,7 +1,8 @@
 //! A connection of the metadata phase: a magnet download knows only the info hash, so it
 //! cannot run a full connection (`peer.rs` needs the piece count, the storage, the hashes).
 //! This thread does the handshakes, asks for metadata pieces when the session says so, and
-//! keeps what the peer announces (bitfield, haves, chokes) as raw frames, unread. Once the
+//! keeps what the peer announces (bitfield, haves, chokes, its DHT port) as raw frames, unread
+//! (`ut_pex` messages are read past: peers found that early would wait for the torrent anyway). Once the
 //! metadata is in, the session asks it to hand the socket over: it stops at the next read,
 //! and a full connection carries on from there, reading the kept frames first — no second
 //! connection, no second handshake.
@@ -68,14 +69,11 @@ pub struct MetaContext {
     pub our_id: [u8; 20],
     pub bind: Option<IpAddr>,
     pub listen_port: u16,
-}
-
-fn our_reserved() -> [u8; 8] {
-    let mut r = [0u8; 8];
-    for (byte, bit) in [reserved::EXTENSION, reserved::FAST] {
-        r[byte] |= bit;
-    }
-    r
+    /// BEP 11 is on (`Config::pex`): `ut_pex` is offered (whether the torrent is private is
+    /// not known yet; the full connection takes the offer back if it is).
+    pub pex: bool,
+    /// BEP 5: our DHT node's UDP port (see `peer::Context::dht_port`).
+    pub dht_port: Option<u16>,
 }
 
 /// Runs one connection on a thread of its own; it always ends with `Gone` or `HandedOver`.
@@ -128,7 +126,7 @@ fn run(
         peer::Dial::Handover(h) => return Ok(Some(*h)),
     };
     let ours = Handshake {
-        reserved: our_reserved(),
+        reserved: peer::our_reserved(ctx.dht_port.is_some()),
         info_hash: ctx.info_hash,
         peer_id: ctx.our_id,
     }
@@ -164,10 +162,27 @@ fn run(
         wire::encode(
             &wire::Message::Extended {
                 id: extension::HANDSHAKE_ID,
-                payload: extension::our_handshake(ctx.listen_port, addr.ip(), None),
+                payload: extension::our_handshake(
+                    ctx.listen_port,
+                    addr.ip(),
+                    None,
+                    if ctx.pex {
+                        extension::PexOffer::Offer
+                    } else {
+                        extension::PexOffer::Omit
+                    },
+                ),
             },
             &mut out,
         );
+    }
+    // BEP 5: both sides run a DHT node. (The peer's `port` message is kept for the full
+    // connection, which passes it on.)
+    if let Some(port) = ctx
+        .dht_port
+        .filter(|_| reserved::has(&theirs.reserved, reserved::DHT))
+    {
+        wire::encode(&wire::Message::Port(port), &mut out);
     }
     stream.write_all(&out).map_err(PeerError::Io)?;
     send(

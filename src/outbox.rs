@@ -52,6 +52,8 @@ pub(crate) struct Pending {
     pub cancel_serves: HashMap<BlockRef, usize>,
     /// Extended messages to send, as (the peer's id for the extension, payload).
     pub extended: Vec<(u8, Vec<u8>)>,
+    /// The latest `ut_pex` message (the peer's id for it, payload): one at most.
+    pub pex: Option<(u8, Vec<u8>)>,
     pub shutdown: bool,
 }
 
@@ -66,6 +68,7 @@ impl Pending {
         self.serves.clear();
         self.cancel_serves.clear();
         self.extended.clear();
+        self.pex = None;
         self.shutdown = false;
     }
 
@@ -81,6 +84,7 @@ impl Pending {
             && self.serves.is_empty()
             && self.cancel_serves.is_empty()
             && self.extended.is_empty()
+            && self.pex.is_none()
             && !self.shutdown
     }
 }
@@ -169,6 +173,7 @@ impl Outbox {
                 Command::Choke(choke) => p.choke = Some(choke),
                 Command::Interested(yes) => p.interested = Some(yes),
                 Command::Have(piece) => p.haves.push(piece),
+                Command::Pex { id, payload } => p.pex = Some((id, payload)),
                 Command::Request(blocks) => p.requests.extend(blocks),
                 Command::Cancel(block) => match p.requests.iter().position(|b| *b == block) {
                     // Never sent: nothing to cancel on the wire.
@@ -380,6 +385,23 @@ mod tests {
         }
         assert_eq!(o.peek(|p| p.cancel_serves.len()), 4);
         assert_eq!(o.cancel_serve(b[4], 4), CancelServe::Overflow);
+    }
+
+    #[test]
+    fn only_the_latest_pex_message_waits() {
+        let (o, inbox, ending) = boxes();
+        for i in 0..10_000u32 {
+            o.send(Command::Pex {
+                id: 1,
+                payload: i.to_be_bytes().to_vec(),
+            });
+        }
+        let mut p = Pending::default();
+        inbox.take(&mut p);
+        assert_eq!(p.pex, Some((1, 9_999u32.to_be_bytes().to_vec())));
+        assert!(ending.take().is_ok(), "no overflow");
+        inbox.take(&mut p);
+        assert!(p.is_empty());
     }
 
     #[test]

@@ -51,6 +51,7 @@ use crate::geometry::{BlockRef, Geometry, PieceIndex};
 use crate::messages::{Command, HaveSummary, Input, PeerEvent};
 use crate::metadata;
 use crate::outbox::{self, CancelServe, Inbox, Outbox, Pending, Wake};
+use crate::pex;
 use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
 use crate::recv::RecvBuf;
@@ -87,6 +88,9 @@ pub const MAX_ALLOWED_FAST: usize = 32;
 /// Extended handshakes read per connection (BEP 10 allows updates); later ones are skipped
 /// unread.
 pub const MAX_EXTENDED_HANDSHAKES: u32 = 4;
+/// BEP 11 asks for a `ut_pex` message at most once a minute; one that comes sooner than this
+/// after the last one taken is read past, unparsed (a flood costs the session nothing).
+pub const PEX_MIN_INTERVAL: Duration = Duration::from_secs(45);
 const THREAD_STACK: usize = 256 * 1024;
 /// Blocks the reader remembers asking for (outstanding, or voided by a choke, cancel or
 /// reject, whose answers may still come), in two generations: when the newer half is full,
@@ -299,6 +303,11 @@ pub struct Context {
     pub listen_port: u16,
     pub upload_limit: Option<Arc<TokenBucket>>,
     pub download_limit: Option<Arc<TokenBucket>>,
+    /// BEP 11 peer exchange: `ut_pex` offered and read (off for private torrents).
+    pub pex: bool,
+    /// BEP 5: our DHT node's UDP port. When set, our handshake sets the DHT bit and peers that
+    /// set it too are sent a `port` message after the intro.
+    pub dht_port: Option<u16>,
 }
 
 pub enum Dial {
@@ -375,18 +384,22 @@ pub(crate) fn connect(
     Ok(socket.into())
 }
 
-/// The reserved bits we set: BEP 10 extension protocol and BEP 6 Fast extension.
-fn our_reserved() -> [u8; 8] {
+/// The reserved bits we set: BEP 10 extension protocol and BEP 6 Fast extension, and BEP 5
+/// DHT when we run a DHT node (`dht`).
+pub(crate) fn our_reserved(dht: bool) -> [u8; 8] {
     let mut r = [0u8; 8];
     for (byte, bit) in [reserved::EXTENSION, reserved::FAST] {
         r[byte] |= bit;
+    }
+    if dht {
+        r[reserved::DHT.0] |= reserved::DHT.1;
     }
     r
 }
 
 fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
     Handshake {
-        reserved: our_reserved(),
+        reserved: our_reserved(ctx.dht_port.is_some()),
         info_hash: ctx.info_hash,
         peer_id: ctx.our_id,
     }
@@ -654,13 +667,26 @@ fn run(
         let asked = Arc::clone(&asked);
         let ending = Arc::clone(&ending);
         let t = *t;
+        // A handed-over connection offered PEX before the torrent was known to be private:
+        // this update takes the offer back.
+        let pex = match (ctx.pex, handed_over) {
+            (true, _) => extension::PexOffer::Offer,
+            (false, true) => extension::PexOffer::Withdraw,
+            (false, false) => extension::PexOffer::Omit,
+        };
         let ext_handshake = extended.then(|| {
             extension::our_handshake(
                 ctx.listen_port,
                 addr.ip(),
                 Some(ctx.meta.info_bytes().len()),
+                pex,
             )
         });
+        // BEP 5: both sides run a DHT node. (The metadata phase sent it on a handed-over
+        // connection.)
+        let dht_port = ctx
+            .dht_port
+            .filter(|_| reserved::has(&theirs.reserved, reserved::DHT) && !handed_over);
         thread::Builder::new()
             .name(format!("peer-{}-w", key.0))
             .stack_size(THREAD_STACK)
@@ -679,6 +705,7 @@ fn run(
                     // The metadata phase said `have none` (or nothing) already: what we
                     // have by now goes out as haves.
                     w.handed_over = handed_over;
+                    w.dht_port = dht_port;
                     let result = w.run(&inbox);
                     // Bytes sent before a broken write still count.
                     w.report();
@@ -723,6 +750,7 @@ fn run(
             fast,
             links,
         );
+        reader.pex = ctx.pex;
         // What the metadata phase read of the peer's extension handshake.
         match ext_info {
             Some(info) => {
@@ -829,6 +857,11 @@ struct Reader<'a, R> {
     info: &'a [u8],
     their_ut_metadata: Option<u8>,
     serve_limit: metadata::ServeLimit,
+    /// BEP 11 is on for this torrent, and when the last `ut_pex` message was taken.
+    pex: bool,
+    last_pex: Option<Instant>,
+    /// A `port` message was passed on (later ones are ignored).
+    dht_port_told: bool,
     /// Choke, interest and cancel messages in the current [`FLOOD_WINDOW`], and when it
     /// began: coalescing makes them cheap, a budget makes them end the connection.
     control: (std::time::Instant, u32),
@@ -864,6 +897,9 @@ impl<'a, R: Source> Reader<'a, R> {
             info,
             their_ut_metadata: None,
             serve_limit: metadata::ServeLimit::default(),
+            pex: false,
+            last_pex: None,
+            dht_port_told: false,
             control: (std::time::Instant::now(), 0),
         }
     }
@@ -1001,6 +1037,9 @@ impl<'a, R: Source> Reader<'a, R> {
         if ext[0] == extension::UT_METADATA_ID {
             return self.read_ut_metadata(len - 1);
         }
+        if ext[0] == extension::UT_PEX_ID && self.pex {
+            return self.read_pex(len - 1);
+        }
         if ext[0] != extension::HANDSHAKE_ID || self.extended_handshakes >= MAX_EXTENDED_HANDSHAKES
         {
             return self.skip(len - 1);
@@ -1064,6 +1103,36 @@ impl<'a, R: Source> Reader<'a, R> {
         Ok(())
     }
 
+    /// A BEP 11 message: at most one per [`PEX_MIN_INTERVAL`] is read (the others, and
+    /// oversize ones, are read past); a malformed one is ignored, not fatal (PEX is advice).
+    fn read_pex(&mut self, len: usize) -> Result<(), PeerError> {
+        let now = Instant::now();
+        let too_soon = self
+            .last_pex
+            .is_some_and(|t| now.duration_since(t) < PEX_MIN_INTERVAL);
+        if too_soon || len > pex::MAX_MESSAGE_LEN {
+            return self.skip(len);
+        }
+        self.last_pex = Some(now);
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.resize(len, 0);
+        let read = self.read(&mut payload);
+        let msg = read.is_ok().then(|| pex::decode(&payload));
+        if payload.capacity() <= KEEP_PAYLOAD {
+            self.payload = payload;
+        }
+        read?;
+        match msg {
+            Some(Ok(m)) if !m.added.is_empty() || !m.dropped.is_empty() => {
+                self.emit(PeerEvent::Pex {
+                    added: m.added,
+                    dropped: m.dropped,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn read_piece(&mut self, data_len: u32) -> Result<(), PeerError> {
         let mut header = [0u8; wire::PIECE_HEADER_LEN];
         self.read(&mut header)?;
@@ -1102,7 +1171,13 @@ impl<'a, R: Source> Reader<'a, R> {
         let storage = self.storage;
         let g = storage.geometry();
         match msg {
-            Message::KeepAlive | Message::Port(_) | Message::Unknown(_) => Ok(()),
+            Message::KeepAlive | Message::Unknown(_) => Ok(()),
+            // BEP 5: the first usable one only.
+            Message::Port(port) if port != 0 && !self.dht_port_told => {
+                self.dht_port_told = true;
+                self.emit(PeerEvent::DhtPort(port))
+            }
+            Message::Port(_) => Ok(()),
             // Read by `read_extended`; not reached.
             Message::Extended { .. } => Ok(()),
             Message::Choke => {
@@ -1284,7 +1359,10 @@ pub(crate) fn replay_reader(
         asked: &asked,
     };
     // A small info dictionary, so the fuzz target drives the metadata-serving path too.
-    let result = Reader::new(src, storage, b"d6:lengthi1ee", None, fast, links).run();
+    let mut reader = Reader::new(src, storage, b"d6:lengthi1ee", None, fast, links);
+    // Peer exchange on, so the fuzz target drives its decoder too.
+    reader.pex = true;
+    let result = reader.run();
     let mut pending = Pending::default();
     inbox.take(&mut pending);
     Replay {
@@ -1345,6 +1423,8 @@ struct WriterState<W> {
     /// A connection of the metadata phase, which said `have none` already (see [`Handover`]):
     /// the intro goes out as haves.
     handed_over: bool,
+    /// BEP 5: our DHT port, sent after the intro (both sides set the DHT bit).
+    dht_port: Option<u16>,
     /// Pieces we have told this peer about; we serve only those.
     have: Vec<bool>,
     serves: VecDeque<BlockRef>,
@@ -1388,6 +1468,7 @@ impl<W: SendHalf> WriterState<W> {
             interested: false,
             introduced: false,
             handed_over: false,
+            dht_port: None,
             have: vec![false; ctx.geometry.piece_count() as usize],
             serves: VecDeque::new(),
             work: Pending::default(),
@@ -1506,7 +1587,8 @@ impl<W: SendHalf> WriterState<W> {
         self.send_ext_handshake();
     }
 
-    /// Our BEP 10 handshake, once, if negotiated.
+    /// Our BEP 10 handshake, once, if negotiated; then our BEP 5 DHT port, if both sides
+    /// run a DHT node.
     fn send_ext_handshake(&mut self) {
         if let Some(payload) = self.ext_handshake.take() {
             wire::encode(
@@ -1516,6 +1598,9 @@ impl<W: SendHalf> WriterState<W> {
                 },
                 &mut self.out,
             );
+        }
+        if let Some(port) = self.dht_port.take() {
+            wire::encode(&Message::Port(port), &mut self.out);
         }
     }
 
@@ -1553,6 +1638,15 @@ impl<W: SendHalf> WriterState<W> {
             self.links.asked.lock().insert(&work.requests);
         }
         for (id, payload) in &work.extended {
+            wire::encode(
+                &Message::Extended {
+                    id: *id,
+                    payload: payload.clone(),
+                },
+                &mut self.out,
+            );
+        }
+        if let Some((id, payload)) = &work.pex {
             wire::encode(
                 &Message::Extended {
                     id: *id,
@@ -1832,6 +1926,8 @@ mod tests {
                 listen_port: 6881,
                 upload_limit: None,
                 download_limit: None,
+                pex: true,
+                dht_port: None,
             };
             let f = Fixture {
                 _dir: dir,
@@ -2342,11 +2438,91 @@ mod tests {
     }
 
     #[test]
+    fn pex_messages_are_passed_on_at_most_once_per_interval() {
+        let f = Fixture::new(false);
+        let pex_msg = |last: u8| {
+            let msg = pex::Message {
+                added: vec![(SocketAddr::from(([127, 0, 0, last], 6881)), pex::flag::SEED)],
+                dropped: vec![],
+            };
+            frame(&Message::Extended {
+                id: extension::UT_PEX_ID,
+                payload: pex::encode(&msg),
+            })
+        };
+        let mut bytes = pex_msg(2);
+        // Too soon: read past, unparsed, however many.
+        for i in 0..100 {
+            bytes.extend(pex_msg(3 + i));
+        }
+        let r = f.replay(&bytes, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        let told: Vec<_> = r
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::Pex { added, .. } => Some(added.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            told,
+            vec![vec![(
+                SocketAddr::from(([127, 0, 0, 2], 6881)),
+                pex::flag::SEED
+            )]]
+        );
+        // Malformed or oversize messages are ignored, not fatal; none is passed on.
+        for payload in [
+            b"le".to_vec(),
+            b"d5:added5:abcdee".to_vec(),
+            vec![b'l'; 5000],
+            [
+                b"d5:added".as_slice(),
+                &vec![b'x'; pex::MAX_MESSAGE_LEN + 10],
+            ]
+            .concat(),
+        ] {
+            let bytes = frame(&Message::Extended {
+                id: extension::UT_PEX_ID,
+                payload,
+            });
+            let r = f.replay(&bytes, false, Vec::new());
+            assert!(r.result.is_ok(), "{:?}", r.result);
+            assert!(r.events.is_empty(), "{:?}", r.events);
+        }
+    }
+
+    #[test]
+    fn the_first_usable_port_message_is_passed_on_once() {
+        let f = Fixture::new(false);
+        let mut bytes = frame(&Message::Port(0));
+        for port in [6881, 6882, 6883] {
+            bytes.extend(frame(&Message::Port(port)));
+        }
+        let r = f.replay(&bytes, false, Vec::new());
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(
+            matches!(r.events[..], [PeerEvent::DhtPort(6881)]),
+            "{:?}",
+            r.events
+        );
+        // The wrong length is a violation, as for every fixed-size message.
+        let err = refusal(&f, &frame_with(wire::ID_PORT, &[0x1a]));
+        assert!(err.is_violation(), "{err:?}");
+    }
+
+    #[test]
     fn unknown_messages_and_extra_extended_handshakes_are_read_past() {
         let f = Fixture::new(false);
         let handshake = Message::Extended {
             id: extension::HANDSHAKE_ID,
-            payload: extension::our_handshake(7000, IpAddr::from([10, 0, 0, 2]), None),
+            payload: extension::our_handshake(
+                7000,
+                IpAddr::from([10, 0, 0, 2]),
+                None,
+                extension::PexOffer::Offer,
+            ),
         };
         let mut bytes = frame(&handshake).repeat(10);
         // An unknown id with a frame near the cap, and an extension message we never
@@ -2404,8 +2580,14 @@ mod tests {
     ) -> TestWriter<W> {
         let (tx, events) = crossbeam_channel::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
-        let ext = extended
-            .then(|| extension::our_handshake(6881, IpAddr::from([10, 0, 0, 1]), Some(100)));
+        let ext = extended.then(|| {
+            extension::our_handshake(
+                6881,
+                IpAddr::from([10, 0, 0, 1]),
+                Some(100),
+                extension::PexOffer::Offer,
+            )
+        });
         let links = WriterLinks {
             key: PeerKey(1),
             events: tx,
@@ -2493,6 +2675,40 @@ mod tests {
             begin: b.offset,
             data: f.data[f.range(b)].to_vec(),
         }
+    }
+
+    #[test]
+    fn the_dht_port_follows_the_extension_handshake_and_pex_goes_out_as_told() {
+        let f = Fixture::new(true);
+        let mut t = writer(&f, true, true);
+        t.w.dht_port = Some(6999);
+        t.run(vec![
+            Cmd(Command::Intro(HaveSummary::None)),
+            Cmd(Command::Pex {
+                id: 9,
+                payload: b"old".to_vec(),
+            }),
+            Cmd(Command::Pex {
+                id: 9,
+                payload: b"de".to_vec(),
+            }),
+        ])
+        .unwrap();
+        let out = sent(&f, &t.w.stream);
+        assert_eq!(out[0], msg(Message::HaveNone));
+        assert!(matches!(
+            &out[1],
+            Frame::Message(Message::Extended { id: 0, .. })
+        ));
+        assert_eq!(out[2], msg(Message::Port(6999)));
+        // Only the latest PEX message that waited goes out.
+        assert_eq!(
+            out[3..],
+            [msg(Message::Extended {
+                id: 9,
+                payload: b"de".to_vec()
+            })]
+        );
     }
 
     #[test]

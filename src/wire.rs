@@ -64,6 +64,8 @@ pub mod reserved {
     pub const EXTENSION: (usize, u8) = (5, 0x10);
     /// BEP 6 Fast extension: byte 7, 0x04.
     pub const FAST: (usize, u8) = (7, 0x04);
+    /// BEP 5 DHT (we send and read the `port` message): byte 7, 0x01.
+    pub const DHT: (usize, u8) = (7, 0x01);
 
     pub fn has(bits: &[u8; 8], flag: (usize, u8)) -> bool {
         bits[flag.0] & flag.1 != 0
@@ -467,6 +469,7 @@ mod tests {
         let bytes = h.encode();
         assert_eq!(Handshake::decode(&bytes).unwrap(), h);
         assert!(reserved::has(&h.reserved, reserved::FAST));
+        assert!(!reserved::has(&h.reserved, reserved::DHT));
         let mut bad = bytes;
         bad[0] = 18;
         assert_eq!(Handshake::decode(&bad), Err(Error::BadProtocol));
@@ -622,6 +625,14 @@ mod tests {
             Err(Error::BadBitfield)
         );
         assert!(decode_frame(&[0, 0, 0, 2, ID_BITFIELD, 0b1110_0000], 1, 3).is_ok());
+        // BEP 5 `port`: exactly two bytes of payload.
+        assert_eq!(
+            decode_frame(&[0, 0, 0, 3, ID_PORT, 0x1a, 0xe1], 1, 3),
+            Ok(Some((Frame::Message(Message::Port(6881)), 7)))
+        );
+        assert!(decode_frame(&[0, 0, 0, 2, ID_PORT, 0x1a], 1, 3).is_err());
+        assert!(decode_frame(&[0, 0, 0, 4, ID_PORT, 0x1a, 0xe1, 0], 1, 3).is_err());
+        assert!(decode_frame(&[0, 0, 0, 1, ID_PORT], 1, 3).is_err());
         // Unknown ids are skipped, not fatal.
         let (f, _) = decode_frame(&[0, 0, 0, 2, 99, 1], 1, 3).unwrap().unwrap();
         assert_eq!(f, Frame::Message(Message::Unknown(99)));

@@ -168,6 +168,10 @@ macro_rules! with_session_options {
             /// peers uploaded to at once, plus one optimistic slot (default 4)
             #[argh(option, default = "4", arg_name = "N")]
             pub upload_slots: usize,
+            /// no peer exchange (BEP 11): peers are neither told about each other nor
+            /// learnt from each other (private torrents never exchange peers)
+            #[argh(switch)]
+            pub no_pex: bool,
             /// upload limit in bytes per second, e.g. 500K or 2M (default 0: no limit)
             #[argh(option, arg_name = "RATE")]
             pub max_upload_rate: Option<String>,
@@ -392,6 +396,7 @@ pub struct SessionOptions<'a> {
     pub max_peers: usize,
     pub max_peers_per_ip: usize,
     pub upload_slots: usize,
+    pub no_pex: bool,
     pub max_upload_rate: Option<&'a str>,
     pub max_download_rate: Option<&'a str>,
     pub seed_ratio: Option<&'a str>,
@@ -416,6 +421,7 @@ macro_rules! session_options {
             max_peers: $a.max_peers,
             max_peers_per_ip: $a.max_peers_per_ip,
             upload_slots: $a.upload_slots,
+            no_pex: $a.no_pex,
             max_upload_rate: $a.max_upload_rate.as_deref(),
             max_download_rate: $a.max_download_rate.as_deref(),
             seed_ratio: $a.seed_ratio.as_deref(),
@@ -662,6 +668,7 @@ pub fn lone_dash_last<'a>(args: &[&'a str]) -> Vec<&'a str> {
         "--list",
         "--seed",
         "--no-seed",
+        "--no-pex",
         "--quiet",
         "-q",
         "--force",

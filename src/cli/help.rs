@@ -48,7 +48,7 @@ const NETWORK_SEED: &[&str] = &[
     "--upload-slots",
 ];
 const TRACKERS: &[&str] = &["--ca-file", "--announce-interval"];
-const PEER_SOURCES: &[&str] = &["--no-dht", "--dht-bootstrap"];
+const PEER_SOURCES: &[&str] = &["--no-dht", "--dht-bootstrap", "--no-pex"];
 const MESSAGES: &[&str] = &["--quiet", "--json", "--progress-interval"];
 
 const LAYOUTS: &[Layout] = &[

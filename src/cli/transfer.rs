@@ -329,6 +329,7 @@ pub(super) fn session_config(
         max_download_rate: rate("--max-download-rate", o.max_download_rate)?,
         timeout: duration("--timeout", o.timeout)?,
         stall_timeout: duration("--stall-timeout", o.stall_timeout)?,
+        pex: !o.no_pex,
         ..Config::default()
     };
     let mode = if o.json {

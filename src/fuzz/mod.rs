@@ -381,6 +381,13 @@ fn check_event(event: &PeerEvent, geometry: &Geometry, fast: bool) {
             let again = geometry.aligned_block(block.piece.get(), block.offset, block.len);
             assert_eq!(again, Some(*block));
         }
+        PeerEvent::DhtPort(port) => assert_ne!(*port, 0, "a `port` of 0 was passed on"),
+        PeerEvent::Pex { added, dropped } => {
+            assert!(added.len() <= 2 * crate::pex::MAX_PER_MESSAGE);
+            assert!(dropped.len() <= 2 * crate::pex::MAX_PER_MESSAGE);
+            let all = added.iter().map(|(a, _)| a).chain(dropped);
+            assert!(all.into_iter().all(|a| crate::pex::is_usable(*a)));
+        }
         PeerEvent::Extended(_)
         | PeerEvent::Have(_)
         | PeerEvent::Choke
@@ -454,8 +461,13 @@ fn check_extended_handshake(payload: &[u8]) {
         Some(v6) if payload.len().is_multiple_of(2) => IpAddr::V6(Ipv6Addr::from(v6)),
         _ => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
     };
-    let ours = extension::parse_handshake(&extension::our_handshake(port, ip, None))
-        .expect("our extended handshake parses");
+    let ours = extension::parse_handshake(&extension::our_handshake(
+        port,
+        ip,
+        None,
+        extension::PexOffer::Offer,
+    ))
+    .expect("our extended handshake parses");
     assert_eq!(ours.listen_port, (port != 0).then_some(port));
     assert_eq!(ours.reqq, Some(extension::OUR_REQQ as usize));
 }

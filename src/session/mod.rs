@@ -15,6 +15,7 @@ mod dht_source;
 mod magnet;
 mod peer_table;
 mod peers;
+mod pex;
 mod stream;
 mod transfer;
 
@@ -189,6 +190,7 @@ fn magnet_phase(
             cfg.peers.push(p);
         }
     }
+    let dht_port = started.threads.dht.as_ref().map(DhtSource::port);
     let phase = magnet::Phase {
         info_hash: magnet.info_hash,
         trackers: tiers,
@@ -198,6 +200,8 @@ fn magnet_phase(
             our_id,
             bind: cfg.bind,
             listen_port: local.port(),
+            pex: cfg.pex,
+            dht_port,
         },
         cfg,
         events,
@@ -783,6 +787,7 @@ fn run_transfer(
         }
     };
     let listen_port = local.map_or(0, |l| l.port());
+    let dht_port = threads.dht.as_ref().map(DhtSource::port);
 
     let hash_tx = match &writer {
         Some(_) => {
@@ -842,6 +847,9 @@ fn run_transfer(
             download_limit: cfg
                 .max_download_rate
                 .map(|r| Arc::new(TokenBucket::per_second(r))),
+            // BEP 27: a private torrent's peers come from its trackers only.
+            pex: cfg.pex && !meta.private,
+            dht_port,
         }),
         writer,
         was_complete: complete,
@@ -992,6 +1000,7 @@ impl Session {
         self.release_stalled_requests();
         self.retry_after_backoff();
         self.distrust_idle_claims();
+        self.send_pex();
         if self.last_rechoke.elapsed() >= RECHOKE_EVERY {
             self.last_rechoke = Instant::now();
             self.rechoke();

@@ -20,6 +20,9 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_BANS: usize = 4096;
 /// Candidates kept at most: a flood of tracker or peer-source addresses must not grow memory.
 pub(super) const MAX_CANDIDATES: usize = 4096;
+/// Of the candidates, at most this many learnt by peer exchange: however many peers a flood
+/// of PEX messages names, the queue keeps room for the trackers' and the user's.
+pub(super) const MAX_PEX_CANDIDATES: usize = 256;
 
 /// How a connection ended, as far as redialling its address is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,9 @@ pub(super) struct PeerTable {
     violators: HashSet<SocketAddr>,
     /// Our own listening addresses: dialling them would connect to ourselves.
     own: Vec<SocketAddr>,
+    /// Candidates queued from peer exchange (a superset: those that left the queue are
+    /// forgotten when the next PEX addresses come).
+    from_pex: HashSet<SocketAddr>,
 }
 
 impl PeerTable {
@@ -78,6 +84,33 @@ impl PeerTable {
                 && !self.candidates.contains(&addr)
             {
                 self.candidates.push_back(addr);
+            }
+        }
+    }
+
+    /// Candidates from peer exchange: as [`add`](PeerTable::add), while fewer than
+    /// [`MAX_PEX_CANDIDATES`] of the queue came this way.
+    pub fn add_from_pex(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let queued: HashSet<SocketAddr> = self.candidates.iter().copied().collect();
+        self.from_pex.retain(|a| queued.contains(a));
+        for addr in addrs {
+            if self.from_pex.len() >= MAX_PEX_CANDIDATES {
+                break;
+            }
+            let before = self.candidates.len();
+            self.add([addr]);
+            if self.candidates.len() > before {
+                self.from_pex.insert(addr);
+            }
+        }
+    }
+
+    /// Addresses a peer said are gone: dropped from the queue if peer exchange alone put them
+    /// there.
+    pub fn forget_from_pex(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        for addr in addrs {
+            if self.from_pex.remove(&addr) {
+                self.candidates.retain(|c| *c != addr);
             }
         }
     }
@@ -458,6 +491,40 @@ mod tests {
         assert!(!t.is_held(addr(2)));
         t.release(addr(2));
         assert!(!t.is_held(addr(2)), "a stray release is harmless");
+    }
+
+    #[test]
+    fn pex_candidates_have_a_cap_of_their_own_and_skip_bans() {
+        let mut t = PeerTable::new(vec![], &[]);
+        t.ban(addr(9), None);
+        t.add_from_pex([addr(9)]);
+        assert!(!t.has_candidates(), "a banned address stays banned");
+        let flood = |ip: u8| (1..=2000u16).map(move |p| SocketAddr::from(([127, 0, 1, ip], p)));
+        t.add_from_pex(flood(1));
+        assert_eq!(t.candidates.len(), MAX_PEX_CANDIDATES);
+        t.add_from_pex(flood(2));
+        assert_eq!(
+            t.candidates.len(),
+            MAX_PEX_CANDIDATES,
+            "more floods add nothing"
+        );
+        // The trackers' room is untouched.
+        t.add((10..=1009u16).map(addr));
+        assert_eq!(t.candidates.len(), MAX_PEX_CANDIDATES + 1000);
+        // Dialled ones free room for more.
+        let now = Instant::now();
+        assert_eq!(t.take_dialable(10, now, |_| true).len(), 10);
+        t.add_from_pex(flood(3));
+        assert_eq!(t.candidates.len(), MAX_PEX_CANDIDATES + 1000);
+        assert_eq!(t.from_pex.len(), MAX_PEX_CANDIDATES);
+        // A peer's `dropped` removes only what PEX queued.
+        let before = t.candidates.len();
+        t.forget_from_pex([addr(500), SocketAddr::from(([127, 0, 1, 3], 5))]);
+        assert_eq!(
+            t.candidates.len(),
+            before - 1,
+            "the tracker's addr(500) stays"
+        );
     }
 
     #[test]

@@ -75,6 +75,11 @@ pub struct Peer {
     pub snubbed: bool,
     /// We closed it (pruned, duplicate, banned): not to be redialled.
     pub dropped_by_us: bool,
+    /// BEP 11: the id it takes `ut_pex` messages under (PEX on, and it offered it), what we
+    /// told it, and when its next message is due.
+    pub ut_pex: Option<u8>,
+    pub pex_told: crate::pex::Told,
+    pub pex_due: Option<Instant>,
 }
 
 impl Peer {
@@ -111,6 +116,9 @@ impl Peer {
             unrequested: 0,
             snubbed: false,
             dropped_by_us: false,
+            ut_pex: None,
+            pex_told: crate::pex::Told::default(),
+            pex_due: None,
         }
     }
 

@@ -56,6 +56,7 @@ impl Session {
                 ..
             } => self.on_connected(key, addr, peer_id, fast, commands),
             PeerEvent::Extended(info) => {
+                self.on_pex_offer(key, info.ut_pex);
                 let p = self.peer_mut(key);
                 p.reqq = info.reqq;
                 if let Some(port) = info.listen_port {
@@ -139,6 +140,12 @@ impl Session {
                     self.notice(NoticeKind::DiskChanged, format!(
                         "piece {piece} no longer matches its hash on disk (was the file changed?); not serving it"
                     ));
+                }
+            }
+            PeerEvent::Pex { added, dropped } => self.on_pex(added, dropped),
+            PeerEvent::DhtPort(port) => {
+                if let (Some(dht), Some(p)) = (&self.threads.dht, self.peers.get(&key)) {
+                    dht.add_node(p.addr.ip(), port);
                 }
             }
             PeerEvent::Gone { error } => self.on_gone(key, error.as_ref()),

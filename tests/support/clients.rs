@@ -514,6 +514,34 @@ impl Libtorrent {
         )
     }
 
+    /// Downloads `torrent` into `out_dir`, dialling each of `peers`, with the script's `extra`
+    /// options (`--pex`, `--stay`, `--upload-limit N`, `--download-limit N`).
+    pub fn download_torrent(
+        torrent: &Path,
+        out_dir: &Path,
+        bind_ip: Ipv4Addr,
+        peers: &[SocketAddr],
+        extra: &[&str],
+    ) -> Libtorrent {
+        let mut command = libtorrent_command([
+            "download",
+            "--bind",
+            &bind_ip.to_string(),
+            "--seconds",
+            &DEADLINE.as_secs().to_string(),
+        ]);
+        command
+            .arg("--torrent")
+            .arg(torrent)
+            .arg("--save-path")
+            .arg(out_dir)
+            .args(extra);
+        for peer in peers {
+            command.arg("--peer").arg(peer.to_string());
+        }
+        Libtorrent::start(&format!("libtorrent downloader {bind_ip}"), &mut command)
+    }
+
     fn start(name: &str, command: &mut Command) -> Libtorrent {
         let guard = ChildGuard::spawn(name, command)
             .with_stop_signal(libc::SIGTERM, Duration::from_secs(5));

@@ -3,8 +3,9 @@
 
 Run with Debian's /usr/bin/python3 (the first python3 on PATH may lack the bindings); driven
 by tests/support/clients.rs (`Libtorrent`). Every session stays on loopback: it listens on,
-and dials from, the one address it is given; DHT, LSD, UPnP, NAT-PMP, uTP and PEX are off;
-connections are plaintext (libtorrent would try an encrypted handshake first otherwise).
+and dials from, the one address it is given; DHT, LSD, UPnP, NAT-PMP, uTP and PEX are off
+(--pex turns PEX on); connections are plaintext (libtorrent would try an encrypted handshake
+first otherwise).
 
 Commands (each prints JSON lines on stdout, flushed at once; errors go to stderr, exit 1):
 
@@ -17,7 +18,11 @@ Commands (each prints JSON lines on stdout, flushed at once; errors go to stderr
       magnet's own x.pe peers and trackers). Prints `listening`, {"event":"metadata",...} once
       the info dictionary is in, `status` lines every second and {"event":"finished"} once
       every piece is verified and written; exits 0 then. --seconds N gives up after N s
-      (exit 2), a hang guard only.
+      (exit 2), a hang guard only. --stay keeps it running (and printing `status`) after
+      `finished`, until killed.
+
+  Both take --pex (BEP 11 peer exchange on: `status` lines then list the peers' addresses
+  as `addresses`) and --upload-limit / --download-limit BYTES_PER_SECOND.
   parse-magnet URI
       Prints what lt.parse_magnet_uri reads: info hash (v1), name, trackers, peers.
   make-magnet --torrent FILE
@@ -86,9 +91,18 @@ def start_session(bind):
     die(f"no listen_succeeded_alert for {bind} within 30 s")
 
 
-def loopback_flags(params):
-    params.flags |= lt.torrent_flags.disable_pex | lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+def loopback_flags(params, pex=False):
+    params.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+    if not pex:
+        params.flags |= lt.torrent_flags.disable_pex
     return params
+
+
+def apply_limits(handle, args):
+    if args.upload_limit:
+        handle.set_upload_limit(args.upload_limit)
+    if args.download_limit:
+        handle.set_download_limit(args.download_limit)
 
 
 def seed(args):
@@ -96,9 +110,10 @@ def seed(args):
     params = lt.add_torrent_params()
     params.ti = lt.torrent_info(args.torrent)
     params.save_path = args.save_path
-    loopback_flags(params)
+    loopback_flags(params, args.pex)
     params.flags |= lt.torrent_flags.seed_mode
     handle = session.add_torrent(params)
+    apply_limits(handle, args)
     for peer in args.peer:
         handle.connect_peer(peer)
     seeding = False
@@ -121,11 +136,13 @@ def download(args):
         params = lt.add_torrent_params()
         params.ti = lt.torrent_info(args.torrent)
     params.save_path = args.save_path
-    loopback_flags(params)
+    loopback_flags(params, args.pex)
     handle = session.add_torrent(params)
+    apply_limits(handle, args)
     for peer in args.peer:
         handle.connect_peer(peer)
     deadline = time.monotonic() + args.seconds
+    finished = False
     last_status = 0.0
     while time.monotonic() < deadline:
         session.wait_for_alert(250)
@@ -145,6 +162,9 @@ def download(args):
         now = time.monotonic()
         if now - last_status >= 1:
             last_status = now
+            extra = {}
+            if args.pex:
+                extra["addresses"] = sorted(f"{p.ip[0]}:{p.ip[1]}" for p in handle.get_peer_info())
             say(
                 "status",
                 state=str(status.state),
@@ -152,11 +172,16 @@ def download(args):
                 progress=status.progress,
                 peers=status.num_peers,
                 downloaded=status.total_wanted_done,
+                **extra,
             )
-        if status.has_metadata and status.is_finished:
+        if status.has_metadata and status.is_finished and not finished:
             flush(session, handle)
             say("finished", name=status.name, downloaded=status.total_wanted_done)
+            finished = True
+        if finished and not args.stay:
             return
+        if finished:
+            deadline = time.monotonic() + args.seconds
     die(f"not finished within {args.seconds} s: {handle.status().state}")
 
 
@@ -187,6 +212,12 @@ def make_magnet(args):
     say("magnet", uri=lt.make_magnet_uri(lt.torrent_info(args.torrent)))
 
 
+def add_common(p):
+    p.add_argument("--pex", action="store_true")
+    p.add_argument("--upload-limit", type=int, default=0)
+    p.add_argument("--download-limit", type=int, default=0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +226,7 @@ def main():
     p.add_argument("--torrent", required=True)
     p.add_argument("--save-path", required=True)
     p.add_argument("--peer", type=address, action="append", default=[])
+    add_common(p)
     p.set_defaults(run=seed)
     p = commands.add_parser("download")
     p.add_argument("--bind", required=True)
@@ -204,6 +236,8 @@ def main():
     source.add_argument("--torrent")
     p.add_argument("--peer", type=address, action="append", default=[])
     p.add_argument("--seconds", type=float, default=300)
+    p.add_argument("--stay", action="store_true")
+    add_common(p)
     p.set_defaults(run=download)
     p = commands.add_parser("parse-magnet")
     p.add_argument("uri")
