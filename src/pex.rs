@@ -103,7 +103,7 @@ pub fn decode(payload: &[u8]) -> Result<Message, DecodeError> {
     ] {
         let list = |key: &'static str| -> Result<&[u8], DecodeError> {
             let b = bencode::get_bytes(&d, key).unwrap_or_default();
-            if b.len() % entry == 0 {
+            if b.len().is_multiple_of(entry) {
                 Ok(b)
             } else {
                 Err(DecodeError::BadLength { key, len: b.len() })
