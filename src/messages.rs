@@ -113,7 +113,6 @@ pub enum PeerEvent {
     },
     /// BEP 5: the peer's DHT port (its `port` message: the first non-zero one only). For the
     /// session to hand to the DHT node.
-    #[allow(dead_code)]
     DhtPort(u16),
     /// The connection ended; its threads are finishing and can be joined. `error` is `None`
     /// for a clean close (the peer hung up between frames, or we closed it); otherwise its

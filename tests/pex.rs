@@ -571,7 +571,7 @@ fn our_ut_pex(
 }
 
 #[test]
-fn no_ut_pex_with_no_pex_or_for_a_private_torrent() {
+fn no_ut_pex_or_dht_bit_when_off_or_for_a_private_torrent() {
     let dir = scratch_dir();
     let content = Content::new(64 * 1024, 15);
     let (public, public_hash) = torrent_file(dir.path(), &content, false);
@@ -580,6 +580,11 @@ fn no_ut_pex_with_no_pex_or_for_a_private_torrent() {
         support::case("default", || {
             let (pex, dht) = our_ut_pex("bitfetch (default)", &public, public_hash, &[]);
             assert_eq!(pex, Some(OUR_UT_PEX), "ut_pex offered under id 1");
+            assert!(dht, "a public torrent's handshake sets the DHT bit (BEP 5)");
+        }),
+        support::case("--no-dht", || {
+            let (pex, dht) = our_ut_pex("bitfetch --no-dht", &public, public_hash, &["--no-dht"]);
+            assert_eq!(pex, Some(OUR_UT_PEX), "--no-dht leaves peer exchange on");
             assert!(!dht, "no DHT bit without a DHT node");
         }),
         support::case("--no-pex", || {
@@ -587,8 +592,9 @@ fn no_ut_pex_with_no_pex_or_for_a_private_torrent() {
             assert_eq!(pex, None, "--no-pex still offers ut_pex");
         }),
         support::case("private", || {
-            let (pex, _) = our_ut_pex("bitfetch (private)", &private, private_hash, &[]);
+            let (pex, dht) = our_ut_pex("bitfetch (private)", &private, private_hash, &[]);
             assert_eq!(pex, None, "a private torrent offers ut_pex");
+            assert!(!dht, "a private torrent runs no DHT node (BEP 27)");
         }),
     ]);
 }
