@@ -557,8 +557,12 @@ fn client(label: &str) -> Krpc {
 /// A ping from a fresh address is answered with a response; returns the responder's id.
 fn assert_answers_ping(victim: &ChildGuard, dht: SocketAddr, after: &str) -> Id {
     let mut k = client(&format!("pinger after {after}"));
-    let ping = k.ping();
-    let reply = k.ask(dht, &ping, REPLY);
+    // Up to five pings a second apart, as a client retries: a short global throttle right
+    // after a burst is allowed, a node that stopped answering is not.
+    let reply = (0..5).find_map(|_| {
+        let ping = k.ping();
+        k.ask(dht, &ping, Duration::from_secs(1))
+    });
     match reply {
         Some(r) if r.is_response() => {
             r.id().and_then(|id| id.try_into().ok()).unwrap_or_else(|| {
