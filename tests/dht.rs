@@ -752,8 +752,11 @@ fn hostile_krpc_against_a_running_bitfetch() {
         DEADLINE,
         "bitfetch never queried the poison bootstrap node",
         &[&victim, &net],
-        || poison.queries() > 0,
+        || poison.queries() > 0 || !victim.is_running(),
     );
+    if !victim.is_running() {
+        victim.fail("exited before the attacks", &[&net]);
+    }
     let own_id = assert_answers_ping(&victim, dht, "start-up");
     let mut problems: Vec<String> = Vec::new();
 
@@ -1079,8 +1082,11 @@ fn no_dht_and_private_torrents_run_no_dht() {
         DEADLINE,
         "with the DHT on, the bootstrap node never heard from bitfetch (the control)",
         &[&on],
-        || !control.datagrams().is_empty(),
+        || !control.datagrams().is_empty() || !on.is_running(),
     );
+    if control.datagrams().is_empty() {
+        on.fail("exited before its DHT sent anything (the control)", &[]);
+    }
     drop(on);
 
     // --no-dht: a seeder and a magnet downloader.
