@@ -461,9 +461,9 @@ fn bitfetch_finds_a_bitfetch_seeder_through_the_dht() {
 // Hostile KRPC
 // =============================================================================================
 
-/// A DHT node that answers every query with `nodes` of thousands of entries (nodes nothing
-/// listens on, in 127.250/16, and the asker itself under its own id) and, to `get_peers`,
-/// `values` naming the asker and hundreds of dead peers. Counts the queries it got.
+/// A DHT node that answers every query with `nodes` naming the asker itself under its own id
+/// and nodes nothing listens on (in 127.250/16), thousands of them in every other reply, and,
+/// to `get_peers`, `values` naming the asker and dead peers. Counts the queries it got.
 struct PoisonNode {
     addr: SocketAddr,
     queries: Arc<AtomicU64>,
@@ -493,7 +493,7 @@ impl PoisonNode {
                 let Some(query) = Bencode::decode(&buf[..n]) else {
                     continue;
                 };
-                counted.fetch_add(1, Ordering::SeqCst);
+                let n_query = counted.fetch_add(1, Ordering::SeqCst);
                 let t = query.get("t").and_then(Bencode::bytes).unwrap_or(b"");
                 let asker: Id = query
                     .get("a")
@@ -501,7 +501,14 @@ impl PoisonNode {
                     .and_then(Bencode::bytes)
                     .and_then(|b| b.try_into().ok())
                     .unwrap_or([0; 20]);
-                let reply = poison_reply(t, &own, &asker, v4(from), query.get("q"));
+                // Alternately thousands of entries (more than a datagram bitfetch accepts may
+                // hold) and a few that fit, so both the size cap and the entries are exercised.
+                let many = if n_query.is_multiple_of(2) {
+                    POISON_NODES
+                } else {
+                    10
+                };
+                let reply = poison_reply(t, &own, &asker, v4(from), query.get("q"), many);
                 let _ = socket.send_to(&reply, from);
             }
         });
@@ -523,9 +530,10 @@ fn poison_reply(
     asker: &Id,
     from: SocketAddrV4,
     q: Option<&Bencode>,
+    many: usize,
 ) -> Vec<u8> {
     let mut nodes = compact_node(asker, from);
-    for i in 0..POISON_NODES {
+    for i in 0..many {
         let id = id_of(&format!("poison {i}"));
         let [hi, lo] = u16::try_from(i).expect("few nodes").to_be_bytes();
         let addr = SocketAddrV4::new(Ipv4Addr::new(POISON_NET[0], POISON_NET[1], hi, lo), 6881);
@@ -534,7 +542,7 @@ fn poison_reply(
     let mut extra: Vec<(&str, B)> = vec![("nodes", bytes(nodes))];
     if q.and_then(Bencode::bytes) == Some(b"get_peers".as_slice()) {
         let mut values = vec![bytes(compact_peer(from))];
-        values.extend((0..300u16).map(|i| {
+        values.extend((0..u16::try_from(many.min(300)).expect("few")).map(|i| {
             let [hi, lo] = i.to_be_bytes();
             bytes(compact_peer(SocketAddrV4::new(
                 Ipv4Addr::new(POISON_NET[0], POISON_NET[1], hi, lo),
