@@ -689,6 +689,7 @@ fn tmpdir_streaming_without_o_uses_a_fresh_private_directory() {
     let go = t.dir.path().join("go");
     let mut command = Command::new("sh");
     command
+        .env("XDG_CACHE_HOME", support::cli::fresh_cache_home())
         .arg("-c")
         .arg(r#"while [ ! -e "$0" ]; do sleep 0.02; done; exec "$@""#)
         .arg(&go)
@@ -1189,6 +1190,7 @@ fn fds_a_torrent_of_1100_files_downloads_under_ulimit_n_1024() {
     let seeder = SeedSpec::content(&content, info_hash).start(next_loopback());
     let mut command = Command::new("sh");
     command
+        .env("XDG_CACHE_HOME", support::cli::fresh_cache_home())
         .arg("-c")
         .arg(r#"ulimit -n 1024 && exec "$@""#)
         .arg("sh")

@@ -744,6 +744,7 @@ fn others_accept_bitfetch_directory_torrent() {
 fn run_measuring_rss(cwd: &Path, args: &[&OsString]) -> (i32, i64) {
     let mut child = std::process::Command::new(bitfetch())
         .args(args)
+        .env("XDG_CACHE_HOME", support::cli::fresh_cache_home())
         .current_dir(cwd)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

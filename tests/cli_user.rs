@@ -133,7 +133,11 @@ fn into_closed_pipe(args: &str, times: usize) {
             "'{}' {args} | head -c 10 >/dev/null; exit ${{PIPESTATUS[0]}}",
             bitfetch().display()
         );
-        let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .env("XDG_CACHE_HOME", support::cli::fresh_cache_home())
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{args}: {stderr}");
         assert!(
@@ -241,6 +245,7 @@ fn in_terminal(cols: u16, cmd: &str) -> String {
     let log = std::env::temp_dir().join(format!("bitfetch-pty-{}-{cols}", std::process::id()));
     let inner = format!("stty cols {cols} rows 30; {cmd}");
     let status = Command::new("script")
+        .env("XDG_CACHE_HOME", support::cli::fresh_cache_home())
         .args(["-q", "-e", "-c", &inner])
         .arg(&log)
         .stdin(std::process::Stdio::null())

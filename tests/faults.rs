@@ -904,6 +904,7 @@ fn disk_full_is_a_clear_error_with_exit_5_and_a_bigger_disk_resumes() {
     let partial = 16 * fx.pieces.piece_len;
     let mut command = Command::new(unshare);
     command
+        .env("XDG_CACHE_HOME", support::cli::fresh_cache_home())
         .args(["-rm", "sh", "-c", DISK_FULL_SCRIPT, "sh"])
         .arg(bitfetch())
         .arg(work.path())

@@ -169,7 +169,9 @@ impl Harness {
 
     fn download_cmd(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(bitfetch());
-        cmd.args(self.download_args()).current_dir(&self.cwd);
+        cmd.args(self.download_args())
+            .current_dir(&self.cwd)
+            .env("XDG_CACHE_HOME", support::cli::fresh_cache_home());
         cmd
     }
 

@@ -1032,7 +1032,8 @@ fn bitfetch_on_tmpfs(dir: &Path, options: &str, args: &[String]) -> ChildGuard {
         .arg(options)
         .arg(dir)
         .arg(bitfetch())
-        .args(args);
+        .args(args)
+        .env("XDG_CACHE_HOME", support::cli::fresh_cache_home());
     let (run, _) = ChildGuard::start(&mut command, None, false);
     let status = run.wait(DEADLINE, &[]);
     let stderr = run.stderr_text();

@@ -11,7 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,9 @@ pub fn bitfetch() -> PathBuf {
 }
 
 /// A `Command` for bitfetch with `args`, without `SSL_CERT_FILE` from the environment (so the
-/// HTTPS tests are hermetic), with backtraces on.
+/// HTTPS tests are hermetic), with backtraces on, and with a fresh, empty `XDG_CACHE_HOME` of
+/// its own (where the DHT saves its node id and routing table), so that no run loads the table
+/// another test saved; a test that wants a given cache sets `XDG_CACHE_HOME` again after.
 pub fn bitfetch_command<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,
@@ -43,8 +45,39 @@ where
     command
         .args(args)
         .env("RUST_BACKTRACE", "1")
+        .env("XDG_CACHE_HOME", fresh_cache_home())
         .env_remove("SSL_CERT_FILE");
     command
+}
+
+/// The directory under which [`fresh_cache_home`] makes one cache per command; removed when
+/// this test process exits.
+static CACHE_ROOT: OnceLock<PathBuf> = OnceLock::new();
+static NEXT_CACHE: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn remove_cache_root() {
+    if let Some(root) = CACHE_ROOT.get() {
+        let _ = fs::remove_dir_all(root);
+    }
+}
+
+/// A new empty directory for one bitfetch's `XDG_CACHE_HOME`.
+pub fn fresh_cache_home() -> PathBuf {
+    let root = CACHE_ROOT.get_or_init(|| {
+        let root = tempfile::Builder::new()
+            .prefix("bitfetch-it-cache-")
+            .tempdir()
+            .expect("create the root of the test caches")
+            .keep();
+        // SAFETY: registers a plain `extern "C" fn` with no arguments, run once at exit.
+        unsafe {
+            libc::atexit(remove_cache_root);
+        }
+        root
+    });
+    let dir = root.join(NEXT_CACHE.fetch_add(1, Ordering::Relaxed).to_string());
+    fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    dir
 }
 
 // =============================================================================================

@@ -17,7 +17,10 @@
 //! - [`cli`]: running bitfetch and other commands, child guards killed by PID, `--json` events,
 //!   memory watching;
 //! - [`clients`]: the reference clients (opentracker, aria2c, Transmission, libtorrent through
-//!   `libtorrent_client.py`, nginx with a test CA) and `ss` snapshots.
+//!   `libtorrent_client.py`, nginx with a test CA) and `ss` snapshots;
+//! - [`libtorrent_dht`]: a DHT of libtorrent sessions on loopback (`libtorrent_dht.py`), one
+//!   node optionally seeding and one downloading through the DHT alone;
+//! - [`krpc`]: a raw KRPC (BEP 5) client over UDP for hostile DHT tests.
 //!
 //! Nothing here trusts bitfetch's own code. Everything stays on loopback. Every process started
 //! here is owned by a [`cli::ChildGuard`] that kills it by PID; every wait is a poll with a
@@ -34,6 +37,8 @@ pub mod clients;
 pub mod fake_peer;
 pub mod fake_tracker;
 pub mod files;
+pub mod krpc;
+pub mod libtorrent_dht;
 pub mod magnet;
 pub mod net;
 pub mod torrent;
