@@ -21,11 +21,15 @@ const MAX_SEEN: usize = 2048;
 /// Distinct peers one lookup reports; the rest are dropped.
 pub(crate) const MAX_PEERS: usize = 400;
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
+/// A query unanswered this long stops counting against [`ALPHA`] (it may still answer until
+/// its timeout): nodes that are gone, or addresses a poisoner handed out, would otherwise
+/// hold every slot of the lookup for the whole query timeout, one after the other.
+pub(crate) const SLOW_AFTER: Duration = Duration::from_millis(800);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Fresh,
-    InFlight,
+    InFlight { since: Instant },
     Answered { token: Option<Vec<u8>> },
     Failed,
 }
@@ -88,18 +92,22 @@ impl Lookup {
         }
     }
 
-    fn in_flight(&self) -> usize {
+    /// Queries out and not yet slow.
+    fn in_flight(&self, now: Instant) -> usize {
         self.candidates
             .iter()
-            .filter(|c| c.state == State::InFlight)
+            .filter(|c| {
+                matches!(c.state, State::InFlight { since }
+                    if now.saturating_duration_since(since) < SLOW_AFTER)
+            })
             .count()
     }
 
     /// The next node to query, marked in flight; None when [`ALPHA`] are already out or nobody
     /// useful is left (only candidates among the K closest live ones are worth asking once the
     /// lookup has converged).
-    pub(crate) fn next(&mut self) -> Option<Contact> {
-        if self.in_flight() >= ALPHA {
+    pub(crate) fn next(&mut self, now: Instant) -> Option<Contact> {
+        if self.in_flight(now) >= ALPHA {
             return None;
         }
         let mut live = 0;
@@ -108,7 +116,7 @@ impl Lookup {
                 continue;
             }
             if c.state == State::Fresh {
-                c.state = State::InFlight;
+                c.state = State::InFlight { since: now };
                 return Some(c.contact);
             }
             live += 1;
@@ -124,7 +132,7 @@ impl Lookup {
         let addr = addr::canonical(addr);
         self.candidates
             .iter_mut()
-            .find(|c| c.contact.addr == addr && c.state == State::InFlight)
+            .find(|c| c.contact.addr == addr && matches!(c.state, State::InFlight { .. }))
     }
 
     /// `addr` answered (with a write token for get_peers).
@@ -207,12 +215,29 @@ mod tests {
         let now = Instant::now();
         let mut l = Lookup::new([0; 20], now);
         l.add([c(0x80, 1), c(0x01, 2), c(0x40, 3), c(0x02, 4), c(0x01, 2)]);
-        let first: Vec<Contact> = std::iter::from_fn(|| l.next()).collect();
+        let first: Vec<Contact> = std::iter::from_fn(|| l.next(now)).collect();
         assert_eq!(first, vec![c(0x01, 2), c(0x02, 4), c(0x40, 3)]);
-        assert_eq!(l.next(), None, "alpha in flight");
+        assert_eq!(l.next(now), None, "alpha in flight");
         l.failed(c(0x01, 2).addr);
-        assert_eq!(l.next(), Some(c(0x80, 1)));
+        assert_eq!(l.next(now), Some(c(0x80, 1)));
         assert!(!l.done(now));
+    }
+
+    #[test]
+    fn a_slow_query_frees_its_slot_but_still_counts_when_it_answers() {
+        let now = Instant::now();
+        let mut l = Lookup::new([0; 20], now);
+        l.add((1..=6).map(|n| c(n as u8, n)));
+        let first: Vec<Contact> = std::iter::from_fn(|| l.next(now)).collect();
+        assert_eq!(first.len(), ALPHA);
+        let later = now + SLOW_AFTER;
+        assert_eq!(
+            l.next(later),
+            Some(c(4, 4)),
+            "three slow queries free three slots"
+        );
+        l.answered(first[0].addr, Some(vec![1]));
+        assert_eq!(l.announce_targets().len(), 1, "a slow answer still counts");
     }
 
     #[test]
@@ -222,7 +247,7 @@ mod tests {
         l.add((1..=20).map(|n| c(n as u8, n)));
         let mut answered = 0;
         while !l.done(now) {
-            let Some(q) = l.next() else {
+            let Some(q) = l.next(now) else {
                 panic!("stuck after {answered} answers")
             };
             // The third-closest fails; its place among the K is taken by the ninth.
@@ -246,7 +271,7 @@ mod tests {
         let mut l = Lookup::new([0; 20], now);
         assert!(l.done(now), "nobody to ask");
         l.add([c(1, 1)]);
-        let q = l.next().unwrap();
+        let q = l.next(now).unwrap();
         assert!(!l.done(now));
         assert!(l.done(now + DEADLINE));
         l.failed(q.addr);

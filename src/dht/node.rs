@@ -89,6 +89,10 @@ pub(crate) struct Node {
     resolving: usize,
     started: Instant,
     ready_sent: bool,
+    /// Peer lookups asked for while the table was still empty, before bootstrapping settled:
+    /// started with `Ready` (started at once, they would find nobody to ask and end, leaving
+    /// the first peers to a lookup half a minute later).
+    deferred: Vec<(NodeId, Option<u16>)>,
     last_maintenance: Instant,
     out: Vec<(SocketAddr, Vec<u8>)>,
     events: Vec<Event>,
@@ -124,6 +128,7 @@ impl Node {
             resolving: 0,
             started: now,
             ready_sent: false,
+            deferred: Vec::new(),
             last_maintenance: now,
             out: Vec::new(),
             events: Vec::new(),
@@ -212,6 +217,13 @@ impl Node {
     }
 
     pub(crate) fn get_peers(&mut self, info_hash: NodeId, announce: Option<u16>, now: Instant) {
+        if !self.ready_sent && self.nodes() == 0 {
+            self.deferred.retain(|(h, _)| *h != info_hash);
+            if self.deferred.len() < MAX_PEER_LOOKUPS {
+                self.deferred.push((info_hash, announce));
+            }
+            return;
+        }
         // Replacing: the old lookup's transactions are ignored when they come back.
         self.lookups
             .retain(|_, r| !matches!(r.kind, Kind::Peers { info_hash: h, .. } if h == info_hash));
@@ -566,7 +578,7 @@ impl Node {
                 target: running.lookup.target,
             },
         };
-        while let Some(c) = running.lookup.next() {
+        while let Some(c) = running.lookup.next(now) {
             if !self.send_query(c.addr, method.clone(), Purpose::Lookup(id), now) {
                 running.lookup.failed(c.addr);
             }
@@ -663,6 +675,9 @@ impl Node {
             self.events.push(Event::Ready {
                 nodes: self.nodes(),
             });
+            for (info_hash, announce) in std::mem::take(&mut self.deferred) {
+                self.get_peers(info_hash, announce, now);
+            }
         }
     }
 

@@ -108,6 +108,10 @@ impl DhtSource {
             dht::Event::Peers { .. } => {}
             dht::Event::Ready { nodes } => {
                 self.ready = Some(nodes);
+                if nodes > 0 && !self.lookup_running && !self.found_any {
+                    // A lookup that ended before bootstrapping gave it anyone to ask.
+                    self.next_lookup = Some(Instant::now());
+                }
                 let _ = events.send(Event::Dht {
                     address: self.dht.local_addr(),
                     nodes,
