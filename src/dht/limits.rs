@@ -101,7 +101,7 @@ impl QueryLimiter {
         ip_ok && self.global.take(GLOBAL_RATE, GLOBAL_BURST, now)
     }
 
-    #[cfg(any(test, feature = "fuzz"))]
+    #[cfg(test)]
     pub(crate) fn tracked(&self) -> usize {
         self.per_ip.len()
     }

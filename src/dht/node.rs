@@ -135,11 +135,6 @@ impl Node {
         }
     }
 
-    #[cfg(feature = "fuzz")]
-    pub(crate) fn id(&self) -> NodeId {
-        self.id
-    }
-
     fn table(&self, addr: SocketAddr) -> Option<&Table> {
         if addr.is_ipv6() {
             self.v6.as_ref()

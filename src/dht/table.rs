@@ -123,7 +123,7 @@ impl Table {
         self.buckets.iter().map(|b| b.entries.len()).sum()
     }
 
-    #[cfg(any(test, feature = "fuzz"))]
+    #[cfg(test)]
     /// Nodes that are not bad.
     pub(crate) fn live(&self, now: Instant) -> usize {
         self.entries()
@@ -131,7 +131,7 @@ impl Table {
             .count()
     }
 
-    #[cfg(any(test, feature = "fuzz"))]
+    #[cfg(test)]
     pub(crate) fn buckets(&self) -> usize {
         self.buckets.len()
     }
