@@ -349,6 +349,13 @@ impl fmt::Debug for Storage {
 
 /// Opens a directory handle on `root` (following a link there: the user named it).
 fn open_root(root: &Path) -> Result<File, Error> {
+    // The parent of a bare file name (`create data.bin`) is the empty path: the current
+    // directory, which `open("")` would refuse.
+    let root = if root.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        root
+    };
     OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)

@@ -77,6 +77,24 @@ fn create_refuses_to_overwrite_anything_and_above_all_its_input() {
     assert_eq!(v["piece_length"].as_u64(), Some(1 << 20), "{v}");
 }
 
+/// Regression: `create data.bin` named in the current directory hashed nothing ("file
+/// changed while hashing"): the parent of a bare name is the empty path, which cannot be
+/// opened. Bare names must work for `create`, `verify` and `info` alike.
+#[test]
+fn bare_names_in_the_current_directory_work() {
+    let p = Payload::single("bare.bin", 300_000, 7);
+    let dir = p.data.parent().expect("the payload's directory");
+    support::cli::run_in(dir, ["create", "bare.bin", "-o", "bare.torrent"]).assert_success();
+    let r = support::cli::run_in(dir, ["verify", "bare.torrent", "bare.bin"]);
+    r.assert_success();
+    let r = support::cli::run_in(dir, ["verify", "bare.torrent"]);
+    r.assert_success();
+    let info = support::cli::run_in(dir, ["info", "--json", "bare.torrent"]);
+    info.assert_success();
+    let v: Value = serde_json::from_str(info.stdout.trim()).unwrap();
+    assert_eq!(v["size"].as_u64(), Some(300_000), "{v}");
+}
+
 /// Downloads `p` from a seeder into a fresh directory and returns (out dir, stdout).
 fn download_once(p: &Payload, extra: &[&str]) -> (PathBuf, String) {
     // A multi-file torrent is seeded from the directory that holds its top directory.

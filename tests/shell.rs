@@ -206,8 +206,15 @@ fn tree_of(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The temporary directory `-O -` without `-o` keeps its data in (see session::download).
-fn stream_temp_dir(pid: u32, info_hash: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("bitfetch-{pid}-{}", &info_hash[..16]))
+/// The temporary directory of a `-O -` run without `-o`: `bitfetch-PID-HASH16-RANDOM` (the
+/// random part makes it unguessable); `None` while there is none.
+fn stream_temp_dir(pid: u32, info_hash: &str) -> Option<PathBuf> {
+    let prefix = format!("bitfetch-{pid}-{}-", &info_hash[..16]);
+    std::fs::read_dir(std::env::temp_dir())
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
 }
 
 // =============================================================================================
@@ -494,6 +501,9 @@ fn json_events_come_in_the_documented_order() {
         "listening",
         "progress",
         "tracker_error",
+        "dht",
+        "dht_notice",
+        "peers",
         "peer_banned",
         "hash_failed",
         "disk_changed",
@@ -621,7 +631,7 @@ fn stream_to_stdout_is_the_file_and_leaves_no_temporary_directory() {
     run.expect_code(0, &[&seeder]);
     assert_same_bytes("streamed stdout", content.bytes(), &run.stdout(), &run);
     let temp = stream_temp_dir(run.pid(), &info_hash_hex(&content.torrent));
-    assert!(!temp.exists(), "{} was left behind", temp.display());
+    assert!(temp.is_none(), "{temp:?} was left behind");
     assert!(
         tree_of(&cwd).is_empty(),
         "streaming without -o wrote into the working directory: {:?}",
@@ -685,11 +695,13 @@ fn stream_reader_closing_early_ends_bitfetch_with_exit_0() {
         Err(_) => run.fail("no 1000 bytes on stdout in time", &[&seeder]),
     };
     assert_same_bytes("first 1000 bytes", &content.bytes()[..1000], &first, &run);
-    let temp = stream_temp_dir(run.pid(), &info_hash_hex(&content.torrent));
+    let hash = info_hash_hex(&content.torrent);
+    let temp = stream_temp_dir(run.pid(), &hash);
     assert!(
-        temp.is_dir() || run.exit_status().is_some(),
-        "while streaming, the data should be in {}",
-        temp.display()
+        temp.as_ref().is_some_and(|t| t.is_dir()) || run.exit_status().is_some(),
+        "while streaming, the data should be in $TMPDIR/bitfetch-{}-{}-*",
+        run.pid(),
+        &hash[..16]
     );
 
     run.wait(Duration::from_secs(30), &[&seeder]);
@@ -697,7 +709,8 @@ fn stream_reader_closing_early_ends_bitfetch_with_exit_0() {
     if let Some(line) = run.error_line() {
         run.fail(&format!("a closed pipe is not an error: {line}"), &[]);
     }
-    assert!(!temp.exists(), "{} was left behind", temp.display());
+    let left = stream_temp_dir(run.pid(), &hash);
+    assert!(left.is_none(), "{left:?} was left behind");
 }
 
 #[test]
