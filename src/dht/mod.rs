@@ -109,6 +109,9 @@ pub(crate) struct Dht {
     finished: Receiver<()>,
     thread: Option<JoinHandle<()>>,
     local: SocketAddr,
+    /// The thread's socket, to wake its `recv_from` at stop with an empty datagram to itself
+    /// (otherwise every exit would wait up to a [`POLL`]).
+    waker: Option<UdpSocket>,
 }
 
 type Sink = Box<dyn FnMut(Event) -> bool + Send>;
@@ -144,6 +147,7 @@ impl Dht {
         for notice in &plan.notices {
             sink(Event::Notice(notice.clone()));
         }
+        let waker = socket.try_clone().ok();
         let (commands, command_rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
         let (finished_tx, finished) = crossbeam_channel::bounded::<()>(0);
         let stop = Arc::new(AtomicBool::new(false));
@@ -166,6 +170,7 @@ impl Dht {
             finished,
             thread: Some(thread),
             local,
+            waker,
         })
     }
 
@@ -192,6 +197,21 @@ impl Dht {
     /// dir), stops and joins the thread within `budget`.
     pub fn stop(mut self, budget: Duration) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = &self.waker {
+            let port = self.local.port();
+            let to: Vec<IpAddr> = match self.local.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into()],
+                // A dual-stack socket: whichever loopback this namespace has.
+                IpAddr::V6(ip) if ip.is_unspecified() => vec![
+                    Ipv6Addr::LOCALHOST.into(),
+                    Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
+                ],
+                ip => vec![ip],
+            };
+            for ip in to {
+                let _ = w.send_to(&[], SocketAddr::new(ip, port));
+            }
+        }
         // The thread drops its end of `finished` after saving; a thread still busy past the
         // budget is left to end on its own (it checks the flag every POLL).
         let ended = matches!(
