@@ -59,6 +59,7 @@ impl std::fmt::Debug for DhtMessage {
             Event::Ready { nodes } => write!(f, "Dht(Ready({nodes}))"),
             Event::LookupDone { peers, .. } => write!(f, "Dht(LookupDone({peers}))"),
             Event::Notice(m) => write!(f, "Dht(Notice({m:?}))"),
+            Event::Failed => write!(f, "Dht(Failed)"),
         }
     }
 }

@@ -92,6 +92,8 @@ pub(crate) enum Event {
     LookupDone { info_hash: [u8; 20], peers: usize },
     /// Something a person should know, formatted (e.g. "ignoring the DHT state file X: …").
     Notice(String),
+    /// The thread died on a panic (a bug): the DHT gives nothing more.
+    Failed,
 }
 
 enum Command {
@@ -330,6 +332,15 @@ struct Worker {
     sink: Sink,
     state_file: Option<PathBuf>,
     _finished: Sender<()>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A bug must not leave the session waiting for a source that is gone.
+        if thread::panicking() {
+            (self.sink)(Event::Failed);
+        }
+    }
 }
 
 impl Worker {

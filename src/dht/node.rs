@@ -916,7 +916,7 @@ mod tests {
                         assert_eq!(peers, 1);
                         ended = true;
                     }
-                    Event::Ready { .. } | Event::Notice(_) => {}
+                    Event::Ready { .. } | Event::Notice(_) | Event::Failed => {}
                 }
             }
         }

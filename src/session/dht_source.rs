@@ -127,6 +127,14 @@ impl DhtSource {
                 }
             }
             dht::Event::LookupDone { .. } => {}
+            dht::Event::Failed => {
+                self.ready = Some(0);
+                self.lookup_running = true; // never again
+                let _ = events.send(Event::Notice {
+                    kind: NoticeKind::Dht,
+                    message: "the DHT stopped on an internal error; going on without it".into(),
+                });
+            }
             dht::Event::Notice(message) => {
                 let _ = events.send(Event::Notice {
                     kind: NoticeKind::Dht,
