@@ -370,9 +370,45 @@ impl Picker {
             }
         }
         if out.is_empty() && self.nothing_to_start() && !self.any_missing() {
-            self.take_endgame(peer, max, allow, &mut out);
+            // A connection reads its run front to back: copies are taken from the back, a
+            // piece's worth at most, so the two copies meet instead of racing all the way.
+            let per_piece = self.geometry.nominal_piece_len().div_ceil(BLOCK_LEN) as usize;
+            self.take_endgame_from_end(peer, max.min(per_piece), allow, &mut out);
+            out.reverse();
         }
         out
+    }
+
+    fn take_endgame_from_end(
+        &mut self,
+        peer: PeerKey,
+        max: usize,
+        allow: &dyn Fn(PieceIndex) -> bool,
+        out: &mut Vec<BlockRef>,
+    ) {
+        let state = self.peers.get_mut(&peer).expect("checked by caller");
+        for (piece, active) in self.active.iter_mut().rev() {
+            if active.hashing || !state.has[piece.usize()] || !allow(*piece) {
+                continue;
+            }
+            for (i, b) in active.blocks.iter_mut().enumerate().rev() {
+                if out.len() >= max {
+                    return;
+                }
+                if let BlockState::Requested(who) = b
+                    && !who.contains(&peer)
+                    && who.len() < ENDGAME_REQUESTERS
+                {
+                    who.push(peer);
+                    let block = self
+                        .geometry
+                        .block(*piece, i as u32)
+                        .expect("block index within piece");
+                    state.outstanding.insert(block);
+                    out.push(block);
+                }
+            }
+        }
     }
 
     /// The longest stretch of consecutive pieces that are wanted, neither had nor started,

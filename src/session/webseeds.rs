@@ -140,6 +140,8 @@ impl Session {
                 if let Some(c) = self.web.conns.get_mut(&key) {
                     c.busy = false;
                 }
+                // Blocks left unread because others wrote them.
+                self.picker.peer_choked(key);
                 self.fill_web(key);
             }
             WebEvent::Failed(fault) => self.on_web_fault(key, fault),
