@@ -372,6 +372,8 @@ impl Picker {
         if out.is_empty() && self.nothing_to_start() && !self.any_missing() {
             // A connection reads its run front to back: copies are taken from the back, a
             // piece's worth at most, so the two copies meet instead of racing all the way.
+            // Without the cap on requesters: other connections of a stalled server must not
+            // be the two that keep everyone else off a block.
             let per_piece = self.geometry.nominal_piece_len().div_ceil(BLOCK_LEN) as usize;
             self.take_endgame_from_end(peer, max.min(per_piece), allow, &mut out);
             out.reverse();
@@ -397,7 +399,6 @@ impl Picker {
                 }
                 if let BlockState::Requested(who) = b
                     && !who.contains(&peer)
-                    && who.len() < ENDGAME_REQUESTERS
                 {
                     who.push(peer);
                     let block = self

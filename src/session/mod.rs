@@ -1071,6 +1071,11 @@ impl Session {
                 Some(d) => format!("{trackers}; {}", d.why_exhausted()),
                 None => trackers,
             };
+            let trackers = if self.web.any() {
+                format!("{trackers}; no web seed is usable")
+            } else {
+                trackers
+            };
             let message = if self.unreachable.is_empty() {
                 format!("{trackers}; no peer is known (add --peer HOST:PORT?)")
             } else {

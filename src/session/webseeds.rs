@@ -53,6 +53,11 @@ impl WebSeeds {
         self.seeds.iter().filter(|s| !s.dropped).count()
     }
 
+    /// Whether any web seed was named at all.
+    pub(super) fn any(&self) -> bool {
+        !self.seeds.is_empty()
+    }
+
     /// Connections whose threads have not ended yet.
     pub(super) fn connections(&self) -> usize {
         self.conns.len()
@@ -207,11 +212,19 @@ impl Session {
         if entry.dropped {
             return;
         }
+        // Several connections may hit the same missing file: it is news once.
+        let news = match fault {
+            Fault::FileMissing { file, .. } => entry.health.has_file(file),
+            _ => true,
+        };
         let verdict = entry.health.fault(Instant::now(), &fault, &wanted);
         let url = entry.shared.url.clone();
         if let Some(why) = verdict {
             self.drop_web_seed(seed, why);
         } else if let Fault::FileMissing { file, .. } = fault {
+            if !news {
+                return self.fill_all();
+            }
             let name = self.ctx.meta.files[file].path.display().to_string();
             self.web_seed_error(&url, format!("{fault}: {name}; other files still used"));
             self.update_servable(seed);

@@ -1,7 +1,9 @@
 //! One connection to a web seed: a thread that takes assignments of blocks from the session,
 //! asks the server for them with blocking range requests (one per file a run of blocks
-//! touches), and reads the answers straight into the file maps under the same per-block
-//! claims as peer connections (a block written by someone else meanwhile is read past).
+//! touches), and writes the answers into the file maps under the same per-block claims as
+//! peer connections (a block written by someone else meanwhile is read past). Each block is
+//! read into a 16 KiB buffer before its claim is taken, so a stalled server never holds a
+//! claim another source could use.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -83,6 +85,7 @@ pub fn spawn(
                 ctx,
                 out,
                 scratch: vec![0; 64 * 1024],
+                block: vec![0; crate::geometry::BLOCK_LEN as usize],
             };
             while let Ok(WebCommand::Fetch(blocks)) = commands.recv() {
                 if conn.seed.stop.load(Ordering::Relaxed) {
@@ -127,8 +130,10 @@ struct Conn {
     seed: Arc<Seed>,
     ctx: Arc<peer::Context>,
     out: Sender<Input>,
-    /// Bytes read past (blocks written by others, the head of a `200` body).
+    /// Bytes read past (blocks written by others).
     scratch: Vec<u8>,
+    /// The block being received, before it is claimed and copied into the map.
+    block: Vec<u8>,
 }
 
 impl Conn {
@@ -157,24 +162,28 @@ impl Conn {
                 if self.seed.stop.load(Ordering::Relaxed) {
                     return Err(Ended::Stopped);
                 }
-                let claim = self.ctx.storage.claim(block);
-                // Others wrote the rest (endgame): no need to read it.
-                if claim.is_none() && run.blocks[i..].iter().all(|b| self.ctx.storage.taken(*b)) {
-                    break;
-                }
-                if let Some(limit) = &self.ctx.download_limit {
-                    limit.acquire(u64::from(block.len));
-                }
-                let written = claim.is_some();
-                let result = match claim {
-                    Some(claim) => claim.fill(&mut src),
-                    None => src.skip(u64::from(block.len), &mut self.scratch),
+                let len = block.len as usize;
+                let storage = &self.ctx.storage;
+                let written = if storage.taken(block) {
+                    // Others wrote the rest (endgame): no need to read it.
+                    if run.blocks[i..].iter().all(|b| storage.taken(*b)) {
+                        break;
+                    }
+                    src.skip(len as u64, &mut self.scratch)
+                        .map_err(|e| src.ended(&e))?;
+                    false
+                } else {
+                    if let Some(limit) = &self.ctx.download_limit {
+                        limit.acquire(len as u64);
+                    }
+                    // The block is read first and claimed after: a connection waiting on a
+                    // slow server must not hold a claim that a faster source could use.
+                    let bytes = &mut self.block[..len];
+                    src.read_into(bytes).map_err(|e| src.ended(&e))?;
+                    storage
+                        .claim(block)
+                        .is_some_and(|claim| claim.fill(&mut &bytes[..]).is_ok())
                 };
-                if let Err(e) = result {
-                    return Err(Ended::Fault(src.fault.take().unwrap_or_else(|| {
-                        Fault::Transient(format!("reading the body: {e}"))
-                    })));
-                }
                 if !self.emit(WebEvent::Block { block, written }) {
                     return Err(Ended::Stopped);
                 }
@@ -199,6 +208,15 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// Why the run ended, from the error a read returned.
+    fn ended(&mut self, e: &io::Error) -> Ended {
+        Ended::Fault(
+            self.fault
+                .take()
+                .unwrap_or_else(|| Fault::Transient(format!("reading the body: {e}"))),
+        )
+    }
+
     fn fail(&mut self, fault: Fault) -> io::Error {
         let e = io::Error::other(fault.to_string());
         self.fault = Some(fault);
