@@ -887,6 +887,13 @@ impl Storage {
         }
     }
 
+    /// Whether `block` is written (or being written) by someone: a claim would fail.
+    pub fn taken(&self, block: BlockRef) -> bool {
+        self.claims
+            .slot(block)
+            .is_none_or(|s| matches!(s.load(Ordering::Acquire), WRITING | WRITTEN))
+    }
+
     /// Lays down a piece's page-cache pages when its first block lands, by writing zeros with
     /// `pwrite` over the blocks nobody has written yet (and over `own`, the block whose claim
     /// the caller holds), a chunk at a time. Once per piece; later calls return at once.
