@@ -207,6 +207,11 @@ impl Content {
 /// `bitfetch download SOURCE -o OUT --json --bind 127.0.0.1 --port 0 --no-dht --timeout …
 /// EXTRA…`: no tracker is involved unless the torrent has one, no peer unless EXTRA has one.
 fn download(source: &str, out: &Path, extra: &[String]) -> ChildGuard {
+    download_within(source, out, BITFETCH_TIMEOUT, extra)
+}
+
+/// [`download`] with another `--timeout`.
+fn download_within(source: &str, out: &Path, timeout: &str, extra: &[String]) -> ChildGuard {
     let mut args: Vec<String> = vec![
         "download".into(),
         source.into(),
@@ -219,7 +224,7 @@ fn download(source: &str, out: &Path, extra: &[String]) -> ChildGuard {
         "0".into(),
         "--no-dht".into(),
         "--timeout".into(),
-        BITFETCH_TIMEOUT.into(),
+        timeout.into(),
     ];
     args.extend(extra.iter().cloned());
     spawn_bitfetch("bitfetch download", &args)
@@ -621,11 +626,7 @@ fn https_web_seed_needs_the_ca_file() {
 
     // Without the CA the certificate is not trusted: a web seed error, never a download.
     let out = content.out("without-ca");
-    let dl = download(
-        &path_str(&torrent),
-        &out,
-        &["--timeout".into(), "6s".into()],
-    );
+    let dl = download_within(&path_str(&torrent), &out, "6s", &[]);
     dl.wait(RUN_DEADLINE, &[&nginx]);
     let code = dl.exit_status().and_then(|s| s.code());
     if !matches!(code, Some(EXIT_NO_PEERS | EXIT_TIMEOUT)) {
@@ -834,15 +835,14 @@ fn no_web_seeds_ignores_the_url_list() {
     let nginx = StaticServer::start(&content.www());
     let torrent = content.mktorrent(&[nginx.url(&content.url_path(""))], "ignored");
     let out = content.out("dl");
-    let dl = download(
+    let dl = download_within(
         &path_str(&torrent),
         &out,
+        "5s",
         &[
             "--no-web-seeds".into(),
             "--web-seed".into(),
             nginx.url("pub/"),
-            "--timeout".into(),
-            "5s".into(),
         ],
     );
     dl.wait(RUN_DEADLINE, &[&nginx]);
@@ -1233,4 +1233,30 @@ fn ignore_range_200_alone_is_streamed() {
 #[test]
 fn fault_ignore_range_beside_honest_source() {
     fault_case(Behaviour::IgnoreRange, 400);
+}
+
+#[test]
+fn web_seed_option_takes_only_http_and_https() {
+    let content = Content::single("cli.bin", 1000, 13);
+    let torrent = content.torrent_with(None, "cli");
+    let out = content.out("dl");
+    let run = support::cli::run_bitfetch(
+        "bitfetch download --web-seed ftp://…",
+        [
+            "download".to_owned(),
+            path_str(&torrent),
+            "-o".to_owned(),
+            path_str(&out),
+            "--web-seed".to_owned(),
+            "ftp://127.0.0.1/cli.bin".to_owned(),
+        ],
+        support::COMMAND_DEADLINE,
+    );
+    run.assert_code(2);
+    assert!(
+        run.error_line()
+            .is_some_and(|l| l.contains("ftp://127.0.0.1/cli.bin")),
+        "the error does not name the URL: {}",
+        run.dump()
+    );
 }
