@@ -211,6 +211,11 @@ pub struct Config {
     /// peers they tell us about (within the same caps, bans and back-off as tracker peers).
     /// Always off for private torrents (BEP 27).
     pub pex: bool,
+    /// Web seeds (BEP 19) to use besides the torrent's `url-list` (and a magnet link's `ws`,
+    /// which the engine adds itself): http or https URLs.
+    pub web_seeds: Vec<String>,
+    /// Use web seeds at all (the torrent's, the link's and `web_seeds`).
+    pub use_web_seeds: bool,
 }
 
 impl Default for Config {
@@ -236,6 +241,8 @@ impl Default for Config {
             dht_bootstrap: Vec::new(),
             dht_state: None,
             pex: true,
+            web_seeds: Vec::new(),
+            use_web_seeds: true,
         }
     }
 }
@@ -283,6 +290,12 @@ pub enum Event {
         url: String,
         message: String,
     },
+    /// A web seed failed: a file it lacks, a failure it will retry after a back-off (once per
+    /// run of failures), or why it is not used any more.
+    WebSeedError {
+        url: String,
+        message: String,
+    },
     /// A magnet's metadata phase, about once a second: connections, and metadata pieces
     /// received of how many (0 of 0 until a peer says the size).
     MetadataProgress {
@@ -317,8 +330,11 @@ pub enum Event {
     Finished {
         /// Bytes verified against their hashes (all that was wanted, now).
         verified: u64,
-        /// Bytes received from peers in this run (resumed data is not among them).
+        /// Bytes received from peers and web seeds in this run (resumed data is not among
+        /// them).
         transferred: u64,
+        /// Of `transferred`, the bytes from web seeds.
+        web_seed_bytes: u64,
         uploaded: u64,
         /// From the start of the transfer to completion.
         elapsed: Duration,
@@ -333,13 +349,17 @@ pub struct Progress {
     pub verified: u64,
     /// The torrent's size.
     pub total: u64,
-    /// Bytes received from peers in this run.
+    /// Bytes received from peers and web seeds in this run.
     pub transferred: u64,
+    /// Of `transferred`, the bytes from web seeds.
+    pub web_seed_bytes: u64,
     /// Bytes sent to peers in this run.
     pub uploaded: u64,
     /// Connected peers, and how many of them have everything.
     pub peers: usize,
     pub seeds: usize,
+    /// Web seeds in use (not given up).
+    pub web_seeds: usize,
     /// Trackers whose last announce succeeded.
     pub trackers: usize,
     /// Everything wanted is verified (the run is seeding, or about to end).
@@ -367,6 +387,8 @@ pub enum NoticeKind {
     PeerBanned,
     HashFailed,
     DiskChanged,
+    /// A web seed (BEP 19) failed.
+    WebSeed,
     Other,
 }
 

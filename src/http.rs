@@ -23,6 +23,10 @@ use ureq::unversioned::transport::{
 struct BoundTcpConnector {
     bind: Option<IpAddr>,
     connect_timeout: Duration,
+    /// Longest wait for any one read (`None`: up to the request's own deadline).
+    read_timeout: Option<Duration>,
+    /// Whether a connection may serve another request (web seeds), or closes after one.
+    keep_alive: bool,
 }
 
 fn connect_one(
@@ -40,12 +44,15 @@ fn connect_one(
     Ok(socket.into())
 }
 
-/// A plain blocking TCP transport. Connections are not reused (`is_open` is false): a tracker
-/// is asked every few minutes at most, so a pool buys nothing.
+/// A plain blocking TCP transport. A tracker's connections are not reused (`is_open` is
+/// false): it is asked every few minutes at most, so a pool buys nothing. A web seed's are
+/// (`keep_alive`), while the server keeps them open.
 #[derive(Debug)]
 struct BoundTransport {
     stream: TcpStream,
     buffers: LazyBuffers,
+    read_timeout: Option<Duration>,
+    keep_alive: bool,
 }
 
 fn map_io(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
@@ -69,8 +76,12 @@ impl Transport for BoundTransport {
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        let wait = match (timeout.not_zero().map(|d| *d), self.read_timeout) {
+            (Some(left), Some(cap)) => Some(left.min(cap)),
+            (left, cap) => left.or(cap),
+        };
         self.stream
-            .set_read_timeout(timeout.not_zero().map(|d| *d))
+            .set_read_timeout(wait)
             .map_err(ureq::Error::Io)?;
         let input = self.buffers.input_append_buf();
         let n = loop {
@@ -85,8 +96,19 @@ impl Transport for BoundTransport {
     }
 
     fn is_open(&mut self) -> bool {
-        false
+        self.keep_alive && still_open(&self.stream)
     }
+}
+
+/// Whether an idle connection is still usable: the server has neither closed it nor sent
+/// anything unasked (a peek that would block).
+fn still_open(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let open = matches!(stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).is_ok() && open
 }
 
 impl Connector<()> for BoundTcpConnector {
@@ -108,7 +130,12 @@ impl Connector<()> for BoundTcpConnector {
                     let config = details.config;
                     let buffers =
                         LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size());
-                    return Ok(Some(BoundTransport { stream, buffers }));
+                    return Ok(Some(BoundTransport {
+                        stream,
+                        buffers,
+                        read_timeout: self.read_timeout,
+                        keep_alive: self.keep_alive,
+                    }));
                 }
                 Err(e) => last = Some(e),
             }
@@ -164,12 +191,33 @@ pub fn agent(
     bind: Option<IpAddr>,
     ca_file: Option<&Path>,
 ) -> Result<ureq::Agent, Error> {
+    build_agent(Some(timeout), None, false, bind, ca_file)
+}
+
+/// An agent for one web seed: connections kept alive between requests, no read waiting
+/// longer than `read_timeout`, and each request's whole deadline set by the request (see
+/// [`get_with`]). Certificates are checked as for [`agent`].
+pub fn web_seed_agent(
+    read_timeout: Duration,
+    bind: Option<IpAddr>,
+    ca_file: Option<&Path>,
+) -> Result<ureq::Agent, Error> {
+    build_agent(None, Some(read_timeout), true, bind, ca_file)
+}
+
+fn build_agent(
+    timeout: Option<Duration>,
+    read_timeout: Option<Duration>,
+    keep_alive: bool,
+    bind: Option<IpAddr>,
+    ca_file: Option<&Path>,
+) -> Result<ureq::Agent, Error> {
     let mut tls = ureq::tls::TlsConfig::builder();
     if let Some(path) = ca_file {
         tls = tls.root_certs(RootCerts::new_with_certs(&load_ca_file(path)?));
     }
     let config = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
+        .timeout_global(timeout)
         .http_status_as_error(false)
         // Redirects are followed by `get`, which checks each hop's scheme.
         .max_redirects(0)
@@ -178,7 +226,9 @@ pub fn agent(
         .build();
     let connector = BoundTcpConnector {
         bind,
-        connect_timeout: Duration::from_secs(10).min(timeout),
+        connect_timeout: timeout.map_or(CONNECT_TIMEOUT, |t| CONNECT_TIMEOUT.min(t)),
+        read_timeout,
+        keep_alive,
     }
     .chain(RustlsConnector::default());
     Ok(ureq::Agent::with_parts(
@@ -187,6 +237,9 @@ pub fn agent(
         DefaultResolver::default(),
     ))
 }
+
+/// Longest wait for a TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Redirects followed per request.
 pub const MAX_REDIRECTS: usize = 3;
@@ -219,9 +272,22 @@ impl fmt::Display for GetError {
 /// checked: only http and https targets, relative ones resolved against the current URL.
 /// Returns the final response, whatever its status.
 pub fn get(agent: &ureq::Agent, url: &str) -> Result<ureq::http::Response<ureq::Body>, GetError> {
+    get_with(agent, url, &|req| req)
+}
+
+/// A request as [`get`] makes it, before it is sent (headers, a deadline).
+pub type Request = ureq::RequestBuilder<ureq::typestate::WithoutBody>;
+
+/// Like [`get`], with each hop's request shaped by `shape` first (a `Range` header, the
+/// request's own deadline).
+pub fn get_with(
+    agent: &ureq::Agent,
+    url: &str,
+    shape: &dyn Fn(Request) -> Request,
+) -> Result<ureq::http::Response<ureq::Body>, GetError> {
     let mut current = url.to_string();
     for hop in 0..=MAX_REDIRECTS {
-        let resp = agent.get(&current).call().map_err(GetError::Ureq)?;
+        let resp = shape(agent.get(&current)).call().map_err(GetError::Ureq)?;
         if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
             return Ok(resp);
         }

@@ -50,6 +50,7 @@ mod rng;
 mod session;
 mod storage;
 mod tracker;
+mod webseed;
 
 pub use create::{Options as CreateOptions, create as create_torrent};
 pub use engine::{

@@ -12,6 +12,11 @@ use crate::picker::PeerKey;
 pub enum Input {
     /// From a peer connection's reader (or writer, for `Uploaded`).
     Peer { key: PeerKey, event: PeerEvent },
+    /// From a web seed connection (see `webseed`).
+    WebSeed {
+        key: PeerKey,
+        event: crate::webseed::WebEvent,
+    },
     /// From the listener: an inbound connection, not yet handshaken.
     Accepted { stream: TcpStream, addr: SocketAddr },
     /// From the tracker thread (and later other sources): candidate peers.

@@ -109,6 +109,12 @@ pub struct FileEntry {
     /// `NAME/dir/file` for a multi-file one.
     pub path: PathBuf,
     pub len: u64,
+    /// The path's elements as the torrent spells them, unsanitised and without the torrent's
+    /// name (empty for a single-file torrent): what a web seed's URL is built from (BEP 19).
+    pub raw_path: Vec<Vec<u8>>,
+    /// A BEP 47 pad file (`attr` holds `p`, or the path is `.pad/N`): zeros that no web seed
+    /// is asked for.
+    pub pad: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +122,8 @@ pub struct Metainfo {
     pub info_hash: [u8; 20],
     /// Sanitised top-level name.
     pub name: String,
+    /// The name as the torrent spells it (for web seed URLs).
+    pub raw_name: Vec<u8>,
     pub multi_file: bool,
     pub files: Vec<FileEntry>,
     pub geometry: Geometry,
@@ -187,6 +195,7 @@ impl Metainfo {
         Ok(Metainfo {
             info_hash,
             name,
+            raw_name: name_raw.to_vec(),
             multi_file,
             files,
             geometry,
@@ -263,6 +272,8 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
                 vec![FileEntry {
                     path: PathBuf::from(name),
                     len,
+                    raw_path: Vec::new(),
+                    pad: false,
                 }],
             ));
         }
@@ -299,11 +310,13 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
             });
         }
         let mut clean = Vec::with_capacity(elements.len() + 1);
+        let mut raw_path = Vec::with_capacity(elements.len());
         clean.push(name.to_string());
         for e in elements {
             let Value::ByteStr(e) = e else {
                 return Err(Error::WrongType("path"));
             };
+            raw_path.push(e.to_vec());
             clean.push(
                 path_safety::sanitize_element(e)
                     .map_err(|source| Error::UnsafePath { file: i, source })?,
@@ -321,7 +334,14 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
         if !seen.insert(key) {
             return Err(Error::DuplicatePath(path.to_string_lossy().into_owned()));
         }
-        out.push(FileEntry { path, len });
+        let pad = bencode::get_bytes(f, "attr").is_some_and(|a| a.contains(&b'p'))
+            || (raw_path.len() == 2 && raw_path[0] == b".pad");
+        out.push(FileEntry {
+            path,
+            len,
+            raw_path,
+            pad,
+        });
     }
     if let Some(clash) = seen.iter().find(|p| dirs.contains(*p)) {
         return Err(Error::FileDirClash(clash.clone()));

@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::geometry::{BlockRef, Geometry, PieceIndex};
+use crate::geometry::{BLOCK_LEN, BlockRef, Geometry, PieceIndex};
 
 /// Identifies one connection for the session's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -314,6 +314,99 @@ impl Picker {
             self.take_endgame(peer, max, allow, &mut out);
         }
         out
+    }
+
+    /// Web seeds: up to `max` blocks for `peer` (about; whole pieces) as one run of
+    /// consecutive untouched pieces, taken from the largest gap of untouched pieces it may
+    /// have (`allow`): from the gap's start when the piece before it is not being fetched,
+    /// else from its middle, so connections working side by side do not run into each other.
+    /// Peers keep picking rarest first among the pieces left. With nothing left to start, the
+    /// missing blocks of started pieces, then endgame copies, as for a peer.
+    pub fn assign_run(
+        &mut self,
+        peer: PeerKey,
+        max: usize,
+        allow: &dyn Fn(PieceIndex) -> bool,
+    ) -> Vec<BlockRef> {
+        let mut out = Vec::new();
+        if !self.peers.contains_key(&peer) || max == 0 {
+            return out;
+        }
+        if self.window.is_some() {
+            // Streaming: the window's order wins over long runs.
+            return self.assign_filtered(peer, max, allow);
+        }
+        if let Some((start, len)) = self.largest_gap(peer, allow) {
+            let per_piece = self.geometry.nominal_piece_len().div_ceil(BLOCK_LEN) as usize;
+            let pieces = max.div_ceil(per_piece).max(1) as u32;
+            let bordered = start > 0
+                && self
+                    .geometry
+                    .piece(start - 1)
+                    .is_some_and(|p| self.active.contains_key(&p));
+            let first = if bordered && len > 2 * pieces {
+                start + len / 2
+            } else {
+                start
+            };
+            let end = (first + pieces).min(start + len);
+            for i in first..end {
+                let piece = self.geometry.piece(i).expect("inside the gap");
+                self.start(piece);
+                self.take_missing(peer, piece, usize::MAX, &mut out);
+            }
+            return out;
+        }
+        let started: Vec<PieceIndex> = self
+            .active
+            .iter()
+            .filter(|(p, a)| !a.hashing && self.peers[&peer].has[p.usize()] && allow(**p))
+            .map(|(p, _)| *p)
+            .collect();
+        for piece in started {
+            self.take_missing(peer, piece, max, &mut out);
+            if out.len() >= max {
+                return out;
+            }
+        }
+        if out.is_empty() && self.nothing_to_start() && !self.any_missing() {
+            self.take_endgame(peer, max, allow, &mut out);
+        }
+        out
+    }
+
+    /// The longest stretch of consecutive pieces that are wanted, neither had nor started,
+    /// held by `peer` and allowed: (first piece, length). The earliest among equals.
+    fn largest_gap(
+        &self,
+        peer: PeerKey,
+        allow: &dyn Fn(PieceIndex) -> bool,
+    ) -> Option<(u32, u32)> {
+        if self.untouched == 0 {
+            return None;
+        }
+        let has = &self.peers[&peer].has;
+        let mut best: Option<(u32, u32)> = None;
+        let mut run: Option<(u32, u32)> = None;
+        for piece in self.geometry.pieces() {
+            let i = piece.usize();
+            let free = self.wanted[i]
+                && !self.have[i]
+                && has[i]
+                && !self.active.contains_key(&piece)
+                && allow(piece);
+            run = match (free, run) {
+                (true, Some((s, l))) => Some((s, l + 1)),
+                (true, None) => Some((piece.get(), 1)),
+                (false, _) => None,
+            };
+            if let Some((s, l)) = run
+                && best.is_none_or(|(_, bl)| l > bl)
+            {
+                best = Some((s, l));
+            }
+        }
+        best
     }
 
     /// No wanted piece is left to start (within the window, when streaming).
@@ -996,6 +1089,66 @@ mod tests {
                 cancel: vec![B]
             }
         );
+        p.check_invariants();
+    }
+
+    fn pieces_of(blocks: &[BlockRef]) -> Vec<u32> {
+        let mut v: Vec<u32> = blocks.iter().map(|b| b.piece.get()).collect();
+        v.dedup();
+        v
+    }
+
+    #[test]
+    fn web_seed_runs_are_long_consecutive_and_side_by_side_runs_start_mid_gap() {
+        let mut p = two_seeds(64);
+        // 8 pieces of two blocks each.
+        let first = p.assign_run(A, 16, &|_| true);
+        assert_eq!(pieces_of(&first), (0..8).collect::<Vec<_>>());
+        assert!(first.len() == 16);
+        // The gap after it borders a started piece: the next run starts in its middle.
+        let second = p.assign_run(B, 16, &|_| true);
+        assert_eq!(pieces_of(&second), (36..44).collect::<Vec<_>>());
+        p.check_invariants();
+        // Once the first run is verified, its connection carries on right after it.
+        for piece in receive_all(&mut p, A, &first) {
+            p.piece_verified(piece);
+        }
+        let third = p.assign_run(A, 16, &|_| true);
+        assert_eq!(pieces_of(&third)[0], 8);
+        p.check_invariants();
+    }
+
+    #[test]
+    fn web_seed_runs_never_overlap_peer_claims_and_respect_the_filter() {
+        let mut p = two_seeds(16);
+        // Peer B picks a few pieces at random (rarest first among equals).
+        let peer_blocks = p.assign(B, 8);
+        let peer_pieces = pieces_of(&peer_blocks);
+        let run = p.assign_run(A, 64, &|piece| piece.get() != 15);
+        assert!(!run.is_empty());
+        for b in &run {
+            assert!(!peer_pieces.contains(&b.piece.get()), "{b:?}");
+            assert_ne!(b.piece.get(), 15);
+        }
+        assert!(run.iter().all(|b| !peer_blocks.contains(b)));
+        p.check_invariants();
+    }
+
+    #[test]
+    fn web_seeds_finish_started_pieces_then_share_the_endgame() {
+        let mut p = two_seeds(2);
+        let peer = p.assign(B, 1);
+        assert_eq!(peer.len(), 1);
+        // The untouched piece first, then the started piece's missing block.
+        let run = p.assign_run(A, 64, &|_| true);
+        let started = peer[0].piece;
+        assert!(run.iter().all(|b| b.piece != started));
+        let rest = p.assign_run(A, 64, &|_| true);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].piece, started);
+        // Nothing left unrequested: endgame copies of B's block.
+        let endgame = p.assign_run(A, 64, &|_| true);
+        assert_eq!(endgame, peer);
         p.check_invariants();
     }
 }

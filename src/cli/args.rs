@@ -172,6 +172,14 @@ macro_rules! with_session_options {
             /// learnt from each other (private torrents never exchange peers)
             #[argh(switch)]
             pub no_pex: bool,
+            /// also fetch from this web seed (BEP 19): an http or https URL of the file, or of
+            /// the directory holding the torrent's name; repeatable
+            #[argh(option, arg_name = "URL")]
+            pub web_seed: Vec<String>,
+            /// use no web seed: neither the torrent's url-list, a magnet link's ws, nor
+            /// --web-seed
+            #[argh(switch)]
+            pub no_web_seeds: bool,
             /// upload limit in bytes per second, e.g. 500K or 2M (default 0: no limit)
             #[argh(option, arg_name = "RATE")]
             pub max_upload_rate: Option<String>,
@@ -397,6 +405,8 @@ pub struct SessionOptions<'a> {
     pub max_peers_per_ip: usize,
     pub upload_slots: usize,
     pub no_pex: bool,
+    pub web_seed: &'a [String],
+    pub no_web_seeds: bool,
     pub max_upload_rate: Option<&'a str>,
     pub max_download_rate: Option<&'a str>,
     pub seed_ratio: Option<&'a str>,
@@ -422,6 +432,8 @@ macro_rules! session_options {
             max_peers_per_ip: $a.max_peers_per_ip,
             upload_slots: $a.upload_slots,
             no_pex: $a.no_pex,
+            web_seed: &$a.web_seed,
+            no_web_seeds: $a.no_web_seeds,
             max_upload_rate: $a.max_upload_rate.as_deref(),
             max_download_rate: $a.max_download_rate.as_deref(),
             seed_ratio: $a.seed_ratio.as_deref(),
@@ -669,6 +681,7 @@ pub fn lone_dash_last<'a>(args: &[&'a str]) -> Vec<&'a str> {
         "--seed",
         "--no-seed",
         "--no-pex",
+        "--no-web-seeds",
         "--quiet",
         "-q",
         "--force",

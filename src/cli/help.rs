@@ -75,6 +75,7 @@ const LAYOUTS: &[Layout] = &[
             ("Network", NETWORK_DOWNLOAD),
             ("Trackers", TRACKERS),
             ("DHT and peer exchange", PEER_SOURCES),
+            ("Web seeds", &["--web-seed", "--no-web-seeds"]),
         ],
         unlisted: &[],
         overrides: &[],
@@ -91,7 +92,12 @@ const LAYOUTS: &[Layout] = &[
             ("Trackers", TRACKERS),
             ("DHT and peer exchange", PEER_SOURCES),
         ],
-        unlisted: &["--max-download-rate", "--stall-timeout"],
+        unlisted: &[
+            "--max-download-rate",
+            "--stall-timeout",
+            "--web-seed",
+            "--no-web-seeds",
+        ],
         overrides: &[
             (
                 "--seed-ratio",

@@ -124,6 +124,7 @@ impl Render {
             }
             Event::Notice { kind, message } => self.note_kind(json_kind(*kind), message),
             Event::TrackerError { url, message } => self.tracker_error(url, message),
+            Event::WebSeedError { url, message } => self.web_seed_error(url, message),
             Event::Dht { address, nodes } => self.dht(*address, *nodes),
             Event::PeersFound { source, count } => self.peers_found(*source, *count),
             Event::MetadataProgress {
@@ -139,10 +140,17 @@ impl Render {
             Event::Finished {
                 verified,
                 transferred,
+                web_seed_bytes,
                 uploaded,
                 elapsed,
                 paths,
-            } => self.finish(*verified, *transferred, *uploaded, *elapsed, paths),
+            } => self.finish(
+                *verified,
+                (*transferred, *web_seed_bytes),
+                *uploaded,
+                *elapsed,
+                paths,
+            ),
             // Events of later versions of the engine are not ours to show.
             #[allow(unreachable_patterns)]
             _ => {}
@@ -214,8 +222,16 @@ impl Render {
             Mode::Json if now.duration_since(self.last_json) >= JSON_INTERVAL => {
                 self.last_json = now;
                 self.emit(&format!(
-                    "{{\"event\":\"progress\",\"downloaded\":{},\"total\":{},\"transferred\":{},\"uploaded\":{},\"rate\":{down},\"upload_rate\":{up},\"peers\":{},\"seeders\":{},\"trackers\":{}}}",
-                    p.verified, p.total, p.transferred, p.uploaded, p.peers, p.seeds, p.trackers
+                    "{{\"event\":\"progress\",\"downloaded\":{},\"total\":{},\"transferred\":{},\"uploaded\":{},\"rate\":{down},\"upload_rate\":{up},\"peers\":{},\"seeders\":{},\"trackers\":{},\"web_seeds\":{},\"web_seed_bytes\":{}}}",
+                    p.verified,
+                    p.total,
+                    p.transferred,
+                    p.uploaded,
+                    p.peers,
+                    p.seeds,
+                    p.trackers,
+                    p.web_seeds,
+                    p.web_seed_bytes
                 ));
             }
             Mode::Human if self.tty && !self.finished => {
@@ -325,6 +341,23 @@ impl Render {
         }
     }
 
+    /// A web seed failed: `web seed URL: why` for people, the URL as its own field in JSON.
+    fn web_seed_error(&mut self, url: &str, message: &str) {
+        let text = format!("web seed {}: {message}", crate::path_safety::escape(url));
+        match self.mode {
+            Mode::Json => self.emit(&format!(
+                "{{\"event\":\"web_seed_error\",\"url\":{},\"message\":{}}}",
+                json::string(url),
+                json::string(&text)
+            )),
+            Mode::Quiet => {}
+            Mode::Human => {
+                self.clear();
+                stderr_line(&format!("bitfetch: {text}"));
+            }
+        }
+    }
+
     /// The DHT is up: JSON only (people see DHT trouble as notices).
     fn dht(&self, address: std::net::SocketAddr, nodes: usize) {
         if self.mode == Mode::Json {
@@ -364,7 +397,7 @@ impl Render {
     fn finish(
         &mut self,
         verified: u64,
-        transferred: u64,
+        (transferred, web_seed_bytes): (u64, u64),
         uploaded: u64,
         elapsed: Duration,
         paths: &[std::path::PathBuf],
@@ -374,7 +407,7 @@ impl Render {
         let secs = elapsed.as_secs_f64();
         match self.mode {
             Mode::Json => self.emit(&format!(
-                "{{\"event\":\"finished\",\"downloaded\":{verified},\"transferred\":{transferred},\"uploaded\":{uploaded},\"elapsed\":{secs:.3}}}"
+                "{{\"event\":\"finished\",\"downloaded\":{verified},\"transferred\":{transferred},\"web_seed_bytes\":{web_seed_bytes},\"uploaded\":{uploaded},\"elapsed\":{secs:.3}}}"
             )),
             Mode::Human | Mode::Quiet => {
                 if self.mode == Mode::Human {
@@ -433,6 +466,15 @@ fn peers_text(n: usize) -> String {
     }
 }
 
+/// Peers, and web seeds when there are any: `3 peers`, `2 peers +1 web`.
+fn sources_text(peers: usize, web_seeds: usize) -> String {
+    if web_seeds == 0 {
+        peers_text(peers)
+    } else {
+        format!("{} +{web_seeds} web", peers_text(peers))
+    }
+}
+
 /// The status line, fitted to `width` columns: the parts that matter most first, a bar only
 /// where there is room for a useful one.
 ///
@@ -465,7 +507,7 @@ fn status_line(p: &Progress, down: u64, up: u64, width: usize) -> String {
             human_bytes(p.total)
         )),
         Some(format!("{}/s", human_bytes(down))),
-        Some(peers_text(p.peers)),
+        Some(sources_text(p.peers, p.web_seeds)),
         eta,
     ]
     .into_iter()
@@ -522,6 +564,7 @@ fn json_kind(kind: NoticeKind) -> &'static str {
         NoticeKind::HashFailed => "hash_failed",
         NoticeKind::DiskChanged => "disk_changed",
         NoticeKind::Dht => "dht_notice",
+        NoticeKind::WebSeed => "web_seed_error",
         _ => "notice",
     }
 }
@@ -556,9 +599,26 @@ mod tests {
             uploaded: 3 << 20,
             peers: 1,
             seeds: 1,
+            web_seeds: 0,
+            web_seed_bytes: 0,
             trackers: 1,
             complete,
         }
+    }
+
+    #[test]
+    fn web_seeds_show_beside_peers_within_the_width() {
+        let p = Progress {
+            peers: 12,
+            web_seeds: 2,
+            ..progress(45 << 20, false)
+        };
+        for width in [20, 40, 80] {
+            let line = status_line(&p, 12 << 20, 0, width);
+            assert!(line.chars().count() < width, "{width}: {line:?}");
+        }
+        assert!(status_line(&p, 12 << 20, 0, 120).contains("12 peers +2 web"));
+        assert_eq!(sources_text(0, 1), "0 peers +1 web");
     }
 
     #[test]

@@ -330,6 +330,8 @@ pub(super) fn session_config(
         timeout: duration("--timeout", o.timeout)?,
         stall_timeout: duration("--stall-timeout", o.stall_timeout)?,
         pex: !o.no_pex,
+        web_seeds: web_seeds(o.web_seed)?,
+        use_web_seeds: !o.no_web_seeds,
         ..Config::default()
     };
     let mode = if o.json {
@@ -342,4 +344,17 @@ pub(super) fn session_config(
     let interval =
         duration("--progress-interval", o.progress_interval)?.or(Some(DEFAULT_PROGRESS_INTERVAL));
     Ok((config, mode, interval))
+}
+
+/// `--web-seed` URLs: http or https only.
+fn web_seeds(urls: &[String]) -> Result<Vec<String>, Error> {
+    for url in urls {
+        if !crate::webseed::url::usable(url) {
+            return Err(Error::Usage(format!(
+                "--web-seed {}: not an http or https URL",
+                crate::path_safety::escape(url)
+            )));
+        }
+    }
+    Ok(urls.to_vec())
 }

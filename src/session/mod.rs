@@ -18,6 +18,7 @@ mod peers;
 mod pex;
 mod stream;
 mod transfer;
+mod webseeds;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -152,6 +153,10 @@ fn magnet_phase(
         ));
     };
     let magnet = m.magnet;
+    // The link's web seeds come before the user's.
+    let mut web_seeds = magnet.web_seeds.clone();
+    web_seeds.append(&mut cfg.web_seeds);
+    cfg.web_seeds = web_seeds;
     let mut rng = Rng::from_os();
     let our_id = rng::peer_id(&mut rng);
     let listener = bind_listener(cfg)?;
@@ -509,6 +514,8 @@ struct Session {
     /// shutdown.
     finish_pending: bool,
     last_rechoke: Instant,
+    /// Web seeds (BEP 19) and their connections.
+    web: webseeds::WebSeeds,
 }
 
 /// The session's helper threads, joined at shutdown (see `Session::shutdown`).
@@ -886,6 +893,7 @@ fn run_transfer(
         trackers_failed: false,
         finish_pending: false,
         last_rechoke: Instant::now(),
+        web: webseeds::WebSeeds::default(),
         cfg,
     };
     if let Some(StreamTo { file, out }) = stream {
@@ -904,6 +912,7 @@ fn run_transfer(
     for h in handovers {
         s.start_handover(h);
     }
+    s.start_web_seeds(&meta);
     let result = s.main_loop(&input_rx);
     s.shutdown(&input_rx);
     if s.finish_pending && result.is_ok() {
@@ -999,6 +1008,8 @@ impl Session {
         }
         self.release_stalled_requests();
         self.retry_after_backoff();
+        // Web seeds whose back-off ran out are asked again.
+        self.fill_web_all();
         self.distrust_idle_claims();
         self.send_pex();
         if self.last_rechoke.elapsed() >= RECHOKE_EVERY {
@@ -1020,6 +1031,8 @@ impl Session {
             uploaded: self.stats.uploaded.load(Ordering::Relaxed),
             peers,
             seeds,
+            web_seeds: self.web.live(),
+            web_seed_bytes: self.web.bytes,
             trackers: self.stats.trackers_working.load(Ordering::Relaxed),
             complete: self.picker.is_complete(),
         }));
@@ -1034,6 +1047,7 @@ impl Session {
             && !self.picker.is_complete()
             && !self.cfg.seed_after
             && self.peers.is_empty()
+            && self.web.live() == 0
             && !self.table.has_candidates()
         {
             let trackers = if self.tracker_failures.is_empty() {
@@ -1079,6 +1093,7 @@ impl Session {
     fn handle(&mut self, msg: Input) -> Result<(), Error> {
         match msg {
             Input::Peer { key, event } => self.on_peer_event(key, event)?,
+            Input::WebSeed { key, event } => self.on_web_event(key, event),
             Input::Accepted { stream, addr } => self.on_accepted(stream, addr),
             Input::Peers(list) => {
                 let _ = self.events.send(Event::PeersFound {
@@ -1142,6 +1157,7 @@ impl Session {
         for p in self.peers.values() {
             p.send(Command::Shutdown);
         }
+        self.stop_web_seeds();
         if let Some(w) = &mut self.writer {
             // Never wait for the disk here: Ctrl-C must stay quick.
             let _ = w.flush(false);
@@ -1154,7 +1170,9 @@ impl Session {
             1500
         };
         let deadline = Instant::now() + Duration::from_millis(budget);
-        while (tracker_running || !self.peers.is_empty()) && Instant::now() < deadline {
+        while (tracker_running || !self.peers.is_empty() || self.web.connections() > 0)
+            && Instant::now() < deadline
+        {
             match input.recv_deadline(deadline) {
                 Ok(Input::Peer {
                     key,
@@ -1166,6 +1184,10 @@ impl Session {
                         let _ = t.join();
                     }
                 }
+                Ok(Input::WebSeed {
+                    key,
+                    event: crate::webseed::WebEvent::Gone,
+                }) => self.web_gone(key),
                 Ok(Input::TrackerNotice(m)) => self.notice(NoticeKind::Tracker, m),
                 Ok(Input::TrackerFailed { url, reason }) => {
                     let _ = self.events.send(Event::TrackerError {

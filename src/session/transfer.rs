@@ -219,11 +219,13 @@ impl Session {
         }
     }
 
+    /// Tops up every peer's pipeline and gives idle web seed connections a run.
     pub(super) fn fill_all(&mut self) {
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
         for k in keys {
             self.fill(k);
         }
+        self.fill_web_all();
     }
 
     fn on_block(&mut self, key: PeerKey, block: BlockRef, written: bool) {
@@ -306,7 +308,9 @@ impl Session {
             }
         }
         for key in bored {
-            self.update_interest(key);
+            if self.peers.contains_key(&key) {
+                self.update_interest(key);
+            }
         }
         if self.picker.is_complete() && !self.was_complete {
             self.was_complete = true;
@@ -376,6 +380,10 @@ impl Session {
             format!("piece {piece} failed its hash check; fetching it again"),
         );
         for (key, count) in senders {
+            if self.is_web_seed(key) {
+                self.blame_web_seed(key);
+                continue;
+            }
             let Some(p) = self.peers.get_mut(&key) else {
                 continue;
             };
@@ -396,6 +404,8 @@ impl Session {
     }
 
     fn on_complete(&mut self) -> Result<(), Error> {
+        // Web seeds have nothing more to give.
+        self.stop_web_seeds();
         if let Some(w) = &mut self.writer {
             w.flush(self.cfg.fsync)?;
         }
@@ -423,6 +433,7 @@ impl Session {
         let _ = self.events.send(Event::Finished {
             verified: total - self.stats.left.load(Ordering::Relaxed),
             transferred: self.downloaded,
+            web_seed_bytes: self.web.bytes,
             uploaded,
             elapsed: end.duration_since(self.started),
             paths: self.paths.iter().flatten().cloned().collect(),
