@@ -459,6 +459,33 @@ fn support_servers_answer_curl_as_scripted() {
 // From a web seed alone: no tracker, no peer, no DHT
 // =============================================================================================
 
+/// Fails unless `web_seed_bytes` of the `finished` event is at most what the web seeds
+/// really sent (`sent`: body bytes from their own logs).
+fn assert_web_seed_bytes_at_most(events: &[Value], sent: u64, parts: &[&dyn Diagnose]) {
+    let fin = finished(events);
+    let ws = field(fin, "web_seed_bytes");
+    if ws > sent {
+        support::fail(
+            &format!(
+                "finished says web_seed_bytes {ws}, but the web seeds sent only {sent} body                  bytes in all: {fin}"
+            ),
+            parts,
+        );
+    }
+}
+
+/// Asserts that the whole download came from web seeds, and no more was counted than nginx
+/// sent.
+fn assert_all_from_nginx(
+    content: &Content,
+    nginx: &StaticServer,
+    events: &[Value],
+    parts: &[&dyn Diagnose],
+) {
+    assert_all_from_web_seeds(content, events, parts);
+    assert_web_seed_bytes_at_most(events, nginx.body_bytes_sent(), parts);
+}
+
 /// Asserts that the whole download came from web seeds.
 fn assert_all_from_web_seeds(content: &Content, events: &[Value], parts: &[&dyn Diagnose]) {
     let fin = finished(events);
@@ -492,7 +519,7 @@ fn single_file_mktorrent_file_url_from_nginx_alone() {
     let dl = download(&path_str(&torrent), &out, &[]);
     let evs = expect_success(&dl, &[&nginx]);
     content.assert_downloaded(&out, &[&dl, &nginx]);
-    assert_all_from_web_seeds(&content, &evs, &[&dl, &nginx]);
+    assert_all_from_nginx(&content, &nginx, &evs, &[&dl, &nginx]);
     let ranged = nginx
         .access_lines()
         .iter()
@@ -531,7 +558,7 @@ fn multi_file_mktorrent_directory_url_without_slash_from_nginx_alone() {
     let dl = download(&path_str(&torrent), &out, &[]);
     let evs = expect_success(&dl, &[&nginx]);
     content.assert_downloaded(&out, &[&dl, &nginx]);
-    assert_all_from_web_seeds(&content, &evs, &[&dl, &nginx]);
+    assert_all_from_nginx(&content, &nginx, &evs, &[&dl, &nginx]);
     let lines = nginx.access_lines();
     for rel in ["one.bin", "sub/two.bin", "sub/deeper/three.bin", "four.bin"] {
         let wanted = format!("GET /pub/tree/{rel} ");
@@ -560,7 +587,7 @@ fn single_file_directory_url_with_slash_from_the_command_line() {
     );
     let evs = expect_success(&dl, &[&nginx]);
     content.assert_downloaded(&out, &[&dl, &nginx]);
-    assert_all_from_web_seeds(&content, &evs, &[&dl, &nginx]);
+    assert_all_from_nginx(&content, &nginx, &evs, &[&dl, &nginx]);
     assert!(
         nginx
             .access_lines()
@@ -590,7 +617,7 @@ fn names_that_need_percent_encoding_url_list_as_a_list() {
     let dl = download(&path_str(&torrent), &out, &[]);
     let evs = expect_success(&dl, &[&nginx]);
     content.assert_downloaded(&out, &[&dl, &nginx]);
-    assert_all_from_web_seeds(&content, &evs, &[&dl, &nginx]);
+    assert_all_from_nginx(&content, &nginx, &evs, &[&dl, &nginx]);
     let lines = nginx.access_lines();
     let not_found: Vec<&String> = lines.iter().filter(|l| l.contains("\" 404 ")).collect();
     assert!(
@@ -622,7 +649,7 @@ fn https_web_seed_needs_the_ca_file() {
     );
     let evs = expect_success(&dl, &[&nginx]);
     content.assert_downloaded(&out, &[&dl, &nginx]);
-    assert_all_from_web_seeds(&content, &evs, &[&dl, &nginx]);
+    assert_all_from_nginx(&content, &nginx, &evs, &[&dl, &nginx]);
 
     // Without the CA the certificate is not trusted: a web seed error, never a download.
     let out = content.out("without-ca");
@@ -719,7 +746,7 @@ fn libtorrent_v1_torrent_without_pad_files_from_nginx_alone() {
     let dl = download(&path_str(&torrent), &out, &[]);
     let evs = expect_success(&dl, &[&nginx]);
     content.assert_downloaded(&out, &[&dl, &nginx]);
-    assert_all_from_web_seeds(&content, &evs, &[&dl, &nginx]);
+    assert_all_from_nginx(&content, &nginx, &evs, &[&dl, &nginx]);
 }
 
 /// libtorrent 2's default torrent: hybrid v1+v2, pad files after every file (the web seed has
@@ -753,7 +780,7 @@ fn web_seed_and_slow_peer_both_contribute() {
     let nginx = StaticServer::start_with(
         &content.www(),
         StaticOptions {
-            limit_rate: Some("512k"),
+            limit_rate: Some("64k"),
             ..StaticOptions::default()
         },
     );
@@ -764,7 +791,7 @@ fn web_seed_and_slow_peer_both_contribute() {
         &torrent,
         &content.data_path(),
         support::net::next_loopback(),
-        &["--max-upload-rate", "512K", "--no-dht"],
+        &["--max-upload-rate", "256K", "--no-dht"],
     );
     let out = content.out("dl");
     let dl = download(
@@ -774,6 +801,7 @@ fn web_seed_and_slow_peer_both_contribute() {
     );
     let evs = expect_success(&dl, &[&nginx, &seeder]);
     content.assert_downloaded(&out, &[&dl, &nginx, &seeder]);
+    assert_web_seed_bytes_at_most(&evs, nginx.body_bytes_sent(), &[&dl, &nginx]);
     let fin = finished(&evs);
     let (ws, transferred) = (field(fin, "web_seed_bytes"), field(fin, "transferred"));
     if ws == 0 || transferred <= ws {
@@ -913,7 +941,7 @@ fn fault_run_with(
     let nginx = StaticServer::start_with(
         &content.www(),
         StaticOptions {
-            limit_rate: Some("1m"),
+            limit_rate: Some("256k"),
             ..StaticOptions::default()
         },
     );
@@ -1002,6 +1030,16 @@ impl FaultRun {
         }
         evs
     }
+
+    /// `web_seed_bytes` is no more than both seeds sent (checked last, so a miscount does
+    /// not hide the other findings).
+    fn assert_counted(&self) {
+        assert_web_seed_bytes_at_most(
+            &events(&self.dl),
+            self.bad.body_bytes() + self.nginx.body_bytes_sent(),
+            &[&self.dl, &self.bad, &self.nginx],
+        );
+    }
 }
 
 fn fault_content(label: &str) -> Content {
@@ -1038,12 +1076,12 @@ fn fault_wrong_bytes_fail_the_hash_and_the_seed_is_dropped() {
 
 #[test]
 fn fault_wrong_content_range() {
-    fault_case(Behaviour::WrongContentRange, 12);
+    fault_case(Behaviour::WrongContentRange, 12).assert_counted();
 }
 
 #[test]
 fn fault_short_body() {
-    fault_case(Behaviour::ShortBody, 12);
+    fault_case(Behaviour::ShortBody, 12).assert_counted();
 }
 
 #[test]
@@ -1055,21 +1093,22 @@ fn fault_endless_body() {
         "bitfetch read {streamed} bytes of endless bodies\n{}",
         run.bad.diagnostics()
     );
+    run.assert_counted();
 }
 
 #[test]
 fn fault_gzip_content_encoding_is_refused() {
-    fault_case(Behaviour::Gzip, 12);
+    fault_case(Behaviour::Gzip, 12).assert_counted();
 }
 
 #[test]
 fn fault_oversize_headers() {
-    fault_case(Behaviour::HugeHeaders, 12);
+    fault_case(Behaviour::HugeHeaders, 12).assert_counted();
 }
 
 #[test]
 fn fault_redirect_loop() {
-    fault_case(Behaviour::RedirectLoop, 60);
+    fault_case(Behaviour::RedirectLoop, 60).assert_counted();
 }
 
 #[test]
@@ -1082,6 +1121,7 @@ fn fault_429_retry_after_is_honoured() {
         12,
     );
     assert_backed_off(&run, Duration::from_secs(2));
+    run.assert_counted();
 }
 
 #[test]
@@ -1106,6 +1146,7 @@ fn fault_503_retry_after_then_honest() {
         },
     );
     assert_backed_off(&run, Duration::from_secs(1));
+    run.assert_counted();
 }
 
 /// No request reached the bad seed within `retry_after` of a refusal (allowing those already
@@ -1140,7 +1181,8 @@ fn assert_backed_off(run: &FaultRun, retry_after: Duration) {
 fn fault_drip_one_byte_a_second() {
     let label = "drip";
     let run = fault_run(fault_content(label), &[Behaviour::Drip], label);
-    // The honest nginx alone takes about 3 s; a download waiting on the drip would take hours.
+    // The honest nginx alone takes a few seconds; a download waiting on the drip would take
+    // days.
     let evs = run.check(
         label,
         Expect {
@@ -1157,6 +1199,7 @@ fn fault_drip_one_byte_a_second() {
         "drip: finished in {took:?}; web_seed_error for it: {}",
         all_web_seed_errors(&evs)
     );
+    run.assert_counted();
 }
 
 #[test]
@@ -1207,6 +1250,7 @@ fn fault_404_for_one_file_skips_only_that_file() {
             &[&run.dl, &run.bad, &run.nginx],
         );
     }
+    run.assert_counted();
 }
 
 #[test]
@@ -1223,6 +1267,7 @@ fn ignore_range_200_alone_is_streamed() {
     let evs = expect_success(&dl, &[&server]);
     content.assert_downloaded(&out, &[&dl, &server]);
     assert_all_from_web_seeds(&content, &evs, &[&dl, &server]);
+    assert_web_seed_bytes_at_most(&evs, server.body_bytes(), &[&dl, &server]);
     eprintln!(
         "ignore-range: {} requests; web_seed_error: {}",
         server.served().len(),
@@ -1232,7 +1277,7 @@ fn ignore_range_200_alone_is_streamed() {
 
 #[test]
 fn fault_ignore_range_beside_honest_source() {
-    fault_case(Behaviour::IgnoreRange, 400);
+    fault_case(Behaviour::IgnoreRange, 400).assert_counted();
 }
 
 #[test]

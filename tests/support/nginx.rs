@@ -184,6 +184,21 @@ impl StaticServer {
         self.process.access_lines()
     }
 
+    /// Body bytes nginx logged as sent, over every request so far (`$body_bytes_sent`, the
+    /// field after the status in the combined log format).
+    pub fn body_bytes_sent(&self) -> u64 {
+        self.access_lines()
+            .iter()
+            .filter_map(|l| {
+                let after = l
+                    .rsplit_once("HTTP/1.1\" ")
+                    .or_else(|| l.rsplit_once("HTTP/1.0\" "))?
+                    .1;
+                after.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+
     /// How many requests nginx answered so far.
     pub fn requests(&self) -> usize {
         self.access_lines().len()
