@@ -20,6 +20,7 @@ use serde_json::Value;
 use super::cli::{ChildGuard, describe_status, run_bounded, run_ok};
 use super::files::scratch_dir;
 use super::net::{free_port, free_port_on};
+use super::nginx::NginxProcess;
 use super::{COMMAND_DEADLINE, DEADLINE, Diagnose, hex_to_bytes, poll_until, report, url_encode};
 
 /// Finds `name` on PATH (and in the sbin directories, which a non-root PATH may lack) or
@@ -996,79 +997,28 @@ impl TestCa {
     }
 }
 
-/// nginx in the foreground, one process (`master_process off`), terminating TLS on
-/// 127.0.0.1:PORT and proxying to `upstream`.
+/// nginx terminating TLS on 127.0.0.1:PORT and proxying to `upstream` (see
+/// [`super::nginx`] for how it is run).
 pub struct Nginx {
-    guard: ChildGuard,
-    port: u16,
+    process: NginxProcess,
 }
 
 impl Nginx {
     pub fn start(ca: &TestCa, upstream: SocketAddr) -> Nginx {
-        let nginx = require_tool("nginx");
-        let mut last = String::new();
-        // A port found free can be taken before nginx binds it: retry.
-        for _ in 0..3 {
-            let dir = scratch_dir();
-            let d = dir.path().display().to_string();
-            fs::create_dir_all(dir.path().join("tmp")).expect("nginx temp dir");
-            let port = free_port();
-            let conf = format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-                 error_log {d}/error.log info;\nevents {{ worker_connections 64; }}\nhttp {{\n\
-                 access_log {d}/access.log;\n\
-                 client_body_temp_path {d}/tmp/body;\nproxy_temp_path {d}/tmp/proxy;\n\
-                 fastcgi_temp_path {d}/tmp/fastcgi;\nuwsgi_temp_path {d}/tmp/uwsgi;\n\
-                 scgi_temp_path {d}/tmp/scgi;\n\
-                 server {{\n listen 127.0.0.1:{port} ssl;\n\
-                 ssl_certificate {cert};\n ssl_certificate_key {key};\n\
-                 location / {{ proxy_pass http://{upstream}; }}\n}}\n}}\n",
-                cert = ca.server_pem.display(),
-                key = ca.server_key.display(),
-            );
-            let conf_path = dir.path().join("nginx.conf");
-            fs::write(&conf_path, conf).expect("write nginx.conf");
-            let log = dir.path().join("error.log");
-            let mut command = Command::new(&nginx);
-            command
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-e")
-                .arg(&log)
-                .arg("-c")
-                .arg(&conf_path);
-            let guard = ChildGuard::spawn(&format!("nginx 127.0.0.1:{port}"), &mut command)
-                .with_log(log)
-                .with_scratch(dir);
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let up = poll_until(DEADLINE, || {
-                if guard.exit_status().is_some() {
-                    return Some(false);
-                }
-                TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-                    .ok()
-                    .map(|_| true)
-            });
-            match up {
-                Some(true) => return Nginx { guard, port },
-                Some(false) => last = guard.diagnostics(),
-                None => panic!(
-                    "nginx did not listen on {addr} within {DEADLINE:?}\n{}",
-                    guard.diagnostics()
-                ),
-            }
+        let body = format!("location / {{ proxy_pass http://{upstream}; }}\n");
+        Nginx {
+            process: NginxProcess::start("tls proxy", Some(ca), &body),
         }
-        panic!("nginx failed to start three times; last attempt:\n{last}");
     }
 
     pub fn announce_url(&self) -> String {
-        format!("https://127.0.0.1:{}/announce", self.port)
+        format!("https://127.0.0.1:{}/announce", self.process.port)
     }
 }
 
 impl Diagnose for Nginx {
     fn diagnostics(&self) -> String {
-        self.guard.diagnostics()
+        self.process.diagnostics()
     }
 }
 

@@ -17,7 +17,11 @@
 //! - [`cli`]: running bitfetch and other commands, child guards killed by PID, `--json` events,
 //!   memory watching;
 //! - [`clients`]: the reference clients (opentracker, aria2c, Transmission, libtorrent through
-//!   `libtorrent_client.py`, nginx with a test CA) and `ss` snapshots;
+//!   `libtorrent_client.py`, nginx as a TLS proxy with a test CA) and `ss` snapshots;
+//! - [`nginx`]: nginx run in the foreground, as a static file server (the honest web seed)
+//!   or a TLS proxy;
+//! - [`web_seed`]: a misbehaving HTTP file server for the web seed tests, one scripted
+//!   [`web_seed::Behaviour`] per request, every request recorded;
 //! - [`libtorrent_dht`]: a DHT of libtorrent sessions on loopback (`libtorrent_dht.py`), one
 //!   node optionally seeding and one downloading through the DHT alone;
 //! - [`krpc`]: a raw KRPC (BEP 5) client over UDP for hostile DHT tests.
@@ -41,7 +45,9 @@ pub mod krpc;
 pub mod libtorrent_dht;
 pub mod magnet;
 pub mod net;
+pub mod nginx;
 pub mod torrent;
+pub mod web_seed;
 pub mod wire;
 
 use std::fmt::Write as _;
