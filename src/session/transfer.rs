@@ -379,9 +379,24 @@ impl Session {
             NoticeKind::HashFailed,
             format!("piece {piece} failed its hash check; fetching it again"),
         );
+        // Web seeds are blamed per seed (not per connection) and once per piece; whether
+        // anyone else's data was in the piece decides how much it weighs.
+        let mut sources: Vec<super::webseeds::Source> = senders
+            .iter()
+            .map(|(key, _)| self.source_of(*key))
+            .collect();
+        sources.sort_unstable();
+        sources.dedup();
+        let sole = sources.len() == 1;
+        let mut blamed_seeds = Vec::new();
         for (key, count) in senders {
             if self.is_web_seed(key) {
-                self.blame_web_seed(key);
+                if let super::webseeds::Source::WebSeed(seed) = self.source_of(key)
+                    && !blamed_seeds.contains(&seed)
+                {
+                    blamed_seeds.push(seed);
+                    self.blame_web_seed(seed, sole);
+                }
                 continue;
             }
             let Some(p) = self.peers.get_mut(&key) else {

@@ -18,6 +18,13 @@ use crate::webseed::health::Health;
 use crate::webseed::response::Fault;
 use crate::webseed::{self, Seed, WebCommand, WebEvent};
 
+/// A sender of blocks, for blame: web seed connections count as their seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Source {
+    Peer(PeerKey),
+    WebSeed(usize),
+}
+
 /// Every web seed of the run and its connections.
 #[derive(Default)]
 pub(super) struct WebSeeds {
@@ -32,8 +39,9 @@ struct SeedEntry {
     health: Health,
     /// Given up: its connections are ending.
     dropped: bool,
-    /// A failure was reported since the last delivery (one notice per run of failures).
-    reported: bool,
+    /// Kinds of failure already reported for this seed: each is news once, however often a
+    /// server that delivers a little and then fails again repeats it.
+    reported: Vec<std::mem::Discriminant<Fault>>,
     /// Per piece, whether this seed can serve it (all its files present); `None`: all.
     servable: Option<Vec<bool>>,
 }
@@ -95,13 +103,14 @@ impl Session {
                 agent,
                 pad: pad.clone(),
                 stop: Default::default(),
+                ignores_range_told: Default::default(),
             });
             let index = self.web.seeds.len();
             self.web.seeds.push(SeedEntry {
                 shared: Arc::clone(&shared),
                 health: Health::new(meta.files.len()),
                 dropped: false,
-                reported: false,
+                reported: Vec::new(),
                 servable: None,
             });
             for _ in 0..webseed::CONNECTIONS {
@@ -150,6 +159,12 @@ impl Session {
                 self.fill_web(key);
             }
             WebEvent::Failed(fault) => self.on_web_fault(key, fault),
+            WebEvent::Notice(message) => {
+                if let Some(c) = self.web.conns.get(&key) {
+                    let url = self.web.seeds[c.seed].shared.url.clone();
+                    self.web_seed_error(&url, message);
+                }
+            }
             WebEvent::Gone => {
                 if let Some(mut c) = self.web.conns.remove(&key) {
                     self.picker.remove_peer(key);
@@ -175,7 +190,6 @@ impl Session {
         };
         let entry = &mut self.web.seeds[seed];
         entry.health.delivered();
-        entry.reported = false;
         match self.picker.block_received(key, block, written) {
             BlockOutcome::Accepted {
                 piece_complete,
@@ -228,8 +242,8 @@ impl Session {
             let name = self.ctx.meta.files[file].path.display().to_string();
             self.web_seed_error(&url, format!("{fault}: {name}; other files still used"));
             self.update_servable(seed);
-        } else if !entry.reported {
-            entry.reported = true;
+        } else if !entry.reported.contains(&std::mem::discriminant(&fault)) {
+            entry.reported.push(std::mem::discriminant(&fault));
             self.web_seed_error(&url, format!("{fault}; will retry"));
         }
         self.fill_all();
@@ -279,12 +293,21 @@ impl Session {
         self.fill_all();
     }
 
-    /// A piece with data from these web seed connections failed its hash.
-    pub(super) fn blame_web_seed(&mut self, key: PeerKey) {
-        let Some(seed) = self.web.conns.get(&key).map(|c| c.seed) else {
+    /// Who a sender of blocks is: a peer connection, or web seed `n` (whatever connection of
+    /// it sent them).
+    pub(super) fn source_of(&self, key: PeerKey) -> Source {
+        match self.web.conns.get(&key) {
+            Some(c) => Source::WebSeed(c.seed),
+            None => Source::Peer(key),
+        }
+    }
+
+    /// A piece with data from web seed `seed` failed its hash (`sole`: only its data).
+    pub(super) fn blame_web_seed(&mut self, seed: usize, sole: bool) {
+        if self.web.seeds[seed].dropped {
             return;
-        };
-        if let Some(why) = self.web.seeds[seed].health.hash_failed() {
+        }
+        if let Some(why) = self.web.seeds[seed].health.hash_failed(sole) {
             self.drop_web_seed(seed, why);
         }
     }

@@ -8,8 +8,11 @@ use super::response::Fault;
 /// Failed requests in a row (timeouts, broken bodies, `5xx`, `429`/`503`) before a seed is
 /// given up.
 pub const MAX_FAILURES: u32 = 6;
-/// Pieces that failed their hash with a seed's data in them before it is given up.
+/// Pieces that failed their hash with only this seed's data in them before it is given up.
 pub const MAX_HASH_FAILS: u32 = 3;
+/// Failed pieces this seed shared with other sources before it is given up: an honest seed
+/// whose runs meet a lying source's must outlast it (the liar's own pieces drop it first).
+pub const MAX_SHARED_HASH_FAILS: u32 = 8;
 /// Back-off after the first failure; it doubles with each one after, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -18,6 +21,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 pub struct Health {
     failures: u32,
     hash_fails: u32,
+    shared_hash_fails: u32,
     until: Option<Instant>,
     /// Per file: the server said it does not have it.
     missing: Vec<bool>,
@@ -36,6 +40,7 @@ impl Health {
         Health {
             failures: 0,
             hash_fails: 0,
+            shared_hash_fails: 0,
             until: None,
             missing: vec![false; files],
         }
@@ -87,16 +92,27 @@ impl Health {
             .then(|| format!("{fault} ({} failures in a row)", self.failures))
     }
 
-    /// A piece with this seed's data in it failed its hash. Returns why the seed should be
-    /// given up, if it should.
-    pub fn hash_failed(&mut self) -> Option<String> {
-        self.hash_fails += 1;
-        (self.hash_fails >= MAX_HASH_FAILS).then(|| {
-            format!(
-                "{} pieces from this web seed failed their hash check",
+    /// A piece with this seed's data in it failed its hash; `sole`: nobody else's data was
+    /// in it. Returns why the seed should be given up, if it should.
+    pub fn hash_failed(&mut self, sole: bool) -> Option<String> {
+        if sole {
+            self.hash_fails += 1;
+        } else {
+            self.shared_hash_fails += 1;
+        }
+        if self.hash_fails >= MAX_HASH_FAILS {
+            Some(format!(
+                "{} pieces from this web seed alone failed their hash check",
                 self.hash_fails
-            )
-        })
+            ))
+        } else if self.shared_hash_fails >= MAX_SHARED_HASH_FAILS {
+            Some(format!(
+                "{} pieces with data from this web seed failed their hash check",
+                self.shared_hash_fails
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -160,8 +176,17 @@ mod tests {
             h.fault(Instant::now(), &Fault::Fatal("tls".into()), &[true])
                 .is_some()
         );
-        assert_eq!(h.hash_failed(), None);
-        assert_eq!(h.hash_failed(), None);
-        assert!(h.hash_failed().is_some());
+        assert_eq!(h.hash_failed(true), None);
+        assert_eq!(h.hash_failed(true), None);
+        assert!(h.hash_failed(true).is_some());
+    }
+
+    #[test]
+    fn pieces_shared_with_others_weigh_less() {
+        let mut h = Health::new(1);
+        for _ in 1..MAX_SHARED_HASH_FAILS {
+            assert_eq!(h.hash_failed(false), None);
+        }
+        assert!(h.hash_failed(false).is_some());
     }
 }

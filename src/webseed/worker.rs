@@ -43,6 +43,9 @@ pub enum WebEvent {
     Done,
     /// The assignment broke off; the blocks not reported were not written.
     Failed(Fault),
+    /// Something about the seed a person should know that is not a fault (said once per
+    /// seed): e.g. it ignores `Range`, so every request reads from the start of the file.
+    Notice(String),
     /// The connection's thread is ending (also after a panic): it can be joined.
     Gone,
 }
@@ -60,6 +63,8 @@ pub struct Seed {
     pub pad: Vec<bool>,
     /// Set when the seed is given up or the run ends: its connections stop at the next block.
     pub stop: AtomicBool,
+    /// Whether the seed was reported to ignore `Range` (once, by whichever connection saw it).
+    pub ignores_range_told: AtomicBool,
 }
 
 /// A connection's thread: takes assignments until the session drops its command sender or
@@ -157,6 +162,7 @@ impl Conn {
                 at: 0,
                 body: None,
                 fault: None,
+                notice: None,
             };
             for (i, &block) in run.blocks.iter().enumerate() {
                 if self.seed.stop.load(Ordering::Relaxed) {
@@ -184,6 +190,11 @@ impl Conn {
                         .claim(block)
                         .is_some_and(|claim| claim.fill(&mut &bytes[..]).is_ok())
                 };
+                if let Some(n) = src.notice.take()
+                    && !self.emit(WebEvent::Notice(n))
+                {
+                    return Err(Ended::Stopped);
+                }
                 if !self.emit(WebEvent::Block { block, written }) {
                     return Err(Ended::Stopped);
                 }
@@ -205,6 +216,8 @@ struct Source<'a> {
     body: Option<ureq::BodyReader<'static>>,
     /// Why the last read failed, when it was the server's answer.
     fault: Option<Fault>,
+    /// A notice for the session, taken by the connection after each block.
+    notice: Option<String>,
 }
 
 impl Source<'_> {
@@ -276,6 +289,13 @@ impl Source<'_> {
         };
         let mut body = resp.into_body().into_reader();
         if let Delivery::Skip(mut n) = delivery {
+            if !self.seed.ignores_range_told.swap(true, Ordering::Relaxed) {
+                self.notice = Some(
+                    "the server ignores Range requests (200 instead of 206): each request \
+                     reads the file from its start; still used"
+                        .into(),
+                );
+            }
             let mut scratch = [0u8; 16 * 1024];
             while n > 0 {
                 let k = n.min(scratch.len() as u64) as usize;
