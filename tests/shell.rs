@@ -503,6 +503,7 @@ fn json_events_come_in_the_documented_order() {
         "tracker_error",
         "dht",
         "dht_notice",
+        "web_seed_error",
         "peers",
         "peer_banned",
         "hash_failed",

@@ -44,6 +44,8 @@ pub struct Render {
     last_json: Instant,
     last_line: Instant,
     rates: Rates,
+    /// Bytes per second from web seeds (part of the download rate).
+    web_rates: Rates,
     size: u64,
     /// Bytes verified at start (resumed data): not counted as transfer.
     verified_at_start: u64,
@@ -98,6 +100,7 @@ impl Render {
             last_json: now,
             last_line: now,
             rates: Rates::new(),
+            web_rates: Rates::new(),
             size: 0,
             verified_at_start: 0,
             last: None,
@@ -217,12 +220,13 @@ impl Render {
     fn update(&mut self, p: &Progress) {
         let now = Instant::now();
         let (down, up) = self.rates.sample(now, p.transferred, p.uploaded);
+        let (web, _) = self.web_rates.sample(now, p.web_seed_bytes, 0);
         self.last = Some(*p);
         match self.mode {
             Mode::Json if now.duration_since(self.last_json) >= JSON_INTERVAL => {
                 self.last_json = now;
                 self.emit(&format!(
-                    "{{\"event\":\"progress\",\"downloaded\":{},\"total\":{},\"transferred\":{},\"uploaded\":{},\"rate\":{down},\"upload_rate\":{up},\"peers\":{},\"seeders\":{},\"trackers\":{},\"web_seeds\":{},\"web_seed_bytes\":{}}}",
+                    "{{\"event\":\"progress\",\"downloaded\":{},\"total\":{},\"transferred\":{},\"uploaded\":{},\"rate\":{down},\"upload_rate\":{up},\"peers\":{},\"seeders\":{},\"trackers\":{},\"web_seeds\":{},\"web_seed_bytes\":{},\"web_seed_rate\":{web}}}",
                     p.verified,
                     p.total,
                     p.transferred,
