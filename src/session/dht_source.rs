@@ -34,6 +34,8 @@ pub(super) struct DhtSource {
     next_lookup: Option<Instant>,
     empty_lookups: u32,
     found_any: bool,
+    /// The node's thread died (a bug): no more lookups, nothing more to give.
+    failed: bool,
 }
 
 impl DhtSource {
@@ -71,6 +73,7 @@ impl DhtSource {
                     next_lookup: None,
                     empty_lookups: 0,
                     found_any: false,
+                    failed: false,
                 })
             }
             Err(e) => {
@@ -128,8 +131,7 @@ impl DhtSource {
             }
             dht::Event::LookupDone { .. } => {}
             dht::Event::Failed => {
-                self.ready = Some(0);
-                self.lookup_running = true; // never again
+                self.failed = true;
                 let _ = events.send(Event::Notice {
                     kind: NoticeKind::Dht,
                     message: "the DHT stopped on an internal error; going on without it".into(),
@@ -147,7 +149,7 @@ impl DhtSource {
 
     /// Called on the session's tick: schedules the next lookup once one has ended.
     pub(super) fn tick(&mut self, want_peers: bool) {
-        if self.lookup_running {
+        if self.lookup_running || self.failed {
             return;
         }
         let now = Instant::now();
@@ -171,12 +173,16 @@ impl DhtSource {
     /// Whether the DHT has nothing to give: nobody to ask, or lookups that keep finding no
     /// peer for a torrent it never found a peer for.
     pub(super) fn exhausted(&self) -> bool {
-        self.ready == Some(0) || (!self.found_any && self.empty_lookups >= EMPTY_LOOKUPS)
+        self.failed
+            || self.ready == Some(0)
+            || (!self.found_any && self.empty_lookups >= EMPTY_LOOKUPS)
     }
 
     /// Why [`exhausted`](Self::exhausted) holds, for people.
     pub(super) fn why_exhausted(&self) -> &'static str {
-        if self.ready == Some(0) {
+        if self.failed {
+            "the DHT stopped on an internal error"
+        } else if self.ready == Some(0) {
             "the DHT reached no node"
         } else {
             "the DHT found no peer"
