@@ -23,7 +23,7 @@ macro_rules! internal {
 }
 
 internal!(
-    bencode, extension, geometry, magnet, merkle, metadata, pex, picker, wire
+    bencode, extension, geometry, hash_msg, magnet, merkle, metadata, pex, picker, wire
 );
 
 mod choker;

@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 
 use crate::geometry::{BlockRef, PieceIndex};
+use crate::hash_msg::PieceAnswer;
 use crate::messages::{Command, HaveSummary};
 use crate::peer::{Ending, PeerError};
 
@@ -30,6 +31,19 @@ pub const MAX_PENDING_BLOCKS: usize = 1024;
 /// Extended messages (metadata pieces we serve, 16 KiB each) that may wait for the writer;
 /// past this many, more requests are answered by nobody (the peer asks again or elsewhere).
 pub const MAX_PENDING_EXTENDED: usize = 8;
+/// Answers to the peer's BEP 52 hash requests that may wait for the writer (each up to some
+/// 18 KiB); past this many the peer is not reading them, and the connection ends.
+pub const MAX_PENDING_HASHES: usize = 64;
+
+/// The answer to one of the peer's hash requests, for the writer to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HashWork {
+    /// Ready to go: `hashes` or `hash reject`.
+    Send(crate::wire::Message),
+    /// `hashes` from a piece's data, which the writer reads (or a `hash reject` when it has
+    /// not announced the piece or the data does not match).
+    FromPiece(PieceAnswer),
+}
 
 /// The writer's work, as the session and the reader left it.
 #[derive(Debug, Default)]
@@ -54,6 +68,8 @@ pub(crate) struct Pending {
     pub extended: Vec<(u8, Vec<u8>)>,
     /// The latest `ut_pex` message (the peer's id for it, payload): one at most.
     pub pex: Option<(u8, Vec<u8>)>,
+    /// Answers to the peer's hash requests, in order.
+    pub hashes: Vec<HashWork>,
     pub shutdown: bool,
 }
 
@@ -69,6 +85,7 @@ impl Pending {
         self.cancel_serves.clear();
         self.extended.clear();
         self.pex = None;
+        self.hashes.clear();
         self.shutdown = false;
     }
 
@@ -85,6 +102,7 @@ impl Pending {
             && self.cancel_serves.is_empty()
             && self.extended.is_empty()
             && self.pex.is_none()
+            && self.hashes.is_empty()
             && !self.shutdown
     }
 }
@@ -242,6 +260,21 @@ impl Outbox {
         }
         self.ring();
         true
+    }
+
+    /// The answer to one of the peer's hash requests. Past [`MAX_PENDING_HASHES`] waiting,
+    /// the connection ends ([`PeerError::Backlog`]).
+    pub(crate) fn hash_work(&self, work: HashWork) {
+        let overflow = {
+            let mut p = self.shared.pending.lock();
+            p.hashes.push(work);
+            p.hashes.len() > MAX_PENDING_HASHES
+        };
+        if overflow {
+            self.fail(PeerError::Backlog("answers to hash requests"));
+        } else {
+            self.ring();
+        }
     }
 
     /// The reader's pass of a peer's cancel; `cap`: most distinct cancels that may wait.
@@ -402,6 +435,34 @@ mod tests {
         assert!(ending.take().is_ok(), "no overflow");
         inbox.take(&mut p);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn hash_answers_piling_up_behind_a_stuck_writer_end_the_connection() {
+        let (o, inbox, ending) = boxes();
+        let reject = HashWork::Send(crate::wire::Message::HashReject(crate::wire::HashRequest {
+            root: [1; 32],
+            base: 0,
+            index: 0,
+            length: 2,
+            proof_layers: 0,
+        }));
+        for _ in 0..MAX_PENDING_HASHES {
+            o.hash_work(reject.clone());
+        }
+        assert!(ending.take().is_ok(), "within the cap");
+        let mut p = Pending::default();
+        inbox.take(&mut p);
+        assert_eq!(p.hashes.len(), MAX_PENDING_HASHES);
+        for _ in 0..=MAX_PENDING_HASHES {
+            o.hash_work(reject.clone());
+        }
+        assert!(matches!(ending.take(), Err(PeerError::Backlog(_))));
+        inbox.take(&mut p);
+        assert!(
+            p.shutdown && p.hashes.is_empty(),
+            "what piled up is dropped"
+        );
     }
 
     #[test]

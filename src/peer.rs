@@ -48,15 +48,16 @@ use crate::extension;
 use sha1::{Digest, Sha1};
 
 use crate::geometry::{BlockRef, Geometry, PieceIndex};
+use crate::hash_msg::{self, Plan, Trees, Upper};
 use crate::messages::{Command, HaveSummary, Input, PeerEvent};
 use crate::metadata;
-use crate::outbox::{self, CancelServe, Inbox, Outbox, Pending, Wake};
+use crate::outbox::{self, CancelServe, HashWork, Inbox, Outbox, Pending, Wake};
 use crate::pex;
 use crate::picker::PeerKey;
 use crate::ratelimit::TokenBucket;
 use crate::recv::RecvBuf;
 use crate::storage::Storage;
-use crate::wire::{self, Body, Handshake, Message, reserved};
+use crate::wire::{self, Body, Handshake, HashRequest, Message, reserved};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// From the start of a connection (dialling included) until both handshakes are through and
@@ -85,6 +86,13 @@ pub const MAX_REQUESTS_WHILE_CHOKED: u32 = 1024;
 /// Distinct allowed-fast pieces passed on per connection (BEP 6 suggests 10; libtorrent
 /// sends 5); more are ignored, as the BEP allows.
 pub const MAX_ALLOWED_FAST: usize = 32;
+/// BEP 52 hash messages (requests, hashes, rejects) a peer may send per [`FLOOD_WINDOW`]. An
+/// honest downloader keeps a request or two in flight, each for up to 512 pieces' hashes.
+pub const MAX_HASH_MESSAGES_PER_WINDOW: u32 = 4096;
+/// Hash requests below the piece layer answered per [`FLOOD_WINDOW`] (each has the writer
+/// read and hash a piece); more are rejected. libtorrent asks for a piece's leaf hashes only
+/// when the piece failed its check.
+pub const MAX_PIECE_HASHES_PER_WINDOW: u32 = 32;
 /// Extended handshakes read per connection (BEP 10 allows updates); later ones are skipped
 /// unread.
 pub const MAX_EXTENDED_HANDSHAKES: u32 = 4;
@@ -185,6 +193,9 @@ pub enum PeerError {
     Unasked,
     /// More of the named messages than any honest peer sends in [`FLOOD_WINDOW`].
     Flood(&'static str),
+    /// A BEP 52 `hashes` message whose fields are no valid request on the torrent, or whose
+    /// count of hashes does not match them.
+    BadHashes(hash_msg::BadHashes),
     /// The writer has not taken its work for so long that the named list reached its cap
     /// (the peer does not read what we send): see [`Outbox`].
     Backlog(&'static str),
@@ -207,6 +218,7 @@ impl PeerError {
                 | PeerError::NotNegotiated(_)
                 | PeerError::Unasked
                 | PeerError::Flood(_)
+                | PeerError::BadHashes(_)
         )
     }
 
@@ -240,6 +252,7 @@ impl fmt::Display for PeerError {
             PeerError::RequestsWhileChoked => write!(f, "kept requesting while choked"),
             PeerError::Unasked => write!(f, "sent a block without being asked for any"),
             PeerError::Flood(what) => write!(f, "flooded us with {what}"),
+            PeerError::BadHashes(why) => write!(f, "malformed hashes message ({why:?})"),
             PeerError::NotNegotiated(what) => write!(f, "sent {what} without negotiating it"),
             PeerError::Backlog(what) => write!(f, "does not read what we send ({what} piled up)"),
             PeerError::SessionGone => write!(f, "shutting down"),
@@ -865,6 +878,14 @@ struct Reader<'a, R> {
     /// Choke, interest and cancel messages in the current [`FLOOD_WINDOW`], and when it
     /// began: coalescing makes them cheap, a budget makes them end the connection.
     control: (std::time::Instant, u32),
+    /// The torrent's v2 files, if it has any: their hash requests are answered (BEP 52).
+    v2: Option<&'a dyn Trees>,
+    /// The upper layers of the files asked about (at most one entry per file of the torrent,
+    /// a byte per piece; see [`Upper`]).
+    uppers: HashMap<crate::merkle::Hash, Option<Upper>>,
+    /// Hash messages and answers from piece data in the current [`FLOOD_WINDOW`], and when it
+    /// began.
+    hash_window: (Instant, u32, u32),
 }
 
 impl<'a, R: Source> Reader<'a, R> {
@@ -901,6 +922,9 @@ impl<'a, R: Source> Reader<'a, R> {
             last_pex: None,
             dht_port_told: false,
             control: (std::time::Instant::now(), 0),
+            v2: None,
+            uppers: HashMap::new(),
+            hash_window: (Instant::now(), 0, 0),
         }
     }
 
@@ -1270,6 +1294,13 @@ impl<'a, R: Source> Reader<'a, R> {
                 }
                 Ok(())
             }
+            Message::HashRequest(req) => self.hash_request(req),
+            Message::Hashes { req, hashes } => self.hashes(&req, hashes.len()),
+            Message::HashReject(_) => {
+                // We send no hash requests: nothing to withdraw.
+                self.hash_message()?;
+                Ok(())
+            }
             fast if !self.fast && is_fast_message(&fast) => {
                 Err(PeerError::NotNegotiated("a Fast extension message"))
             }
@@ -1315,6 +1346,79 @@ impl<'a, R: Source> Reader<'a, R> {
         }
     }
 
+    /// Counts one BEP 52 message against the window's budget; an error, too, on a torrent
+    /// without v2 files (libtorrent ends such connections too).
+    fn hash_message(&mut self) -> Result<&'a dyn Trees, PeerError> {
+        let trees = self
+            .v2
+            .ok_or(PeerError::NotNegotiated("a BEP 52 hash message"))?;
+        let now = Instant::now();
+        if now.duration_since(self.hash_window.0) >= FLOOD_WINDOW {
+            self.hash_window = (now, 0, 0);
+        }
+        self.hash_window.1 += 1;
+        if self.hash_window.1 > MAX_HASH_MESSAGES_PER_WINDOW {
+            return Err(PeerError::Flood("hash messages"));
+        }
+        Ok(trees)
+    }
+
+    /// A BEP 52 `hash request`: answered through the writer with `hashes` (from the piece
+    /// layer at once, or from a piece's data, which the writer reads) or a `hash reject`
+    /// (BEP 52: "Hash requests MUST be answered with either a 'hashes' or 'hash reject'
+    /// message"). Asking for what we do not serve is no violation; a flood is.
+    fn hash_request(&mut self, req: HashRequest) -> Result<(), PeerError> {
+        let trees = self.hash_message()?;
+        let reject = HashWork::Send(Message::HashReject(req));
+        let work = match trees.file(&req.root) {
+            None => reject,
+            Some(tree) => match hash_msg::check(&tree, &req) {
+                Err(_) => reject,
+                Ok(Plan::Layer) => {
+                    let upper = self.upper(&tree);
+                    HashWork::Send(Message::Hashes {
+                        req,
+                        hashes: hash_msg::answer_from_layer(&tree, upper, &req),
+                    })
+                }
+                Ok(Plan::Piece { .. }) if self.hash_window.2 >= MAX_PIECE_HASHES_PER_WINDOW => {
+                    reject
+                }
+                Ok(Plan::Piece { piece }) => {
+                    self.hash_window.2 += 1;
+                    let upper = self.upper(&tree);
+                    HashWork::FromPiece(hash_msg::PieceAnswer::new(&tree, upper, &req, piece))
+                }
+            },
+        };
+        self.links.writer.hash_work(work);
+        Ok(())
+    }
+
+    /// The upper layers of `tree`'s file, built at the first request that needs them.
+    fn upper(&mut self, tree: &hash_msg::FileTree) -> Option<&Upper> {
+        self.uppers
+            .entry(*tree.root)
+            .or_insert_with(|| Upper::build(tree))
+            .as_ref()
+    }
+
+    /// A BEP 52 `hashes` message. We send no hash requests, so none answers one of ours: a
+    /// well-formed one is read past (libtorrent keeps such hashes if they prove out; we have
+    /// every layer already). One that fits no file, or whose count of hashes does not match
+    /// its fields, ends the connection, as libtorrent ends it.
+    fn hashes(&mut self, req: &HashRequest, count: usize) -> Result<(), PeerError> {
+        let trees = self.hash_message()?;
+        let tree =
+            trees
+                .file(&req.root)
+                .ok_or(PeerError::BadHashes(hash_msg::BadHashes::Shape(
+                    hash_msg::Refusal::UnknownRoot,
+                )))?;
+        hash_msg::check_shape(&tree, req, count).map_err(PeerError::BadHashes)?;
+        Ok(())
+    }
+
     fn decoder_bitfield_len(&self) -> usize {
         self.storage.geometry().piece_count().div_ceil(8) as usize
     }
@@ -1344,6 +1448,18 @@ pub(crate) fn replay_reader(
     fast: bool,
     asked: Vec<BlockRef>,
 ) -> Replay {
+    replay_reader_v2(src, storage, fast, asked, None)
+}
+
+/// [`replay_reader`] on a torrent with v2 files `v2`, whose hash requests it answers.
+#[cfg(any(test, feature = "fuzz"))]
+pub(crate) fn replay_reader_v2(
+    src: impl Source,
+    storage: &Storage,
+    fast: bool,
+    asked: Vec<BlockRef>,
+    v2: Option<&dyn Trees>,
+) -> Replay {
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     let ending = Arc::new(Ending::default());
     let (outbox, inbox) = outbox::outbox(ending, None, storage.geometry().piece_count());
@@ -1362,6 +1478,7 @@ pub(crate) fn replay_reader(
     let mut reader = Reader::new(src, storage, b"d6:lengthi1ee", None, fast, links);
     // Peer exchange on, so the fuzz target drives its decoder too.
     reader.pex = true;
+    reader.v2 = v2;
     let result = reader.run();
     let mut pending = Pending::default();
     inbox.take(&mut pending);
@@ -1655,6 +1772,9 @@ impl<W: SendHalf> WriterState<W> {
                 &mut self.out,
             );
         }
+        for h in &work.hashes {
+            self.answer_hashes(h);
+        }
         self.cancel_serves(&work.cancel_serves);
         for (i, &b) in work.serves.iter().enumerate() {
             let cancelled = work.cancel_serves.get(&b).is_some_and(|&after| i < after);
@@ -1686,6 +1806,39 @@ impl<W: SendHalf> WriterState<W> {
             self.cached_piece = None;
             self.cache = Vec::new();
         }
+    }
+
+    /// One answer to the peer's hash requests. One from a piece's data needs a piece we have
+    /// announced to this peer, read and found to hash to the torrent's node; otherwise the
+    /// request is rejected. Neither choking nor cancels touch these (BEP 52 lets hash
+    /// requests be sent whatever the choke state).
+    fn answer_hashes(&mut self, work: &HashWork) {
+        let answer = match work {
+            HashWork::Send(msg) => {
+                wire::encode(msg, &mut self.out);
+                return;
+            }
+            HashWork::FromPiece(a) => {
+                let g = self.storage.geometry();
+                let len = a.len as usize;
+                let hashes = g
+                    .piece(a.piece)
+                    .filter(|p| self.have[p.usize()])
+                    .and_then(|p| {
+                        if self.cached_piece == Some(p) && self.cache.len() >= len {
+                            return a.finish(&self.cache[..len]);
+                        }
+                        let mut data = vec![0; len];
+                        self.storage.read(g.piece_offset(p), &mut data).ok()?;
+                        a.finish(&data)
+                    });
+                match hashes {
+                    Some(hashes) => Message::Hashes { req: a.req, hashes },
+                    None => Message::HashReject(a.req),
+                }
+            }
+        };
+        wire::encode(&answer, &mut self.out);
     }
 
     /// The peer's cancels, on the requests already queued here.

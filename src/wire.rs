@@ -1,4 +1,5 @@
-//! The peer wire protocol (BEP 3, plus the message ids of BEP 6 and BEP 10) on byte slices.
+//! The peer wire protocol (BEP 3, plus the message ids of BEP 6, BEP 10 and the BEP 52 hash
+//! messages) on byte slices.
 //!
 //! Nothing here does I/O: [`Handshake`] and [`Message`] encode into buffers and decode from
 //! them, so every malformed frame can be tested directly. [`Decoder`] is the one frame
@@ -34,6 +35,17 @@ pub const ID_HAVE_NONE: u8 = 15;
 pub const ID_REJECT: u8 = 16;
 pub const ID_ALLOWED_FAST: u8 = 17;
 pub const ID_EXTENDED: u8 = 20;
+/// BEP 52: `hash request`, `hashes`, `hash reject`.
+pub const ID_HASH_REQUEST: u8 = 21;
+pub const ID_HASHES: u8 = 22;
+pub const ID_HASH_REJECT: u8 = 23;
+
+/// Bytes of a hash request's fields (pieces root, base layer, index, length, proof layers):
+/// the whole payload of a `hash request` or `hash reject`, the head of a `hashes`.
+pub const HASH_REQUEST_LEN: usize = 32 + 4 * 4;
+/// Most hashes one `hashes` message may carry: libtorrent's limit on a request's length
+/// (8192, a 128 MiB piece's leaves) plus an uncle per layer of the deepest tree. Some 257 KiB.
+pub const MAX_HASHES: usize = 8192 + 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
@@ -41,6 +53,38 @@ pub enum Error {
     FrameTooLong { len: u32 },
     BadLength { id: u8, len: u32 },
     BadBitfield,
+}
+
+/// The fields of a BEP 52 `hash request`, echoed by the `hashes` and `hash reject` that answer
+/// it: `length` hashes of the layer `base` layers above the leaves, from `index` on, in the
+/// tree of the file whose `pieces root` is `root`, with the uncles of `proof_layers` layers
+/// above them. Unchecked: see `hash_msg` for what makes one valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HashRequest {
+    pub root: [u8; 32],
+    pub base: u32,
+    pub index: u32,
+    pub length: u32,
+    pub proof_layers: u32,
+}
+
+impl HashRequest {
+    fn decode(b: &[u8]) -> HashRequest {
+        HashRequest {
+            root: b[..32].try_into().expect("a checked length"),
+            base: u32_at(b, 32),
+            index: u32_at(b, 36),
+            length: u32_at(b, 40),
+            proof_layers: u32_at(b, 44),
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.root);
+        for v in [self.base, self.index, self.length, self.proof_layers] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -141,6 +185,16 @@ pub enum Message {
         id: u8,
         payload: Vec<u8>,
     },
+    /// BEP 52: a request for hashes of a file's merkle tree.
+    HashRequest(HashRequest),
+    /// BEP 52: the answer, the request's fields then the hashes (the base layer's, then the
+    /// uncles from the bottom up).
+    Hashes {
+        req: HashRequest,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// BEP 52: a request that will not be served, echoed.
+    HashReject(HashRequest),
     /// An id we do not know; ignored.
     Unknown(u8),
 }
@@ -240,7 +294,7 @@ impl Decoder {
 pub fn is_known(id: u8) -> bool {
     matches!(
         id,
-        ID_CHOKE..=ID_PORT | ID_SUGGEST..=ID_ALLOWED_FAST | ID_EXTENDED
+        ID_CHOKE..=ID_PORT | ID_SUGGEST..=ID_ALLOWED_FAST | ID_EXTENDED..=ID_HASH_REJECT
     )
 }
 
@@ -256,6 +310,13 @@ fn check_len(id: u8, len: u32, bitfield_len: usize) -> Result<(), Error> {
         ID_BITFIELD => len as usize == bitfield_len + 1,
         ID_PIECE => len > 9 && len <= 9 + BLOCK_LEN,
         ID_EXTENDED => (2..=MAX_EXTENDED).contains(&len),
+        ID_HASH_REQUEST | ID_HASH_REJECT => len as usize == 1 + HASH_REQUEST_LEN,
+        ID_HASHES => {
+            let hashes = (len as usize).saturating_sub(1 + HASH_REQUEST_LEN);
+            len as usize > 1 + HASH_REQUEST_LEN
+                && hashes.is_multiple_of(32)
+                && hashes / 32 <= MAX_HASHES
+        }
         _ => len <= MAX_FRAME,
     };
     if ok {
@@ -304,6 +365,15 @@ fn decode(id: u8, payload: &[u8], piece_count: u32) -> Result<Message, Error> {
         ID_EXTENDED => Message::Extended {
             id: payload[0],
             payload: payload[1..].to_vec(),
+        },
+        ID_HASH_REQUEST => Message::HashRequest(HashRequest::decode(payload)),
+        ID_HASH_REJECT => Message::HashReject(HashRequest::decode(payload)),
+        ID_HASHES => Message::Hashes {
+            req: HashRequest::decode(payload),
+            hashes: payload[HASH_REQUEST_LEN..]
+                .chunks_exact(32)
+                .map(|c| c.try_into().expect("32-byte chunk"))
+                .collect(),
         },
         other => Message::Unknown(other),
     })
@@ -376,6 +446,25 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             out.push(ID_EXTENDED);
             out.push(*id);
             out.extend_from_slice(payload);
+        }
+        Message::HashRequest(req) | Message::HashReject(req) => {
+            let id = if matches!(msg, Message::HashRequest(_)) {
+                ID_HASH_REQUEST
+            } else {
+                ID_HASH_REJECT
+            };
+            out.extend_from_slice(&(1 + HASH_REQUEST_LEN as u32).to_be_bytes());
+            out.push(id);
+            req.encode(out);
+        }
+        Message::Hashes { req, hashes } => {
+            let len = 1 + HASH_REQUEST_LEN + 32 * hashes.len();
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+            out.push(ID_HASHES);
+            req.encode(out);
+            for h in hashes {
+                out.extend_from_slice(h);
+            }
         }
         Message::Unknown(id) => simple(out, *id),
     }
@@ -512,6 +601,12 @@ mod tests {
                 id: 0,
                 payload: b"de".to_vec(),
             },
+            Message::HashRequest(hash_req()),
+            Message::HashReject(hash_req()),
+            Message::Hashes {
+                req: hash_req(),
+                hashes: vec![[1; 32], [2; 32], [3; 32]],
+            },
         ];
         for m in msgs {
             let bytes = frame(&m);
@@ -519,6 +614,81 @@ mod tests {
             assert_eq!(used, bytes.len());
             assert_eq!(f, Frame::Message(m));
         }
+    }
+
+    fn hash_req() -> HashRequest {
+        HashRequest {
+            root: [9; 32],
+            base: 1,
+            index: 0x0102_0304,
+            length: 2,
+            proof_layers: 0xa0b0_c0d0,
+        }
+    }
+
+    #[test]
+    fn hash_messages_have_the_bep_52_layout() {
+        // <len=49><id 21><pieces root><base layer><index><length><proof layers>, big-endian.
+        let bytes = frame(&Message::HashRequest(hash_req()));
+        let mut want = vec![0, 0, 0, 49, 21];
+        want.extend_from_slice(&[9; 32]);
+        want.extend_from_slice(&[0, 0, 0, 1, 1, 2, 3, 4, 0, 0, 0, 2, 0xa0, 0xb0, 0xc0, 0xd0]);
+        assert_eq!(bytes, want);
+        // A reject echoes the same fields under id 23.
+        let reject = frame(&Message::HashReject(hash_req()));
+        assert_eq!(reject[4], ID_HASH_REJECT);
+        assert_eq!(reject[5..], want[5..]);
+        // `hashes`: the same fields, then the hashes.
+        let hashes = frame(&Message::Hashes {
+            req: hash_req(),
+            hashes: vec![[7; 32]],
+        });
+        assert_eq!(&hashes[..4], &(49u32 + 32).to_be_bytes());
+        assert_eq!(hashes[4], ID_HASHES);
+        assert_eq!(hashes[5..53], want[5..]);
+        assert_eq!(hashes[53..], [7; 32]);
+    }
+
+    #[test]
+    fn hash_message_lengths_are_checked_before_the_payload() {
+        let d = Decoder::new(3);
+        let len = |n: u32| d.frame_len(n.to_be_bytes()).unwrap().unwrap();
+        for id in [ID_HASH_REQUEST, ID_HASH_REJECT] {
+            assert_eq!(d.body(len(49), id), Ok(Body::Message { id, len: 48 }));
+            for bad in [1, 48, 50, 49 + 32] {
+                assert_eq!(d.body(len(bad), id), Err(Error::BadLength { id, len: bad }));
+            }
+        }
+        // `hashes`: the fields and at least one whole hash, at most MAX_HASHES of them.
+        let most = 49 + 32 * MAX_HASHES as u32;
+        for good in [49 + 32, 49 + 64, most] {
+            assert!(d.body(len(good), ID_HASHES).is_ok(), "{good}");
+        }
+        for bad in [1, 49, 49 + 31, 49 + 33, most + 32, MAX_FRAME] {
+            assert_eq!(
+                d.body(len(bad), ID_HASHES),
+                Err(Error::BadLength {
+                    id: ID_HASHES,
+                    len: bad
+                }),
+                "{bad}"
+            );
+        }
+        // The payload is checked again at decode.
+        assert!(d.decode(ID_HASHES, &[0; 48]).is_err());
+        assert!(d.decode(ID_HASH_REQUEST, &[0; 47]).is_err());
+        assert_eq!(
+            d.decode(ID_HASH_REJECT, &[0; 48]),
+            Ok(Message::HashReject(HashRequest {
+                root: [0; 32],
+                base: 0,
+                index: 0,
+                length: 0,
+                proof_layers: 0
+            }))
+        );
+        assert!(is_known(ID_HASH_REQUEST) && is_known(ID_HASHES) && is_known(ID_HASH_REJECT));
+        assert!(!is_known(24));
     }
 
     #[test]
