@@ -111,7 +111,7 @@ impl OwnedTree {
 }
 
 #[cfg(any(test, feature = "fuzz"))]
-impl Trees for [OwnedTree] {
+impl Trees for Vec<OwnedTree> {
     fn file(&self, root: &Hash) -> Option<FileTree<'_>> {
         self.iter().find(|t| t.root == *root).map(OwnedTree::view)
     }
@@ -647,7 +647,7 @@ mod tests {
             let owned = OwnedTree::of(&f.data, 5, lpp);
             assert_eq!(owned.root, f.tree.last().unwrap()[0]);
             assert_eq!(owned.layer, f.layer);
-            let trees: &[OwnedTree] = &[owned.clone()];
+            let trees = vec![owned.clone()];
             assert!(trees.file(&owned.root).is_some());
             assert!(trees.file(&[0; 32]).is_none());
         }

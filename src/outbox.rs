@@ -262,11 +262,16 @@ impl Outbox {
         true
     }
 
-    /// The answer to one of the peer's hash requests. Past [`MAX_PENDING_HASHES`] waiting,
-    /// the connection ends ([`PeerError::Backlog`]).
+    /// The answer to one of the peer's hash requests (dropped once the connection is
+    /// ending). Past [`MAX_PENDING_HASHES`] waiting, the connection ends
+    /// ([`PeerError::Backlog`]).
     pub(crate) fn hash_work(&self, work: HashWork) {
         let overflow = {
             let mut p = self.shared.pending.lock();
+            if p.shutdown {
+                // Ending: nothing more goes out.
+                return;
+            }
             p.hashes.push(work);
             p.hashes.len() > MAX_PENDING_HASHES
         };

@@ -2715,14 +2715,16 @@ mod tests {
         ending: Arc<Ending>,
     }
 
-    /// What reaches a writer: the session's commands, or the reader's requests and cancels.
+    /// What reaches a writer: the session's commands, or the reader's requests, cancels and
+    /// answers to hash requests.
     enum Step {
         Cmd(Command),
         Serve(Vec<BlockRef>),
         Cancel(BlockRef),
+        Hash(HashWork),
     }
 
-    use Step::{Cancel, Cmd, Serve};
+    use Step::{Cancel, Cmd, Hash, Serve};
 
     fn writer_on<W: SendHalf>(
         f: &Fixture,
@@ -2778,6 +2780,7 @@ mod tests {
                     let noted = self.outbox.cancel_serve(b, MAX_QUEUED_SERVES);
                     assert_eq!(noted, CancelServe::Noted);
                 }
+                Hash(work) => self.outbox.hash_work(work),
             }
         }
 
@@ -3415,5 +3418,248 @@ mod tests {
         );
         assert!(error.is_violation() && !error.may_redial());
         thread.join().unwrap();
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // BEP 52 hash messages
+    // ---------------------------------------------------------------------------------------
+
+    use crate::hash_msg::OwnedTree;
+    use crate::merkle;
+
+    impl Fixture {
+        /// The fixture's data as one v2 file: two leaves a piece, three pieces, a tree of
+        /// eight leaves (the piece layer one above the leaves, the root three).
+        fn v2(&self) -> Vec<OwnedTree> {
+            vec![OwnedTree::of(&self.data, 0, PIECE_LEN / BLOCK_LEN)]
+        }
+
+        fn replay_v2(&self, bytes: &[u8], v2: &dyn Trees) -> Replay {
+            replay_reader_v2(bytes, &self.ctx.storage, true, Vec::new(), Some(v2))
+        }
+
+        /// Leaf `i`'s hash (zeros past the end).
+        fn leaf(&self, i: usize) -> merkle::Hash {
+            let start = i * BLOCK_LEN as usize;
+            match self.data.get(start..) {
+                Some(rest) if !rest.is_empty() => merkle::leaf(&rest[..rest.len().min(16384)]),
+                _ => [0; 32],
+            }
+        }
+    }
+
+    fn hreq(root: merkle::Hash, base: u32, index: u32, length: u32, proof: u32) -> HashRequest {
+        HashRequest {
+            root,
+            base,
+            index,
+            length,
+            proof_layers: proof,
+        }
+    }
+
+    #[test]
+    fn hash_messages_on_a_torrent_without_v2_are_violations() {
+        let f = Fixture::new(false);
+        let req = hreq([1; 32], 0, 0, 2, 0);
+        for m in [
+            Message::HashRequest(req),
+            Message::HashReject(req),
+            Message::Hashes {
+                req,
+                hashes: vec![[0; 32]; 2],
+            },
+        ] {
+            let r = f.replay(&frame(&m), true, Vec::new());
+            let e = r.result.unwrap_err();
+            assert!(matches!(e, PeerError::NotNegotiated(_)), "{e:?}");
+            assert!(e.is_violation());
+        }
+    }
+
+    #[test]
+    fn hash_requests_are_answered_or_rejected_and_bad_ones_are_not_fatal() {
+        let f = Fixture::new(false);
+        let v2 = f.v2();
+        let root = v2[0].root;
+        // Worked out by hand from the leaves: the piece layer's nodes and the one above.
+        let node1 = |i: usize| merkle::parent(&f.leaf(2 * i), &f.leaf(2 * i + 1));
+        let node2_1 = merkle::parent(&node1(2), &merkle::parent(&[0; 32], &[0; 32]));
+        assert_eq!(
+            merkle::parent(&merkle::parent(&node1(0), &node1(1)), &node2_1),
+            root
+        );
+        let good = hreq(root, 1, 0, 2, 1);
+        let from_data = hreq(root, 0, 2, 2, 2);
+        let bad = [
+            hreq([7; 32], 1, 0, 2, 1), // unknown root
+            hreq(root, 1, 4, 2, 0),    // past the (padded) piece layer
+            hreq(root, 1, u32::MAX - 1, 2, 0),
+            hreq(root, 1, 0, 3, 0), // not a power of two
+            hreq(root, 1, 0, 1, 0), // under two
+            hreq(root, 1, 0, 0, 0),
+            hreq(root, 1, 1, 2, 0),        // misaligned
+            hreq(root, 1, 0, 2, 2),        // proof through the root
+            hreq(root, 3, 0, 2, 0),        // the root's layer
+            hreq(root, 2, 0, 2, 0),        // above the piece layer
+            hreq(root, 0, 0, 4, 0),        // leaves of two pieces
+            hreq(root, 0, 6, 2, 0),        // leaves past the last piece
+            hreq(root, u32::MAX, 0, 2, 0), // no such layer
+        ];
+        let mut msgs = vec![Message::HashRequest(good)];
+        msgs.extend(bad.iter().map(|r| Message::HashRequest(*r)));
+        msgs.push(Message::HashRequest(from_data));
+        let r = f.replay_v2(&frames(&msgs), &v2);
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(
+            r.events.is_empty(),
+            "nothing for the session: {:?}",
+            r.events
+        );
+        let hashes = &r.pending.hashes;
+        assert_eq!(hashes.len(), 2 + bad.len());
+        assert_eq!(
+            hashes[0],
+            HashWork::Send(Message::Hashes {
+                req: good,
+                hashes: vec![node1(0), node1(1), node2_1],
+            })
+        );
+        for (work, req) in hashes[1..].iter().zip(&bad) {
+            assert_eq!(work, &HashWork::Send(Message::HashReject(*req)));
+        }
+        let Some(HashWork::FromPiece(a)) = hashes.last() else {
+            panic!("{:?}", hashes.last());
+        };
+        assert_eq!((a.req, a.piece, a.len), (from_data, 1, PIECE_LEN));
+    }
+
+    #[test]
+    fn hash_requests_from_piece_data_and_hash_floods_are_budgeted() {
+        let f = Fixture::new(false);
+        let v2 = f.v2();
+        let leaves = hreq(v2[0].root, 0, 0, 2, 0);
+        let n = MAX_PIECE_HASHES_PER_WINDOW as usize + 8;
+        let r = f.replay_v2(&frames(&vec![Message::HashRequest(leaves); n]), &v2);
+        assert!(r.result.is_ok());
+        let (from_data, rejected): (Vec<_>, Vec<_>) = r
+            .pending
+            .hashes
+            .iter()
+            .partition(|w| matches!(w, HashWork::FromPiece(_)));
+        assert_eq!(from_data.len(), MAX_PIECE_HASHES_PER_WINDOW as usize);
+        assert!(
+            rejected
+                .iter()
+                .all(|w| **w == HashWork::Send(Message::HashReject(leaves)))
+        );
+        // Rejects we are sent cost nothing but count; past the budget the connection ends.
+        let reject = Message::HashReject(leaves);
+        let flood = vec![reject; MAX_HASH_MESSAGES_PER_WINDOW as usize + 1];
+        let r = f.replay_v2(&frames(&flood), &v2);
+        let e = r.result.unwrap_err();
+        assert!(
+            matches!(e, PeerError::Flood("hash messages")) && e.is_violation(),
+            "{e:?}"
+        );
+        // Requests from a peer that does not read the answers end it sooner, not as a
+        // violation: the answers pile up.
+        let good = Message::HashRequest(hreq(v2[0].root, 1, 0, 4, 0));
+        let r = f.replay_v2(&frames(&vec![good; 200]), &v2);
+        assert!(r.result.is_ok());
+        assert!(r.pending.shutdown && r.pending.hashes.is_empty());
+    }
+
+    #[test]
+    fn hashes_we_never_asked_for_are_read_past_unless_malformed() {
+        let f = Fixture::new(false);
+        let v2 = f.v2();
+        let root = v2[0].root;
+        let req = hreq(root, 1, 0, 2, 1);
+        let fine = Message::Hashes {
+            req,
+            hashes: vec![[3; 32]; 3],
+        };
+        let r = f.replay_v2(&frames(&[fine, Message::HashReject(req)]), &v2);
+        assert!(r.result.is_ok() && r.events.is_empty() && r.pending.is_empty());
+        let bad = [
+            (req, 2, hash_msg::BadHashes::Count { want: 3, got: 2 }),
+            (req, 4, hash_msg::BadHashes::Count { want: 3, got: 4 }),
+            (
+                hreq([5; 32], 1, 0, 2, 1),
+                3,
+                hash_msg::BadHashes::Shape(hash_msg::Refusal::UnknownRoot),
+            ),
+            (
+                hreq(root, 1, 4, 2, 0),
+                2,
+                hash_msg::BadHashes::Shape(hash_msg::Refusal::OutOfRange),
+            ),
+        ];
+        for (req, count, why) in bad {
+            let m = Message::Hashes {
+                req,
+                hashes: vec![[3; 32]; count],
+            };
+            let e = f.replay_v2(&frame(&m), &v2).result.unwrap_err();
+            assert!(matches!(e, PeerError::BadHashes(w) if w == why), "{e:?}");
+            assert!(e.is_violation());
+        }
+        // A frame of the wrong size is the codec's to refuse.
+        let mut short = frame(&Message::HashRequest(req));
+        short[3] -= 1;
+        short.pop();
+        let e = f.replay_v2(&short, &v2).result.unwrap_err();
+        assert!(matches!(
+            e,
+            PeerError::Protocol(wire::Error::BadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn hash_answers_from_piece_data_need_an_announced_piece_that_matches() {
+        let f = Fixture::new(true);
+        let v2 = f.v2();
+        let tree = v2[0].view();
+        let answer = |piece: u32, req: HashRequest| {
+            HashWork::FromPiece(hash_msg::PieceAnswer::new(&tree, None, &req, piece))
+        };
+        let first = hreq(v2[0].root, 0, 0, 2, 2);
+        let last = hreq(v2[0].root, 0, 4, 2, 2);
+        let mut t = writer(&f, true, false);
+        t.run(vec![
+            // Pieces 0 and 1 announced, not 2.
+            Cmd(Command::Intro(HaveSummary::Some(vec![0b1100_0000]))),
+            Hash(answer(0, first)),
+            Hash(answer(2, last)),
+            Hash(HashWork::Send(Message::HashReject(last))),
+        ])
+        .unwrap();
+        let out = sent(&f, &t.w.stream);
+        let node1 = |i: usize| merkle::parent(&f.leaf(2 * i), &f.leaf(2 * i + 1));
+        let node2_1 = merkle::parent(&node1(2), &merkle::parent(&[0; 32], &[0; 32]));
+        assert_eq!(
+            &out[1..],
+            [
+                msg(Message::Hashes {
+                    req: first,
+                    hashes: vec![f.leaf(0), f.leaf(1), node1(1), node2_1],
+                }),
+                msg(Message::HashReject(last)),
+                msg(Message::HashReject(last)),
+            ]
+        );
+        // Data that no longer matches its hashes is not answered from.
+        let damaged = Fixture::new(false);
+        let mut t = writer(&damaged, true, false);
+        t.run(vec![
+            Cmd(Command::Intro(HaveSummary::All(vec![0b1110_0000]))),
+            Hash(answer(0, first)),
+        ])
+        .unwrap();
+        assert_eq!(
+            sent(&damaged, &t.w.stream)[1..],
+            [msg(Message::HashReject(first))]
+        );
     }
 }
