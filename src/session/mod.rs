@@ -359,7 +359,9 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
             let layout = Layout::in_dir(&dir, meta);
             let spill_name = format!(".bitfetch-{}.parts", &meta.info_hash_hex()[..16]);
             let spill = dir.join(&spill_name);
-            let is_selected = |i: usize| selected.as_ref().is_none_or(|s| s[i]);
+            // Pad files are never on disk, so never "selected", listed or reported.
+            let is_selected =
+                |i: usize| !meta.files[i].pad && selected.as_ref().is_none_or(|s| s[i]);
             // Only data that was there before us needs checking; fresh files are all zeros.
             let resuming = spill.exists()
                 || (0..layout.files.len()).any(|i| {
@@ -654,7 +656,7 @@ fn spawn_hashers(
             move || {
                 let mut scratch = Vec::new();
                 for piece in rx {
-                    let ok = storage.piece_matches(piece, meta.piece_hash(piece), &mut scratch);
+                    let ok = storage.piece_matches(piece, &meta, &mut scratch);
                     if tx_out.send(Input::Hashed { piece, ok }).is_err() {
                         break;
                     }
@@ -824,7 +826,7 @@ fn run_transfer(
         info_hash: meta.info_hash,
         size: total,
         pieces: geometry.piece_count(),
-        files: meta.files.len(),
+        files: meta.content_files().count(),
         verified,
     });
     // (A magnet's run said so before its metadata phase.)
