@@ -396,6 +396,49 @@ impl Metainfo {
         self.files.iter().enumerate().filter(|(_, f)| !f.pad)
     }
 
+    /// What the symbolic link `file` (BEP 47 `l`) should hold: the path of its target
+    /// relative to the link's own directory. Refused (with why) unless the target is another
+    /// path of this torrent's own tree that passes through no link of the torrent: a link
+    /// never points outside the download, nor anywhere another link could redirect.
+    pub fn link_text(&self, file: usize) -> Result<PathBuf, String> {
+        let f = &self.files[file];
+        let Some(target) = &f.symlink else {
+            return Err("not a link".into());
+        };
+        if !self.multi_file {
+            return Err("a single-file torrent cannot hold a link".into());
+        }
+        let mut clean = vec![self.name.clone()];
+        for e in target {
+            clean.push(path_safety::sanitize_element(e).map_err(|e| e.to_string())?);
+        }
+        if clean.len() < 2 {
+            return Err("the target is empty".into());
+        }
+        let key = |p: &str| path_safety::collision_key(p);
+        let links: HashSet<String> = self
+            .files
+            .iter()
+            .filter(|g| g.symlink.is_some())
+            .map(|g| key(&g.path.to_string_lossy()))
+            .collect();
+        for depth in 2..=clean.len() {
+            if links.contains(&key(&clean[..depth].join("/"))) {
+                return Err("the target is, or passes through, another link".into());
+            }
+        }
+        // From the link's directory up to the torrent's top, then down to the target.
+        let depth_below_top = f.path.components().count().saturating_sub(2);
+        let mut text = PathBuf::new();
+        for _ in 0..depth_below_top {
+            text.push("..");
+        }
+        for e in &clean[1..] {
+            text.push(e);
+        }
+        Ok(text)
+    }
+
     /// How many bytes of the torrent are pad files.
     pub fn pad_bytes(&self) -> u64 {
         self.files.iter().filter(|f| f.pad).map(|f| f.len).sum()

@@ -130,7 +130,8 @@ impl std::error::Error for Error {}
 pub struct Layout {
     pub root: PathBuf,
     pub files: Vec<PathBuf>,
-    /// Which files are pad files (BEP 47): zeros that never exist on disk. Empty when none.
+    /// Which files hold no data on disk (BEP 47): pad files (zeros) and symbolic links (made
+    /// apart). Empty when none.
     pub pad: Vec<bool>,
 }
 
@@ -140,7 +141,12 @@ impl Layout {
         Layout {
             root: dir.to_path_buf(),
             files: meta.files.iter().map(|f| f.path.clone()).collect(),
-            pad: meta.files.iter().map(|f| f.pad).collect(),
+            // Links (BEP 47 `l`) are made apart (`Storage::make_link`), never as data files.
+            pad: meta
+                .files
+                .iter()
+                .map(|f| f.pad || f.symlink.is_some())
+                .collect(),
         }
     }
 
@@ -890,6 +896,84 @@ impl Storage {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+
+    /// Gives `file` the executable bits (BEP 47 `x`) where it is readable: `r` becomes `rx`
+    /// for owner, group and others alike, so the umask the file was made under still rules.
+    pub fn make_executable(&self, file: usize) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let slot = &self.slots[file];
+        let Some(f) = slot.file.as_ref() else {
+            return Ok(());
+        };
+        let meta = f.metadata().map_err(|e| Error::io(&slot.path, e))?;
+        let mode = meta.permissions().mode();
+        let wanted = mode | ((mode & 0o444) >> 2);
+        if wanted != mode {
+            f.set_permissions(fs::Permissions::from_mode(wanted))
+                .map_err(|e| Error::io(&slot.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the symbolic link `rel` (below the download directory) holding `text`, walking
+    /// to it one directory at a time without following links, as data files are opened. An
+    /// existing link with the same text is kept; anything else in the way is an error.
+    pub fn make_link(&self, rel: &Path, text: &Path) -> Result<(), Error> {
+        use std::os::unix::ffi::OsStrExt;
+        let root = self
+            .root
+            .as_ref()
+            .ok_or_else(|| Error::io(rel, io::Error::other("no download directory")))?;
+        let mut elements: Vec<&std::ffi::OsStr> = rel.iter().collect();
+        let Some(name) = elements.pop() else {
+            return Err(Error::io(rel, io::Error::other("empty link path")));
+        };
+        let mut dir: Option<File> = None;
+        for e in elements {
+            let parent = dir.as_ref().unwrap_or(root);
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            let opened = match openat(parent, e, flags) {
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    match mkdirat(parent, e) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(err) => return Err(Error::io(rel, err)),
+                    }
+                    openat(parent, e, flags)
+                }
+                other => other,
+            };
+            dir = Some(opened.map_err(|err| Error::io(rel, err))?);
+        }
+        let parent = dir.as_ref().unwrap_or(root);
+        let c_name = std::ffi::CString::new(name.as_bytes()).map_err(io::Error::other);
+        let c_text = std::ffi::CString::new(text.as_os_str().as_bytes()).map_err(io::Error::other);
+        let (c_name, c_text) = match (c_name, c_text) {
+            (Ok(n), Ok(t)) => (n, t),
+            (Err(e), _) | (_, Err(e)) => return Err(Error::io(rel, e)),
+        };
+        // SAFETY: a descriptor we own and valid NUL-terminated strings.
+        if unsafe { libc::symlinkat(c_text.as_ptr(), parent.as_raw_fd(), c_name.as_ptr()) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::AlreadyExists {
+            let mut buf = vec![0u8; libc::PATH_MAX as usize];
+            // SAFETY: as above; `buf` is writable for its length.
+            let n = unsafe {
+                libc::readlinkat(
+                    parent.as_raw_fd(),
+                    c_name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n >= 0 && &buf[..n as usize] == text.as_os_str().as_bytes() {
+                return Ok(());
+            }
+        }
+        Err(Error::io(rel, err))
     }
 
     /// How many of the torrent's files exist (opened read-only: verify, seed).
