@@ -64,6 +64,19 @@ pub trait Trees {
     fn file(&self, root: &Hash) -> Option<FileTree<'_>>;
 }
 
+impl Trees for crate::metainfo::V2 {
+    fn file(&self, root: &Hash) -> Option<FileTree<'_>> {
+        let lpp = self.leaves_per_piece();
+        self.file_by_root(root).map(|f| FileTree {
+            root: &f.root,
+            len: f.len,
+            layer: &f.layer,
+            first_piece: f.first_piece,
+            leaves_per_piece: lpp,
+        })
+    }
+}
+
 /// One file's tree held by value (tests and the fuzz target), and a list of them as a
 /// torrent's [`Trees`].
 #[cfg(any(test, feature = "fuzz"))]

@@ -771,6 +771,7 @@ fn run(
             links,
         );
         reader.pex = ctx.pex;
+        reader.v2 = ctx.meta.v2.as_ref().map(|v| v as &dyn Trees);
         // What the metadata phase read of the peer's extension handshake.
         match ext_info {
             Some(info) => {
