@@ -32,16 +32,21 @@ use sha1::{Digest, Sha1};
 use crate::bencode::{self, Limits};
 use crate::extension;
 use crate::geometry::{BLOCK_LEN, Geometry, PieceIndex};
+use crate::hash_msg::{self, OwnedTree};
 use crate::magnet::{self, Magnet, PeerAddr};
 use crate::messages::PeerEvent;
 use crate::metadata::{self, MetadataFetch, Outcome};
 use crate::metainfo::{self, Metainfo};
+use crate::outbox::{self as peer_outbox, HashWork};
 use crate::path_safety;
 use crate::peer::{self, PeerError};
 use crate::picker::PeerKey;
 use crate::storage::{Layout, Storage};
 use crate::tracker::{self, MAX_INTERVAL, MAX_PEERS, MIN_INTERVAL, Reply};
 use crate::wire::{self, Frame, Message};
+
+/// The most pieces for which the wire target also replays the frames on a v2 torrent.
+pub const V2_MAX_PIECES: u32 = 4096;
 
 /// Stack of the thread each target body runs on.
 pub const STACK_SIZE: usize = 2 << 20;
@@ -231,7 +236,9 @@ fn check_piece(g: &Geometry, piece: PieceIndex) {
 /// handshake (its Fast bit decides whether BEP 6 messages are allowed), then frames as a peer
 /// would send them. The frames go through the connection's own reader, and through the
 /// buffer form of the same decoder, which must reach the same verdict; every frame decoded
-/// must re-encode to its bytes.
+/// must re-encode to its bytes. The reader runs twice: on a v1 torrent, and (up to
+/// [`V2_MAX_PIECES`] pieces) on the same data as a v2 file whose `pieces root` is all zeros,
+/// so BEP 52 hash requests reach the code that checks and answers them.
 pub fn wire(data: &[u8]) {
     on_small_stack(data, wire_body);
 }
@@ -314,6 +321,78 @@ fn check_reader(frames: &[u8], piece_count: u32, fast: bool, end: &StreamEnd) {
     };
     let storage = Storage::open_existing(&layout, &geometry).expect("read-only storage");
     let replay = peer::replay_reader(frames, &storage, fast, Vec::new());
+    check_replay(&replay, &geometry, fast, end);
+    if (1..=V2_MAX_PIECES).contains(&piece_count) && total > 0 {
+        // The file's piece layer: made-up hashes under an all-zero root, which answers are
+        // checked against structurally (a request names the file by the root).
+        let layer = if piece_count > 1 {
+            (0..piece_count)
+                .map(|i| <[u8; 32]>::from(sha2::Sha256::digest(i.to_be_bytes())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let v2 = vec![OwnedTree {
+            root: [0; 32],
+            len: total,
+            layer,
+            first_piece: 0,
+            leaves_per_piece: piece_len / BLOCK_LEN,
+        }];
+        let replay = peer::replay_reader_v2(frames, &storage, fast, Vec::new(), Some(&v2));
+        check_replay(&replay, &geometry, fast, end);
+        check_hash_answers(&replay.pending.hashes, &v2[0].view());
+    }
+}
+
+/// The answers a reader left its writer answer their requests: a reject, `hashes` from the
+/// piece layer of the right count and content, or a plan on one of the file's pieces.
+fn check_hash_answers(work: &[HashWork], tree: &hash_msg::FileTree) {
+    assert!(work.len() <= peer_outbox::MAX_PENDING_HASHES);
+    let from_data = work
+        .iter()
+        .filter(|w| matches!(w, HashWork::FromPiece(_)))
+        .count();
+    assert!(from_data <= peer::MAX_PIECE_HASHES_PER_WINDOW as usize);
+    for w in work {
+        match w {
+            HashWork::Send(Message::HashReject(req)) => {
+                // Never a request the piece layer answers (those are not budgeted).
+                assert!(
+                    req.root != *tree.root
+                        || hash_msg::check(tree, req) != Ok(hash_msg::Plan::Layer)
+                );
+            }
+            HashWork::Send(Message::Hashes { req, hashes }) => {
+                assert_eq!(hash_msg::check(tree, req), Ok(hash_msg::Plan::Layer));
+                assert_eq!(hashes.len(), hash_msg::answer_len(req));
+                assert!(req.length <= hash_msg::MAX_LENGTH);
+                let pad = crate::merkle::pad_root(tree.piece_height());
+                for (i, h) in hashes[..req.length as usize].iter().enumerate() {
+                    let at = req.index as usize + i;
+                    assert_eq!(*h, tree.layer.get(at).copied().unwrap_or(pad));
+                }
+                assert!(
+                    matches!(
+                        hash_msg::verify(tree, req, hashes),
+                        Ok(_) | Err(hash_msg::BadHashes::Mismatch)
+                    ),
+                    "an answer of the wrong shape"
+                );
+            }
+            HashWork::FromPiece(a) => {
+                let Ok(hash_msg::Plan::Piece { piece }) = hash_msg::check(tree, &a.req) else {
+                    panic!("a piece answer to {:?}", a.req);
+                };
+                assert_eq!(a.piece, tree.first_piece + piece);
+                assert!(u64::from(a.len) <= u64::from(tree.leaves_per_piece) * 16384);
+            }
+            HashWork::Send(other) => panic!("the reader answered a hash request with {other:?}"),
+        }
+    }
+}
+
+fn check_replay(replay: &peer::Replay, geometry: &Geometry, fast: bool, end: &StreamEnd) {
     match &replay.result {
         Ok(()) => assert_eq!(end, &StreamEnd::Clean, "the reader saw a clean end"),
         Err(PeerError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -336,7 +415,7 @@ fn check_reader(frames: &[u8], piece_count: u32, fast: bool, end: &StreamEnd) {
         Err(e) => panic!("the reader over bytes in memory ended with {e:?}"),
     }
     for event in &replay.events {
-        check_event(event, &geometry, fast);
+        check_event(event, geometry, fast);
     }
     let pending = &replay.pending;
     let cancelled = pending.cancel_serves.keys();

@@ -408,3 +408,40 @@ fn outbox_seeds_reach_every_path() {
         "{all:?}"
     );
 }
+
+/// BEP 52 hash messages on the v2 replay (whose file's root is all zeros): floods of valid
+/// and invalid requests, answers from piece data past their budget, `hashes` of every wrong
+/// count, frames of the wrong size.
+#[test]
+fn hash_message_floods_and_malformed_ones() {
+    let request = |id: u8, base: u32, index: u32, length: u32, proof: u32, hashes: usize| {
+        let mut p = vec![0u8; 32];
+        for v in [base, index, length, proof] {
+            p.extend_from_slice(&v.to_be_bytes());
+        }
+        p.extend(std::iter::repeat_n(5u8, 32 * hashes));
+        frame(id, &p)
+    };
+    let cases = [
+        request(21, 1, 0, 2, 1, 0).repeat(5000),
+        request(21, 0, 0, 2, 2, 0).repeat(100),
+        request(21, 1, u32::MAX - 1, 2, u32::MAX, 0).repeat(100),
+        [request(21, 1, 0, 4, 0, 0), request(21, 1, 0, 2, 0, 0)]
+            .concat()
+            .repeat(70),
+        request(23, 1, 0, 2, 1, 0).repeat(4097),
+        request(22, 1, 0, 2, 1, 3),
+        request(22, 1, 0, 2, 1, 2),
+        request(22, 1, 0, 2, 1, 4),
+        request(22, 0, 0, 2, 0, 8192 + 64),
+        frame(21, &[0; 47]),
+        frame(23, &[0; 49]),
+        frame(22, &[0; 48]),
+        frame(22, &[0; 48 + 31]),
+    ];
+    for frames in cases {
+        for pieces in [1, 3, 2000, 0xff_ffff] {
+            assert_eq!(run(fuzz::wire, &wire_input(pieces, &frames)), None);
+        }
+    }
+}
