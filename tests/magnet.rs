@@ -1684,8 +1684,8 @@ fn malformed_magnet_links_are_refused_at_once_with_one_error_line() {
             with_trap(Link::empty().raw("xt", &format!("urn:btih:{}", &b32[..31]))),
         ),
         (
-            "btmh only",
-            with_trap(Link::empty().raw("xt", &format!("urn:btmh:1220{}", "cd".repeat(32)))),
+            "btmh of 31 bytes",
+            with_trap(Link::empty().raw("xt", &format!("urn:btmh:1220{}", "cd".repeat(31)))),
         ),
         ("no xt", with_trap(Link::empty().name("nothing"))),
         (
