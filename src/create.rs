@@ -295,21 +295,31 @@ fn v2_info(
     threads: usize,
 ) -> Result<(Vec<(&'static str, Value)>, Value, u64), Error> {
     let lens: Vec<u64> = content.files.iter().map(|(_, l)| *l).collect();
-    let pads = if content.multi {
-        v2::pad_after(&lens, piece_len)
-    } else {
-        vec![0]
+    let (pads, v1) = match (hybrid, content.multi) {
+        (false, _) => (vec![0; lens.len()], v2::V1::No),
+        (true, true) => (v2::pad_after(&lens, piece_len), v2::V1::Padded),
+        (true, false) => (vec![0], v2::V1::Unpadded),
     };
-    // The files with their pads, as the v1 part lays them out: the same limits apply as to a
-    // v1 torrent, and its piece count is the v2 one (every piece lies in one file).
-    let padded: Vec<u64> = lens.iter().zip(&pads).flat_map(|(&l, &p)| [l, p]).collect();
+    // The files aligned to pieces, as the v1 part of a hybrid torrent lays them out with its
+    // pads: the limits of a v1 torrent apply, and its piece count is the v2 one (every v2
+    // piece lies in one file).
+    let padded: Vec<u64> = lens
+        .iter()
+        .zip(v2::pad_after(&lens, piece_len))
+        .flat_map(|(&l, p)| [l, p])
+        .collect();
     let padded_total = padded.iter().try_fold(0u64, |a, &l| a.checked_add(l));
     let padded_total =
         padded_total.ok_or_else(|| Error::Usage("the content is too large".into()))?;
     if padded_total == 0 {
         return Err(Error::Usage(format!(
             "{} holds no data (every file is empty)",
-            content.root.join(&content.files[0].0).display()
+            if content.multi {
+                content.root.clone()
+            } else {
+                content.root.join(&content.files[0].0)
+            }
+            .display()
         )));
     }
     let geometry = Geometry::new(
@@ -319,7 +329,7 @@ fn v2_info(
     )
     .map_err(|e| Error::Usage(e.to_string()))?;
 
-    let hashed = v2::hash_files(&content.root, &content.files, piece_len, hybrid, threads)?;
+    let hashed = v2::hash_files(&content.root, &content.files, piece_len, v1, threads)?;
 
     let mut tree = Dict::new();
     let mut layers = Dict::new();
@@ -395,5 +405,42 @@ mod tests {
         assert_eq!(auto_piece_len(0), 16 << 10);
         assert_eq!(auto_piece_len(1 << 30), 1 << 20);
         assert_eq!(auto_piece_len(u64::MAX / 2), 16 << 20);
+    }
+
+    /// The paths of a file tree, depth first, in its (bytewise sorted) key order.
+    fn tree_order(tree: &Dict, prefix: &Path, out: &mut Vec<PathBuf>) {
+        for (k, v) in tree {
+            match v {
+                _ if k.is_empty() => out.push(prefix.to_path_buf()),
+                Value::Dict(d) => tree_order(d, &prefix.join(std::str::from_utf8(k).unwrap()), out),
+                _ => panic!("a directory that is not a dictionary"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_walk_lists_files_in_file_tree_order() {
+        // A plain sort of the path strings would put `a-x` and `a.b` before `a/x` ('-' and
+        // '.' are below '/'); a file tree sorts `a` (the directory) first.
+        let dir = tempfile::tempdir().unwrap();
+        for p in ["a/x", "a-x", "a.b", "B", "a/y/z", "ab", "a0"] {
+            let p = dir.path().join(p);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"x").unwrap();
+        }
+        let walked: Vec<PathBuf> = walk(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let mut tree = Dict::new();
+        for p in &walked {
+            insert_file(&mut tree, &path_elements(p), bencode::int(0));
+        }
+        let mut in_tree = Vec::new();
+        tree_order(&tree, Path::new(""), &mut in_tree);
+        assert_eq!(walked, in_tree);
+        let names: Vec<&str> = walked.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(names, ["B", "a/x", "a/y/z", "a-x", "a.b", "a0", "ab"]);
     }
 }

@@ -326,8 +326,8 @@ pub fn create_cmd(a: &CreateArgs) -> Result<(), Error> {
     let made = create::build(&a.path, &opts)?;
     let bytes = &made.torrent;
     // Re-parse what we made: the same strict checks every reader applies. (The reader does
-    // not know v2-only torrents yet.)
-    if version != create::Version::V2 {
+    // not know v2 torrents yet, nor pad files of the same length, hence the same path.)
+    if version == create::Version::V1 {
         Metainfo::from_bytes(bytes).map_err(|source| Error::Torrent {
             path: a.path.clone(),
             source,

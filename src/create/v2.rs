@@ -7,7 +7,7 @@
 //! larger than a piece has no layer: its one piece's root over its own leaves is its `pieces
 //! root` ([`merkle::small_file_root`]).
 //!
-//! A hybrid torrent also carries the v1 part. There every file but the last is followed by a
+//! A hybrid torrent also carries the v1 part. In a multi-file one every file is followed by a
 //! BEP 47 pad file up to the next piece boundary ([`pad_after`]), so each v1 piece lies inside
 //! one file, its tail zeros: the same read gives the piece's SHA-1 too.
 
@@ -40,22 +40,26 @@ pub struct Hashed {
     pub v1_pieces: Vec<u8>,
 }
 
-/// The pad file after each of `lens` in a hybrid torrent: up to the next piece boundary, after
-/// every file but the last. An empty file, or one ending on a boundary, needs none.
-/// (libtorrent does the same: a pad follows the last non-empty file when empty files come after
-/// it.)
+/// The pad file after each of `lens` in a multi-file hybrid torrent: up to the next piece
+/// boundary, after every non-empty file that does not end on one, the last file included.
+/// That is what libtorrent 2.0 makes (it pads the tail too, so the v1 part is whole pieces);
+/// the same files then give the same torrent, and the same swarm, whichever of the two made
+/// it. A single-file torrent has no pads.
 pub fn pad_after(lens: &[u64], piece_len: u32) -> Vec<u64> {
     let pl = u64::from(piece_len);
-    lens.iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            if i + 1 == lens.len() {
-                0
-            } else {
-                (pl - len % pl) % pl
-            }
-        })
-        .collect()
+    lens.iter().map(|&len| (pl - len % pl) % pl).collect()
+}
+
+/// Whether and how [`hash_files`] computes v1 piece hashes too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V1 {
+    /// A v2-only torrent: none.
+    No,
+    /// A single-file hybrid torrent: the file's own pieces, the last one short.
+    Unpadded,
+    /// A multi-file hybrid torrent: every file padded with zeros to whole pieces
+    /// ([`pad_after`]).
+    Padded,
 }
 
 /// The files to hash, and where each one's pieces start in the run of all pieces.
@@ -65,7 +69,7 @@ struct Plan<'a> {
     piece_len: u32,
     /// `first_piece[i]`: how many pieces the files before `i` have; one more entry, the total.
     first_piece: Vec<u64>,
-    v1: bool,
+    v1: V1,
 }
 
 impl Plan<'_> {
@@ -108,30 +112,26 @@ impl Plan<'_> {
         } else {
             merkle::piece_root(&scratch[..len], leaves_per_piece)
         };
-        let sha1 = if self.v1 {
-            // Every file but the last is padded to a whole piece with zeros.
-            let hashed = if file + 1 == self.files.len() {
-                len
-            } else {
-                self.piece_len as usize
-            };
-            scratch[len..hashed].fill(0);
-            Sha1::digest(&scratch[..hashed]).into()
-        } else {
-            [0; 20]
+        let sha1 = match self.v1 {
+            V1::No => [0; 20],
+            V1::Unpadded => Sha1::digest(&scratch[..len]).into(),
+            V1::Padded => {
+                scratch[len..].fill(0);
+                Sha1::digest(&scratch[..]).into()
+            }
         };
         Ok((node, sha1))
     }
 }
 
 /// Hashes `files` (paths under `root`, with their lengths) for a v2 torrent with pieces of
-/// `piece_len` (a power of two, at least 16 KiB), on `threads` threads; with `v1`, also the
-/// v1 pieces of the hybrid torrent over the same files with their pads.
+/// `piece_len` (a power of two, at least 16 KiB), on `threads` threads; and the v1 pieces of
+/// a hybrid torrent over the same files as `v1` says.
 pub fn hash_files(
     root: &Path,
     files: &[(PathBuf, u64)],
     piece_len: u32,
-    v1: bool,
+    v1: V1,
     threads: usize,
 ) -> Result<Hashed, Error> {
     debug_assert!(piece_len.is_power_of_two() && piece_len as usize >= merkle::LEAF_LEN);
@@ -155,7 +155,7 @@ pub fn hash_files(
     let leaves_per_piece = (piece_len as usize) / merkle::LEAF_LEN;
     let mut out = Hashed {
         files: Vec::with_capacity(files.len()),
-        v1_pieces: Vec::with_capacity(if v1 { nodes.len() * 20 } else { 0 }),
+        v1_pieces: Vec::with_capacity(if v1 == V1::No { 0 } else { nodes.len() * 20 }),
     };
     for (i, (_, len)) in files.iter().enumerate() {
         let pieces = &nodes[plan.first_piece[i] as usize..plan.first_piece[i + 1] as usize];
@@ -175,7 +175,7 @@ pub fn hash_files(
             },
         });
         debug_assert!((*len > pl) == (out.files[i].layer.len() > 1));
-        if v1 {
+        if v1 != V1::No {
             for (_, sha1) in pieces {
                 out.v1_pieces.extend_from_slice(sha1);
             }
@@ -243,14 +243,12 @@ mod tests {
     }
 
     #[test]
-    fn pads_follow_every_unaligned_file_but_the_last() {
+    fn pads_follow_every_unaligned_non_empty_file() {
         let pl = 32 * 1024;
         assert_eq!(
             pad_after(&[100, 0, 32768, 70000, 5], pl),
-            vec![32668, 0, 0, 28304, 0]
+            vec![32668, 0, 0, 28304, 32763]
         );
-        // An empty last file: the file before it is still padded (as libtorrent does).
-        assert_eq!(pad_after(&[100, 0], 16 * 1024), vec![16284, 0]);
         assert_eq!(pad_after(&[], pl), Vec::<u64>::new());
     }
 
@@ -267,7 +265,7 @@ mod tests {
             write(dir.path(), "one", &one),
             write(dir.path(), "small", &small),
         ];
-        let h = hash_files(dir.path(), &files, pl, true, 3).unwrap();
+        let h = hash_files(dir.path(), &files, pl, V1::Padded, 3).unwrap();
 
         let layer: Vec<Hash> = big
             .chunks(16384)
@@ -287,11 +285,13 @@ mod tests {
         assert!(h.files[2].layer.is_empty());
         assert_eq!(h.files[3].root, Some(merkle::small_file_root(&small)));
 
-        // v1: the concatenation with pads (big: 16884 zeros after; one: none; small: last).
+        // v1: the concatenation with pads (big: 16884 zeros after; one: none; small, the
+        // last: 16284).
         let mut v1 = big.clone();
         v1.resize(3 * 16384, 0);
         v1.extend_from_slice(&one);
         v1.extend_from_slice(&small);
+        v1.resize(5 * 16384, 0);
         let want: Vec<u8> = v1
             .chunks(16384)
             .flat_map(|p| Sha1::digest(p).to_vec())
@@ -305,19 +305,22 @@ mod tests {
         // 64 KiB pieces (4 leaves); 5 leaves of data: 2 pieces, the second 1 leaf of 4.
         let data = bytes(5 * 16384 - 7, 9);
         let files = vec![write(dir.path(), "f", &data)];
-        let h = hash_files(dir.path(), &files, 64 * 1024, false, 2).unwrap();
+        let h = hash_files(dir.path(), &files, 64 * 1024, V1::No, 2).unwrap();
         let leaves = merkle::leaves(&data);
         assert_eq!(h.files[0].layer.len(), 2);
         assert_eq!(h.files[0].layer[1], merkle::root(&leaves[4..], 4, [0; 32]));
         assert_eq!(h.files[0].root, Some(merkle::root(&leaves, 8, [0; 32])));
         assert!(h.v1_pieces.is_empty());
+        // One file of a hybrid torrent: its last v1 piece is short, not padded.
+        let h = hash_files(dir.path(), &files, 64 * 1024, V1::Unpadded, 2).unwrap();
+        assert_eq!(&h.v1_pieces[20..], &Sha1::digest(&data[64 * 1024..])[..]);
     }
 
     #[test]
     fn a_file_that_shrank_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let (p, _) = write(dir.path(), "f", b"abc");
-        let err = hash_files(dir.path(), &[(p, 50_000)], 16 * 1024, true, 2).unwrap_err();
+        let err = hash_files(dir.path(), &[(p, 50_000)], 16 * 1024, V1::Padded, 2).unwrap_err();
         assert!(err.to_string().contains("changed while hashing"), "{err}");
     }
 }
