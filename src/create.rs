@@ -181,6 +181,17 @@ fn file_entry(path: Vec<Vec<u8>>, len: u64, pad: bool) -> Value {
     bencode::dict(entry)
 }
 
+/// Entries of the info dictionary.
+type Entries = Vec<(&'static str, Value)>;
+
+/// The version-specific part of a torrent.
+struct Part {
+    info: Entries,
+    /// The top-level `piece layers` of a torrent with a v2 part.
+    piece_layers: Option<Value>,
+    piece_count: u64,
+}
+
 /// Builds the bencoded torrent for `path`.
 pub fn create(path: &Path, opts: &Options) -> Result<Vec<u8>, Error> {
     build(path, opts).map(|c| c.torrent)
@@ -195,20 +206,14 @@ pub fn build(path: &Path, opts: &Options) -> Result<Created, Error> {
         0 => crate::engine::cores(),
         n => n,
     };
-    let (mut info, piece_layers, piece_count) = match opts.version {
-        Version::V1 => {
-            let (info, count) = v1_info(&content, piece_len, threads)?;
-            (info, None, count)
-        }
-        Version::V2 | Version::Hybrid => {
-            let (info, layers, count) = v2_info(
-                &content,
-                piece_len,
-                opts.version == Version::Hybrid,
-                threads,
-            )?;
-            (info, Some(layers), count)
-        }
+    let Part {
+        mut info,
+        piece_layers,
+        piece_count,
+    } = match opts.version {
+        Version::V1 => v1_part(&content, piece_len, threads)?,
+        Version::V2 => v2_part(&content, piece_len, false, threads)?,
+        Version::Hybrid => v2_part(&content, piece_len, true, threads)?,
     };
     info.push(("name", bencode::bytes(content.name.clone())));
     info.push(("piece length", bencode::int(i64::from(piece_len))));
@@ -257,11 +262,7 @@ pub fn build(path: &Path, opts: &Options) -> Result<Created, Error> {
 
 /// The v1 info entries (`pieces`, and `files` or `length`) over the files' concatenation,
 /// and the piece count.
-fn v1_info(
-    content: &Content,
-    piece_len: u32,
-    threads: usize,
-) -> Result<(Vec<(&'static str, Value)>, u64), Error> {
+fn v1_part(content: &Content, piece_len: u32, threads: usize) -> Result<Part, Error> {
     let lens: Vec<u64> = content.files.iter().map(|(_, l)| *l).collect();
     let total: u64 = lens.iter().sum();
     let geometry = Geometry::new(piece_len, &lens, total.div_ceil(u64::from(piece_len)))
@@ -283,17 +284,16 @@ fn v1_info(
     } else {
         info.push(("length", bencode::int(total as i64)));
     }
-    Ok((info, u64::from(geometry.piece_count())))
+    Ok(Part {
+        info,
+        piece_layers: None,
+        piece_count: u64::from(geometry.piece_count()),
+    })
 }
 
 /// The v2 info entries (`file tree`, `meta version`) and, for a hybrid torrent, the v1 ones
 /// with pad files; the `piece layers`; the piece count.
-fn v2_info(
-    content: &Content,
-    piece_len: u32,
-    hybrid: bool,
-    threads: usize,
-) -> Result<(Vec<(&'static str, Value)>, Value, u64), Error> {
+fn v2_part(content: &Content, piece_len: u32, hybrid: bool, threads: usize) -> Result<Part, Error> {
     let lens: Vec<u64> = content.files.iter().map(|(_, l)| *l).collect();
     let (pads, v1) = match (hybrid, content.multi) {
         (false, _) => (vec![0; lens.len()], v2::V1::No),
@@ -371,7 +371,11 @@ fn v2_info(
             info.push(("length", bencode::int(lens[0] as i64)));
         }
     }
-    Ok((info, Value::Dict(layers), u64::from(geometry.piece_count())))
+    Ok(Part {
+        info,
+        piece_layers: Some(Value::Dict(layers)),
+        piece_count: u64::from(geometry.piece_count()),
+    })
 }
 
 /// Puts a file's `{"": leaf}` into a file tree at `path` (BEP 52: nested dictionaries keyed

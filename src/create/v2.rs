@@ -50,6 +50,9 @@ pub fn pad_after(lens: &[u64], piece_len: u32) -> Vec<u64> {
     lens.iter().map(|&len| (pl - len % pl) % pl).collect()
 }
 
+/// A piece's v2 node and v1 hash (zeros when there is no v1 part).
+type PieceHashes = (Hash, [u8; 20]);
+
 /// Whether and how [`hash_files`] computes v1 piece hashes too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum V1 {
@@ -86,7 +89,7 @@ impl Plan<'_> {
     }
 
     /// The v2 node and (for a hybrid torrent) the v1 hash of piece `k`.
-    fn hash_piece(&self, k: u64, scratch: &mut Vec<u8>) -> Result<(Hash, [u8; 20]), Error> {
+    fn hash_piece(&self, k: u64, scratch: &mut Vec<u8>) -> Result<PieceHashes, Error> {
         let (file, index) = self.locate(k);
         let (rel, file_len) = &self.files[file];
         let pl = u64::from(self.piece_len);
@@ -186,11 +189,11 @@ pub fn hash_files(
 
 /// Every piece's hashes, in order, computed on `threads` threads that take the next piece
 /// from a shared counter; the first failure stops them all.
-fn hash_pieces(plan: &Plan, threads: usize) -> Result<Vec<(Hash, [u8; 20])>, Error> {
+fn hash_pieces(plan: &Plan, threads: usize) -> Result<Vec<PieceHashes>, Error> {
     let count = plan.piece_count();
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
-    let parts: Vec<Result<Vec<(u64, (Hash, [u8; 20]))>, Error>> = std::thread::scope(|s| {
+    let parts: Vec<Result<Vec<(u64, PieceHashes)>, Error>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 s.spawn(|| {
@@ -229,7 +232,7 @@ fn hash_pieces(plan: &Plan, threads: usize) -> Result<Vec<(Hash, [u8; 20])>, Err
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::{Digest as _, Sha256};
+    use sha2::Sha256;
 
     fn write(dir: &Path, name: &str, data: &[u8]) -> (PathBuf, u64) {
         std::fs::write(dir.join(name), data).unwrap();
