@@ -460,7 +460,7 @@ pub fn verify<'h>(
     let mut height = req.base + k;
     let mut index = u64::from(req.index) >> k;
     for uncle in uncles {
-        node = if index % 2 == 0 {
+        node = if index.is_multiple_of(2) {
             merkle::parent(&node, uncle)
         } else {
             merkle::parent(uncle, &node)

@@ -99,7 +99,7 @@ fn fold(r: &Req, hashes: &[Hash]) -> (u32, Hash) {
     let mut height = r.base + r.length.trailing_zeros();
     let mut index = r.index >> r.length.trailing_zeros();
     for u in uncles {
-        node = if index % 2 == 0 {
+        node = if index.is_multiple_of(2) {
             pair(&node, u)
         } else {
             pair(u, &node)
