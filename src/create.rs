@@ -99,12 +99,14 @@ pub fn create(path: &Path, opts: &Options) -> Result<Vec<u8>, Error> {
         let layout = Layout {
             root: path.to_path_buf(),
             files: files.iter().map(|(p, _)| p.clone()).collect(),
+            pad: Vec::new(),
         };
         (layout, lens, true)
     } else {
         let layout = Layout {
             root: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             files: vec![PathBuf::from(path.file_name().unwrap_or_default())],
+            pad: Vec::new(),
         };
         (layout, vec![meta.len()], false)
     };

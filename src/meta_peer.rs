@@ -126,7 +126,7 @@ fn run(
         peer::Dial::Handover(h) => return Ok(Some(*h)),
     };
     let ours = Handshake {
-        reserved: peer::our_reserved(ctx.dht_port.is_some()),
+        reserved: peer::our_reserved(ctx.dht_port.is_some(), false),
         info_hash: ctx.info_hash,
         peer_id: ctx.our_id,
     }
@@ -136,7 +136,7 @@ fn run(
         stream
             .set_read_timeout(Some(peer::time_left(deadline).map_err(timed_out)?))
             .map_err(PeerError::Io)?;
-        peer::read_peer_handshake(stream, &ctx.info_hash, &ctx.our_id)
+        peer::read_peer_handshake(stream, |h| *h == ctx.info_hash, &ctx.our_id)
     };
     stream
         .set_write_timeout(Some(peer::time_left(deadline).map_err(timed_out)?))

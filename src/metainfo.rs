@@ -1,8 +1,10 @@
-//! `.torrent` files (BEP 3, with BEP 12 announce lists and BEP 27 private flags).
+//! `.torrent` files (BEP 3, with BEP 12 announce lists, BEP 27 private flags, BEP 47 file
+//! attributes and BEP 52 v2 and hybrid torrents).
 //!
-//! Parsing is strict: everything a later stage relies on (lengths, piece count, paths) is
-//! checked here once, and the result carries a validated [`Geometry`]. The info hash is the
-//! SHA-1 of the raw `info` bytes as they stand in the file.
+//! Parsing is strict: everything a later stage relies on (lengths, piece count, paths, merkle
+//! roots and layers) is checked here once, and the result carries a validated [`Geometry`].
+//! The v1 info hash is the SHA-1 of the raw `info` bytes as they stand in the file, the v2
+//! one their SHA-256; a v2-only torrent's swarm is named by the first 20 bytes of the latter.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -10,10 +12,14 @@ use std::path::PathBuf;
 
 use bt_bencode::Value;
 use sha1::{Digest, Sha1};
+use sha2::Sha256;
 
 use crate::bencode::{self, Dict, Limits};
 use crate::geometry::{self, Geometry};
 use crate::path_safety;
+
+mod v2;
+pub use v2::{Check, V2};
 
 /// Largest piece length accepted; real torrents stay far below.
 pub const MAX_PIECE_LEN: u64 = 256 << 20;
@@ -53,6 +59,10 @@ pub enum Error {
     RepeatedInfo,
     FileDirClash(String),
     Geometry(geometry::Error),
+    /// A `meta version` we do not know.
+    MetaVersion(i64),
+    /// Something wrong in the v2 part (file tree, roots, layers) or between it and the v1 part.
+    V2(String),
 }
 
 impl fmt::Display for Error {
@@ -91,6 +101,11 @@ impl fmt::Display for Error {
                 write!(f, "path {} is both a file and a directory", escape(p))
             }
             Error::Geometry(e) => write!(f, "inconsistent torrent: {e}"),
+            Error::MetaVersion(n) => write!(
+                f,
+                "torrent has meta version {n}; bitfetch knows versions 1 and 2 (BEP 52)"
+            ),
+            Error::V2(what) => write!(f, "invalid v2 torrent: {what}"),
         }
     }
 }
@@ -112,14 +127,64 @@ pub struct FileEntry {
     /// The path's elements as the torrent spells them, unsanitised and without the torrent's
     /// name (empty for a single-file torrent): what a web seed's URL is built from (BEP 19).
     pub raw_path: Vec<Vec<u8>>,
-    /// A BEP 47 pad file (`attr` holds `p`, or the path is `.pad/N`): zeros that no web seed
-    /// is asked for.
+    /// A BEP 47 pad file (`attr` holds `p`, or the path is `.pad/N`; and the pads bitfetch
+    /// puts between a v2-only torrent's files): zeros, never on disk, never shown.
     pub pad: bool,
+    /// BEP 47 `x`: the file gets its executable bits.
+    pub exec: bool,
+    /// BEP 47 `h`: a hidden file (recorded; nothing to do on Linux).
+    pub hidden: bool,
+    /// BEP 47 `l`: a symbolic link to this path inside the torrent (elements as spelled).
+    pub symlink: Option<Vec<Vec<u8>>>,
+}
+
+impl FileEntry {
+    fn plain(path: PathBuf, len: u64, raw_path: Vec<Vec<u8>>) -> FileEntry {
+        FileEntry {
+            path,
+            len,
+            raw_path,
+            pad: false,
+            exec: false,
+            hidden: false,
+            symlink: None,
+        }
+    }
+
+    fn set_attr(&mut self, attr: &[u8]) {
+        self.pad |= attr.contains(&b'p');
+        self.exec = attr.contains(&b'x');
+        self.hidden = attr.contains(&b'h');
+    }
+}
+
+/// Which hashes a torrent carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+    /// Both (BEP 52 "hybrid"): two swarms, every piece checked against both.
+    Hybrid,
+}
+
+impl Version {
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+            Version::Hybrid => "hybrid",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Metainfo {
+    /// The swarm's name in handshakes, announces and the DHT: the v1 info hash, or for a
+    /// v2-only torrent the first 20 bytes of the v2 one.
     pub info_hash: [u8; 20],
+    pub version: Version,
+    /// The v2 part (v2-only and hybrid torrents).
+    pub v2: Option<V2>,
     /// Sanitised top-level name.
     pub name: String,
     /// The name as the torrent spells it (for web seed URLs).
@@ -155,6 +220,15 @@ impl Metainfo {
             return Err(Error::WrongType("info"));
         }
         let mut m = Metainfo::from_info(raw_info)?;
+        if let Some(v2) = m.v2.as_mut() {
+            let empty = Dict::new();
+            let layers = match bencode::get(&top, "piece layers") {
+                None => &empty,
+                Some(Value::Dict(d)) => d,
+                Some(_) => return Err(Error::WrongType("piece layers")),
+            };
+            v2.set_layers(layers)?;
+        }
         m.trackers = parse_trackers(&top);
         m.url_list = parse_url_list(&top);
         m.comment = bencode::get_str(&top, "comment");
@@ -170,36 +244,97 @@ impl Metainfo {
             return Err(Error::WrongType("info"));
         };
         let info = &info;
-        let info_hash: [u8; 20] = Sha1::digest(raw_info).into();
 
         let name_raw = bencode::get_bytes(info, "name").ok_or(Error::Missing("name"))?;
         if name_raw.is_empty() {
             return Err(Error::EmptyName);
         }
         let name = path_safety::sanitize_element(name_raw).map_err(Error::UnsafeName)?;
-
         let piece_len = parse_piece_len(info)?;
-        let hashes = bencode::get_bytes(info, "pieces").ok_or(Error::Missing("pieces"))?;
-        if !hashes.len().is_multiple_of(20) {
-            return Err(Error::PiecesLength(hashes.len()));
-        }
-        let piece_count = (hashes.len() / 20) as u64;
-        if piece_count > MAX_PIECES {
-            return Err(Error::TooManyPieces(piece_count));
-        }
 
-        let (multi_file, files) = parse_files(info, &name)?;
-        let lens: Vec<u64> = files.iter().map(|f| f.len).collect();
-        let geometry = Geometry::new(piece_len, &lens, piece_count).map_err(Error::Geometry)?;
+        let meta_version = match bencode::get(info, "meta version") {
+            None => 1,
+            Some(Value::Int(n)) => bencode::number_to_i64(n).unwrap_or(i64::MAX),
+            Some(_) => return Err(Error::WrongType("meta version")),
+        };
+        let tree = match meta_version {
+            1 => None,
+            2 => {
+                v2::check_piece_len(piece_len)?;
+                let tree = match bencode::get(info, "file tree") {
+                    None => return Err(Error::Missing("file tree")),
+                    Some(Value::Dict(d)) => d,
+                    Some(_) => return Err(Error::WrongType("file tree")),
+                };
+                Some(v2::parse_file_tree(tree)?)
+            }
+            n => return Err(Error::MetaVersion(n)),
+        };
+
+        let hashes = match (bencode::get(info, "pieces"), &tree) {
+            (None, None) => return Err(Error::Missing("pieces")),
+            (None, Some(_)) => None,
+            (Some(Value::ByteStr(b)), _) => Some(b.as_slice()),
+            (Some(_), _) => return Err(Error::WrongType("pieces")),
+        };
+        let (multi_file, files, geometry) = match (hashes, &tree) {
+            (Some(hashes), _) => {
+                if !hashes.len().is_multiple_of(20) {
+                    return Err(Error::PiecesLength(hashes.len()));
+                }
+                let piece_count = (hashes.len() / 20) as u64;
+                if piece_count > MAX_PIECES {
+                    return Err(Error::TooManyPieces(piece_count));
+                }
+                let (multi_file, files) = parse_files(info, &name)?;
+                let lens: Vec<u64> = files.iter().map(|f| f.len).collect();
+                let g = Geometry::new(piece_len, &lens, piece_count).map_err(Error::Geometry)?;
+                (multi_file, files, g)
+            }
+            (None, Some(tree)) => {
+                let (multi_file, files) = v2::layout(tree, &name, piece_len)?;
+                let lens: Vec<u64> = files.iter().map(|f| f.len).collect();
+                let total = lens.iter().try_fold(0u64, |a, &l| a.checked_add(l));
+                let piece_count = total
+                    .ok_or(Error::Geometry(geometry::Error::TooLarge))?
+                    .div_ceil(u64::from(piece_len));
+                if piece_count > MAX_PIECES {
+                    return Err(Error::TooManyPieces(piece_count));
+                }
+                let g = Geometry::new(piece_len, &lens, piece_count).map_err(Error::Geometry)?;
+                (multi_file, files, g)
+            }
+            (None, None) => unreachable!("refused above"),
+        };
+
+        let v2 = match &tree {
+            Some(tree) => Some(v2::build(
+                Sha256::digest(raw_info).into(),
+                tree,
+                &files,
+                &geometry,
+            )?),
+            None => None,
+        };
+        let (info_hash, version) = match (&v2, hashes.is_some()) {
+            (None, _) => (Sha1::digest(raw_info).into(), Version::V1),
+            (Some(_), true) => (Sha1::digest(raw_info).into(), Version::Hybrid),
+            (Some(v2), false) => (
+                v2.info_hash[..20].try_into().expect("20 of 32 bytes"),
+                Version::V2,
+            ),
+        };
 
         Ok(Metainfo {
             info_hash,
+            version,
+            v2,
             name,
             raw_name: name_raw.to_vec(),
             multi_file,
             files,
             geometry,
-            piece_hashes: hashes.to_vec(),
+            piece_hashes: hashes.unwrap_or_default().to_vec(),
             private: bencode::get_int(info, "private") == Some(1),
             info_bytes: raw_info.into(),
             trackers: Vec::new(),
@@ -216,12 +351,97 @@ impl Metainfo {
         &self.info_bytes
     }
 
-    pub fn piece_hash(&self, piece: geometry::PieceIndex) -> &[u8; 20] {
+    /// The v1 SHA-1 of a piece (`None` for a v2-only torrent).
+    pub fn piece_hash(&self, piece: geometry::PieceIndex) -> Option<&[u8; 20]> {
         let start = piece.usize() * 20;
-        // Geometry guarantees piece < piece_count == hashes.len() / 20.
-        self.piece_hashes[start..start + 20]
-            .try_into()
-            .expect("20-byte slice")
+        // Geometry guarantees piece < piece_count == hashes.len() / 20 when there are hashes.
+        self.piece_hashes
+            .get(start..start + 20)
+            .map(|h| h.try_into().expect("20-byte slice"))
+    }
+
+    /// Whether `data`, the whole of `piece` (pads as zeros), is that piece: it must match
+    /// every hash the torrent has for it. A hybrid torrent's piece whose v2 layer is not known
+    /// yet rests on its v1 hash.
+    pub fn piece_ok(&self, piece: geometry::PieceIndex, data: &[u8]) -> bool {
+        let v1 = self
+            .piece_hash(piece)
+            .map(|want| <[u8; 20]>::from(Sha1::digest(data)) == *want);
+        let v2 = self.v2.as_ref().map(|v2| v2.check(piece, data));
+        match (v1, v2) {
+            (Some(false), _) | (_, Some(Check::Bad)) => false,
+            (_, Some(Check::Good)) => true,
+            (Some(true), _) => true,
+            _ => false,
+        }
+    }
+
+    /// The second swarm of a hybrid torrent: the first 20 bytes of its v2 info hash.
+    pub fn v2_swarm_hash(&self) -> Option<[u8; 20]> {
+        match (&self.v2, self.version) {
+            (Some(v2), Version::Hybrid) => {
+                Some(v2.info_hash[..20].try_into().expect("20 of 32 bytes"))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `hash` names this torrent's swarm (either one, for a hybrid torrent).
+    pub fn is_our_swarm(&self, hash: &[u8; 20]) -> bool {
+        *hash == self.info_hash || self.v2_swarm_hash().as_ref() == Some(hash)
+    }
+
+    /// The files a user sees: all but pad files, with their indices in `files`.
+    pub fn content_files(&self) -> impl Iterator<Item = (usize, &FileEntry)> {
+        self.files.iter().enumerate().filter(|(_, f)| !f.pad)
+    }
+
+    /// What the symbolic link `file` (BEP 47 `l`) should hold: the path of its target
+    /// relative to the link's own directory. Refused (with why) unless the target is another
+    /// path of this torrent's own tree that passes through no link of the torrent: a link
+    /// never points outside the download, nor anywhere another link could redirect.
+    pub fn link_text(&self, file: usize) -> Result<PathBuf, String> {
+        let f = &self.files[file];
+        let Some(target) = &f.symlink else {
+            return Err("not a link".into());
+        };
+        if !self.multi_file {
+            return Err("a single-file torrent cannot hold a link".into());
+        }
+        let mut clean = vec![self.name.clone()];
+        for e in target {
+            clean.push(path_safety::sanitize_element(e).map_err(|e| e.to_string())?);
+        }
+        if clean.len() < 2 {
+            return Err("the target is empty".into());
+        }
+        let key = |p: &str| path_safety::collision_key(p);
+        let links: HashSet<String> = self
+            .files
+            .iter()
+            .filter(|g| g.symlink.is_some())
+            .map(|g| key(&g.path.to_string_lossy()))
+            .collect();
+        for depth in 2..=clean.len() {
+            if links.contains(&key(&clean[..depth].join("/"))) {
+                return Err("the target is, or passes through, another link".into());
+            }
+        }
+        // From the link's directory up to the torrent's top, then down to the target.
+        let depth_below_top = f.path.components().count().saturating_sub(2);
+        let mut text = PathBuf::new();
+        for _ in 0..depth_below_top {
+            text.push("..");
+        }
+        for e in &clean[1..] {
+            text.push(e);
+        }
+        Ok(text)
+    }
+
+    /// How many bytes of the torrent are pad files.
+    pub fn pad_bytes(&self) -> u64 {
+        self.files.iter().filter(|f| f.pad).map(|f| f.len).sum()
     }
 
     pub fn total_len(&self) -> u64 {
@@ -267,15 +487,11 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
     let files = match bencode::get(info, "files") {
         None if has_length => {
             let len = parse_len(info, 0)?;
-            return Ok((
-                false,
-                vec![FileEntry {
-                    path: PathBuf::from(name),
-                    len,
-                    raw_path: Vec::new(),
-                    pad: false,
-                }],
-            ));
+            let mut f = FileEntry::plain(PathBuf::from(name), len, Vec::new());
+            f.set_attr(bencode::get_bytes(info, "attr").unwrap_or_default());
+            // A single file cannot be a pad or a link: it is the whole torrent.
+            f.pad = false;
+            return Ok((false, vec![f]));
         }
         None => return Err(Error::Missing("length or files")),
         Some(_) if has_length => return Err(Error::LengthAndFiles),
@@ -289,11 +505,7 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
         return Err(Error::TooManyFiles(files.len()));
     }
     let mut out = Vec::with_capacity(files.len());
-    // Keys are case-folded: two paths that differ only in letter case are one file on
-    // case-insensitive file systems (and when the output is copied to one), so the second
-    // would silently overwrite the first.
-    let mut seen = HashSet::with_capacity(files.len());
-    let mut dirs = HashSet::new();
+    let mut clean_paths = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
         let Value::Dict(f) = f else {
             return Err(Error::WrongType("files"));
@@ -326,27 +538,52 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
             file: i,
             source: path_safety::Error::Empty,
         })?;
-        // Names that some file system would merge into one file count as duplicates.
+        let attr = bencode::get_bytes(f, "attr").unwrap_or_default();
+        let mut entry = FileEntry::plain(path, len, raw_path);
+        entry.set_attr(attr);
+        // Creators older than the attribute (BitComet) name pad files `.pad/N`.
+        entry.pad |= entry.raw_path.len() == 2 && entry.raw_path[0] == b".pad";
+        if attr.contains(&b'l') {
+            entry.symlink = Some(
+                bencode::get_list(f, "symlink path")
+                    .ok_or(Error::Missing("symlink path"))?
+                    .iter()
+                    .map(|e| e.as_byte_str().map(|b| b.to_vec()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or(Error::WrongType("symlink path"))?,
+            );
+        }
+        // Pads are never on disk, so their names (libtorrent repeats `.pad/N`) cannot clash.
+        if !entry.pad {
+            clean_paths.push(clean);
+        }
+        out.push(entry);
+    }
+    collision_check(&clean_paths)?;
+    Ok((true, out))
+}
+
+/// Refuses two paths that one file system would merge into one file, and a path that is both
+/// a file and a directory. Each path is its sanitised elements, the torrent name first.
+fn collision_check(paths: &[Vec<String>]) -> Result<(), Error> {
+    // Keys are case-folded: two paths that differ only in letter case are one file on
+    // case-insensitive file systems (and when the output is copied to one), so the second
+    // would silently overwrite the first.
+    let mut seen = HashSet::with_capacity(paths.len());
+    let mut dirs = HashSet::new();
+    for clean in paths {
         let key = path_safety::collision_key(&clean.join("/"));
         for depth in 1..clean.len() {
             dirs.insert(path_safety::collision_key(&clean[..depth].join("/")));
         }
         if !seen.insert(key) {
-            return Err(Error::DuplicatePath(path.to_string_lossy().into_owned()));
+            return Err(Error::DuplicatePath(clean.join("/")));
         }
-        let pad = bencode::get_bytes(f, "attr").is_some_and(|a| a.contains(&b'p'))
-            || (raw_path.len() == 2 && raw_path[0] == b".pad");
-        out.push(FileEntry {
-            path,
-            len,
-            raw_path,
-            pad,
-        });
     }
     if let Some(clash) = seen.iter().find(|p| dirs.contains(*p)) {
         return Err(Error::FileDirClash(clash.clone()));
     }
-    Ok((true, out))
+    Ok(())
 }
 
 fn parse_trackers(top: &Dict) -> Vec<Vec<String>> {

@@ -45,7 +45,6 @@ use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
 use crate::extension;
-use sha1::{Digest, Sha1};
 
 use crate::geometry::{BlockRef, Geometry, PieceIndex};
 use crate::messages::{Command, HaveSummary, Input, PeerEvent};
@@ -384,9 +383,9 @@ pub(crate) fn connect(
     Ok(socket.into())
 }
 
-/// The reserved bits we set: BEP 10 extension protocol and BEP 6 Fast extension, and BEP 5
-/// DHT when we run a DHT node (`dht`).
-pub(crate) fn our_reserved(dht: bool) -> [u8; 8] {
+/// The reserved bits we set: BEP 10 extension protocol and BEP 6 Fast extension, BEP 5 DHT
+/// when we run a DHT node (`dht`), and BEP 52 v2 for a torrent that has a v2 part.
+pub(crate) fn our_reserved(dht: bool, v2: bool) -> [u8; 8] {
     let mut r = [0u8; 8];
     for (byte, bit) in [reserved::EXTENSION, reserved::FAST] {
         r[byte] |= bit;
@@ -394,32 +393,37 @@ pub(crate) fn our_reserved(dht: bool) -> [u8; 8] {
     if dht {
         r[reserved::DHT.0] |= reserved::DHT.1;
     }
+    if v2 {
+        r[reserved::V2.0] |= reserved::V2.1;
+    }
     r
 }
 
-fn our_handshake(ctx: &Context) -> [u8; wire::HANDSHAKE_LEN] {
+/// Our handshake naming the swarm `info_hash` (a hybrid torrent has two).
+fn our_handshake(ctx: &Context, info_hash: [u8; 20]) -> [u8; wire::HANDSHAKE_LEN] {
     Handshake {
-        reserved: our_reserved(ctx.dht_port.is_some()),
-        info_hash: ctx.info_hash,
+        reserved: our_reserved(ctx.dht_port.is_some(), ctx.meta.v2.is_some()),
+        info_hash,
         peer_id: ctx.our_id,
     }
     .encode()
 }
 
 fn read_handshake(stream: &mut impl Read, ctx: &Context) -> Result<Handshake, PeerError> {
-    read_peer_handshake(stream, &ctx.info_hash, &ctx.our_id)
+    read_peer_handshake(stream, |h| ctx.meta.is_our_swarm(h), &ctx.our_id)
 }
 
-/// Reads the peer's handshake: for our torrent, and not from ourselves.
+/// Reads the peer's handshake: for our torrent (a hash `ours` accepts), and not from
+/// ourselves.
 pub(crate) fn read_peer_handshake(
     stream: &mut impl Read,
-    info_hash: &[u8; 20],
+    ours: impl Fn(&[u8; 20]) -> bool,
     our_id: &[u8; 20],
 ) -> Result<Handshake, PeerError> {
     let mut buf = [0u8; wire::HANDSHAKE_LEN];
     stream.read_exact(&mut buf).map_err(io_err(STARTING))?;
     let h = Handshake::decode(&buf)?;
-    if h.info_hash != *info_hash {
+    if !ours(&h.info_hash) {
         return Err(PeerError::WrongTorrent);
     }
     if h.peer_id == *our_id {
@@ -608,12 +612,14 @@ fn run(
         idle: t.idle,
         prelude: io::Cursor::new(Vec::new()),
     };
-    let send_handshake = || -> Result<(), PeerError> {
+    let send_handshake = |info_hash| -> Result<(), PeerError> {
         let sending = io_err(STARTING);
         stream
             .set_write_timeout(Some(left(deadline).map_err(&sending)?))
             .map_err(PeerError::Io)?;
-        (&stream).write_all(&our_handshake(ctx)).map_err(sending)
+        (&stream)
+            .write_all(&our_handshake(ctx, info_hash))
+            .map_err(sending)
     };
     // The dialler speaks first; the answerer checks the info hash before revealing anything.
     let mut ext_info = None;
@@ -634,12 +640,13 @@ fn run(
             }
         }
         None if outbound => {
-            send_handshake()?;
+            send_handshake(ctx.info_hash)?;
             read_handshake(&mut clocked, ctx)?
         }
         None => {
+            // Answered in the swarm the peer named (either of a hybrid torrent's).
             let h = read_handshake(&mut clocked, ctx)?;
-            send_handshake()?;
+            send_handshake(h.info_hash)?;
             h
         }
     };
@@ -1748,9 +1755,7 @@ impl<W: SendHalf> WriterState<W> {
             .storage
             .read(g.piece_offset(piece), &mut self.cache[..len])
             .is_ok()
-            && (self.storage.unchanged(piece)
-                || <[u8; 20]>::from(Sha1::digest(&self.cache[..len]))
-                    == *self.meta.piece_hash(piece));
+            && (self.storage.unchanged(piece) || self.meta.piece_ok(piece, &self.cache[..len]));
         if ok {
             self.cached_piece = Some(piece);
         } else {
@@ -1886,6 +1891,7 @@ mod tests {
     use crate::outbox::MAX_PENDING_BLOCKS;
     use crate::storage::Layout;
     use crate::wire::Frame;
+    use sha1::{Digest, Sha1};
 
     const PIECE_LEN: u32 = 2 * BLOCK_LEN;
     /// Three pieces; the last is one full block and one of 1000 bytes.
@@ -2225,6 +2231,7 @@ mod tests {
         let layout = Layout {
             root: std::path::PathBuf::from("/nonexistent/bitfetch-peer-test"),
             files: vec![std::path::PathBuf::from("f")],
+            pad: Vec::new(),
         };
         Storage::open_existing(&layout, &g).unwrap()
     }

@@ -130,6 +130,9 @@ impl std::error::Error for Error {}
 pub struct Layout {
     pub root: PathBuf,
     pub files: Vec<PathBuf>,
+    /// Which files hold no data on disk (BEP 47): pad files (zeros) and symbolic links (made
+    /// apart). Empty when none.
+    pub pad: Vec<bool>,
 }
 
 impl Layout {
@@ -138,6 +141,12 @@ impl Layout {
         Layout {
             root: dir.to_path_buf(),
             files: meta.files.iter().map(|f| f.path.clone()).collect(),
+            // Links (BEP 47 `l`) are made apart (`Storage::make_link`), never as data files.
+            pad: meta
+                .files
+                .iter()
+                .map(|f| f.pad || f.symlink.is_some())
+                .collect(),
         }
     }
 
@@ -152,6 +161,7 @@ impl Layout {
             return Layout {
                 root: parent.unwrap_or(Path::new(".")).to_path_buf(),
                 files: vec![PathBuf::from(data.file_name().unwrap_or_default())],
+                pad: Vec::new(),
             };
         }
         Layout::in_dir(data, meta)
@@ -159,6 +169,10 @@ impl Layout {
 
     pub fn full_path(&self, file: usize) -> PathBuf {
         self.root.join(&self.files[file])
+    }
+
+    pub fn is_pad(&self, file: usize) -> bool {
+        self.pad.get(file).copied().unwrap_or(false)
     }
 }
 
@@ -171,6 +185,8 @@ struct FileSlot {
     base: u64,
     /// Where they start in `map` (the map begins at a page boundary at or before `base`).
     map_delta: u64,
+    /// A pad file: reads give zeros, writes are dropped, nothing is on disk.
+    zeros: bool,
 }
 
 impl FileSlot {
@@ -206,6 +222,14 @@ impl FileSlot {
             map,
             base: 0,
             map_delta: 0,
+            zeros: false,
+        }
+    }
+
+    fn zeros(path: PathBuf) -> FileSlot {
+        FileSlot {
+            zeros: true,
+            ..FileSlot::plain(path, None, None)
         }
     }
 }
@@ -293,6 +317,18 @@ impl Claim<'_> {
         let offset = g.piece_offset(self.block.piece) + u64::from(self.block.offset);
         for span in g.spans(offset, u64::from(self.block.len)) {
             let slot = &storage.slots[span.file];
+            if slot.zeros {
+                // A pad file's share of the block: read and dropped (the piece hash covers
+                // zeros there, whatever the peer sent).
+                let mut sink = [0u8; 1024];
+                let mut left = span.len as usize;
+                while left > 0 {
+                    let n = left.min(sink.len());
+                    src.read_into(&mut sink[..n])?;
+                    left -= n;
+                }
+                continue;
+            }
             let Some(map) = slot.map.as_ref() else {
                 return Err(io::Error::other("no map for a wanted piece's file"));
             };
@@ -647,6 +683,7 @@ fn spill_slot(
         map: Some(map),
         base: start,
         map_delta,
+        zeros: false,
     })
 }
 
@@ -673,7 +710,7 @@ impl Storage {
         if let Some(free) = free_space(&layout.root) {
             let mut needed = 0u64;
             let mut first_short = None;
-            for i in (0..layout.files.len()).filter(|&i| is_selected(i)) {
+            for i in (0..layout.files.len()).filter(|&i| is_selected(i) && !layout.is_pad(i)) {
                 let have = fs::symlink_metadata(layout.full_path(i)).map_or(0, |m| m.len());
                 needed += geometry.file_len(i).saturating_sub(have);
                 if needed > free && first_short.is_none() {
@@ -727,6 +764,10 @@ impl Storage {
             file: None,
         };
         for (i, rel) in layout.files.iter().enumerate() {
+            if layout.is_pad(i) {
+                slots.push(FileSlot::zeros(layout.full_path(i)));
+                continue;
+            }
             if let (Some((sel, _)), Some(wanted)) = (selection, wanted)
                 && !sel[i]
             {
@@ -779,6 +820,10 @@ impl Storage {
         };
         for (i, rel) in layout.files.iter().enumerate() {
             let path = layout.full_path(i);
+            if layout.is_pad(i) {
+                slots.push(FileSlot::zeros(path));
+                continue;
+            }
             let file = match &root {
                 Some(root) => open_below(root, &layout.root, rel, None)?,
                 None => None,
@@ -804,6 +849,9 @@ impl Storage {
 
     fn stamp(&self, file: usize) -> Stamp {
         let slot = &self.slots[file];
+        if slot.zeros {
+            return Some((0, SystemTime::UNIX_EPOCH));
+        }
         let meta = match &slot.file {
             Some(f) => f.metadata().ok()?,
             // Kept open as a map only (a torrent of very many files): by name.
@@ -850,11 +898,89 @@ impl Storage {
         }
     }
 
+    /// Gives `file` the executable bits (BEP 47 `x`) where it is readable: `r` becomes `rx`
+    /// for owner, group and others alike, so the umask the file was made under still rules.
+    pub fn make_executable(&self, file: usize) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let slot = &self.slots[file];
+        let Some(f) = slot.file.as_ref() else {
+            return Ok(());
+        };
+        let meta = f.metadata().map_err(|e| Error::io(&slot.path, e))?;
+        let mode = meta.permissions().mode();
+        let wanted = mode | ((mode & 0o444) >> 2);
+        if wanted != mode {
+            f.set_permissions(fs::Permissions::from_mode(wanted))
+                .map_err(|e| Error::io(&slot.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the symbolic link `rel` (below the download directory) holding `text`, walking
+    /// to it one directory at a time without following links, as data files are opened. An
+    /// existing link with the same text is kept; anything else in the way is an error.
+    pub fn make_link(&self, rel: &Path, text: &Path) -> Result<(), Error> {
+        use std::os::unix::ffi::OsStrExt;
+        let root = self
+            .root
+            .as_ref()
+            .ok_or_else(|| Error::io(rel, io::Error::other("no download directory")))?;
+        let mut elements: Vec<&std::ffi::OsStr> = rel.iter().collect();
+        let Some(name) = elements.pop() else {
+            return Err(Error::io(rel, io::Error::other("empty link path")));
+        };
+        let mut dir: Option<File> = None;
+        for e in elements {
+            let parent = dir.as_ref().unwrap_or(root);
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            let opened = match openat(parent, e, flags) {
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    match mkdirat(parent, e) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(err) => return Err(Error::io(rel, err)),
+                    }
+                    openat(parent, e, flags)
+                }
+                other => other,
+            };
+            dir = Some(opened.map_err(|err| Error::io(rel, err))?);
+        }
+        let parent = dir.as_ref().unwrap_or(root);
+        let c_name = std::ffi::CString::new(name.as_bytes()).map_err(io::Error::other);
+        let c_text = std::ffi::CString::new(text.as_os_str().as_bytes()).map_err(io::Error::other);
+        let (c_name, c_text) = match (c_name, c_text) {
+            (Ok(n), Ok(t)) => (n, t),
+            (Err(e), _) | (_, Err(e)) => return Err(Error::io(rel, e)),
+        };
+        // SAFETY: a descriptor we own and valid NUL-terminated strings.
+        if unsafe { libc::symlinkat(c_text.as_ptr(), parent.as_raw_fd(), c_name.as_ptr()) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::AlreadyExists {
+            let mut buf = vec![0u8; libc::PATH_MAX as usize];
+            // SAFETY: as above; `buf` is writable for its length.
+            let n = unsafe {
+                libc::readlinkat(
+                    parent.as_raw_fd(),
+                    c_name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n >= 0 && &buf[..n as usize] == text.as_os_str().as_bytes() {
+                return Ok(());
+            }
+        }
+        Err(Error::io(rel, err))
+    }
+
     /// How many of the torrent's files exist (opened read-only: verify, seed).
     pub fn files_present(&self) -> usize {
         self.slots
             .iter()
-            .filter(|s| s.file.is_some() || s.map.is_some())
+            .filter(|s| s.file.is_some() || s.map.is_some() || s.zeros)
             .count()
     }
 
@@ -976,6 +1102,10 @@ impl Storage {
             let slot = &self.slots[span.file];
             let start = span.range_offset as usize;
             let dst = &mut buf[start..start + span.len as usize];
+            if slot.zeros {
+                dst.fill(0);
+                continue;
+            }
             let Some(file) = &slot.file else {
                 if slot.fill_map(span.file_offset, span.len, Some(dst)) {
                     continue;
@@ -997,9 +1127,15 @@ impl Storage {
         self.read(offset, &mut buf[..block.len as usize])
     }
 
-    /// SHA-1 of a piece, or `None` if it cannot be read. A piece that lies in one mapped file
-    /// is hashed in place (no copy); one that spans files is gathered into `scratch` first.
-    pub fn hash_piece(&self, piece: PieceIndex, scratch: &mut Vec<u8>) -> Option<[u8; 20]> {
+    /// Runs `f` on a piece's bytes, or returns `None` if it cannot be read. A piece that lies
+    /// in one mapped file is read in place (no copy); one that spans files (or pads) is
+    /// gathered into `scratch` first.
+    fn with_piece<T>(
+        &self,
+        piece: PieceIndex,
+        scratch: &mut Vec<u8>,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Option<T> {
         let offset = self.geometry.piece_offset(piece);
         let len = self.geometry.piece_len(piece) as usize;
         let mut spans = self.geometry.spans(offset, len as u64);
@@ -1018,25 +1154,27 @@ impl Storage {
             let bytes = unsafe {
                 std::slice::from_raw_parts(map.as_ptr().add(at as usize), span.len as usize)
             };
-            let digest = Sha1::digest(bytes).into();
+            let out = f(bytes);
             // Verify, seed and resume hash every piece this way: without this, every page of
             // the torrent would stay mapped and counted in our resident memory.
             drop_pages(map, at, span.len);
-            return Some(digest);
+            return Some(out);
         }
         scratch.resize(len, 0);
         self.read(offset, &mut scratch[..len]).ok()?;
-        Some(Sha1::digest(&scratch[..len]).into())
+        Some(f(&scratch[..len]))
     }
 
-    /// Whether a piece's data matches `expected`. Unreadable data is a bad piece.
-    pub fn piece_matches(
-        &self,
-        piece: PieceIndex,
-        expected: &[u8; 20],
-        scratch: &mut Vec<u8>,
-    ) -> bool {
-        self.hash_piece(piece, scratch).as_ref() == Some(expected)
+    /// SHA-1 of a piece, or `None` if it cannot be read.
+    pub fn hash_piece(&self, piece: PieceIndex, scratch: &mut Vec<u8>) -> Option<[u8; 20]> {
+        self.with_piece(piece, scratch, |bytes| Sha1::digest(bytes).into())
+    }
+
+    /// Whether a piece's data matches every hash `meta` has for it. Unreadable data is a bad
+    /// piece.
+    pub fn piece_matches(&self, piece: PieceIndex, meta: &Metainfo, scratch: &mut Vec<u8>) -> bool {
+        self.with_piece(piece, scratch, |bytes| meta.piece_ok(piece, bytes))
+            .unwrap_or(false)
     }
 
     /// Runs `f` on every piece, spread over `threads` threads; results in piece order.
@@ -1076,7 +1214,7 @@ impl Storage {
     /// Checks every piece against the torrent's hashes; one flag per piece.
     pub fn verify_all(&self, meta: &Metainfo, threads: usize) -> Vec<bool> {
         self.par_pieces(threads, |piece, scratch| {
-            self.piece_matches(piece, meta.piece_hash(piece), scratch)
+            self.piece_matches(piece, meta, scratch)
         })
     }
 
@@ -1221,6 +1359,7 @@ mod tests {
 
     fn layout(root: &Path, names: &[&str]) -> Layout {
         Layout {
+            pad: Vec::new(),
             root: root.to_path_buf(),
             files: names.iter().map(PathBuf::from).collect(),
         }

@@ -66,6 +66,8 @@ pub mod reserved {
     pub const FAST: (usize, u8) = (7, 0x04);
     /// BEP 5 DHT (we send and read the `port` message): byte 7, 0x01.
     pub const DHT: (usize, u8) = (7, 0x01);
+    /// BEP 52: we speak v2 (hash messages, and either info hash of a hybrid torrent).
+    pub const V2: (usize, u8) = (7, 0x10);
 
     pub fn has(bits: &[u8; 8], flag: (usize, u8)) -> bool {
         bits[flag.0] & flag.1 != 0

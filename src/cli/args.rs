@@ -473,14 +473,15 @@ impl DownloadArgs {
         if self.select.is_none() && self.only.is_empty() {
             return Ok(None);
         }
-        let n = meta.files.len();
-        let mut chosen = vec![false; n];
+        // Indices count the files a user sees (pad files are not among them).
+        let visible: Vec<usize> = meta.content_files().map(|(i, _)| i).collect();
+        let mut chosen = vec![false; meta.files.len()];
         if let Some(spec) = &self.select {
-            for i in parse_index_list(spec, n).map_err(Error::Usage)? {
-                chosen[i] = true;
+            for i in parse_index_list(spec, visible.len()).map_err(Error::Usage)? {
+                chosen[visible[i]] = true;
             }
         }
-        for (i, f) in meta.files.iter().enumerate() {
+        for (i, f) in meta.content_files() {
             let rel = torrent_relative(meta, &f.path);
             if self.only.iter().any(|g| glob_match(g, &rel)) {
                 chosen[i] = true;

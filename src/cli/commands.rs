@@ -20,7 +20,7 @@ use crate::tracker::{self, NetConfig};
 /// `--list`: index, size and path of every file (one JSON object with `--json`).
 pub fn list_files(meta: &Metainfo, as_json: bool) -> Result<(), Error> {
     let text = if as_json {
-        let files = json::array(meta.files.iter().enumerate().map(|(i, f)| {
+        let files = json::array(meta.content_files().enumerate().map(|(i, (_, f))| {
             format!(
                 "{{\"index\":{},\"path\":{},\"size\":{}}}",
                 i + 1,
@@ -30,10 +30,9 @@ pub fn list_files(meta: &Metainfo, as_json: bool) -> Result<(), Error> {
         }));
         format!("{{\"files\":{files}}}")
     } else {
-        meta.files
-            .iter()
+        meta.content_files()
             .enumerate()
-            .map(|(i, f)| {
+            .map(|(i, (_, f))| {
                 format!(
                     "{:>4} {:>14} {}",
                     i + 1,
@@ -174,12 +173,29 @@ pub fn iso8601(unix: i64) -> String {
 
 fn info_text(m: &Metainfo) -> String {
     let g = &m.geometry;
+    let content = g.total_len() - m.pad_bytes();
     let mut s = format!(
-        "name:          {}\ninfo hash:     {}\nsize:          {} ({} bytes)\npiece length:  {}\npieces:        {}\nprivate:       {}\n",
+        "name:          {}\nversion:       {}\ninfo hash:     {}\n",
         escape(&m.name),
+        m.version.name(),
         m.info_hash_hex(),
-        human_bytes(g.total_len()),
-        g.total_len(),
+    );
+    if let Some(v2) = &m.v2 {
+        s += &format!("info hash v2:  {}\n", metainfo::hex(&v2.info_hash));
+    }
+    s += &format!(
+        "size:          {} ({} bytes)\n",
+        human_bytes(content),
+        content
+    );
+    if m.pad_bytes() > 0 {
+        s += &format!(
+            "padding:       {} bytes in pad files (not stored)\n",
+            m.pad_bytes()
+        );
+    }
+    s += &format!(
+        "piece length:  {}\npieces:        {}\nprivate:       {}\n",
         human_bytes(u64::from(g.nominal_piece_len())),
         g.piece_count(),
         if m.private { "yes" } else { "no" },
@@ -193,8 +209,8 @@ fn info_text(m: &Metainfo) -> String {
     if let Some(d) = m.creation_date {
         s += &format!("created:       {}\n", iso8601(d));
     }
-    s += &format!("files ({}):\n", m.files.len());
-    for f in &m.files {
+    s += &format!("files ({}):\n", m.content_files().count());
+    for (_, f) in m.content_files() {
         s += &format!("  {:>14}  {}\n", f.len, escape(&f.path.to_string_lossy()));
     }
     s += "trackers:\n";
@@ -212,7 +228,7 @@ fn info_text(m: &Metainfo) -> String {
 
 fn info_json(m: &Metainfo) -> String {
     let g = &m.geometry;
-    let files = json::array(m.files.iter().map(|f| {
+    let files = json::array(m.content_files().map(|(_, f)| {
         format!(
             "{{\"path\":{},\"size\":{}}}",
             json::string(&f.path.to_string_lossy()),
@@ -224,13 +240,20 @@ fn info_json(m: &Metainfo) -> String {
             .iter()
             .map(|t| json::array(t.iter().map(|u| json::string(u)))),
     );
-    // `size` as in the `start` event; `total_size` kept for scripts written against it.
+    // `size` is the content (pad files apart); `total_size` kept for scripts written
+    // against it.
+    let content = g.total_len() - m.pad_bytes();
+    let v2_hash = m.v2.as_ref().map_or("null".to_string(), |v2| {
+        format!("\"{}\"", metainfo::hex(&v2.info_hash))
+    });
     format!(
-        "{{\"name\":{},\"info_hash\":\"{}\",\"size\":{},\"total_size\":{},\"piece_length\":{},\"pieces\":{},\"private\":{},\"files\":{files},\"trackers\":{trackers},\"comment\":{},\"created_by\":{},\"creation_date\":{},\"created\":{}}}",
+        "{{\"name\":{},\"version\":\"{}\",\"info_hash\":\"{}\",\"info_hash_v2\":{v2_hash},\"size\":{},\"total_size\":{},\"pad_bytes\":{},\"piece_length\":{},\"pieces\":{},\"private\":{},\"files\":{files},\"trackers\":{trackers},\"comment\":{},\"created_by\":{},\"creation_date\":{},\"created\":{}}}",
         json::string(&m.name),
+        m.version.name(),
         m.info_hash_hex(),
-        g.total_len(),
-        g.total_len(),
+        content,
+        content,
+        m.pad_bytes(),
         g.nominal_piece_len(),
         g.piece_count(),
         m.private,

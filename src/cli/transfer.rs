@@ -27,7 +27,9 @@ fn stream_file(
     meta: &Metainfo,
     selection: Option<&[bool]>,
 ) -> Result<usize, Error> {
-    let n = meta.files.len();
+    // Numbered as --list shows them: pad files are not among them.
+    let visible: Vec<usize> = meta.content_files().map(|(i, _)| i).collect();
+    let n = visible.len();
     if a.json {
         return Err(Error::Usage(
             "--json and -O - both want standard output; choose one".into(),
@@ -35,14 +37,17 @@ fn stream_file(
     }
     if let Some(i) = a.file {
         return if (1..=n).contains(&i) {
-            Ok(i - 1)
+            Ok(visible[i - 1])
         } else {
             Err(Error::Usage(format!(
                 "--file {i}: the torrent has files 1 to {n}"
             )))
         };
     }
-    let candidates: Vec<usize> = (0..n).filter(|&i| selection.is_none_or(|s| s[i])).collect();
+    let candidates: Vec<usize> = visible
+        .into_iter()
+        .filter(|&i| selection.is_none_or(|s| s[i]))
+        .collect();
     match candidates[..] {
         [only] => Ok(only),
         _ => Err(Error::Usage(

@@ -310,6 +310,7 @@ fn check_reader(frames: &[u8], piece_count: u32, fast: bool, end: &StreamEnd) {
     let layout = Layout {
         root: PathBuf::from("/nonexistent/bitfetch-fuzz"),
         files: vec![PathBuf::from("f")],
+        pad: Vec::new(),
     };
     let storage = Storage::open_existing(&layout, &geometry).expect("read-only storage");
     let replay = peer::replay_reader(frames, &storage, fast, Vec::new());

@@ -83,6 +83,8 @@ struct Prepared {
     /// unselected or streamed): reported as it completes, and all together at the end.
     paths: Vec<Option<PathBuf>>,
     stream: Option<StreamTo>,
+    /// What preparing had to skip (links it would not make), told once the run starts.
+    notices: Vec<String>,
     /// The file (in the download directory) that keeps the boundary bytes of unselected
     /// files; removed after success.
     spill: Option<String>,
@@ -172,7 +174,7 @@ fn magnet_phase(
     let tiers = magnet.tracker_tiers();
     let (tracker_tx, tracker) = spawn_tracker(
         tiers.clone(),
-        magnet.info_hash,
+        (magnet.info_hash, None),
         our_id,
         local.port(),
         stats,
@@ -359,7 +361,9 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
             let layout = Layout::in_dir(&dir, meta);
             let spill_name = format!(".bitfetch-{}.parts", &meta.info_hash_hex()[..16]);
             let spill = dir.join(&spill_name);
-            let is_selected = |i: usize| selected.as_ref().is_none_or(|s| s[i]);
+            // Pad files are never on disk, so never "selected", listed or reported.
+            let is_selected =
+                |i: usize| !meta.files[i].pad && selected.as_ref().is_none_or(|s| s[i]);
             // Only data that was there before us needs checking; fresh files are all zeros.
             let resuming = spill.exists()
                 || (0..layout.files.len()).any(|i| {
@@ -372,15 +376,39 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
                 &meta.geometry,
                 selected.as_deref().map(|s| (s, spill.as_path())),
             )?;
+            let mut notices = Vec::new();
+            let mut skipped = std::collections::HashSet::new();
+            for (i, f) in meta.files.iter().enumerate() {
+                if f.exec && is_selected(i) {
+                    storage.make_executable(i)?;
+                }
+                if f.symlink.is_some() && is_selected(i) && stream.is_none() {
+                    let rel = f.path.as_path();
+                    let made = meta
+                        .link_text(i)
+                        .and_then(|text| storage.make_link(rel, &text).map_err(|e| e.to_string()));
+                    if let Err(why) = made {
+                        skipped.insert(i);
+                        notices.push(format!(
+                            "link {} skipped: {why}",
+                            crate::path_safety::escape(&rel.to_string_lossy())
+                        ));
+                    }
+                }
+            }
             let have = if resuming {
                 storage.verify_all(meta, cfg.hashers)
             } else {
                 vec![false; meta.geometry.piece_count() as usize]
             };
             let paths = (0..layout.files.len())
-                .map(|i| (is_selected(i) && stream.is_none()).then(|| layout.full_path(i)))
+                .map(|i| {
+                    (is_selected(i) && stream.is_none() && !skipped.contains(&i))
+                        .then(|| layout.full_path(i))
+                })
                 .collect();
             Ok(Prepared {
+                notices,
                 storage,
                 writer: Some(writer),
                 have,
@@ -406,6 +434,7 @@ fn prepare(meta: &Metainfo, target: Target, cfg: &Config) -> Result<Prepared, Er
                 });
             }
             Ok(Prepared {
+                notices: Vec::new(),
                 storage: Arc::new(storage),
                 writer: None,
                 have,
@@ -654,7 +683,7 @@ fn spawn_hashers(
             move || {
                 let mut scratch = Vec::new();
                 for piece in rx {
-                    let ok = storage.piece_matches(piece, meta.piece_hash(piece), &mut scratch);
+                    let ok = storage.piece_matches(piece, &meta, &mut scratch);
                     if tx_out.send(Input::Hashed { piece, ok }).is_err() {
                         break;
                     }
@@ -690,7 +719,7 @@ fn transfer(
 /// Starts the tracker thread; returns what commands it, and the thread.
 fn spawn_tracker(
     tiers: Vec<Vec<String>>,
-    info_hash: [u8; 20],
+    (info_hash, second_hash): ([u8; 20], Option<[u8; 20]>),
     our_id: [u8; 20],
     port: u16,
     stats: &Arc<Stats>,
@@ -702,6 +731,7 @@ fn spawn_tracker(
     let tracker = Tracker {
         tiers,
         info_hash,
+        second_hash,
         peer_id: our_id,
         port,
         stats: Arc::clone(stats),
@@ -732,8 +762,15 @@ fn run_transfer(
         selected,
         paths,
         stream,
+        notices,
         ..
     } = prepared;
+    for message in notices {
+        let _ = events.send(Event::Notice {
+            kind: NoticeKind::Other,
+            message,
+        });
+    }
     let meta = Arc::new(meta);
     let mut rng = Rng::from_os();
     let our_id = match &started {
@@ -779,7 +816,7 @@ fn run_transfer(
             threads.listener = Some(spawn_listener(listener, &input_tx)?);
             let (tracker_tx, tracker) = spawn_tracker(
                 meta.trackers.clone(),
-                meta.info_hash,
+                (meta.info_hash, meta.v2_swarm_hash()),
                 our_id,
                 local.port(),
                 &stats,
@@ -824,7 +861,7 @@ fn run_transfer(
         info_hash: meta.info_hash,
         size: total,
         pieces: geometry.piece_count(),
-        files: meta.files.len(),
+        files: meta.content_files().count(),
         verified,
     });
     // (A magnet's run said so before its metadata phase.)

@@ -312,6 +312,9 @@ pub enum TrackerCommand {
 pub struct Tracker {
     pub tiers: Vec<Vec<String>>,
     pub info_hash: [u8; 20],
+    /// A hybrid torrent's second swarm (BEP 52: the v2 info hash's first 20 bytes), announced
+    /// beside the first at every tracker.
+    pub second_hash: Option<[u8; 20]>,
     pub peer_id: [u8; 20],
     pub port: u16,
     pub stats: Arc<Stats>,
@@ -551,6 +554,7 @@ impl Tracker {
     ) -> OwnedAnnounce {
         OwnedAnnounce {
             info_hash: self.info_hash,
+            second_hash: self.second_hash,
             peer_id: self.peer_id,
             port: self.port,
             uploaded: self.stats.uploaded.load(Ordering::Relaxed),
@@ -566,6 +570,7 @@ impl Tracker {
 /// An announce's parameters, owned by the request thread.
 struct OwnedAnnounce {
     info_hash: [u8; 20],
+    second_hash: Option<[u8; 20]>,
     peer_id: [u8; 20],
     port: u16,
     uploaded: u64,
@@ -582,10 +587,36 @@ struct Request {
 }
 
 impl Request {
+    /// Announces in the torrent's swarm, and in its second one (hybrid torrents) right after:
+    /// the peers of both count; the first swarm's answer leads unless only the second answered.
     fn send(&self, client: &Client, cancel: &AtomicBool) -> Result<Reply, Error> {
+        let first = self.send_for(&self.params.info_hash, client, cancel);
+        let Some(second) = self.params.second_hash else {
+            return first;
+        };
+        if cancel.load(Ordering::Relaxed) {
+            return first;
+        }
+        match (first, self.send_for(&second, client, cancel)) {
+            (Ok(mut a), Ok(b)) => {
+                a.peers.extend(b.peers);
+                a.peers = finish_peers(std::mem::take(&mut a.peers));
+                Ok(a)
+            }
+            (Err(_), Ok(b)) => Ok(b),
+            (a, _) => a,
+        }
+    }
+
+    fn send_for(
+        &self,
+        info_hash: &[u8; 20],
+        client: &Client,
+        cancel: &AtomicBool,
+    ) -> Result<Reply, Error> {
         let p = &self.params;
         let announce = Announce {
-            info_hash: &p.info_hash,
+            info_hash,
             peer_id: &p.peer_id,
             port: p.port,
             uploaded: p.uploaded,
