@@ -538,6 +538,15 @@ impl LtPayload {
             .sum()
     }
 
+    /// The size of libtorrent's last pad file when it follows the last real file (libtorrent
+    /// 2.0.8 pads the last file to a piece too), else 0.
+    pub fn lt_tail_pad(&self) -> u64 {
+        match self.lt_files().last() {
+            Some((_, size, true)) => *size,
+            _ => 0,
+        }
+    }
+
     /// libtorrent's file list: (path with NAME/, size, pad), pad files included (libtorrent
     /// shows them for v2-only torrents too: its model of the piece space).
     pub fn lt_files(&self) -> Vec<(String, u64, bool)> {
