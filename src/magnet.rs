@@ -23,8 +23,9 @@
 //! - Repeated values are kept once (the first time they appear); an empty value is ignored;
 //!   unknown keys are ignored without decoding their values.
 //! - `xt=urn:btih:` takes 40 hexadecimal or 32 base32 characters. A link that names two
-//!   different v1 info hashes is refused. `xt=urn:btmh:` (BitTorrent v2) is not supported yet:
-//!   a hybrid link (both) uses its `btih`, a v2-only link is refused with an error that says so.
+//!   different v1 info hashes is refused. `xt=urn:btmh:1220` takes the 64 hexadecimal digits
+//!   of a v2 (SHA-256) info hash (BEP 52); a v2-only link's swarm is named by its first 20
+//!   bytes, a hybrid link (both) uses its `btih`, and the metadata must match every hash given.
 //! - `dn` goes through [`path_safety::sanitize_element`] like a torrent's name: separators and
 //!   control characters become `_`, and a name that climbs out (`..`) or is absolute is refused.
 //!   It is cut to [`path_safety::MAX_ELEMENT_BYTES`] first (it is only a label).
@@ -80,7 +81,7 @@ pub enum Error {
         key: &'static str,
     },
     NoInfoHash,
-    V2Only,
+    BadV2Hash,
     BadInfoHash {
         value: String,
     },
@@ -136,9 +137,9 @@ impl fmt::Display for Error {
                 f,
                 "magnet link has no BitTorrent info hash (xt=urn:btih:...); check that the whole link was copied"
             ),
-            Error::V2Only => write!(
+            Error::BadV2Hash => write!(
                 f,
-                "magnet link names only a BitTorrent v2 info hash (xt=urn:btmh:), which bitfetch does not support yet; use a link with xt=urn:btih: or the .torrent file"
+                "magnet link: a BitTorrent v2 info hash (xt=urn:btmh:) must be 1220 and 64 hexadecimal digits (SHA-256)"
             ),
             Error::BadInfoHash { value } => write!(
                 f,
@@ -362,8 +363,13 @@ impl fmt::Display for FileSelection {
 /// A parsed magnet link. Build one with [`Magnet::parse`] or [`Magnet::from_metainfo`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Magnet {
-    /// The v1 info hash: what the metadata fetched from peers must hash to.
+    /// The swarm's name: the v1 info hash (what the metadata fetched from peers must hash to
+    /// with SHA-1), or for a v2-only link the first 20 bytes of the v2 one.
     pub info_hash: [u8; 20],
+    /// Whether `info_hash` is a v1 (`btih`) hash.
+    pub has_v1: bool,
+    /// The v2 info hash (`btmh`): the SHA-256 the metadata must have.
+    pub info_hash_v2: Option<[u8; 32]>,
     /// Sanitised display name (`dn`), to show until the metadata names the torrent.
     pub name: Option<String>,
     /// Tracker URLs (`tr`), distinct, in the order of the link.
@@ -428,7 +434,7 @@ impl Key {
 #[derive(Default)]
 struct Builder {
     btih: Option<[u8; 20]>,
-    btmh: bool,
+    btmh: Option<[u8; 32]>,
     name: Option<String>,
     trackers: Distinct<String>,
     peers: Distinct<PeerAddr>,
@@ -492,11 +498,13 @@ impl Magnet {
         }
         let info_hash = match (b.btih, b.btmh) {
             (Some(hash), _) => hash,
-            (None, true) => return Err(Error::V2Only),
-            (None, false) => return Err(Error::NoInfoHash),
+            (None, Some(v2)) => v2[..20].try_into().expect("20 of 32 bytes"),
+            (None, None) => return Err(Error::NoInfoHash),
         };
         Ok(Magnet {
             info_hash,
+            has_v1: b.btih.is_some(),
+            info_hash_v2: b.btmh,
             name: b.name,
             trackers: b.trackers.list,
             peers: b.peers.list,
@@ -513,6 +521,8 @@ impl Magnet {
     pub fn from_metainfo(meta: &Metainfo) -> Magnet {
         let mut magnet = Magnet {
             info_hash: meta.info_hash,
+            has_v1: meta.version != crate::metainfo::Version::V2,
+            info_hash_v2: meta.v2.as_ref().map(|v2| v2.info_hash),
             name: sanitize_name(meta.name.as_bytes()).ok().flatten(),
             trackers: Vec::new(),
             peers: Vec::new(),
@@ -547,7 +557,16 @@ impl Magnet {
     /// are percent-encoded except for unreserved characters and `:`, `/` and `@` (which keeps
     /// tracker URLs readable); [`Magnet::parse`] of the result gives this value back.
     pub fn to_uri(&self) -> String {
-        let mut uri = format!("magnet:?xt=urn:btih:{}", metainfo::hex(&self.info_hash));
+        let mut uri = String::from("magnet:?");
+        if self.has_v1 {
+            uri += &format!("xt=urn:btih:{}", metainfo::hex(&self.info_hash));
+        }
+        if let Some(v2) = &self.info_hash_v2 {
+            if self.has_v1 {
+                uri.push('&');
+            }
+            uri += &format!("xt=urn:btmh:1220{}", metainfo::hex(v2));
+        }
         let mut put = |key: &str, value: &str| {
             uri.push('&');
             uri.push_str(key);
@@ -616,8 +635,20 @@ impl Builder {
                 .is_some_and(|head| head.eq_ignore_ascii_case(p))
         };
         if prefix("urn:btmh:") {
-            self.btmh = true;
-            return Ok(());
+            // A multihash: 0x12 (SHA-256), 0x20 (32 bytes), the digest.
+            let digits = &value["urn:btmh:".len()..];
+            let hash = digits
+                .get(..4)
+                .filter(|code| *code == "1220")
+                .and_then(|_| parse_v2_hash(&digits[4..]))
+                .ok_or(Error::BadV2Hash)?;
+            return match self.btmh {
+                Some(old) if old != hash => Err(Error::TwoInfoHashes),
+                _ => {
+                    self.btmh = Some(hash);
+                    Ok(())
+                }
+            };
         }
         if !prefix("urn:btih:") {
             return Ok(()); // another namespace (urn:sha1:, urn:ed2k:, ...): not ours
@@ -659,6 +690,18 @@ fn strip_scheme(uri: &str) -> Option<&str> {
 }
 
 /// 40 hexadecimal digits or 32 base32 characters (RFC 4648, either case, no padding).
+/// A v2 info hash: 64 hexadecimal digits.
+fn parse_v2_hash(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
+        out[i] = hex_digit(pair[0])? << 4 | hex_digit(pair[1])?;
+    }
+    Some(out)
+}
+
 pub fn parse_info_hash(s: &str) -> Option<[u8; 20]> {
     match s.len() {
         40 => {
@@ -883,15 +926,29 @@ mod tests {
     }
 
     #[test]
-    fn v2_links_are_refused_and_hybrids_use_btih() {
+    fn v2_links_name_their_swarm_and_hybrids_use_btih() {
         let v2 = format!("urn:btmh:1220{}", "ab".repeat(32));
-        let err = Magnet::parse(&format!("magnet:?xt={v2}&dn=x")).unwrap_err();
-        assert_eq!(err, Error::V2Only);
-        assert!(err.to_string().contains("not support"));
+        let m = Magnet::parse(&format!("magnet:?xt={v2}&dn=x")).unwrap();
+        assert_eq!(m.info_hash, [0xab; 20]);
+        assert_eq!(m.info_hash_v2, Some([0xab; 32]));
+        assert!(!m.has_v1);
+        assert_eq!(Magnet::parse(&m.to_uri()).unwrap(), m);
         let hybrid = Magnet::parse(&format!("magnet:?xt={v2}&xt=urn:btih:{HEX}")).unwrap();
         assert_eq!(hybrid.info_hash, hash());
+        assert_eq!(hybrid.info_hash_v2, Some([0xab; 32]));
         let hybrid = Magnet::parse(&format!("magnet:?xt=urn:btih:{HEX}&xt={v2}")).unwrap();
         assert_eq!(hybrid.info_hash, hash());
+        assert_eq!(Magnet::parse(&hybrid.to_uri()).unwrap(), hybrid);
+        for bad in [
+            "urn:btmh:1220abc".to_string(),
+            format!("urn:btmh:1114{}", "ab".repeat(32)),
+            format!("urn:btmh:1220{}", "zz".repeat(32)),
+        ] {
+            let err = Magnet::parse(&format!("magnet:?xt={bad}")).unwrap_err();
+            assert_eq!(err, Error::BadV2Hash, "{bad}");
+        }
+        let two = format!("magnet:?xt={v2}&xt=urn:btmh:1220{}", "cd".repeat(32));
+        assert_eq!(Magnet::parse(&two).unwrap_err(), Error::TwoInfoHashes);
     }
 
     #[test]
@@ -1127,6 +1184,8 @@ mod tests {
         assert_eq!(Magnet::parse(&uri).unwrap(), m);
         let bare = Magnet {
             info_hash: [0xab; 20],
+            has_v1: true,
+            info_hash_v2: None,
             name: None,
             trackers: vec![],
             peers: vec![],

@@ -74,6 +74,10 @@ pub struct MetaContext {
     pub pex: bool,
     /// BEP 5: our DHT node's UDP port (see `peer::Context::dht_port`).
     pub dht_port: Option<u16>,
+    /// The link names a v2 info hash: our handshake sets the v2 bit (BEP 52), and a peer
+    /// may answer in the v2 swarm (the hash's first 20 bytes), as libtorrent does when both
+    /// sides set the bit.
+    pub v2_swarm: Option<[u8; 20]>,
 }
 
 /// Runs one connection on a thread of its own; it always ends with `Gone` or `HandedOver`.
@@ -126,7 +130,7 @@ fn run(
         peer::Dial::Handover(h) => return Ok(Some(*h)),
     };
     let ours = Handshake {
-        reserved: peer::our_reserved(ctx.dht_port.is_some(), false),
+        reserved: peer::our_reserved(ctx.dht_port.is_some(), ctx.v2_swarm.is_some()),
         info_hash: ctx.info_hash,
         peer_id: ctx.our_id,
     }
@@ -136,7 +140,11 @@ fn run(
         stream
             .set_read_timeout(Some(peer::time_left(deadline).map_err(timed_out)?))
             .map_err(PeerError::Io)?;
-        peer::read_peer_handshake(stream, |h| *h == ctx.info_hash, &ctx.our_id)
+        peer::read_peer_handshake(
+            stream,
+            |h| *h == ctx.info_hash || Some(*h) == ctx.v2_swarm,
+            &ctx.our_id,
+        )
     };
     stream
         .set_write_timeout(Some(peer::time_left(deadline).map_err(timed_out)?))

@@ -997,13 +997,16 @@ fn info_and_list_fetch_only_the_metadata() {
             let (_, v) = info_json(link.uri());
             same_as_torrent("base32 link", &v);
         }),
-        case("info --json, hybrid link (btih and btmh)", move || {
+        case("info, a btmh the metadata does not have", move || {
+            // The metadata matches the link's btih but not its v2 hash: refused, as the link
+            // asserts both (v1 torrents have no v2 hash; hybrid ones are in tests/v2.rs).
             let fake = metadata_only_fake(payload);
             let link = Link::new(&payload.info_hash)
                 .raw("xt", &format!("urn:btmh:1220{}", "ab".repeat(32)))
                 .peer(fake.addr());
-            let (_, v) = info_json(link.uri());
-            same_as_torrent("hybrid link", &v);
+            let run = run_args("bitfetch info (wrong btmh)", &["info".into(), link.uri()]);
+            run.assert_code(6);
+            assert!(run.stdout.is_empty(), "{}", run.dump());
         }),
         case("download --list", move || {
             let listed = |source: String, out: &Path| {
@@ -1684,8 +1687,8 @@ fn malformed_magnet_links_are_refused_at_once_with_one_error_line() {
             with_trap(Link::empty().raw("xt", &format!("urn:btih:{}", &b32[..31]))),
         ),
         (
-            "btmh only",
-            with_trap(Link::empty().raw("xt", &format!("urn:btmh:1220{}", "cd".repeat(32)))),
+            "btmh of 31 bytes",
+            with_trap(Link::empty().raw("xt", &format!("urn:btmh:1220{}", "cd".repeat(31)))),
         ),
         ("no xt", with_trap(Link::empty().name("nothing"))),
         (

@@ -100,6 +100,14 @@ pub struct CreateArgs {
     /// a comment to store in the torrent
     #[argh(option, arg_name = "TEXT")]
     pub comment: Option<String>,
+    /// make a BitTorrent v2 torrent (BEP 52: per-file SHA-256 merkle trees), which v1-only
+    /// clients cannot read
+    #[argh(switch)]
+    pub v2: bool,
+    /// make a hybrid v1 + v2 torrent (BEP 52), readable by every client; files are padded
+    /// to piece boundaries with BEP 47 pad files
+    #[argh(switch)]
+    pub hybrid: bool,
 }
 
 #[derive(FromArgs, ArgsInfo, Debug)]

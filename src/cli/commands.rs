@@ -326,23 +326,37 @@ pub fn create_cmd(a: &CreateArgs) -> Result<(), Error> {
             )));
         }
     }
+    let version = match (a.v2, a.hybrid) {
+        (true, true) => {
+            return Err(Error::Usage(
+                "--v2 and --hybrid exclude each other: --v2 makes a v2-only torrent, \
+                 --hybrid one with both a v1 and a v2 part"
+                    .to_string(),
+            ));
+        }
+        (true, false) => create::Version::V2,
+        (false, true) => create::Version::Hybrid,
+        (false, false) => create::Version::V1,
+    };
     let opts = create::Options {
         trackers: a.announce.clone(),
         piece_len,
         private: a.private,
         comment: a.comment.clone(),
         threads: 0,
+        version,
     };
-    let bytes = create::create(&a.path, &opts)?;
+    let made = create::build(&a.path, &opts)?;
+    let bytes = &made.torrent;
     // Re-parse what we made: the same strict checks every reader applies.
-    let meta = Metainfo::from_bytes(&bytes).map_err(|source| Error::Torrent {
+    Metainfo::from_bytes(bytes).map_err(|source| Error::Torrent {
         path: a.path.clone(),
         source,
     })?;
     let out = a
         .output
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{}.torrent", meta.name)));
+        .unwrap_or_else(|| PathBuf::from(format!("{}.torrent", made.name)));
     if a.output.is_none() && fs::symlink_metadata(&out).is_ok() && !a.force {
         return Err(Error::Usage(format!(
             "{} exists; add --force to replace it, or choose another name with -o",
@@ -351,18 +365,27 @@ pub fn create_cmd(a: &CreateArgs) -> Result<(), Error> {
     }
     // Written beside its final name and renamed over it: a failure leaves no half torrent.
     let tmp = out.with_extension("torrent.part");
-    fs::write(&tmp, &bytes)
+    fs::write(&tmp, bytes)
         .and_then(|()| fs::rename(&tmp, &out))
         .map_err(|e| {
             let _ = fs::remove_file(&tmp);
             Error::io(format!("writing {}", out.display()), e)
         })?;
+    let hashes = match (made.info_hash_v1, made.info_hash_v2) {
+        (Some(v1), None) => format!("info hash {}", metainfo::hex(&v1)),
+        (None, Some(v2)) => format!("v2 info hash {}", metainfo::hex(&v2)),
+        (Some(v1), Some(v2)) => format!(
+            "info hashes v1 {}, v2 {}",
+            metainfo::hex(&v1),
+            metainfo::hex(&v2)
+        ),
+        (None, None) => unreachable!("a torrent has a v1 or a v2 part"),
+    };
     render::stderr_line(&format!(
-        "bitfetch: created {} ({} in {} pieces, info hash {})",
+        "bitfetch: created {} ({} in {} pieces, {hashes})",
         out.display(),
-        human_bytes(meta.total_len()),
-        meta.geometry.piece_count(),
-        meta.info_hash_hex()
+        human_bytes(made.total_len),
+        made.piece_count,
     ));
     Ok(())
 }

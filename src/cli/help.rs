@@ -137,6 +137,8 @@ const LAYOUTS: &[Layout] = &[
                 "--piece-length",
                 "--private",
                 "--comment",
+                "--v2",
+                "--hybrid",
             ],
         )],
         unlisted: &[],

@@ -164,7 +164,13 @@ fn check_files(m: &Metainfo) {
             Some(Component::Normal(m.name.as_ref())),
             "file outside the torrent's directory"
         );
-        assert!(paths.insert(f.path.clone()), "duplicate path {:?}", f.path);
+        // Pad files are never on disk: libtorrent names many of them alike.
+        assert!(
+            f.pad || paths.insert(f.path.clone()),
+            "duplicate path {:?}",
+            f.path
+        );
+        assert!(!(f.pad && f.symlink.is_some()), "a pad file that is a link");
     }
     // No file is also a directory of another file.
     for f in &m.files {
@@ -202,6 +208,37 @@ fn check_geometry(m: &Metainfo) {
     for piece in g.piece(0).into_iter().chain(last) {
         let _ = m.piece_hash(piece); // in range of the hash list
         check_piece(g, piece);
+        // Checking any bytes as the piece ends in a verdict, never a panic.
+        let _ = m.piece_ok(piece, &vec![0; g.piece_len(piece) as usize]);
+    }
+    check_v2(m);
+}
+
+/// A v2 part describes files that start pieces, in order, inside the geometry.
+fn check_v2(m: &Metainfo) {
+    let Some(v2) = &m.v2 else {
+        if let Some(p) = m.geometry.piece(0) {
+            assert!(
+                m.piece_hash(p).is_some(),
+                "a v1 torrent without piece hashes"
+            );
+        }
+        return;
+    };
+    let g = &m.geometry;
+    let piece_len = u64::from(g.nominal_piece_len());
+    let mut last = None;
+    for f in &v2.files {
+        assert!(!m.files[f.file].pad && f.len == g.file_len(f.file) && f.len > 0);
+        assert_eq!(u64::from(f.first_piece) * piece_len, g.file_start(f.file));
+        assert!(last < Some(f.file), "v2 files out of order");
+        last = Some(f.file);
+        assert!(f.layer.is_empty() || f.layer.len() as u32 == f.piece_count(g.nominal_piece_len()));
+        let piece = g.piece(f.first_piece).expect("the file's first piece");
+        assert_eq!(
+            v2.file_of(piece).map(|(h, k)| (h.file, k)),
+            Some((f.file, 0))
+        );
     }
 }
 

@@ -286,6 +286,10 @@ struct FailedRecord {
 #[derive(Debug)]
 pub struct MetadataFetch {
     info_hash: [u8; 20],
+    /// A v2 info hash (BEP 52): the SHA-256 the metadata must have. The SHA-1 check then
+    /// applies only when `info_hash` is a v1 hash (`v1`).
+    v2: Option<[u8; 32]>,
+    v1: bool,
     peers: BTreeMap<PeerKey, PeerState>,
     next_seq: u64,
     next_epoch: u64,
@@ -299,6 +303,8 @@ impl MetadataFetch {
     pub fn new(info_hash: [u8; 20]) -> MetadataFetch {
         MetadataFetch {
             info_hash,
+            v2: None,
+            v1: true,
             peers: BTreeMap::new(),
             next_seq: 0,
             next_epoch: 0,
@@ -307,6 +313,13 @@ impl MetadataFetch {
             failures: 0,
             done: false,
         }
+    }
+
+    /// The metadata must also (or, `v1` false, only) have the v2 info hash `v2`.
+    pub fn with_v2(mut self, v2: Option<[u8; 32]>, v1: bool) -> MetadataFetch {
+        self.v1 = v1 || v2.is_none();
+        self.v2 = v2;
+        self
     }
 
     /// A peer announced `metadata_size` (as read from its extension handshake). A refused size
@@ -626,10 +639,17 @@ impl MetadataFetch {
         let Some(attempt) = self.attempt.take() else {
             return Outcome::Continue;
         };
-        let mut sha = Sha1::new();
-        attempt.pieces().for_each(|(_, bytes)| sha.update(bytes));
-        let digest: [u8; 20] = sha.finalize().into();
-        if digest == self.info_hash {
+        let good_v1 = !self.v1 || {
+            let mut sha = Sha1::new();
+            attempt.pieces().for_each(|(_, bytes)| sha.update(bytes));
+            <[u8; 20]>::from(sha.finalize()) == self.info_hash
+        };
+        let good_v2 = self.v2.is_none_or(|want| {
+            let mut sha = sha2::Sha256::new();
+            attempt.pieces().for_each(|(_, bytes)| sha.update(bytes));
+            <[u8; 32]>::from(sha.finalize()) == want
+        });
+        if good_v1 && good_v2 {
             return Outcome::Complete(self.complete(&attempt));
         }
         self.failures += 1;

@@ -66,6 +66,9 @@ struct Conn {
 
 pub(super) struct Phase<'a> {
     pub info_hash: [u8; 20],
+    /// Whether `info_hash` is a v1 hash, and the link's v2 info hash (BEP 52).
+    pub has_v1: bool,
+    pub info_hash_v2: Option<[u8; 32]>,
     pub trackers: Vec<Vec<String>>,
     pub peers: Vec<SocketAddr>,
     pub ctx: MetaContext,
@@ -96,7 +99,7 @@ struct State<'a> {
 /// Runs the metadata phase to the verified, parsed torrent (or to the run's end).
 pub(super) fn fetch(p: Phase<'_>, input: &Receiver<Input>) -> Result<Fetched, Error> {
     let mut s = State {
-        fetch: MetadataFetch::new(p.info_hash),
+        fetch: MetadataFetch::new(p.info_hash).with_v2(p.info_hash_v2, p.has_v1),
         conns: HashMap::new(),
         next_key: 0,
         candidates: VecDeque::new(),

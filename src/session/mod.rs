@@ -36,7 +36,7 @@ use crate::engine::{Choice, Config, Event, MagnetSource, NoticeKind, Source, Str
 use crate::error::Error;
 use crate::geometry::PieceIndex;
 use crate::messages::{Command, Input, PeerEvent};
-use crate::metainfo::Metainfo;
+use crate::metainfo::{Metainfo, Version};
 use crate::peer;
 use crate::picker::{PeerKey, Picker};
 use crate::ratelimit::TokenBucket;
@@ -174,7 +174,13 @@ fn magnet_phase(
     let tiers = magnet.tracker_tiers();
     let (tracker_tx, tracker) = spawn_tracker(
         tiers.clone(),
-        (magnet.info_hash, None),
+        (
+            magnet.info_hash,
+            magnet
+                .info_hash_v2
+                .filter(|_| magnet.has_v1)
+                .map(|v2| v2[..20].try_into().expect("20 of 32 bytes")),
+        ),
         our_id,
         local.port(),
         stats,
@@ -200,6 +206,8 @@ fn magnet_phase(
     let dht_port = started.threads.dht.as_ref().map(DhtSource::port);
     let phase = magnet::Phase {
         info_hash: magnet.info_hash,
+        has_v1: magnet.has_v1,
+        info_hash_v2: magnet.info_hash_v2,
         trackers: tiers,
         peers: cfg.peers.clone(),
         ctx: crate::meta_peer::MetaContext {
@@ -209,6 +217,9 @@ fn magnet_phase(
             listen_port: local.port(),
             pex: cfg.pex,
             dht_port,
+            v2_swarm: magnet
+                .info_hash_v2
+                .map(|v2| v2[..20].try_into().expect("20 of 32 bytes")),
         },
         cfg,
         events,
@@ -236,6 +247,20 @@ fn magnet_phase(
         Some(choose) => choose(&fetched.meta),
         None => Ok(Choice::Download(None)),
     };
+    // A v2-only torrent's info dictionary has no piece layers: without them pieces of files
+    // larger than one piece cannot be checked (fetching them from peers with BEP 52 hash
+    // requests is not built yet). Refused, not downloaded unchecked.
+    let unverifiable = fetched
+        .meta
+        .v2
+        .as_ref()
+        .is_some_and(|v2| fetched.meta.version == Version::V2 && !v2.layers_complete());
+    if unverifiable && matches!(choice, Ok(Choice::Download(_) | Choice::Stream(_))) {
+        started.shut_down(input_rx);
+        return Err(Error::Usage(
+            "this v2-only magnet link's torrent has files larger than one piece, whose piece layers bitfetch cannot fetch from peers yet; download it from its .torrent file".into(),
+        ));
+    }
     match choice {
         Ok(Choice::Download(chosen)) => Ok(Some((
             fetched.meta,
