@@ -158,10 +158,13 @@ impl Layout {
             && m.is_file()
         {
             let parent = data.parent().filter(|p| !p.as_os_str().is_empty());
+            // A v2-only single file is followed by a pad (see `metainfo::v2::layout`).
+            let mut files = vec![PathBuf::from(data.file_name().unwrap_or_default())];
+            files.extend(meta.files[1..].iter().map(|f| f.path.clone()));
             return Layout {
                 root: parent.unwrap_or(Path::new(".")).to_path_buf(),
-                files: vec![PathBuf::from(data.file_name().unwrap_or_default())],
-                pad: Vec::new(),
+                pad: meta.files.iter().map(|f| f.pad).collect(),
+                files,
             };
         }
         Layout::in_dir(data, meta)

@@ -121,7 +121,18 @@ fn check_bencode(data: &[u8], limits: Limits) {
 fn check_metainfo(data: &[u8], m: &Metainfo) {
     // The info hash is over the raw bytes of the very `info` dict the fields were read from.
     let raw_info = bencode::dict_value_span(data, b"info", Limits::METAINFO).expect("raw info");
-    let hash: [u8; 20] = Sha1::digest(raw_info).into();
+    let hash: [u8; 20] = match &m.v2 {
+        // A v2-only torrent's swarm is named by its SHA-256, cut to 20 bytes.
+        Some(v2) if m.version == crate::metainfo::Version::V2 => {
+            let full: [u8; 32] = sha2::Sha256::digest(raw_info).into();
+            assert_eq!(
+                v2.info_hash, full,
+                "v2 info hash is not over the raw info bytes"
+            );
+            full[..20].try_into().expect("20 of 32")
+        }
+        _ => Sha1::digest(raw_info).into(),
+    };
     assert_eq!(
         m.info_hash, hash,
         "info hash is not over the raw info bytes"
@@ -150,7 +161,9 @@ fn check_metainfo(data: &[u8], m: &Metainfo) {
 fn check_files(m: &Metainfo) {
     assert!(!m.files.is_empty() && m.files.len() <= metainfo::MAX_FILES);
     if !m.multi_file {
-        assert_eq!(m.files.len(), 1);
+        // One file, and for a v2-only torrent the pad that ends its last piece.
+        assert_eq!(m.content_files().count(), 1);
+        assert!(m.files[1..].iter().all(|f| f.pad) && m.files.len() <= 2);
         assert_eq!(m.files[0].path, PathBuf::from(&m.name));
     }
     let mut paths = HashSet::new();
@@ -177,8 +190,8 @@ fn check_files(m: &Metainfo) {
         );
         assert!(!(f.pad && f.symlink.is_some()), "a pad file that is a link");
     }
-    // No file is also a directory of another file.
-    for f in &m.files {
+    // No file is also a directory of another file (pads are never on disk).
+    for f in m.files.iter().filter(|f| !f.pad) {
         for dir in f.path.ancestors().skip(1) {
             assert!(!paths.contains(dir), "{dir:?} is a file and a directory");
         }

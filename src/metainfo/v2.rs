@@ -276,7 +276,8 @@ fn tree_file(file: &Dict, raw_path: Vec<Vec<u8>>, index: usize) -> Result<TreeFi
 }
 
 /// The files of a v2-only torrent as bitfetch lays them out: each tree file, followed by a
-/// virtual pad up to the next piece boundary (but for the last file). `single` is a tree of
+/// virtual pad up to the next piece boundary (as libtorrent does, the last one and a single
+/// file's included). `single` is a tree of
 /// one file at its top, stored as the file `name` itself.
 pub fn layout(
     tree: &[TreeFile],
@@ -310,7 +311,10 @@ pub fn layout(
         entry.symlink = t.symlink.clone();
         files.push(entry);
         let tail = t.len % u64::from(piece_len);
-        if i + 1 < tree.len() && tail != 0 {
+        // The last file too: libtorrent (so most of the swarm) counts a v2 torrent's last
+        // piece as whole, and asks for its blocks so; without this pad those requests would
+        // fall past our end and be refused.
+        if tail != 0 {
             let pad_len = u64::from(piece_len) - tail;
             let mut pad = FileEntry::plain(
                 PathBuf::from(name).join(".pad").join(pad_len.to_string()),
@@ -405,10 +409,16 @@ mod tests {
                 (16379, true),
                 (0, false),
                 (32768, false),
-                (3, false)
+                (3, false),
+                (16381, true)
             ]
         );
         let g = Geometry::new(16384, &files.iter().map(|f| f.len).collect::<Vec<_>>(), 4).unwrap();
+        assert_eq!(
+            g.piece_len(g.piece(3).unwrap()),
+            16384,
+            "the last piece is whole"
+        );
         let v2 = build([0; 32], &tree, &files, &g).unwrap();
         assert_eq!(
             v2.files.iter().map(|f| f.first_piece).collect::<Vec<_>>(),

@@ -63,6 +63,66 @@ impl B {
     }
 }
 
+impl B {
+    /// The value under `key` of a dictionary, for editing; `None` if this is no dictionary or
+    /// has no such key.
+    pub fn get_mut(&mut self, key: impl AsRef<[u8]>) -> Option<&mut B> {
+        match self {
+            B::Dict(pairs) => pairs
+                .iter_mut()
+                .find(|(k, _)| k.as_slice() == key.as_ref())
+                .map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// Follows dictionary keys from this value; panics (naming the path) if one is missing.
+    pub fn at_mut(&mut self, path: &[&str]) -> &mut B {
+        let mut at = self;
+        for (i, key) in path.iter().enumerate() {
+            at = at
+                .get_mut(key)
+                .unwrap_or_else(|| panic!("no key {:?} at {:?}", key, &path[..i]));
+        }
+        at
+    }
+
+    /// Sets `key` of a dictionary to `value`: replaced in place, or inserted where canonical
+    /// order puts it (the dictionary is assumed sorted).
+    pub fn insert(&mut self, key: impl AsRef<[u8]>, value: B) {
+        let B::Dict(pairs) = self else {
+            panic!("insert into a value that is not a dictionary")
+        };
+        let key = key.as_ref();
+        match pairs.iter().position(|(k, _)| k.as_slice() >= key) {
+            Some(i) if pairs[i].0 == key => pairs[i].1 = value,
+            Some(i) => pairs.insert(i, (key.to_vec(), value)),
+            None => pairs.push((key.to_vec(), value)),
+        }
+    }
+
+    /// Removes `key` of a dictionary, returning its value.
+    pub fn remove(&mut self, key: impl AsRef<[u8]>) -> Option<B> {
+        match self {
+            B::Dict(pairs) => {
+                let i = pairs
+                    .iter()
+                    .position(|(k, _)| k.as_slice() == key.as_ref())?;
+                Some(pairs.remove(i).1)
+            }
+            _ => None,
+        }
+    }
+
+    /// The items of a list, for editing.
+    pub fn items_mut(&mut self) -> &mut Vec<B> {
+        match self {
+            B::List(items) => items,
+            _ => panic!("items_mut of a value that is not a list"),
+        }
+    }
+}
+
 pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b.len().to_string().as_bytes());
     out.push(b':');

@@ -473,7 +473,20 @@ impl Libtorrent {
         bind_ip: Ipv4Addr,
         peers: &[SocketAddr],
     ) -> Libtorrent {
+        Libtorrent::seed_with(torrent, data_parent_dir, bind_ip, peers, &[])
+    }
+
+    /// [`Libtorrent::seed_dialling`] with the script's `extra` options (`--pex`,
+    /// `--upload-limit N`).
+    pub fn seed_with(
+        torrent: &Path,
+        data_parent_dir: &Path,
+        bind_ip: Ipv4Addr,
+        peers: &[SocketAddr],
+        extra: &[&str],
+    ) -> Libtorrent {
         let mut command = libtorrent_command(["seed", "--bind", &bind_ip.to_string()]);
+        command.args(extra);
         command
             .arg("--torrent")
             .arg(torrent)
@@ -644,7 +657,8 @@ fn libtorrent_oneshot(what: &str, command: &mut Command) -> Value {
     }
 }
 
-/// What libtorrent's `parse_magnet_uri` reads from `uri`: `info_hash` (v1, hex), `name`,
+/// What libtorrent's `parse_magnet_uri` reads from `uri`: `info_hash` (v1, hex, null for a
+/// v2-only link), `info_hash_v2` (hex or null), `name`,
 /// `trackers`, `peers`.
 pub fn libtorrent_parse_magnet(uri: &str) -> Value {
     libtorrent_oneshot(
@@ -662,6 +676,31 @@ pub fn libtorrent_make_magnet(torrent: &Path) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no uri in {v}"))
         .to_owned()
+}
+
+/// `lt.create_torrent` of `source` (a file or a directory) into `out`, pieces of
+/// `piece_len`, `kind` `hybrid` (libtorrent's default: v1 + v2 with BEP 47 pad files), `v2` or
+/// `v1`; returns libtorrent's reading of the result (see [`libtorrent_inspect`]).
+pub fn libtorrent_create(source: &Path, out: &Path, piece_len: usize, kind: &str) -> Value {
+    let mut command = libtorrent_command(["create", "--kind", kind]);
+    command
+        .arg("--source")
+        .arg(source)
+        .arg("--out")
+        .arg(out)
+        .arg("--piece-length")
+        .arg(piece_len.to_string());
+    libtorrent_oneshot("libtorrent create_torrent", &mut command)
+}
+
+/// libtorrent's reading of `torrent`: `{"event":"torrent", "info_hash" (v1 hex or null),
+/// "info_hash_v2" (hex or null), "name", "total_size" (pad files included), "num_pieces",
+/// "piece_length", "last_piece_size", "files": [{"path","size","pad"}]}`, or
+/// `{"event":"refused","error":…}` when libtorrent cannot load it.
+pub fn libtorrent_inspect(torrent: &Path) -> Value {
+    let mut command = libtorrent_command(["inspect", "--torrent"]);
+    command.arg(torrent);
+    libtorrent_oneshot("libtorrent torrent_info", &mut command)
 }
 
 // =============================================================================================

@@ -20,7 +20,7 @@ use super::torrent::{Content, Geometry};
 use super::wire::{
     Closed, EXT_HANDSHAKE, ExtHello, Msg, Wire, bitfield, ext_handshake, frame, handshake,
     has_fast_bit, id, msg_extended, msg_piece, parse_ext_handshake, parse_triple, peer_id,
-    reserved, triple, ut_metadata, with_extension_bit,
+    reserved, triple, ut_metadata, with_extension_bit, with_v2_bit,
 };
 use super::{DEADLINE, Diagnose, lock, poll_until};
 
@@ -227,6 +227,10 @@ pub struct SeedSpec {
     pub peer_id: [u8; 20],
     /// Offer the info dictionary over BEP 9 (and set the BEP 10 bit).
     pub metadata: Option<MetaSpec>,
+    /// Set the BEP 52 bit in the handshake (a v2-capable peer). The fake speaks no hash
+    /// messages: it serves torrents whose piece layers are in the .torrent. For a v2 torrent,
+    /// `data` is the piece space: each file padded with zeros to a piece boundary.
+    pub v2: bool,
 }
 
 impl SeedSpec {
@@ -248,6 +252,7 @@ impl SeedSpec {
             misbehaviour: Misbehaviour::Honest,
             peer_id: peer_id("FSD"),
             metadata: None,
+            v2: false,
         }
     }
 
@@ -278,6 +283,12 @@ impl SeedSpec {
 
     pub fn have_all(mut self, have_all: bool) -> Self {
         self.have_all = have_all;
+        self
+    }
+
+    /// Sets the BEP 52 (v2) bit in its handshake.
+    pub fn v2(mut self, v2: bool) -> Self {
+        self.v2 = v2;
         self
     }
 
@@ -573,11 +584,14 @@ fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream, outbound: bool) {
 fn serve(shared: &Shared, mut wire: Wire, outbound: bool) -> Result<(), Closed> {
     let spec = &shared.spec;
     let _ = wire.stream.set_write_timeout(Some(Duration::from_secs(30)));
-    let our_reserved = if spec.metadata.is_some() {
+    let mut our_reserved = if spec.metadata.is_some() {
         with_extension_bit(reserved(spec.fast))
     } else {
         reserved(spec.fast)
     };
+    if spec.v2 {
+        our_reserved = with_v2_bit(our_reserved);
+    }
     let ours = |hash: &[u8; 20]| handshake(hash, &spec.peer_id, our_reserved);
     if outbound {
         wire.send(&ours(

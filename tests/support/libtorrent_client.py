@@ -27,14 +27,35 @@ Commands (each prints JSON lines on stdout, flushed at once; errors go to stderr
       Prints what lt.parse_magnet_uri reads: info hash (v1), name, trackers, peers.
   make-magnet --torrent FILE
       Prints lt.make_magnet_uri of FILE's torrent_info.
+  create --source PATH --out FILE --piece-length N [--kind hybrid|v2|v1] [--tracker URL]
+      Makes FILE from PATH (a file or a directory) with lt.create_torrent: hybrid (v1 + v2,
+      BEP 47 pad files; libtorrent's default), v2-only or v1-only. Prints {"event":"created"}
+      with what `inspect` prints.
+  inspect --torrent FILE
+      Prints libtorrent's reading of FILE: {"event":"torrent", "info_hash" (v1 hex, null for
+      v2-only), "info_hash_v2" (SHA-256 hex, null for v1), "name", "total_size" (pad files
+      included), "num_pieces", "piece_length", "last_piece_size", "files": [{"path",
+      "size", "pad"}] in libtorrent's order}; or {"event":"refused","error":...} (exit 0)
+      when libtorrent cannot load it.
+
+  `seed`, `download` and `metadata` events carry "info_hash" (v1) and "info_hash_v2" (hex,
+  null when the torrent has no such hash).
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import libtorrent as lt
+
+
+def hashes(info_hashes):
+    """(v1 hex or None, v2 hex or None) of an lt.info_hash_t."""
+    v1 = str(info_hashes.v1) if info_hashes.has_v1() else None
+    v2 = str(info_hashes.v2) if info_hashes.has_v2() else None
+    return v1, v2
 
 
 def say(event, **fields):
@@ -124,7 +145,8 @@ def seed(args):
                 die(alert.message())
         status = handle.status()
         if not seeding and status.is_seeding:
-            say("seeding", name=status.name, info_hash=str(status.info_hashes.v1))
+            v1, v2 = hashes(handle.info_hashes())
+            say("seeding", name=status.name, info_hash=v1, info_hash_v2=v2)
             seeding = True
 
 
@@ -151,10 +173,12 @@ def download(args):
                 die(alert.message())
             if isinstance(alert, lt.metadata_received_alert):
                 info = handle.torrent_file()
+                v1, v2 = hashes(info.info_hashes())
                 say(
                     "metadata",
                     name=info.name(),
-                    info_hash=str(info.info_hashes().v1),
+                    info_hash=v1,
+                    info_hash_v2=v2,
                     size=info.total_size(),
                     metadata_size=len(info.info_section()),
                 )
@@ -199,9 +223,11 @@ def flush(session, handle):
 
 def parse_magnet(args):
     params = lt.parse_magnet_uri(args.uri)
+    v1, v2 = hashes(params.info_hashes)
     say(
         "magnet",
-        info_hash=str(params.info_hashes.v1),
+        info_hash=v1,
+        info_hash_v2=v2,
         name=params.name,
         trackers=list(params.trackers),
         peers=[f"{ip}:{port}" for ip, port in params.peers],
@@ -210,6 +236,58 @@ def parse_magnet(args):
 
 def make_magnet(args):
     say("magnet", uri=lt.make_magnet_uri(lt.torrent_info(args.torrent)))
+
+
+def describe(info):
+    """What libtorrent reads in a torrent_info (see `inspect`)."""
+    v1, v2 = hashes(info.info_hashes())
+    files = info.files()
+    return {
+        "info_hash": v1,
+        "info_hash_v2": v2,
+        "name": info.name(),
+        "total_size": info.total_size(),
+        "num_pieces": info.num_pieces(),
+        "piece_length": info.piece_length(),
+        "last_piece_size": info.piece_size(info.num_pieces() - 1) if info.num_pieces() else 0,
+        "files": [
+            {
+                "path": files.file_path(i),
+                "size": files.file_size(i),
+                "pad": bool(files.file_flags(i) & lt.file_storage.flag_pad_file),
+            }
+            for i in range(files.num_files())
+        ],
+    }
+
+
+def create(args):
+    flags = {
+        "hybrid": 0,
+        "v2": lt.create_torrent.v2_only,
+        "v1": lt.create_torrent.v1_only,
+    }[args.kind]
+    source = os.path.abspath(args.source)
+    storage = lt.file_storage()
+    lt.add_files(storage, source)
+    if storage.num_files() == 0:
+        die(f"no files under {source}")
+    creator = lt.create_torrent(storage, args.piece_length, flags=flags)
+    if args.tracker:
+        creator.add_tracker(args.tracker)
+    lt.set_piece_hashes(creator, os.path.dirname(source))
+    with open(args.out, "wb") as out:
+        out.write(lt.bencode(creator.generate()))
+    say("created", **describe(lt.torrent_info(args.out)))
+
+
+def inspect(args):
+    try:
+        info = lt.torrent_info(args.torrent)
+    except RuntimeError as e:
+        say("refused", error=str(e))
+        return
+    say("torrent", **describe(info))
 
 
 def add_common(p):
@@ -245,6 +323,16 @@ def main():
     p = commands.add_parser("make-magnet")
     p.add_argument("--torrent", required=True)
     p.set_defaults(run=make_magnet)
+    p = commands.add_parser("create")
+    p.add_argument("--source", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--piece-length", type=int, required=True)
+    p.add_argument("--kind", choices=["hybrid", "v2", "v1"], default="hybrid")
+    p.add_argument("--tracker")
+    p.set_defaults(run=create)
+    p = commands.add_parser("inspect")
+    p.add_argument("--torrent", required=True)
+    p.set_defaults(run=inspect)
     args = parser.parse_args()
     args.run(args)
 

@@ -24,6 +24,21 @@ impl Link {
         Link::default().raw("xt", &format!("urn:btih:{}", base32(info_hash)))
     }
 
+    /// `magnet:?xt=urn:btmh:1220HEX` for a v2 info hash (BEP 52: a SHA-256 multihash).
+    pub fn v2(info_hash_v2: &[u8; 32]) -> Link {
+        Link::default().btmh(info_hash_v2)
+    }
+
+    /// `magnet:?xt=urn:btih:HEX&xt=urn:btmh:1220HEX` for a hybrid torrent.
+    pub fn hybrid(info_hash: &[u8; 20], info_hash_v2: &[u8; 32]) -> Link {
+        Link::new(info_hash).btmh(info_hash_v2)
+    }
+
+    /// `xt=urn:btmh:1220HEX`.
+    pub fn btmh(self, info_hash_v2: &[u8; 32]) -> Link {
+        self.raw("xt", &format!("urn:btmh:1220{}", hex(info_hash_v2)))
+    }
+
     /// A link with no parameter yet (for hostile ones).
     pub fn empty() -> Link {
         Link::default()

@@ -24,7 +24,9 @@
 //!   [`web_seed::Behaviour`] per request, every request recorded;
 //! - [`libtorrent_dht`]: a DHT of libtorrent sessions on loopback (`libtorrent_dht.py`), one
 //!   node optionally seeding and one downloading through the DHT alone;
-//! - [`krpc`]: a raw KRPC (BEP 5) client over UDP for hostile DHT tests.
+//! - [`krpc`]: a raw KRPC (BEP 5) client over UDP for hostile DHT tests;
+//! - [`v2`]: BitTorrent v2 (BEP 52) merkle trees, v2-only and hybrid torrents built in memory
+//!   (BEP 47 pad files included), and payloads made into torrents by libtorrent.
 //!
 //! Nothing here trusts bitfetch's own code. Everything stays on loopback. Every process started
 //! here is owned by a [`cli::ChildGuard`] that kills it by PID; every wait is a poll with a
@@ -47,6 +49,7 @@ pub mod magnet;
 pub mod net;
 pub mod nginx;
 pub mod torrent;
+pub mod v2;
 pub mod web_seed;
 pub mod wire;
 

@@ -42,6 +42,17 @@ pub fn has_fast_bit(reserved: &[u8; 8]) -> bool {
     reserved[7] & 0x04 != 0
 }
 
+/// Sets the BEP 52 bit (the peer supports v2 torrents: the fourth most significant bit of
+/// the last reserved byte).
+pub fn with_v2_bit(mut reserved: [u8; 8]) -> [u8; 8] {
+    reserved[7] |= 0x10;
+    reserved
+}
+
+pub fn has_v2_bit(reserved: &[u8; 8]) -> bool {
+    reserved[7] & 0x10 != 0
+}
+
 static NEXT_PEER_ID: AtomicU32 = AtomicU32::new(0);
 
 /// A peer id unique within this test process: `-TAG-` (up to four characters) then the
