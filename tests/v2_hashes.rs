@@ -131,18 +131,17 @@ impl Req {
     }
 }
 
-/// The torrent's files, in tree order. The last one ends on a block boundary: libtorrent pads
-/// a v2 torrent's last file to a whole piece and asks for the block holding a short last
-/// piece's end in full, which bitfetch's geometry (ending with the file) refuses.
+/// The torrent's files, in tree order. The last one ends inside a block: libtorrent pads a v2
+/// torrent's last file to a whole piece too, and asks for that block in full.
 const SMALL: &str = "a-small.bin";
 const BIG: &str = "b-big.bin";
-const BIG_LEN: usize = 11 * PIECE_LEN as usize + LEAF;
+const BIG_LEN: usize = 11 * PIECE_LEN as usize + 1000;
 
 /// A v2-only torrent of two files made by libtorrent, its data and the files' trees.
 struct V2Torrent {
     dir: tempfile::TempDir,
     swarm: [u8; 20],
-    /// 11 and a half pieces: a tree of 32 leaves (23 of data), the piece layer one above.
+    /// 11 pieces and a bit: a tree of 32 leaves (23 of data), the piece layer one above.
     big: Tree,
     /// Under a piece: two leaves.
     small: Tree,
