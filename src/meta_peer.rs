@@ -39,6 +39,8 @@ const KEEPALIVE: Duration = Duration::from_secs(90);
 pub enum MetaCommand {
     /// Ask for this metadata piece.
     Request(u32),
+    /// Ask for hashes of a v2 file's tree (BEP 52), once the info dictionary is in.
+    Hashes(wire::HashRequest),
     /// Stop reading and hand the socket over.
     HandOver,
     Close,
@@ -49,6 +51,8 @@ pub enum MetaCommand {
 pub enum MetaEvent {
     Connected {
         commands: Sender<MetaCommand>,
+        /// The peer set the v2 bit (BEP 52): it may answer hash requests.
+        v2: bool,
     },
     Extended(extension::Info),
     Data {
@@ -57,6 +61,12 @@ pub enum MetaEvent {
         data: Vec<u8>,
     },
     Reject(u32),
+    /// BEP 52 answers to our hash requests (checked by the session).
+    Hashes {
+        req: wire::HashRequest,
+        hashes: Vec<[u8; 32]>,
+    },
+    HashReject(wire::HashRequest),
     /// The socket, for a full connection (after `HandOver`).
     HandedOver(Box<Handover>),
     Gone(Option<PeerError>),
@@ -198,6 +208,7 @@ fn run(
         key,
         MetaEvent::Connected {
             commands: commands_tx,
+            v2: reserved::has(&theirs.reserved, reserved::V2),
         },
     )?;
 
@@ -215,6 +226,11 @@ fn run(
     loop {
         match commands.try_recv() {
             Ok(MetaCommand::Request(piece)) => conn.request(piece)?,
+            Ok(MetaCommand::Hashes(req)) => {
+                let mut out = Vec::new();
+                wire::encode(&wire::Message::HashRequest(req), &mut out);
+                conn.write(&out)?;
+            }
             Ok(MetaCommand::HandOver) => {
                 return Ok(Some(conn.hand_over(addr, theirs, outbound)));
             }
@@ -335,6 +351,20 @@ impl Conn {
                 wire::ID_PIECE => return Err(PeerError::Unasked),
                 // We have nothing to serve, and said so.
                 wire::ID_REQUEST | wire::ID_CANCEL => {}
+                // Answers to our hash requests: checked by the session against the roots.
+                wire::ID_HASHES | wire::ID_HASH_REJECT => {
+                    // Hash messages need no piece count; the decoder checks their lengths.
+                    return match wire::Decoder::new(0)
+                        .decode(id, body)
+                        .map_err(PeerError::Protocol)?
+                    {
+                        wire::Message::Hashes { req, hashes } => {
+                            Ok(Some(MetaEvent::Hashes { req, hashes }))
+                        }
+                        wire::Message::HashReject(req) => Ok(Some(MetaEvent::HashReject(req))),
+                        _ => Ok(None),
+                    };
+                }
                 _ => {
                     if self.kept.len() + frame.len() > MAX_KEPT {
                         return Err(PeerError::Flood("messages before the metadata"));

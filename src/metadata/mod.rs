@@ -10,15 +10,19 @@
 //!   its docs hold the policy (sizes peers disagree on, bans after a failed hash).
 //! - `serve.rs`: answering peers that fetch from us ([`serve`], [`answer`]) under a per-peer
 //!   token bucket ([`ServeLimit`]).
+//! - `layers.rs`: [`LayerFetch`], a v2 torrent's piece layers asked of peers with BEP 52
+//!   hash requests once its info dictionary is in, each answer's proof checked to the root.
 //!
 //! The metadata is cut into 16 KiB pieces, the last one shorter; [`piece_len`] is the one
 //! home of that arithmetic.
 
 mod fetch;
+mod layers;
 mod message;
 mod serve;
 
 pub use fetch::{MetadataFetch, Outcome};
+pub use layers::LayerFetch;
 pub use message::{DecodeError, MAX_MESSAGE_LEN, Message, decode};
 #[cfg(test)]
 pub use serve::serve;

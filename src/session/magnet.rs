@@ -17,14 +17,16 @@ use crate::engine::{Config, Event, NoticeKind};
 use crate::error::Error;
 use crate::messages::Input;
 use crate::meta_peer::{self, MetaCommand, MetaContext, MetaEvent};
-use crate::metadata::{MetadataFetch, Outcome};
-use crate::metainfo::Metainfo;
+use crate::metadata::{LayerFetch, MetadataFetch, Outcome};
+use crate::metainfo::{Metainfo, Version};
 use crate::peer::{Dial, Handover, PeerError};
 use crate::picker::PeerKey;
 
 const TICK: Duration = Duration::from_millis(250);
 /// How long the transfer waits for the metadata-phase connections to hand their sockets over.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+/// How long a v2-only torrent's piece layers may take to come in once its metadata is in.
+const LAYERS_WAIT: Duration = Duration::from_secs(60);
 /// Dial attempts per address in this phase, and the pause between two.
 const MAX_DIALS: u32 = 5;
 const REDIAL_AFTER: Duration = Duration::from_secs(10);
@@ -61,6 +63,8 @@ pub(super) struct Fetched {
 struct Conn {
     addr: SocketAddr,
     commands: Option<Sender<MetaCommand>>,
+    /// It set the v2 bit (BEP 52): it may answer hash requests.
+    v2: bool,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -121,6 +125,12 @@ pub(super) fn fetch(p: Phase<'_>, input: &Receiver<Input>) -> Result<Fetched, Er
                 path: format!("the metadata of {}", hex(&s.p.info_hash)).into(),
                 source,
             })?;
+            if meta.version == Version::V2
+                && let Err(e) = s.fetch_layers(&mut meta, input)
+            {
+                s.close_all();
+                return Err(e);
+            }
             meta.trackers = s.p.trackers.clone();
             let _ = s.p.events.send(Event::Metadata {
                 size: info.len() as u64,
@@ -230,11 +240,14 @@ impl State<'_> {
     fn on_event(&mut self, key: PeerKey, event: MetaEvent) -> Result<Option<Vec<u8>>, Error> {
         let now = Instant::now();
         match event {
-            MetaEvent::Connected { commands, .. } => {
+            MetaEvent::Connected { commands, v2 } => {
                 if let Some(c) = self.conns.get_mut(&key) {
                     c.commands = Some(commands);
+                    c.v2 = v2;
                 }
             }
+            // Never asked for yet (see `fetch_layers`).
+            MetaEvent::Hashes { .. } | MetaEvent::HashReject(_) => {}
             MetaEvent::Extended(info) => {
                 if info.ut_metadata.is_some()
                     && let Some(size) = info.metadata_size
@@ -386,6 +399,7 @@ impl State<'_> {
                     Conn {
                         addr,
                         commands: None,
+                        v2: false,
                         thread: Some(thread),
                     },
                 );
@@ -433,6 +447,101 @@ impl State<'_> {
                 let _ = tx.try_send(MetaCommand::Close);
             }
         }
+    }
+
+    /// A v2-only torrent's info dictionary names each file's root but carries no piece
+    /// layers: they are asked of the connected peers (BEP 52 hash requests), each
+    /// answer checked up to its file's root, until every file larger than a piece has its
+    /// layer. A peer whose answer does not prove out is banned.
+    fn fetch_layers(&mut self, meta: &mut Metainfo, input: &Receiver<Input>) -> Result<(), Error> {
+        let Some(v2) = meta.v2.as_mut() else {
+            return Ok(());
+        };
+        let mut layers = LayerFetch::new(v2);
+        let deadline = Instant::now() + LAYERS_WAIT;
+        let mut next_tick = Instant::now();
+        while !layers.is_done() {
+            let now = Instant::now();
+            if self.p.stop.load(Ordering::SeqCst) {
+                return Err(Error::Interrupted);
+            }
+            if self
+                .p
+                .cfg
+                .timeout
+                .is_some_and(|t| self.p.started.elapsed() >= t)
+            {
+                return Err(Error::Timeout);
+            }
+            if now >= deadline {
+                return Err(Error::NoPeers(
+                    "the piece layers of this v2 torrent did not come: no peer answered its hash requests (BEP 52); try its .torrent file".into(),
+                ));
+            }
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.tick();
+                layers.expire(now);
+            }
+            // Every connection is asked: libtorrent answers hash requests without setting the
+            // v2 bit in its handshake. One that cannot answer rejects or hangs up.
+            for (key, c) in &self.conns {
+                let Some(commands) = c.commands.as_ref() else {
+                    continue;
+                };
+                while let Some(req) = layers.next_request(*key, now) {
+                    if commands.try_send(MetaCommand::Hashes(req)).is_err() {
+                        layers.forget(*key);
+                        break;
+                    }
+                }
+            }
+            let msg = match input.recv_deadline(next_tick) {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            match msg {
+                Input::Meta {
+                    key,
+                    event: MetaEvent::Hashes { req, hashes },
+                } => match layers.on_hashes(key, &req, &hashes) {
+                    Ok(Some((root, layer))) => {
+                        self.last_progress = Instant::now();
+                        let fits = v2.offer_layer(&root, layer);
+                        debug_assert!(fits, "a proven layer fits its file");
+                    }
+                    Ok(None) => {}
+                    Err(why) => {
+                        self.notice(
+                            key,
+                            &format!("banned: its hashes did not prove out ({why:?})"),
+                        );
+                        layers.forget(key);
+                        self.close(key, true);
+                    }
+                },
+                Input::Meta {
+                    key,
+                    event: MetaEvent::HashReject(req),
+                } => layers.on_reject(key, &req),
+                Input::Meta { key, event } => {
+                    if matches!(event, MetaEvent::Gone(_)) {
+                        layers.forget(key);
+                    }
+                    // Metadata traffic no longer matters; connections coming and going do.
+                    if matches!(
+                        event,
+                        MetaEvent::Connected { .. } | MetaEvent::Gone(_) | MetaEvent::HandedOver(_)
+                    ) {
+                        self.on_event(key, event)?;
+                    }
+                }
+                other => {
+                    self.handle(other)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// With no tracker answering, nobody connected and nobody left to dial, nothing can come.

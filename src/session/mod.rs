@@ -36,7 +36,7 @@ use crate::engine::{Choice, Config, Event, MagnetSource, NoticeKind, Source, Str
 use crate::error::Error;
 use crate::geometry::PieceIndex;
 use crate::messages::{Command, Input, PeerEvent};
-use crate::metainfo::{Metainfo, Version};
+use crate::metainfo::Metainfo;
 use crate::peer;
 use crate::picker::{PeerKey, Picker};
 use crate::ratelimit::TokenBucket;
@@ -247,20 +247,6 @@ fn magnet_phase(
         Some(choose) => choose(&fetched.meta),
         None => Ok(Choice::Download(None)),
     };
-    // A v2-only torrent's info dictionary has no piece layers: without them pieces of files
-    // larger than one piece cannot be checked (fetching them from peers with BEP 52 hash
-    // requests is not built yet). Refused, not downloaded unchecked.
-    let unverifiable = fetched
-        .meta
-        .v2
-        .as_ref()
-        .is_some_and(|v2| fetched.meta.version == Version::V2 && !v2.layers_complete());
-    if unverifiable && matches!(choice, Ok(Choice::Download(_) | Choice::Stream(_))) {
-        started.shut_down(input_rx);
-        return Err(Error::Usage(
-            "this v2-only magnet link's torrent has files larger than one piece, whose piece layers bitfetch cannot fetch from peers yet; download it from its .torrent file".into(),
-        ));
-    }
     match choice {
         Ok(Choice::Download(chosen)) => Ok(Some((
             fetched.meta,
