@@ -26,6 +26,9 @@ const STOP_BUDGET: Duration = Duration::from_millis(500);
 pub(super) struct DhtSource {
     dht: Dht,
     info_hash: [u8; 20],
+    /// A hybrid torrent's second swarm (BEP 52: the v2 info hash's first 20 bytes), looked up
+    /// and announced beside the first; its lookups do not count towards `exhausted`.
+    second_hash: Option<[u8; 20]>,
     /// Our TCP listen port, announced so that others find us.
     announce_port: u16,
     /// Nodes known when the node said it was ready (`None`: not yet).
@@ -67,6 +70,7 @@ impl DhtSource {
                 Some(DhtSource {
                     dht,
                     info_hash,
+                    second_hash: None,
                     announce_port: listen.port(),
                     ready: None,
                     lookup_running: true,
@@ -86,6 +90,14 @@ impl DhtSource {
         }
     }
 
+    /// Looks up and announces `hash` too from now on (a hybrid torrent's v2 swarm).
+    pub(super) fn add_swarm(&mut self, hash: [u8; 20]) {
+        if hash != self.info_hash && self.second_hash.is_none() {
+            self.second_hash = Some(hash);
+            self.dht.get_peers(hash, Some(self.announce_port));
+        }
+    }
+
     /// The UDP port other peers may reach the node on (for BEP 5 `port` messages).
     pub(super) fn port(&self) -> u16 {
         self.dht.local_addr().port()
@@ -98,7 +110,9 @@ impl DhtSource {
         events: &Sender<Event>,
     ) -> Vec<SocketAddr> {
         match event {
-            dht::Event::Peers { info_hash, peers } if info_hash == self.info_hash => {
+            dht::Event::Peers { info_hash, peers }
+                if info_hash == self.info_hash || Some(info_hash) == self.second_hash =>
+            {
                 if !peers.is_empty() {
                     self.found_any = true;
                     let _ = events.send(Event::PeersFound {
@@ -167,6 +181,9 @@ impl DhtSource {
             self.next_lookup = None;
             self.lookup_running = true;
             self.dht.get_peers(self.info_hash, Some(self.announce_port));
+            if let Some(second) = self.second_hash {
+                self.dht.get_peers(second, Some(self.announce_port));
+            }
         }
     }
 

@@ -842,6 +842,10 @@ fn run_transfer(
         }
     };
     let listen_port = local.map_or(0, |l| l.port());
+    // A hybrid torrent's v2 swarm is looked up and announced too (BEP 52).
+    if let (Some(d), Some(second)) = (threads.dht.as_mut(), meta.v2_swarm_hash()) {
+        d.add_swarm(second);
+    }
     let dht_port = threads.dht.as_ref().map(DhtSource::port);
 
     let hash_tx = match &writer {
