@@ -815,6 +815,58 @@ fn upload_to_libtorrent(kind: Kind, seed: u64) {
     stop_seeder(&seeder, &[&leecher]);
 }
 
+/// `bitfetch create --v2` / `--hybrid` of libtorrent's own content gives libtorrent's info
+/// hashes, and a bitfetch seeder of that torrent uploads it to libtorrent.
+#[test]
+fn torrents_bitfetch_creates_are_seeded_to_libtorrent() {
+    for (kind, flag, seed) in [(Kind::V2, "--v2", 32), (Kind::Hybrid, "--hybrid", 33)] {
+        let payload = lt_payload(kind, seed);
+        let mine = payload.dir.path().join("made-by-bitfetch.torrent");
+        let content = payload.source_dir().join(&payload.name);
+        run_ok(
+            "bitfetch create",
+            &mut bitfetch_command([
+                "create".into(),
+                path_arg(&content),
+                flag.into(),
+                "--piece-length".into(),
+                PIECE.to_string(),
+                "-o".into(),
+                path_arg(&mine),
+            ]),
+        );
+        let info: Json = serde_json::from_str(&run_ok(
+            "bitfetch info --json",
+            &mut bitfetch_command(["info".into(), path_arg(&mine), "--json".into()]),
+        ))
+        .expect("info --json prints JSON");
+        assert_eq!(
+            info["info_hash_v2"].as_str(),
+            payload.v2_hex.as_deref(),
+            "{flag}: v2 info hash"
+        );
+        if let Some(v1) = &payload.v1_hex {
+            assert_eq!(
+                info["info_hash"].as_str(),
+                Some(v1.as_str()),
+                "{flag}: v1 info hash"
+            );
+        }
+        let (seeder, addr) = start_seeder(
+            "bitfetch seeder",
+            &mine,
+            &payload.source_dir(),
+            next_loopback(),
+            &["--no-dht"],
+        );
+        let out = payload.out_dir("lt-from-created");
+        let leecher = Libtorrent::download_torrent(&mine, &out, next_loopback(), &[addr], &[]);
+        leecher.wait_finished(DEADLINE, &[&seeder, &payload]);
+        payload.assert_downloaded(&out, &[&leecher, &seeder, &payload]);
+        stop_seeder(&seeder, &[&leecher]);
+    }
+}
+
 /// SIGTERM to a seeding bitfetch: it exits 0.
 fn stop_seeder(seeder: &ChildGuard, parts: &[&dyn Diagnose]) {
     assert!(
