@@ -521,23 +521,12 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
                 depth: elements.len(),
             });
         }
-        let mut clean = Vec::with_capacity(elements.len() + 1);
-        let mut raw_path = Vec::with_capacity(elements.len());
-        clean.push(name.to_string());
-        for e in elements {
-            let Value::ByteStr(e) = e else {
-                return Err(Error::WrongType("path"));
-            };
-            raw_path.push(e.to_vec());
-            clean.push(
-                path_safety::sanitize_element(e)
-                    .map_err(|source| Error::UnsafePath { file: i, source })?,
-            );
-        }
-        let path = path_safety::join_elements(&clean).ok_or(Error::UnsafePath {
-            file: i,
-            source: path_safety::Error::Empty,
-        })?;
+        let raw_path = elements
+            .iter()
+            .map(|e| e.as_byte_str().map(|b| b.to_vec()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(Error::WrongType("path"))?;
+        let (clean, path) = clean_path(name, &raw_path, i)?;
         let attr = bencode::get_bytes(f, "attr").unwrap_or_default();
         let mut entry = FileEntry::plain(path, len, raw_path);
         entry.set_attr(attr);
@@ -561,6 +550,24 @@ fn parse_files(info: &Dict, name: &str) -> Result<(bool, Vec<FileEntry>), Error>
     }
     collision_check(&clean_paths)?;
     Ok((true, out))
+}
+
+/// File `i`'s path below the torrent's `name`, each element sanitised: the elements (name
+/// first) and the joined path.
+fn clean_path(name: &str, raw: &[Vec<u8>], i: usize) -> Result<(Vec<String>, PathBuf), Error> {
+    let mut clean = Vec::with_capacity(raw.len() + 1);
+    clean.push(name.to_string());
+    for e in raw {
+        clean.push(
+            path_safety::sanitize_element(e)
+                .map_err(|source| Error::UnsafePath { file: i, source })?,
+        );
+    }
+    let path = path_safety::join_elements(&clean).ok_or(Error::UnsafePath {
+        file: i,
+        source: path_safety::Error::Empty,
+    })?;
+    Ok((clean, path))
 }
 
 /// Refuses two paths that one file system would merge into one file, and a path that is both

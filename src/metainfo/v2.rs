@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use bt_bencode::Value;
 
-use super::{Error, FileEntry, MAX_FILES, MAX_PATH_DEPTH, collision_check};
+use super::{Error, FileEntry, MAX_FILES, MAX_PATH_DEPTH, clean_path, collision_check};
 use crate::bencode::{self, Dict};
 use crate::geometry::{Geometry, PieceIndex};
 use crate::merkle::{self, Hash};
@@ -291,17 +291,7 @@ pub fn layout(
         let (path, raw_path) = if single {
             (PathBuf::from(name), Vec::new())
         } else {
-            let mut clean = vec![name.to_string()];
-            for e in &t.raw_path {
-                clean.push(
-                    path_safety::sanitize_element(e)
-                        .map_err(|source| Error::UnsafePath { file: i, source })?,
-                );
-            }
-            let path = path_safety::join_elements(&clean).ok_or(Error::UnsafePath {
-                file: i,
-                source: path_safety::Error::Empty,
-            })?;
+            let (clean, path) = clean_path(name, &t.raw_path, i)?;
             clean_paths.push(clean);
             (path, t.raw_path.clone())
         };

@@ -152,20 +152,26 @@ pub(super) fn fetch(p: Phase<'_>, input: &Receiver<Input>) -> Result<Fetched, Er
 }
 
 impl State<'_> {
+    /// A stop request or the run's `--timeout` ends every part of this phase.
+    fn check_stop(&self) -> Result<(), Error> {
+        if self.p.stop.load(Ordering::SeqCst) {
+            return Err(Error::Interrupted);
+        }
+        if self
+            .p
+            .cfg
+            .timeout
+            .is_some_and(|t| self.p.started.elapsed() >= t)
+        {
+            return Err(Error::Timeout);
+        }
+        Ok(())
+    }
+
     fn run(&mut self, input: &Receiver<Input>) -> Result<Vec<u8>, Error> {
         let mut next_tick = Instant::now();
         loop {
-            if self.p.stop.load(Ordering::SeqCst) {
-                return Err(Error::Interrupted);
-            }
-            if self
-                .p
-                .cfg
-                .timeout
-                .is_some_and(|t| self.p.started.elapsed() >= t)
-            {
-                return Err(Error::Timeout);
-            }
+            self.check_stop()?;
             if self
                 .p
                 .cfg
@@ -462,17 +468,7 @@ impl State<'_> {
         let mut next_tick = Instant::now();
         while !layers.is_done() {
             let now = Instant::now();
-            if self.p.stop.load(Ordering::SeqCst) {
-                return Err(Error::Interrupted);
-            }
-            if self
-                .p
-                .cfg
-                .timeout
-                .is_some_and(|t| self.p.started.elapsed() >= t)
-            {
-                return Err(Error::Timeout);
-            }
+            self.check_stop()?;
             if now >= deadline {
                 return Err(Error::NoPeers(
                     "the piece layers of this v2 torrent did not come: no peer answered its hash requests (BEP 52); try its .torrent file".into(),
