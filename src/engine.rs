@@ -229,7 +229,7 @@ impl Default for Config {
             fsync: false,
             seed_after: false,
             seed_limits: SeedLimits::default(),
-            max_peers: 50,
+            max_peers: 80,
             max_peers_per_ip: 8,
             upload_slots: 4,
             max_upload_rate: None,

@@ -16,8 +16,11 @@ pub const HANDSHAKE_ID: u8 = 0;
 pub const UT_METADATA_ID: u8 = 2;
 /// The id under which peers send us `ut_pex` messages (BEP 11), when we offer it.
 pub const UT_PEX_ID: u8 = 1;
-/// The queue depth we tell peers we accept (matches our serve-queue cap with room to spare).
-pub const OUR_REQQ: i64 = 250;
+/// The queue depth we tell peers we accept (below our serve-queue cap, with room to spare). A
+/// queued request costs a few bytes (the block is read from the map when sent), and a peer
+/// behind a long fat pipe needs rate × RTT of them in flight: 2,000 blocks keep 64 MiB/s going
+/// over a 400 ms round trip. libtorrent 2.0 accepts as many.
+pub const OUR_REQQ: i64 = 2000;
 /// A peer claiming a larger queue is taken at this.
 pub const MAX_REQQ: usize = 2048;
 
@@ -140,7 +143,7 @@ mod tests {
         assert_eq!(fetching.metadata_size, None);
         assert_eq!(fetching.ut_pex, None);
         assert_eq!(info.listen_port, Some(6881));
-        assert_eq!(info.reqq, Some(250));
+        assert_eq!(info.reqq, Some(OUR_REQQ as usize));
         assert!(info.client.unwrap().starts_with("bitfetch"));
     }
 

@@ -24,10 +24,11 @@ use crate::hash_msg::PieceAnswer;
 use crate::messages::{Command, HaveSummary};
 use crate::peer::{Ending, PeerError};
 
-/// Our requests and cancels waiting for a writer, together. The session keeps at most 256
-/// requests outstanding per peer; past this many the writer has been stuck through several
-/// refills (the peer choking and unchoking us while it does not read, say).
-pub const MAX_PENDING_BLOCKS: usize = 1024;
+/// Our requests and cancels waiting for a writer, together. The session keeps at most 2,000
+/// requests outstanding per peer (a long fat pipe's worth), and may hand a whole pipeline over
+/// at once; past twice that the writer has been stuck through several refills (the peer
+/// choking and unchoking us while it does not read, say).
+pub const MAX_PENDING_BLOCKS: usize = 4096;
 /// Extended messages (metadata pieces we serve, 16 KiB each) that may wait for the writer;
 /// past this many, more requests are answered by nobody (the peer asks again or elsewhere).
 pub const MAX_PENDING_EXTENDED: usize = 8;

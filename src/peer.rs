@@ -77,11 +77,14 @@ pub const MIN_SEND_RATE: u64 = 4096;
 /// with room to spare; past that the connection is a flood and ends.
 pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 pub const MAX_CONTROL_PER_WINDOW: u32 = 5000;
-/// Requests from one peer that we queue before calling it a flood.
-pub const MAX_QUEUED_SERVES: usize = 512;
-/// Requests a peer may send while we choke it before we call it abuse (a few are normal:
-/// they were in flight when we choked).
-pub const MAX_REQUESTS_WHILE_CHOKED: u32 = 1024;
+/// Requests from one peer that we queue before calling it a flood: our advertised `reqq`
+/// ([`crate::extension::OUR_REQQ`]) with a quarter on top for peers that overshoot it.
+pub const MAX_QUEUED_SERVES: usize = 2500;
+/// Requests a peer may send while we choke it before we call it abuse. Many are normal: a
+/// peer keeping our whole `reqq` outstanding has that many queued or on their way when the
+/// choke leaves, and the ones our reader had not yet handed to the writer count too. So: a
+/// full queue's worth, plus what it could send before the choke reaches it.
+pub const MAX_REQUESTS_WHILE_CHOKED: u32 = MAX_QUEUED_SERVES as u32 + 1024;
 /// Distinct allowed-fast pieces passed on per connection (BEP 6 suggests 10; libtorrent
 /// sends 5); more are ignored, as the BEP allows.
 pub const MAX_ALLOWED_FAST: usize = 32;

@@ -167,8 +167,8 @@ macro_rules! with_session_options {
             /// (private torrents never use it)
             #[argh(switch)]
             pub no_dht: bool,
-            /// most connections at once (default 50)
-            #[argh(option, default = "50", arg_name = "N")]
+            /// most connections at once (default 80)
+            #[argh(option, default = "80", arg_name = "N")]
             pub max_peers: usize,
             /// most connections to or from one IP address (default 8)
             #[argh(option, default = "8", arg_name = "N")]

@@ -346,7 +346,7 @@ fn outbox_caps_end_the_connection_or_the_reader() {
     let flood = [Op::Request {
         first: 0,
         count: 255,
-    }; 5];
+    }; 17];
     assert!(run_outbox(&outbox_input(64, 0x80, &flood)).backlog);
     // More haves than pieces.
     let haves = [Op::Have(0), Op::Have(1), Op::Have(0)];
@@ -365,7 +365,7 @@ fn outbox_caps_end_the_connection_or_the_reader() {
     let ops = [Op::Serve {
         first: 0,
         count: 255,
-    }; 3];
+    }; 10];
     assert!(run_outbox(&outbox_input(2, 0x80, &ops)).request_flood);
 }
 

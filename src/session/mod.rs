@@ -54,6 +54,8 @@ pub(crate) const INPUT_CAPACITY: usize = 1024;
 /// hashers fall behind (both cores busy) this, not the torrent's size, bounds the memory.
 const HASH_BACKLOG: u64 = 2 * 1024 * 1024;
 const TICK: Duration = Duration::from_millis(250);
+/// Inputs handled per wake-up before the loop's checks run again.
+const MAX_BATCH: usize = 256;
 const RECHOKE_EVERY: Duration = Duration::from_secs(10);
 /// Peers named by the front end that are followed by name (for failure reports).
 const MAX_NAMED: usize = 1024;
@@ -983,7 +985,14 @@ impl Session {
         self.dial();
         loop {
             match input.recv_timeout(TICK) {
-                Ok(msg) => self.handle(msg)?,
+                Ok(msg) => {
+                    self.handle(msg)?;
+                    // Whatever else is waiting, at once: a blocking receive per message spins
+                    // and yields before it parks, and the checks below need not run per block.
+                    for msg in input.try_iter().take(MAX_BATCH) {
+                        self.handle(msg)?;
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the session holds a sender"),
             }

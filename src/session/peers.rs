@@ -60,6 +60,11 @@ pub struct Peer {
     pub recent_rate: u64,
     pub tick_mark: u64,
     pub last_block_at: Instant,
+    /// When requests last went out to an empty pipeline, until the first block comes back:
+    /// that wait is one round trip (plus the peer's time to read one block).
+    pub rtt_probe: Option<Instant>,
+    /// The shortest such round trip seen: the path's latency without our own queueing.
+    pub rtt: Option<Duration>,
     /// `listen_addr` is only the peer's claim (not seen from a twin we dialled).
     pub listen_claimed: bool,
     /// Last time a block moved either way (for pruning: interest alone is free to claim).
@@ -107,6 +112,8 @@ impl Peer {
             recent_rate: 0,
             tick_mark: 0,
             last_block_at: Instant::now(),
+            rtt_probe: None,
+            rtt: None,
             last_payload_at: Instant::now(),
             listen_claimed: false,
             unchoked_rounds: 0,

@@ -15,10 +15,22 @@ use crate::messages::{Command, PeerEvent};
 use crate::picker::{BlockOutcome, PeerKey};
 use crate::tracker::TrackerCommand;
 
-/// Request pipeline bounds, in blocks. The depth follows the peer's measured rate (about one
-/// second of data in flight), within the peer's own `reqq` when it told us one.
-const MIN_DEPTH: usize = 64;
-const MAX_DEPTH: usize = 256;
+/// Request pipeline bounds, in blocks. The depth is the peer's measured rate times its round
+/// trip plus [`DEPTH_SLACK`]: the bandwidth-delay product with room for jitter and for the
+/// rate to grow (each round trip the pipeline allows `1 + slack / rtt` times the last rate,
+/// so it opens up to the link within a few round trips). Until a round trip is measured, one
+/// second stands in for it. A deeper pipeline buys nothing and costs memory: every piece in
+/// flight stays resident until it verifies, which on many slow peers adds up. Within the
+/// peer's `reqq` when it told us one; [`NO_REQQ_DEPTH`] when it did not (BEP 10's example
+/// default, which old clients enforce).
+const MIN_DEPTH: usize = 16;
+/// Before the round trip is known.
+const START_DEPTH: usize = 64;
+const MAX_DEPTH: usize = 2000;
+const DEPTH_SLACK: Duration = Duration::from_millis(250);
+const NO_REQQ_DEPTH: usize = 250;
+// A full pipeline handed to the writer at once, and its cancels, must fit in the outbox.
+const _: () = assert!(2 * MAX_DEPTH <= crate::outbox::MAX_PENDING_BLOCKS);
 /// Top a pipeline up once this many slots are free, so requests go out in batches.
 const REFILL_BATCH: usize = 32;
 /// A peer that unchoked us and sent nothing for this long is snubbed (for choking).
@@ -169,11 +181,16 @@ impl Session {
         if p.snubbed {
             return 1;
         }
-        let by_rate = (p.down_rate.max(p.recent_rate) / u64::from(BLOCK_LEN)) as usize;
+        let rate = p.down_rate.max(p.recent_rate) as f64;
+        let (window, floor) = match p.rtt {
+            Some(rtt) => ((rtt + DEPTH_SLACK).min(Duration::from_secs(1)), MIN_DEPTH),
+            None => (Duration::from_secs(1), START_DEPTH),
+        };
+        let by_rate = (rate * window.as_secs_f64() / f64::from(BLOCK_LEN)) as usize;
         let cap = p
             .reqq
-            .map_or(MAX_DEPTH, |q| q.saturating_sub(2).clamp(1, MAX_DEPTH));
-        by_rate.clamp(MIN_DEPTH, MAX_DEPTH).min(cap)
+            .map_or(NO_REQQ_DEPTH, |q| q.saturating_sub(2).clamp(1, MAX_DEPTH));
+        by_rate.clamp(floor, MAX_DEPTH).min(cap)
     }
 
     /// Tops up `key`'s request pipeline. While choked, only its allowed-fast pieces (BEP 6).
@@ -191,7 +208,9 @@ impl Session {
         let depth = Self::depth(p);
         let outstanding = self.picker.outstanding(key);
         let room = depth.saturating_sub(outstanding);
-        if room < REFILL_BATCH.min(depth) && outstanding > 0 {
+        // A quarter of a shallow pipeline: waiting for all of it to drain would leave the
+        // link idle for a round trip each time.
+        if room < REFILL_BATCH.min(depth.div_ceil(4)) && outstanding > 0 {
             return;
         }
         // `self.peers` and `self.picker` are borrowed apart, so the filters read the peer's
@@ -212,8 +231,10 @@ impl Session {
         if !blocks.is_empty() {
             let p = self.peer_mut(key);
             if outstanding == 0 {
-                // The request clock starts now, not at the last block of long ago.
+                // The request clock starts now, not at the last block of long ago; so does
+                // a round-trip measurement.
                 p.last_block_at = Instant::now();
+                p.rtt_probe = Some(p.last_block_at);
             }
             p.send(Command::Request(blocks));
         }
@@ -236,6 +257,10 @@ impl Session {
             let p = self.peer_mut(key);
             p.down_total += len;
             p.last_block_at = Instant::now();
+            if let Some(sent) = p.rtt_probe.take() {
+                let rtt = p.last_block_at - sent;
+                p.rtt = Some(p.rtt.map_or(rtt, |r| r.min(rtt)));
+            }
             p.last_payload_at = p.last_block_at;
             p.snubbed = false;
         }
