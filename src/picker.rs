@@ -288,11 +288,18 @@ impl Picker {
         if !self.peers.contains_key(&peer) || max == 0 {
             return out;
         }
-        // 1. Finish what is started.
+        // 1. Finish what is started (only pieces with a block nobody was asked for: with many
+        // peers, most started pieces are fully requested, and this runs per refill).
+        let has = &self.peers[&peer].has;
         let started: Vec<PieceIndex> = self
             .active
             .iter()
-            .filter(|(p, a)| !a.hashing && self.peers[&peer].has[p.usize()] && allow(**p))
+            .filter(|(p, a)| {
+                !a.hashing
+                    && has[p.usize()]
+                    && a.blocks.contains(&BlockState::Missing)
+                    && allow(**p)
+            })
             .map(|(p, _)| *p)
             .collect();
         for piece in started {

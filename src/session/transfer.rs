@@ -182,9 +182,10 @@ impl Session {
             return 1;
         }
         let rate = p.down_rate.max(p.recent_rate) as f64;
+        // Until both a round trip and a rate are measured, the starting depth stands.
         let (window, floor) = match p.rtt {
-            Some(rtt) => ((rtt + DEPTH_SLACK).min(Duration::from_secs(1)), MIN_DEPTH),
-            None => (Duration::from_secs(1), START_DEPTH),
+            Some(rtt) if rate > 0.0 => ((rtt + DEPTH_SLACK).min(Duration::from_secs(1)), MIN_DEPTH),
+            _ => (Duration::from_secs(1), START_DEPTH),
         };
         let by_rate = (rate * window.as_secs_f64() / f64::from(BLOCK_LEN)) as usize;
         let cap = p
