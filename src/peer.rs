@@ -79,7 +79,7 @@ pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 pub const MAX_CONTROL_PER_WINDOW: u32 = 5000;
 /// Requests from one peer that we queue before calling it a flood: our advertised `reqq`
 /// ([`crate::extension::OUR_REQQ`]) with a quarter on top for peers that overshoot it.
-pub const MAX_QUEUED_SERVES: usize = 2500;
+pub const MAX_QUEUED_SERVES: usize = crate::extension::OUR_REQQ as usize * 5 / 4;
 /// Requests a peer may send while we choke it before we call it abuse. Many are normal: a
 /// peer keeping our whole `reqq` outstanding has that many queued or on their way when the
 /// choke leaves, and the ones our reader had not yet handed to the writer count too. So: a

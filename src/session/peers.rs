@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::peer_table::{Ended, are_twins, keep_new_twin};
 use super::{Session, bitfield};
 use crate::engine::NoticeKind;
-use crate::geometry::PieceIndex;
+use crate::geometry::{BlockRef, PieceIndex};
 use crate::messages::{Command, HaveSummary};
 use crate::outbox::Outbox;
 use crate::peer::{self, Dial, PeerError};
@@ -60,9 +60,11 @@ pub struct Peer {
     pub recent_rate: u64,
     pub tick_mark: u64,
     pub last_block_at: Instant,
-    /// When requests last went out to an empty pipeline, until the first block comes back:
-    /// that wait is one round trip (plus the peer's time to read one block).
-    pub rtt_probe: Option<Instant>,
+    /// When requests last went out to an empty pipeline, and the first of them, until that
+    /// block comes back: the wait is one round trip (plus the peer's time to read one block).
+    /// Keyed by the block, so a late answer to an older request, voided by a choke, cannot
+    /// pass for a round trip of almost nothing (the shortest sample sticks).
+    pub rtt_probe: Option<(Instant, BlockRef)>,
     /// The shortest such round trip seen: the path's latency without our own queueing.
     pub rtt: Option<Duration>,
     /// `listen_addr` is only the peer's claim (not seen from a twin we dialled).

@@ -235,7 +235,7 @@ impl Session {
                 // The request clock starts now, not at the last block of long ago; so does
                 // a round-trip measurement.
                 p.last_block_at = Instant::now();
-                p.rtt_probe = Some(p.last_block_at);
+                p.rtt_probe = Some((p.last_block_at, blocks[0]));
             }
             p.send(Command::Request(blocks));
         }
@@ -258,7 +258,10 @@ impl Session {
             let p = self.peer_mut(key);
             p.down_total += len;
             p.last_block_at = Instant::now();
-            if let Some(sent) = p.rtt_probe.take() {
+            if let Some((sent, first)) = p.rtt_probe
+                && first == block
+            {
+                p.rtt_probe = None;
                 let rtt = p.last_block_at - sent;
                 p.rtt = Some(p.rtt.map_or(rtt, |r| r.min(rtt)));
             }
